@@ -1,0 +1,82 @@
+"""Every field of a jattn run, with its default. Variants import this and change a few fields.
+
+This file alone is not a row of the paper: it is the paper's full model ("Ours") and its training
+recipe (section 3), without data or weights filled in. Run a variant instead, e.g.
+
+  python -m jattn.main --config configs/ours.py --config.fold=1
+
+Any field can be overridden on the command line: --config.num_epochs=5 --config.model.dtype=bfloat16.
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.name = "default"  # run name: the sweep folder and the tables use it
+  config.paper_row = "Ours"  # the row of the paper's Tables 1-2 this reproduces ('' for none)
+
+  # --- Data (jattn.data) ---
+  config.data_dir = "data"  # the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz)
+  config.prepared_dir = ""  # TFDS records, image cache, stats; '' means <data_dir>/jattn_prepared
+  config.folds = "generated"  # 'generated', a Folds.csv file, or an mkfold/ folder
+  config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
+  config.fold = 1  # which fold to train and test, 1..5
+  config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)
+  config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
+  config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
+
+  # A synthetic BreakHis-format tree generated into data_dir when it holds no BreaKHis_v1 (demo).
+  config.synthetic = ml_collections.ConfigDict()
+  config.synthetic.enabled = False  # generate only when enabled; never over real data
+  config.synthetic.images_per_patient = 4  # per magnification
+  config.synthetic.width = 700  # PNG size, like BreakHis' 700 x 460
+  config.synthetic.height = 460
+  config.synthetic.seed = 0
+
+  # Augmentation, on the accelerator inside the jitted train step (jattn.data.augment).
+  config.augment = ml_collections.ConfigDict()
+  config.augment.flip = "horizontal_vertical"  # 'none', 'horizontal' or 'horizontal_vertical'
+  config.augment.rotation = "right_angles"  # 'none', 'right_angles' or 'uniform'
+  config.augment.max_angle = 180.0  # degrees; 'uniform' draws from [-max_angle, max_angle]
+
+  # --- Model (jattn.models) ---
+  config.model = ml_collections.ConfigDict()
+  config.model.num_classes = 2  # benign, malignant
+  config.model.batch_norm = False  # True: torchvision's vgg19_bn backbone (the authors' code)
+  config.model.width = 1.0  # multiplies VGG19's conv widths 64-128-256-512-512 (tests, demo)
+  config.model.classifier_width = 4096  # hidden units of the two fully connected layers
+  config.model.pool_size = 7  # adaptive average pool to pool_size x pool_size before the classifier
+  config.model.dropout_rate = 0.5  # dropout in the classifier, as torchvision
+  config.model.c_attn_blocks = (1, 2)  # VGG blocks (1-5) followed by C-Attn (sec. 2.3: bottom)
+  config.model.s_attn_blocks = (3, 4, 5)  # VGG blocks followed by S-Attn (sec. 2.3: top)
+  config.model.c_attn_kernel = 4  # kernel of the convs giving M_Q, M_K, eq. (1); code: 7
+  config.model.c_attn_stride = 4  # their stride; code: 4
+  config.model.c_attn_padding = 0  # their padding; code: 3
+  config.model.s_attn_reduction = 8  # r in eq. (7): S_Q, S_K have C / r channels
+  config.model.dtype = "float32"  # computation dtype ('bfloat16' on GPUs); softmax stays float32
+
+  # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
+  # ('' trains from scratch, with a warning). The classifier and attention start from scratch.
+  config.pretrained = ""
+  config.pretrained_scope = "backbone"  # 'backbone' (the paper) or 'all' (every matching weight)
+
+  # --- Optimisation (sec. 3 and the authors' code) ---
+  config.num_epochs = 130  # the authors trained 130 epochs
+  config.batch_size = 8
+  config.learning_rate = 5e-5  # Adam
+  config.weight_decay = 1e-4  # L2 added to the gradient, as torch.optim.Adam(weight_decay=...)
+  config.lr_decay_factor = 0.5  # step decay
+  config.lr_decay_every = 30  # epochs between decays, when lr_milestones is empty
+  config.lr_milestones = ()  # epochs at which to decay instead, e.g. (30, 60) as the code
+  config.seed = 0  # initialisation, data order, augmentation and dropout
+
+  # --- Evaluation ---
+  config.eval_batch_size = 32  # the last test batch is padded and masked, never dropped
+  config.tie_rule = "benign"  # patient vote tie: 'benign' (the authors' code) or 'malignant'
+
+  # --- Bookkeeping ---
+  config.log_every_steps = 50  # metrics.jsonl, TensorBoard and the finite-loss check
+  config.checkpoint_every_steps = 0  # extra checkpoints within an epoch (0: at epoch ends only)
+  config.keep_checkpoints = 3  # most recent checkpoints kept
+  return config
