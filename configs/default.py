@@ -58,7 +58,7 @@ def get_config():
 
   # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.
-  config.pretrained = ""
+  config.pretrained = "pretrained/vgg19"
   config.pretrained_scope = "backbone"  # 'backbone' (the paper) or 'all' (every matching weight)
 
   # --- Optimisation (sec. 3 and the authors' code) ---

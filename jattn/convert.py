@@ -1,0 +1,274 @@
+"""Exact import of PyTorch VGG19 weights: torchvision's ImageNet models and the authors' checkpoints.
+
+Two key layouts are understood:
+
+* ``"torchvision"``: the state dict of ``torchvision.models.vgg19`` or ``vgg19_bn``
+  (``features.<i>.*``, ``classifier.{0,3,6}.*``). Attention modules are not in it; the ImageNet head
+  is kept, so a converted model with ``num_classes=1000`` and no attention gives torchvision's logits.
+* ``"reference"``: a state dict saved by the authors' code (github.com/pxiangwu/attn-hist-classify)
+  for its VGG with attention, where the attention modules are extra entries of ``features``. Its
+  class names are swapped relative to the paper: its ``SpatialAttention`` (conv1, conv2, conv3) is
+  the paper's C-Attn (M_Q, M_K, M_V) and its ``ChannelAttention`` is the paper's S-Attn (S_Q, S_K,
+  S_V). When a block has both, the code runs S-Attn first, and so do we.
+
+Conv weights go from torch's (out, in, kh, kw) to Flax's (kh, kw, in, out); linear weights are
+transposed; the first classifier layer's inputs are permuted from torch's (c, h, w) flattening to
+our NHWC (h, w, c) one. Checkpoints are read with ``torch.load(weights_only=True)``: a file that needs
+arbitrary code to unpickle is refused.
+
+Command line (writes weights that a config's ``pretrained`` field points at)::
+
+  python -m jattn.convert --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out pretrained/vgg19
+  python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth --out pretrained/vgg19_bn
+  python -m jattn.convert --source reference --config configs/reference.py --pth cls_model_125.pth --out pretrained/ref
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jattn import models
+from jattn.errors import UserError, exit_on_user_error
+
+SOURCES = ("torchvision", "reference")
+ARCHS = {"vgg19": False, "vgg19_bn": True}  # arch -> batch_norm
+WEIGHTS_SUBDIR = "weights"
+INFO_FILE = "info.json"
+
+# Flax name -> (kind, torch suffix); kinds say how a tensor is rearranged.
+_CONV = {"kernel": "weight", "bias": "bias"}
+_BN_PARAMS = {"scale": "weight", "bias": "bias"}
+_BN_STATS = {"mean": "running_mean", "var": "running_var"}
+
+
+def _torch_key_map(model: models.VGG, source: str) -> list[tuple[str, tuple[str, ...], str]]:
+  """(torch key, Flax path, kind) for every tensor the torch model of this layout holds."""
+  if source not in SOURCES:
+    raise ValueError(f"source={source!r}: use one of {SOURCES}")
+  entries = []
+  i = 0  # index into torch's `features` Sequential
+
+  def add(torch_prefix, path, names, kind, collection="params"):
+    for flax_name, torch_name in names.items():
+      entries.append((f"{torch_prefix}.{torch_name}", (collection, *path, flax_name), kind))
+
+  for b, widths in enumerate(model.blocks, start=1):
+    block = f"block{b}"
+    for c in range(1, len(widths) + 1):
+      add(f"features.{i}", (block, f"conv{c}"), _CONV, "conv")
+      i += 1
+      if model.batch_norm:
+        add(f"features.{i}", (block, f"bn{c}"), _BN_PARAMS, "vector")
+        add(f"features.{i}", (block, f"bn{c}"), _BN_STATS, "vector", "batch_stats")
+        i += 1
+      i += 1  # ReLU
+    if source == "reference":
+      for has, name, convs in ((b in model.s_attn_blocks, "s_attn", ("s_q", "s_k", "s_v")),
+                               (b in model.c_attn_blocks, "c_attn", ("m_q", "m_k", "m_v"))):
+        if has:
+          for torch_conv, flax_conv in zip(("conv1", "conv2", "conv3"), convs, strict=True):
+            entries.append((f"features.{i}.{torch_conv}.weight",
+                            ("params", block, name, flax_conv, "kernel"), "conv"))
+          i += 1
+    i += 1  # MaxPool
+  for torch_index, name, kind in ((0, "fc1", "linear_flatten"), (3, "fc2", "linear"),
+                                  (6, "head", "linear")):
+    add(f"classifier.{torch_index}", ("classifier", name), {"kernel": "weight", "bias": "bias"},
+        kind)
+  return entries
+
+
+def _rearrange(t: np.ndarray, kind: str, flax_name: str, pool_size: int) -> np.ndarray:
+  if flax_name == "bias" or kind == "vector":
+    return t
+  if kind == "conv":
+    return t.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+  if kind == "linear":
+    return t.T
+  if kind == "linear_flatten":  # inputs flattened as (c, h, w) by torch, (h, w, c) by us
+    out, fan_in = t.shape
+    c = fan_in // (pool_size * pool_size)
+    return t.reshape(out, c, pool_size, pool_size).transpose(2, 3, 1, 0).reshape(fan_in, out)
+  raise ValueError(kind)
+
+
+def expected_shapes(model: models.VGG) -> dict[str, Any]:
+  """Shapes of the model's variables (no computation)."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict,
+                  source: str) -> dict[str, Any]:
+  """Flax variables ({'params', ['batch_stats']}, NumPy float32) from a PyTorch state dict.
+
+  `model_config` is a config's `model` field; it fixes the widths, batch norm and, for
+  `source="reference"`, where the attention modules sit. For `source="torchvision"` the result
+  holds the backbone and the classifier only (the attention modules are not in such a file).
+  Raises UserError naming any key that is missing, unexpected or misshapen.
+  """
+  model = models.build_model(model_config)
+  shapes = expected_shapes(model)
+  state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()
+                if not k.endswith("num_batches_tracked")}
+  has_bn = "features.1.running_mean" in state_dict
+  if has_bn != model.batch_norm:
+    kind = "a batch-norm VGG (vgg19_bn)" if has_bn else "a VGG without batch norm (vgg19)"
+    raise UserError(f"the state dict is {kind} but config.model.batch_norm={model.batch_norm}; "
+                    f"use --arch {'vgg19_bn' if has_bn else 'vgg19'} or change the config")
+  variables: dict[str, Any] = {}
+  used = set()
+  for torch_key, path, kind in _torch_key_map(model, source):
+    if torch_key not in state_dict:
+      raise UserError(f"the {source} state dict has no key {torch_key!r} (needed for "
+                      f"{'/'.join(path)}); check --arch / config.model against the checkpoint")
+    t = np.asarray(_to_numpy(state_dict[torch_key]), np.float32)
+    value = _rearrange(t, kind, path[-1], model.pool_size)
+    want = _lookup(shapes, path).shape
+    if value.shape != want:
+      raise UserError(
+          f"key {torch_key!r} has shape {tuple(t.shape)}, which gives {value.shape} for "
+          f"{'/'.join(path)}, but the config expects {tuple(want)}; check --arch (vgg19 vs "
+          f"vgg19_bn), num_classes and the C-Attn kernel against the checkpoint")
+    node = variables
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+    used.add(torch_key)
+  unexpected = sorted(set(state_dict) - used)
+  if unexpected:
+    raise UserError(f"the {source} state dict has keys this config does not use: "
+                    f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}; "
+                    f"check the attention placement and --source")
+  return variables
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+  return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def _lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def load_state_dict(path: str) -> dict[str, Any]:
+  """Reads a .pth state dict safely (weights_only=True); refuses files that carry code."""
+  try:
+    import torch
+  except ImportError:
+    raise UserError("reading .pth files needs PyTorch: pip install -e '.[convert]'") from None
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such file; download it first (see the README)")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(
+        f"{path}: refused, it needs arbitrary code to unpickle ({first}); only plain state dicts "
+        f"saved with torch.save(model.state_dict(), path) are read") from None
+  except (RuntimeError, EOFError, OSError) as e:
+    raise UserError(f"{path}: not a readable PyTorch file ({' '.join(str(e).split())[:200]})") \
+        from None
+  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
+    raise UserError(f"{path}: expected a state dict (a mapping of names to tensors)")
+  return dict(obj)
+
+
+def torchvision_model_config(arch: str, num_classes: int = 1000) -> ml_collections.ConfigDict:
+  """The model config of torchvision's `vgg19` / `vgg19_bn`: full width, 7x7 pool, no attention."""
+  if arch not in ARCHS:
+    raise UserError(f"--arch {arch!r}: use one of {sorted(ARCHS)}")
+  return ml_collections.ConfigDict(dict(
+      num_classes=num_classes, batch_norm=ARCHS[arch], width=1.0, classifier_width=4096,
+      pool_size=7, dropout_rate=0.5, c_attn_blocks=(), s_attn_blocks=(), c_attn_kernel=4,
+      c_attn_stride=4, c_attn_padding=0, s_attn_reduction=8, dtype="float32"))
+
+
+def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, Any]) -> None:
+  """Writes converted variables (Orbax) and a small info.json into out_dir."""
+  import orbax.checkpoint as ocp
+
+  out_dir = os.path.abspath(out_dir)
+  target = os.path.join(out_dir, WEIGHTS_SUBDIR)
+  if os.path.exists(target):
+    raise UserError(f"{out_dir} already holds converted weights; choose another --out or remove it")
+  os.makedirs(out_dir, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(target, jax.tree_util.tree_map(np.asarray, dict(variables)))
+  tmp = os.path.join(out_dir, INFO_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(dict(info), f, indent=2)
+  os.replace(tmp, os.path.join(out_dir, INFO_FILE))
+
+
+def load_weights(path: str) -> dict[str, Any]:
+  """Reads weights written by `save_weights` (a config's `pretrained` points at the folder)."""
+  import orbax.checkpoint as ocp
+
+  target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
+  if not os.path.isdir(target):
+    raise UserError(
+        f"pretrained={path!r}: no converted weights there. Download torchvision's VGG19 weights "
+        f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: python -m jattn.convert "
+        f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
+        f"(or set --config.pretrained='' to train from scratch)")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(target)
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m jattn.convert", description=__doc__.split("\n")[0])
+  parser.add_argument("--source", choices=SOURCES, required=True)
+  parser.add_argument("--arch", choices=sorted(ARCHS), help="torchvision architecture")
+  parser.add_argument("--config", help="for --source reference: the config whose model it is")
+  parser.add_argument("--pth", required=True, help="the PyTorch state dict (.pth)")
+  parser.add_argument("--out", required=True, help="folder to write; point config.pretrained at it")
+  args = parser.parse_args(argv)
+  with exit_on_user_error("jattn.convert"):
+    state_dict = load_state_dict(args.pth)
+    if args.source == "torchvision":
+      if not args.arch:
+        raise UserError("--source torchvision needs --arch vgg19 or --arch vgg19_bn")
+      head = state_dict.get("classifier.6.weight")
+      model_config = torchvision_model_config(args.arch, head.shape[0] if head is not None else 1000)
+    else:
+      if not args.config:
+        raise UserError("--source reference needs --config (e.g. configs/reference.py)")
+      from jattn.config_lib import load_config  # noqa: PLC0415
+
+      model_config = load_config(args.config).model
+    variables = torch_to_flax(state_dict, model_config, args.source)
+    n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables.get("params", {})))
+    save_weights(variables, args.out, {
+        "source": args.source, "arch": args.arch, "config": args.config,
+        "pth": os.path.abspath(args.pth), "sha256": _sha256(args.pth), "num_params": int(n),
+        "model": model_config.to_dict(),
+    })
+    print(f"wrote {n:,} parameters from {args.pth} to {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,196 @@
+"""C-Attn and S-Attn against a NumPy transcription of the paper's equations; VGG19 structure."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import default
+from jattn import models
+from jattn.errors import UserError
+from jattn.models import ChannelAttention, SpatialAttention
+
+
+def conv2d_chw(x, w, stride=1, pad=0):
+  """Plain convolution of x [C, H, W] with a Flax kernel w [kh, kw, C_in, C_out], no bias."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+  kh, kw, _, c_out = w.shape
+  ho = (x.shape[1] - kh) // stride + 1
+  wo = (x.shape[2] - kw) // stride + 1
+  out = np.zeros((c_out, ho, wo))
+  for i in range(kh):
+    for j in range(kw):
+      patch = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      out += np.einsum("chw,co->ohw", patch, w[i, j])
+  return out
+
+
+def softmax_columns(z):
+  """Eqs. (4) and (10): z'_ij = exp(z_ij) / sum_i exp(z_ij)."""
+  e = np.exp(z - z.max(axis=0, keepdims=True))
+  return e / e.sum(axis=0, keepdims=True)
+
+
+def c_attn_numpy(f, p, kernel, stride, padding):
+  """Eqs. (1)-(6) for one feature map F [C, H, W], in the paper's matrix notation."""
+  c, h, w = f.shape
+  m_q = conv2d_chw(f, p["m_q"]["kernel"], stride, padding).reshape(c, -1)  # (1): C x N'
+  m_k = conv2d_chw(f, p["m_k"]["kernel"], stride, padding).reshape(c, -1)
+  m_v = conv2d_chw(f, p["m_v"]["kernel"]).reshape(c, -1)  # C x N
+  d = m_q @ m_k.T  # (2)
+  d_prime = softmax_columns(d)  # (3), (4)
+  a_c = d_prime.T @ m_v  # (5)
+  return f + a_c.reshape(c, h, w), d_prime  # (6)
+
+
+def s_attn_numpy(f, p):
+  """Eqs. (7)-(12) for one feature map F [C, H, W]."""
+  c, h, w = f.shape
+  s_q = conv2d_chw(f, p["s_q"]["kernel"]).reshape(-1, h * w)  # (7): C' x N
+  s_k = conv2d_chw(f, p["s_k"]["kernel"]).reshape(-1, h * w)
+  s_v = conv2d_chw(f, p["s_v"]["kernel"]).reshape(c, h * w)
+  e = s_q.T @ s_k  # (8): N x N
+  e_prime = softmax_columns(e)  # (9), (10)
+  a_s = s_v @ e_prime  # (11)
+  return f + a_s.reshape(c, h, w), e_prime  # (12)
+
+
+def _init(module, x, qk_names, scale=0.1):
+  variables = module.init(jax.random.key(1), x)
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  for name in qk_names:  # keep the logits O(1) so that the test sees the softmax, not saturation
+    params[name]["kernel"] = params[name]["kernel"] * scale
+  return {"params": params}
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 4, 0), (7, 4, 3)])
+def test_channel_attention_matches_equations(kernel, stride, padding):
+  b, h, w, c = 3, 12, 20, 8  # batch > 1, H != W
+  x = jax.random.normal(jax.random.key(0), (b, h, w, c))
+  module = ChannelAttention(kernel, stride, padding)
+  variables = _init(module, x, ("m_q", "m_k"))
+  y, state = module.apply(variables, x, mutable=["intermediates"])
+  d_prime = state["intermediates"]["d_prime"][0]
+  for i in range(b):
+    want, want_d = c_attn_numpy(np.asarray(x[i], np.float64).transpose(2, 0, 1),
+                                variables["params"], kernel, stride, padding)
+    np.testing.assert_allclose(np.asarray(y[i]).transpose(2, 0, 1), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(d_prime[i], want_d, atol=1e-5)
+  # Eq. (4): each column of D' sums to 1 over the row index; rows do not.
+  np.testing.assert_allclose(d_prime.sum(axis=1), 1.0, atol=1e-5)
+  assert np.abs(np.asarray(d_prime.sum(axis=2)) - 1.0).max() > 1e-2
+
+
+def test_spatial_attention_matches_equations():
+  b, h, w, c = 2, 6, 9, 16
+  x = jax.random.normal(jax.random.key(0), (b, h, w, c))
+  module = SpatialAttention(reduction=8)
+  variables = _init(module, x, ("s_q", "s_k"), scale=0.5)
+  y, state = module.apply(variables, x, mutable=["intermediates"])
+  e_prime = state["intermediates"]["e_prime"][0]
+  assert variables["params"]["s_q"]["kernel"].shape == (1, 1, c, c // 8)
+  assert variables["params"]["s_v"]["kernel"].shape == (1, 1, c, c)
+  for i in range(b):
+    want, want_e = s_attn_numpy(np.asarray(x[i], np.float64).transpose(2, 0, 1),
+                                variables["params"])
+    np.testing.assert_allclose(np.asarray(y[i]).transpose(2, 0, 1), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(e_prime[i], want_e, atol=1e-5)
+  # Eq. (10): columns of E' (over positions m) sum to 1.
+  np.testing.assert_allclose(e_prime.sum(axis=1), 1.0, atol=1e-5)
+  assert np.abs(np.asarray(e_prime.sum(axis=2)) - 1.0).max() > 1e-2
+
+
+def test_attention_weights_are_sown_only_when_asked():
+  x = jnp.ones((1, 8, 8, 16))
+  module = SpatialAttention(8)
+  variables = module.init(jax.random.key(0), x)
+  assert set(variables) == {"params"}  # nothing recorded unless 'intermediates' is mutable
+  _, state = module.apply(variables, x, mutable=["intermediates"])
+  assert state["intermediates"]["e_prime"][0].shape == (1, 64, 64)
+
+
+def _model_config(**kw):
+  mc = default.get_config().model
+  mc.update(kw)
+  return mc
+
+
+def _num_params(mc: ml_collections.ConfigDict) -> int:
+  model = models.build_model(mc)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                          jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+# Parameter counts, derived by hand for 2 classes and the paper's settings (C-Attn kernel 4,
+# S-Attn r = 8). VGG19 convs (3x3, weights + biases), per block:
+#   block 1:  3*64*9+64 + 64*64*9+64                       =     38,720
+#   block 2:  64*128*9+128 + 128*128*9+128                 =    221,440
+#   block 3:  128*256*9+256 + 3*(256*256*9+256)            =  2,065,408
+#   block 4:  256*512*9+512 + 3*(512*512*9+512)            =  8,259,584
+#   block 5:  4*(512*512*9+512)                            =  9,439,232   -> convs 20,024,384
+# classifier: 25088*4096+4096 + 4096*4096+4096 + 4096*2+2 = 119,554,050   -> VGG19 139,578,434
+# C-Attn on C channels: two 4x4 convs C->C and a 1x1 C->C, no bias: 33*C^2
+#   block 1 (C=64): 135,168; block 2 (C=128): 540,672                      -> C      675,840
+# S-Attn on C channels: two 1x1 C->C/8 and one 1x1 C->C, no bias: C^2/4 + C^2 = 5*C^2/4
+#   block 3 (C=256): 81,920; blocks 4, 5 (C=512): 327,680 each              -> S      737,280
+@pytest.mark.parametrize("c_blocks,s_blocks,expected", [
+    ((), (), 139_578_434),
+    ((1, 2), (), 140_254_274),
+    ((), (3, 4, 5), 140_315_714),
+    ((1, 2), (3, 4, 5), 140_991_554),
+])
+def test_parameter_counts(c_blocks, s_blocks, expected):
+  assert _num_params(_model_config(c_attn_blocks=c_blocks, s_attn_blocks=s_blocks)) == expected
+
+
+def test_structure_and_placement():
+  mc = _model_config(width=0.125, classifier_width=32, batch_norm=True)
+  model = models.build_model(mc)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                             jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))
+  params = variables["params"]
+  assert [len([k for k in params[f"block{b}"] if k.startswith("conv")]) for b in range(1, 6)] == [
+      2, 2, 4, 4, 4]
+  assert [b for b in range(1, 6) if "c_attn" in params[f"block{b}"]] == [1, 2]
+  assert [b for b in range(1, 6) if "s_attn" in params[f"block{b}"]] == [3, 4, 5]
+  assert set(variables["batch_stats"]["block1"]) == {"bn1", "bn2"}
+  assert params["classifier"]["fc1"]["kernel"].shape == (7 * 7 * 64, 32)
+
+
+def test_forward_shapes_and_dropout():
+  mc = _model_config(width=0.125, classifier_width=32)
+  model = models.build_model(mc)
+  x = jax.random.normal(jax.random.key(0), (3, 40, 56, 3))
+  variables = model.init(jax.random.key(1), x)
+  logits = model.apply(variables, x, train=False)
+  assert logits.shape == (3, 2) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
+  a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+  b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+  assert not np.allclose(a, b)  # dropout is active in training only
+
+
+def test_bfloat16_keeps_attention_softmax_in_float32():
+  mc = _model_config(width=0.125, classifier_width=32, dtype="bfloat16")
+  model = models.build_model(mc)
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  variables = model.init(jax.random.key(1), x)
+  logits, state = model.apply(variables, x, mutable=["intermediates"])
+  assert logits.dtype == jnp.float32
+  assert state["intermediates"]["block1"]["c_attn"]["d_prime"][0].dtype == jnp.float32
+  assert state["intermediates"]["block3"]["s_attn"]["e_prime"][0].dtype == jnp.float32
+  assert jax.tree_util.tree_leaves(variables["params"])[0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("c_attn_blocks", (0, 1), "blocks are numbered 1 to 5"),
+    ("s_attn_blocks", (6,), "blocks are numbered 1 to 5"),
+    ("dtype", "float64", "config.model.dtype"),
+])
+def test_bad_model_config(field, value, match):
+  with pytest.raises(UserError, match=match):
+    models.build_model(_model_config(**{field: value}))
