@@ -71,11 +71,14 @@ def parse_file_name(file_name: str) -> ParsedName:
   m = _NAME.match(file_name)
   if m is None:
     raise ValueError(
-        f"{file_name!r} does not follow BreakHis' naming SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png"
+        f"{file_name!r} does not follow BreakHis' naming "
+        "SOB_<B|M>_<type>-<year>-<slide>-<mag>-<seq>.png"
     )
   subtype = m["type"]
   if subtype not in SUBTYPES:
-    raise ValueError(f"{file_name!r} has unknown subtype {subtype!r}; expected one of {SUBTYPE_CODES}")
+    raise ValueError(
+        f"{file_name!r} has unknown subtype {subtype!r}; expected one of {SUBTYPE_CODES}"
+    )
   label = CLASSES.index(SUBTYPES[subtype][1])
   if m["cls"] != "BM"[label]:
     raise ValueError(f"{file_name!r}: class {m['cls']!r} contradicts subtype {subtype!r}")
@@ -120,3 +123,23 @@ def patients() -> tuple[Patient, ...]:
   return tuple(
       Patient(r["patient_id"], r["subtype"], CLASSES.index(r["label"])) for r in rows
   )
+
+
+# Images per subtype and magnification in the official release (Spanhol et al. 2016, Table 1),
+# in the order of MAGNIFICATIONS; they sum to NUM_IMAGES. The synthesizer's counts='real' uses it.
+COUNTS = {
+    "A": (114, 113, 111, 106),
+    "F": (253, 260, 264, 237),
+    "PT": (109, 121, 108, 115),
+    "TA": (149, 150, 140, 130),
+    "DC": (864, 903, 896, 788),
+    "LC": (156, 170, 163, 137),
+    "MC": (205, 222, 196, 169),
+    "PC": (145, 142, 135, 138),
+}
+
+
+def record(path: str) -> Record:
+  """The `Record` of an image from its path relative to the data dir; ValueError for a bad name."""
+  parsed = parse_file_name(path.rsplit("/", 1)[-1])
+  return Record(path=path, **vars(parsed))

@@ -1,0 +1,160 @@
+"""Random flips and rotations of a training batch, run on the accelerator inside the jitted step.
+
+Each example draws its own transform from `rng`, so a batch is augmented by pure JAX with static
+shapes. A transform is a 2x2 matrix that maps each output pixel, in coordinates centred on the
+image, to the source pixel it takes its value from:
+
+* flips and quarter turns (the dihedral group) are integer matrices: one exact gather of source
+  pixels per example, no interpolation;
+* a rotation by any angle ('uniform') is a float matrix with the flips folded in: one bilinear
+  gather per example, where source points outside the image are filled by reflection about the
+  image border (half-sample symmetric, `d c b a | a b c d | d c b a`, scipy's mode='reflect'),
+  so that no blank corners appear.
+
+Positive angles and k turn the image counter-clockwise, as `np.rot90`. Output is float32 on the
+input's 0-255 scale: normalisation comes after, in the train step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FLIPS = ("none", "horizontal", "horizontal_vertical")
+ROTATIONS = ("none", "right_angles", "uniform")
+
+# QUARTER_TURNS[k] maps an output pixel (y, x) to its source when the image turns k * 90 degrees
+# counter-clockwise (rows point down, so one turn takes its value from (x, -y)).
+QUARTER_TURNS = np.array([[[1, 0], [0, 1]], [[0, 1], [-1, 0]],
+                          [[-1, 0], [0, -1]], [[0, -1], [1, 0]]], np.int32)
+
+
+def augment(rng: jax.Array, images: jax.Array, *, flip: str = "horizontal_vertical",
+            rotation: str = "right_angles", max_angle: float = 180.0) -> jax.Array:
+  """Randomly flips and rotates each image of [B, H, W, C]; float32 out, on the input's scale.
+
+  flip: 'none'; 'horizontal' (mirror left-right with p=0.5); 'horizontal_vertical' (also
+    upside down with p=0.5, independently).
+  rotation: 'none'; 'right_angles' (k * 90 degrees, k uniform in {0, 1, 2, 3}; square images
+    only); 'uniform' (an angle uniform in [-max_angle, max_angle] degrees, bilinear, points
+    outside the image filled by reflection).
+  The same `rng` gives the same output.
+  """
+  _check_option("flip", flip, FLIPS)
+  _check_option("rotation", rotation, ROTATIONS)
+  if images.ndim != 4:
+    raise ValueError(f"augment expects images of shape [B, H, W, C]; got shape {images.shape}")
+  if rotation == "right_angles" and images.shape[1] != images.shape[2]:
+    raise ValueError(f"rotation='right_angles' needs square images; got shape {images.shape}: "
+                     f"resize them square, or use rotation='uniform' or 'none'")
+  if (rotation == "uniform" and isinstance(max_angle, (int, float))
+      and not (math.isfinite(max_angle) and max_angle >= 0)):
+    raise ValueError(f"max_angle={max_angle!r}: give a finite number of degrees >= 0")
+  return _augment(rng, images, max_angle, flip=flip, rotation=rotation)
+
+
+@functools.partial(jax.jit, static_argnames=("flip", "rotation"))
+def _augment(rng, images, max_angle, *, flip, rotation):
+  """`augment` once its options are checked (jitted: fast also when called outside a jit)."""
+  batch = images.shape[0]
+  h_rng, v_rng, rot_rng = jax.random.split(rng, 3)
+  no_flip = jnp.ones((batch,), jnp.int32)
+  mirror = lambda key: jnp.where(jax.random.bernoulli(key, 0.5, (batch,)), -1, 1)
+  sign_x = mirror(h_rng) if flip in ("horizontal", "horizontal_vertical") else no_flip
+  sign_y = mirror(v_rng) if flip == "horizontal_vertical" else no_flip
+  signs = jnp.stack([sign_y, sign_x], axis=-1)[:, :, None]  # [B, 2, 1]: diag(sign_y, sign_x) @ M
+
+  if rotation == "uniform":
+    degrees = jax.random.uniform(rot_rng, (batch,), minval=-max_angle, maxval=max_angle)
+    return _bilinear_warp(images, signs * _rotation_matrices(degrees))
+  if flip == "none" and rotation == "none":
+    return images.astype(jnp.float32)
+  k = (jax.random.randint(rot_rng, (batch,), 0, 4) if rotation == "right_angles"
+       else jnp.zeros((batch,), jnp.int32))
+  return _integer_warp(images, signs * jnp.asarray(QUARTER_TURNS)[k]).astype(jnp.float32)
+
+
+def rotate90(images: jax.Array, k: jax.Array | int) -> jax.Array:
+  """Turns [B, H, W, C] images counter-clockwise by k * 90 degrees, exactly; dtype kept.
+
+  A Python int turns every image (any shape, as `np.rot90(images, k, axes=(1, 2))`); an array
+  k of shape [] or [B] turns each image by its own k, which needs square images.
+  """
+  if isinstance(k, (int, np.integer)):
+    return jnp.rot90(images, int(k), axes=(1, 2))
+  if images.ndim != 4 or images.shape[1] != images.shape[2]:
+    raise ValueError(f"rotate90 with an array k needs square images [B, S, S, C]; got shape "
+                     f"{images.shape}")
+  k = jnp.broadcast_to(jnp.mod(jnp.asarray(k, jnp.int32), 4), images.shape[:1])
+  return _integer_warp(images, jnp.asarray(QUARTER_TURNS)[k])
+
+
+def rotate(images: jax.Array, degrees: jax.Array | float) -> jax.Array:
+  """Rotates [B, H, W, C] images counter-clockwise by `degrees` (scalar or [B]) about their centre.
+
+  Bilinear; points outside the image are filled by reflection. Returns float32.
+  """
+  degrees = jnp.broadcast_to(jnp.asarray(degrees, jnp.float32), images.shape[:1])
+  return _bilinear_warp(images, _rotation_matrices(degrees))
+
+
+def _check_option(field: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{field}={value!r}: use one of {', '.join(map(repr, allowed))}")
+
+
+def _rotation_matrices(degrees: jax.Array) -> jax.Array:
+  """[B, 2, 2] maps from output (y, x) to source, for counter-clockwise turns by `degrees`."""
+  theta = jnp.deg2rad(degrees.astype(jnp.float32))
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  return jnp.stack([jnp.stack([cos, sin], -1), jnp.stack([-sin, cos], -1)], -2)
+
+
+@jax.jit
+def _integer_warp(images: jax.Array, matrices: jax.Array) -> jax.Array:
+  """images[b] sampled at matrices[b] @ (y, x): integer [B, 2, 2] matrices of the dihedral group."""
+  _, height, width, _ = images.shape
+  # Doubled centred coordinates are integers whatever the parity of H and W.
+  y2, x2 = jnp.meshgrid(2 * jnp.arange(height) - (height - 1), 2 * jnp.arange(width) - (width - 1),
+                        indexing="ij")
+
+  def one(image, m):
+    rows = (m[0, 0] * y2 + m[0, 1] * x2 + (height - 1)) // 2
+    cols = (m[1, 0] * y2 + m[1, 1] * x2 + (width - 1)) // 2
+    return image.at[rows, cols].get(mode="promise_in_bounds")
+
+  return jax.vmap(one)(images, matrices)
+
+
+@jax.jit
+def _bilinear_warp(images: jax.Array, matrices: jax.Array) -> jax.Array:
+  """images[b] sampled bilinearly at matrices[b] @ (y, x), reflected at the borders; float32."""
+  _, height, width, _ = images.shape
+  cy, cx = (height - 1) / 2, (width - 1) / 2
+  y, x = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32) - cy,
+                      jnp.arange(width, dtype=jnp.float32) - cx, indexing="ij")
+
+  def one(image, m):
+    src_y = m[0, 0] * y + m[0, 1] * x + cy
+    src_x = m[1, 0] * y + m[1, 1] * x + cx
+    y0, x0 = jnp.floor(src_y), jnp.floor(src_x)
+    wy, wx = src_y - y0, src_x - x0
+    y0, x0 = y0.astype(jnp.int32), x0.astype(jnp.int32)
+    # The four neighbours of every output pixel, gathered at once: [4, H, W, C].
+    rows = _reflect(jnp.stack([y0, y0, y0 + 1, y0 + 1]), height)
+    cols = _reflect(jnp.stack([x0, x0 + 1, x0, x0 + 1]), width)
+    weights = jnp.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx])
+    corners = image.at[rows, cols].get(mode="promise_in_bounds").astype(jnp.float32)
+    return jnp.sum(weights[..., None] * corners, axis=0)  # not einsum: no reduced-precision matmul
+
+  return jax.vmap(one)(images, matrices)
+
+
+def _reflect(index: jax.Array, size: int) -> jax.Array:
+  """Folds any integer index into [0, size) by half-sample symmetric reflection."""
+  index = jnp.mod(index, 2 * size)
+  return jnp.where(index < size, index, 2 * size - 1 - index)

@@ -1,0 +1,252 @@
+"""Preparing BreakHis once: TFDS records, a decoded-image cache, and per-fold normalisation stats.
+
+Everything lives in the prepared dir (default `<data_dir>/jattn_prepared`):
+
+  tfds/breakhis/1.0.0/...          the TFDS data set (`Breakhis`), PNG bytes as published
+  cache/<S>/images.npy             uint8 [N, S, S, 3]: every image decoded, RGB, resized to S x S
+  cache/<S>/records.json           file name, label, subtype, patient id, magnification, same order
+  folds/Folds_generated_seed<k>.csv  generated folds (when no Folds.csv or mkfold is given)
+  stats/<folds-id>_fold<k>_<S>.json  per-channel mean and std of a fold's training images
+
+Each stage runs once: callers hold `files.locked(prepared_dir)` around it, and every file is
+written under a temporary name and renamed into place. The TFDS metadata remembers which files
+(paths and sizes) it was built from; `prepare_tfds` compares them with a fresh scan and refuses a
+prepared dir built from a different tree, so a stale cache is never used silently.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from PIL import Image
+
+from jattn.data import breakhis, files, tfds_builder
+from jattn.data import scan as scan_lib
+from jattn.errors import UserError
+
+
+def default_prepared_dir(data_dir: str) -> str:
+  return os.path.join(data_dir, "jattn_prepared")
+
+
+def make_builder(prepared_dir: str, **kwargs) -> tfds_builder.Breakhis:
+  """The `Breakhis` builder whose data lives in `<prepared_dir>/tfds`."""
+  return tfds_builder.Breakhis(
+      data_dir=os.path.join(prepared_dir, "tfds"), file_format="array_record", **kwargs
+  )
+
+
+def is_prepared(builder: tfds_builder.Breakhis) -> bool:
+  # Like builder.is_prepared(), without its warning about a folder that is not prepared yet.
+  return os.path.isfile(os.path.join(os.fspath(builder.data_path), "dataset_info.json"))
+
+
+def _refuse_stale(data_dir: str, prepared_dir: str, recorded, fresh: scan_lib.Scan) -> None:
+  old, new = {tuple(f) for f in recorded}, set(fresh.files)
+  added, removed = sorted(new - old), sorted(old - new)
+  example = (added or removed)[0][0] if (added or removed) else "?"
+  raise UserError(
+      f"the images under {data_dir} changed since {prepared_dir} was prepared from them "
+      f"({len(added)} added or resized, {len(removed)} removed or resized, e.g. {example}): "
+      f"delete {prepared_dir} to prepare again, or set --config.prepared_dir to a new folder"
+  )
+
+
+def prepare_tfds(
+    data_dir: str,
+    prepared_dir: str,
+    *,
+    fresh: scan_lib.Scan,
+    skip_corrupt: bool = False,
+    threads: int = 2,
+) -> tfds_builder.Breakhis:
+  """Builds the TFDS data set once, and checks that a prepared one matches the scan `fresh`.
+
+  Call under the prepared dir's lock. Returns the builder; its `info.metadata` holds `skipped`.
+  """
+  builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  if is_prepared(builder) and "fingerprint" not in builder.info.metadata:
+    files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
+    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  if not is_prepared(builder):
+    builder.download_and_prepare(
+        download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
+        download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
+    )
+    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  metadata = builder.info.metadata
+  if metadata["fingerprint"] != fresh.fingerprint:
+    _refuse_stale(data_dir, prepared_dir, metadata["files"], fresh)
+  if metadata["skipped"] and not skip_corrupt:
+    raise UserError(
+        f"{prepared_dir} was prepared with skip_corrupt=True and leaves out "
+        f"{len(metadata['skipped'])} unreadable image(s) ({', '.join(metadata['skipped'][:3])}): "
+        f"set --config.skip_corrupt=True to use it, or replace them and delete {prepared_dir}"
+    )
+  return builder
+
+
+def decode_resize(png: bytes, image_size: int) -> np.ndarray:
+  """PNG bytes -> uint8 [S, S, 3]: RGB, resized with PIL's bilinear filter, aspect not kept."""
+  with Image.open(io.BytesIO(png)) as im:
+    im = im.convert("RGB")
+    if im.size != (image_size, image_size):
+      im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+  """The decoded images and their records, in the same order (the TFDS data source's)."""
+
+  images: np.ndarray  # uint8 [N, S, S, 3], memory-mapped read-only
+  file_names: tuple[str, ...]
+  labels: tuple[int, ...]
+  subtypes: tuple[str, ...]
+  patient_ids: tuple[str, ...]
+  magnifications: tuple[str, ...]
+  fingerprint: str  # of the TFDS data set it was decoded from
+
+
+def cache_dir(prepared_dir: str, image_size: int) -> str:
+  return os.path.join(prepared_dir, "cache", str(image_size))
+
+
+def _read_cache(folder: str, fingerprint: str) -> Cache | None:
+  images_path = os.path.join(folder, "images.npy")
+  records_path = os.path.join(folder, "records.json")
+  if not (os.path.isfile(images_path) and os.path.isfile(records_path)):
+    return None
+  with open(records_path, encoding="utf-8") as f:
+    table = json.load(f)
+  images = np.load(images_path, mmap_mode="r")
+  if table["fingerprint"] != fingerprint or len(images) != len(table["file_names"]):
+    return None  # decoded from another TFDS data set: rebuild
+  return Cache(
+      images=images,
+      file_names=tuple(table["file_names"]),
+      labels=tuple(table["labels"]),
+      subtypes=tuple(table["subtypes"]),
+      patient_ids=tuple(table["patient_ids"]),
+      magnifications=tuple(table["magnifications"]),
+      fingerprint=fingerprint,
+  )
+
+
+def build_cache(
+    builder: tfds_builder.Breakhis, prepared_dir: str, image_size: int, *, threads: int = 2
+) -> Cache:
+  """Decodes every image once into `cache/<S>/images.npy` (memory-mapped), unless already there.
+
+  Call under the prepared dir's lock. The records table is written first and the image array is
+  renamed into place last, so a present `images.npy` means a complete cache.
+  """
+  if image_size < 1:
+    raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+  fingerprint = builder.info.metadata["fingerprint"]
+  folder = cache_dir(prepared_dir, image_size)
+  cache = _read_cache(folder, fingerprint)
+  if cache is not None:
+    return cache
+  source = builder.as_data_source(
+      split=tfds_builder.SPLIT, decoders={"image": tfds.decode.SkipDecoding()}
+  )
+  n = len(source)
+  os.makedirs(folder, exist_ok=True)
+  images_path = os.path.join(folder, "images.npy")
+  table = {k: [] for k in ("file_names", "labels", "subtypes", "patient_ids", "magnifications")}
+  with files.atomic_path(images_path) as tmp:
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
+    )
+
+    def decode(example):
+      name = example["file_name"].decode()
+      try:
+        return decode_resize(example["image"], image_size)
+      except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
+        raise UserError(f"cannot decode {name} from {builder.data_path} ({e})") from e
+
+    chunk = 64
+    with (
+        concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool,
+        tqdm.tqdm(total=n, desc=f"Decoding images to {image_size}x{image_size}", unit="img") as bar,
+    ):
+      for start in range(0, n, chunk):
+        examples = source.__getitems__(list(range(start, min(n, start + chunk))))
+        for i, image in enumerate(pool.map(decode, examples)):
+          out[start + i] = image
+        for ex in examples:
+          table["file_names"].append(ex["file_name"].decode())
+          table["labels"].append(int(ex["label"]))
+          table["subtypes"].append(breakhis.SUBTYPE_CODES[int(ex["subtype"])])
+          table["patient_ids"].append(ex["patient_id"].decode())
+          table["magnifications"].append(breakhis.MAGNIFICATIONS[int(ex["magnification"])])
+        bar.update(len(examples))
+    out.flush()
+    del out
+    records_json = json.dumps({"fingerprint": fingerprint, "image_size": image_size, **table})
+    files.atomic_write_text(os.path.join(folder, "records.json"), records_json)
+  cache = _read_cache(folder, fingerprint)
+  assert cache is not None
+  return cache
+
+
+def stats_path(prepared_dir: str, folds_id: str, fold: int, image_size: int) -> str:
+  return os.path.join(prepared_dir, "stats", f"{folds_id}_fold{fold}_{image_size}.json")
+
+
+def folds_id(source: str, train_names) -> str:
+  """Names a fold's training set in file names: the folds file's stem and a hash of the set."""
+  stem = os.path.splitext(os.path.basename(source.rstrip("/")))[0] or "folds"
+  stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+  digest = hashlib.sha256("\n".join(sorted(train_names)).encode()).hexdigest()[:10]
+  return f"{stem}-{digest}"
+
+
+def channel_stats(images: np.ndarray, indices: np.ndarray, *, chunk: int = 128):
+  """Per-channel mean and std (0-255 scale) over every pixel of `images[indices]`, exactly.
+
+  Counts each channel's 256 values, so the sums are exact integers whatever the data set's size.
+  """
+  counts = np.zeros(3 * 256, dtype=np.int64)
+  offsets = np.arange(3, dtype=np.int32) * 256
+  for start in tqdm.trange(0, len(indices), chunk, desc="Normalisation stats", unit="chunk"):
+    block = np.asarray(images[np.sort(indices[start : start + chunk])])
+    counts += np.bincount((block.reshape(-1, 3) + offsets).ravel(), minlength=3 * 256)
+  counts = counts.reshape(3, 256).astype(np.float64)
+  values = np.arange(256, dtype=np.float64)
+  total = counts.sum(axis=1)
+  mean = (counts * values).sum(axis=1) / total
+  var = (counts * (values - mean[:, None]) ** 2).sum(axis=1) / total
+  return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+def fold_stats(path: str, images: np.ndarray, train_indices: np.ndarray):
+  """Mean and std of a fold's training images, computed once and stored at `path` (JSON)."""
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      stored = json.load(f)
+    if stored["num_images"] == len(train_indices):
+      return np.asarray(stored["mean"], np.float32), np.asarray(stored["std"], np.float32)
+  mean, std = channel_stats(images, train_indices)
+  files.atomic_write_text(
+      path,
+      json.dumps(
+          {
+              "mean": mean.tolist(),
+              "std": std.tolist(),
+              "num_images": len(train_indices),
+              "image_size": int(images.shape[1]),
+          }
+      ),
+  )
+  return mean, std

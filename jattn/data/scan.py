@@ -1,0 +1,203 @@
+"""Finding BreakHis on disk: the data dir, its archive, and the images it holds.
+
+`scan(data_dir)` walks `<data_dir>/BreaKHis_v1/histology_slides/breast/` and returns one `Record`
+per well-named PNG, plus the problems it found, as text that names the file: a PNG whose name breaks
+the convention (left out), a file whose folders disagree with its name (kept: the name decides), a
+file name seen twice (the second left out). Junk that archives carry (`Thumbs.db`, `.DS_Store`,
+`._*`, text files) is not an image and is only listed in `Scan.ignored`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import tarfile
+import tempfile
+
+from PIL import Image
+
+from jattn.data import breakhis, files
+from jattn.errors import UserError
+
+
+def download_hint(data_dir: str) -> str:
+  """What to download, where to put it and which flag to set: the end of every 'no data' error."""
+  return (
+      f"download {breakhis.ARCHIVE} from {breakhis.DOWNLOAD_URL} and unpack it into {data_dir} so "
+      f"that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or put the "
+      f"archive itself there), or set --config.data_dir=DIR to the folder that holds BreaKHis_v1"
+  )
+
+
+def slides_dir(data_dir: str) -> str:
+  return os.path.join(data_dir, *breakhis.SLIDES.split("/"))
+
+
+def has_images_tree(data_dir: str) -> bool:
+  return os.path.isdir(os.path.join(data_dir, breakhis.ROOT))
+
+
+def has_archive(data_dir: str) -> bool:
+  return os.path.isfile(os.path.join(data_dir, breakhis.ARCHIVE))
+
+
+def check_data_dir(data_dir: str) -> None:
+  """Raises a `UserError` saying what to do when `data_dir` holds neither BreakHis nor archive."""
+  if not os.path.isdir(data_dir):
+    raise UserError(f"data_dir {data_dir} does not exist: {download_hint(data_dir)}")
+  if has_images_tree(data_dir) or has_archive(data_dir):
+    return
+  for inner in ("histology_slides", "breast", "benign", "malignant"):
+    if os.path.isdir(os.path.join(data_dir, inner)):
+      raise UserError(
+          f"data_dir {data_dir} looks like a folder inside BreaKHis_v1 (it holds {inner}/): set "
+          f"--config.data_dir to the folder that holds BreaKHis_v1 itself"
+      )
+  raise UserError(f"data_dir {data_dir} holds no BreaKHis_v1 folder: {download_hint(data_dir)}")
+
+
+def extract_archive(data_dir: str) -> bool:
+  """Unpacks `<data_dir>/BreaKHis_v1.tar.gz` once (when BreaKHis_v1 is absent); True if it did.
+
+  Uses tarfile's 'data' filter (no absolute paths, links out of the tree or devices), unpacks
+  into a temporary folder and renames BreaKHis_v1 into place, so a failed run leaves nothing behind.
+  Run it under a lock when several processes may share the data dir.
+  """
+  archive = os.path.join(data_dir, breakhis.ARCHIVE)
+  target = os.path.join(data_dir, breakhis.ROOT)
+  if os.path.isdir(target) or not os.path.isfile(archive):
+    return False
+  tmp = tempfile.mkdtemp(prefix=".BreaKHis_v1.unpacking-", dir=data_dir)
+  try:
+    try:
+      with tarfile.open(archive, "r:*") as tar:
+        tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise UserError(
+          f"cannot unpack {archive} ({e}): download it again from {breakhis.DOWNLOAD_URL}"
+      ) from e
+    unpacked = os.path.join(tmp, breakhis.ROOT)
+    if not os.path.isdir(unpacked):
+      raise UserError(
+          f"{archive} holds no {breakhis.ROOT}/ folder: it is not the BreakHis archive "
+          f"({breakhis.DOWNLOAD_URL})"
+      )
+    os.replace(unpacked, target)
+  finally:
+    files.remove(tmp)
+  return True
+
+
+def is_junk(name: str) -> bool:
+  """Not an image: hidden files (`.DS_Store`, `._*`), `Thumbs.db`, text, anything but .png."""
+  return name.startswith(".") or not name.lower().endswith(".png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scan:
+  """What a walk of the image tree found."""
+
+  data_dir: str
+  records: tuple[breakhis.Record, ...]  # sorted by path; file names are unique
+  sizes: tuple[int, ...]  # bytes of each record's file, in the same order
+  problems: tuple[str, ...]  # one line each, naming the file
+  ignored: tuple[str, ...]  # junk files (paths relative to data_dir)
+
+  @property
+  def fingerprint(self) -> str:
+    """Identifies the images (paths and sizes): a prepared cache is valid only for this value."""
+    return fingerprint(self.files)
+
+  @property
+  def files(self) -> tuple[tuple[str, int], ...]:
+    return tuple(zip((r.path for r in self.records), self.sizes, strict=True))
+
+
+def fingerprint(files_and_sizes) -> str:
+  h = hashlib.sha256()
+  for path, size in sorted(files_and_sizes):
+    h.update(f"{path}\t{size}\n".encode())
+  return h.hexdigest()[:20]
+
+
+def scan(data_dir: str) -> Scan:
+  """Walks the image tree of `data_dir` (the folder holding BreaKHis_v1): records and problems."""
+  data_dir = os.path.abspath(data_dir)
+  check_data_dir(data_dir)
+  root = slides_dir(data_dir)
+  if not os.path.isdir(root):
+    if has_archive(data_dir) and not has_images_tree(data_dir):
+      raise UserError(
+          f"{os.path.join(data_dir, breakhis.ARCHIVE)} is not unpacked yet: unpack it with "
+          f"`tar -xzf {breakhis.ARCHIVE}` inside {data_dir} (training does this itself)"
+      )
+    raise UserError(f"{data_dir} has no {breakhis.SLIDES}/ folder: {download_hint(data_dir)}")
+  records, sizes, problems, ignored = [], [], [], []
+  first_seen: dict[str, str] = {}
+  for folder, dirnames, names in os.walk(root):
+    dirnames.sort()
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    prefix = os.path.relpath(folder, data_dir).replace(os.sep, "/") + "/"
+    for name in sorted(names):
+      full = os.path.join(folder, name)
+      path = prefix + name
+      if is_junk(name):
+        ignored.append(path)
+        continue
+      try:
+        record = breakhis.record(path)
+      except ValueError as e:
+        problems.append(f"unparseable name: {path}: {e}")
+        continue
+      if name in first_seen:
+        problems.append(
+            f"duplicate file name: {path} repeats {first_seen[name]}; the second is left out, "
+            f"remove one of them"
+        )
+        continue
+      first_seen[name] = path
+      expected = breakhis.image_path(record.patient_id, record.magnification, record.sequence)
+      if path != expected:
+        problems.append(
+            f"folder disagrees with name: {path} should be at {expected} (the name decides "
+            f"its class, subtype, patient and magnification)"
+        )
+      records.append(record)
+      sizes.append(os.path.getsize(full))
+  if not records:
+    raise UserError(f"{root} holds no BreakHis images (*.png): {download_hint(data_dir)}")
+  order = sorted(range(len(records)), key=lambda i: records[i].path)
+  return Scan(
+      data_dir=data_dir,
+      records=tuple(records[i] for i in order),
+      sizes=tuple(sizes[i] for i in order),
+      problems=tuple(problems),
+      ignored=tuple(ignored),
+  )
+
+
+def check_image(path: str) -> str | None:
+  """None if `path` reads as an image, else why not. Verifies the chunk checksums, then decodes."""
+  try:
+    with Image.open(path) as im:
+      im.verify()
+    with Image.open(path) as im:
+      im.load()
+  except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def unreadable_images(data_dir: str, records, *, threads: int = 2, progress: bool = False):
+  """{path: reason} for the records whose file does not decode; checked on a thread pool."""
+  paths = [r.path for r in records]
+  full = [os.path.join(data_dir, *p.split("/")) for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+    results = pool.map(check_image, full, chunksize=16)
+    if progress:
+      import tqdm
+
+      results = tqdm.tqdm(results, total=len(full), desc="Checking images", unit="img")
+    return {p: why for p, why in zip(paths, results, strict=True) if why is not None}

@@ -1,0 +1,60 @@
+"""Shared fixtures: one small synthetic BreakHis tree of all 82 patients, prepared once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from configs import default
+from jattn.data import breakhis, load_fold, synthesize
+
+# Two patients of each subtype: a tree small enough to prepare again in a test that changes it.
+SMALL_PATIENTS = tuple(
+    p.patient_id
+    for code in breakhis.SUBTYPE_CODES
+    for p in [q for q in breakhis.patients() if q.subtype == code][:2]
+)
+
+
+def data_config(data_dir: str, prepared_dir: str = "", **overrides):
+  """configs/default.py pointed at a synthetic tree, with a small image size for speed."""
+  config = default.get_config()
+  config.data_dir = data_dir
+  config.prepared_dir = prepared_dir
+  config.image_size = 16
+  config.loader_threads = 2
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def small_tree(folder, **options) -> str:
+  """A 16-patient tree (1 image per patient and magnification, 32x24 px) in `folder`."""
+  kwargs = dict(images_per_patient=1, width=32, height=24, seed=0, patients=SMALL_PATIENTS)
+  synthesize(str(folder), **{**kwargs, **options})
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tree(tmp_path_factory):
+  """(data_dir, summary) of an 82-patient tree: 1 image per patient and magnification, 64x42 px,
+  with junk files, odd sizes, a Folds.csv and an mkfold tree. Tests must not change it."""
+  out = tmp_path_factory.mktemp("breakhis")
+  summary = synthesize(str(out), images_per_patient=1, width=64, height=42, seed=0)
+  return str(out), summary
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="session")
+def fold_data(synthetic_tree, prepared_dir):
+  """Fold 1 of the generated folds (seed 0) of the session tree, at 16x16."""
+  return load_fold(data_config(synthetic_tree[0], prepared_dir))
+
+
+def image_file(data_dir: str, path: str) -> str:
+  return os.path.join(data_dir, *path.split("/"))

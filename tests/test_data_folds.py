@@ -1,0 +1,216 @@
+"""The three forms of folds, and the splits that must be refused."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import os
+import shutil
+
+import pytest
+from conftest import data_config
+
+from jattn.data import breakhis, folds, load_fold, scan
+from jattn.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def records(synthetic_tree):
+  return scan.scan(synthetic_tree[0]).records
+
+
+def _patients(split, by_name, group):
+  return {by_name[n].patient_id for n, g in split.items() if g == group}
+
+
+def _assert_patient_disjoint(chosen, records):
+  by_name = {r.file_name: r for r in records}
+  assert sorted(chosen.splits) == list(folds.FOLDS)
+  for split in chosen.splits.values():
+    assert set(split) == set(by_name)  # every image once per fold
+    assert not _patients(split, by_name, "train") & _patients(split, by_name, "test")
+  assert folds.check_folds(chosen, records) == ([], [])
+
+
+def test_three_forms_give_patient_disjoint_splits(synthetic_tree, records):
+  data_dir, summary = synthetic_tree
+  from_csv = folds.read_folds(summary["folds_csv"])
+  from_mkfold = folds.read_folds(summary["mkfold"])
+  generated = folds.generate_folds(records, seed=0)
+  for chosen in (from_csv, from_mkfold, generated):
+    _assert_patient_disjoint(chosen, records)
+  # The synthesizer wrote the generated folds of its seed in both file forms.
+  assert from_csv.splits == from_mkfold.splits == generated.splits
+  assert from_mkfold.source == os.path.join(data_dir, "mkfold")
+  # The mkfold tree may be given by the folder that holds it, too.
+  assert folds.read_mkfold(data_dir).splits == from_mkfold.splits
+
+
+def test_generated_folds_are_stratified_70_30_by_patient(records):
+  chosen = folds.generate_folds(records, seed=0)
+  by_name = {r.file_name: r for r in records}
+  patients_of = collections.defaultdict(set)
+  for p in breakhis.patients():
+    patients_of[p.subtype].add(p.patient_id)
+  for split in chosen.splits.values():
+    test = _patients(split, by_name, "test")
+    for code, ids in patients_of.items():
+      expected = max(1, int(0.3 * len(ids) + 0.5))
+      assert len(test & ids) == expected, code
+    for label in (0, 1):
+      members = {p.patient_id for p in breakhis.patients() if p.label == label}
+      assert 0.2 < len(test & members) / len(members) < 0.4
+    assert 0.25 < len(test) / 82 < 0.35
+
+
+def test_generated_folds_depend_only_on_the_seed(records):
+  a = folds.generate_folds(records, seed=0)
+  b = folds.generate_folds(list(reversed(records)), seed=0)
+  c = folds.generate_folds(records, seed=1)
+  assert a.splits == b.splits
+  assert a.splits != c.splits
+  # Each fold is its own random split (like the official ones), not a partition.
+  tests = [frozenset(n for n, g in s.items() if g == "test") for s in a.splits.values()]
+  assert len(set(tests)) == 5
+
+
+def test_folds_csv_round_trip(tmp_path, records):
+  chosen = folds.generate_folds(records, seed=5)
+  path = str(tmp_path / "Folds.csv")
+  folds.write_folds_csv(chosen, records, path)
+  assert folds.read_folds_csv(path).splits == chosen.splits
+  with open(path) as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ["fold", "mag", "grp", "filename"]
+  assert len(rows) == 5 * len(records)
+  assert rows[0]["filename"].startswith("BreaKHis_v1/histology_slides/breast/")
+
+
+def _rewrite(source, target, change):
+  """Copies a Folds.csv, passing each row (a dict) through `change` (None drops it)."""
+  with open(source) as f:
+    reader = csv.DictReader(f)
+    rows = [change(dict(r)) for r in reader]
+    columns = reader.fieldnames
+  with open(target, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=[c for c in columns if any(c in r for r in rows if r)])
+    writer.writeheader()
+    writer.writerows(r for r in rows if r is not None)
+  return str(target)
+
+
+def test_missing_column(tmp_path, synthetic_tree):
+  def drop_grp(row):
+    row.pop("grp")
+    return row
+
+  path = _rewrite(synthetic_tree[1]["folds_csv"], tmp_path / "Folds.csv", drop_grp)
+  with pytest.raises(UserError, match=r"lacks the column\(s\) grp.*fold,mag,grp,filename"):
+    folds.read_folds_csv(path)
+
+
+@pytest.mark.parametrize("bad", ["0", "6", "x", ""])
+def test_bad_fold_number(tmp_path, synthetic_tree, bad):
+  path = _rewrite(
+      synthetic_tree[1]["folds_csv"], tmp_path / "Folds.csv", lambda r: {**r, "fold": bad}
+  )
+  with pytest.raises(UserError, match=rf"line 2: fold '{bad}' is not a fold number 1\.\.5"):
+    folds.read_folds_csv(path)
+
+
+def test_bad_grp_and_mag(tmp_path, synthetic_tree):
+  source = synthetic_tree[1]["folds_csv"]
+  path = _rewrite(source, tmp_path / "a.csv", lambda r: {**r, "grp": "val"})
+  with pytest.raises(UserError, match="line 2: grp 'val' is neither 'train' nor 'test'"):
+    folds.read_folds_csv(path)
+  wrong = {"40": "100", "100": "200", "200": "400", "400": "40"}
+  path = _rewrite(source, tmp_path / "b.csv", lambda r: {**r, "mag": wrong[r["mag"]]})
+  with pytest.raises(UserError, match="line 2: mag .* disagrees with the file name SOB_"):
+    folds.read_folds_csv(path)
+
+
+def test_file_not_on_disk_is_refused_by_load_fold(tmp_path, synthetic_tree, prepared_dir):
+  data_dir, summary = synthetic_tree
+  ghost = "SOB_B_A-14-22549AB-40-999.png"
+
+  def rename_first(row):
+    if row["filename"].endswith("SOB_B_A-14-22549AB-40-001.png"):
+      row["filename"] = row["filename"].replace("40-001.png", "40-999.png")
+    return row
+
+  path = _rewrite(summary["folds_csv"], tmp_path / "Folds.csv", rename_first)
+  config = data_config(data_dir, prepared_dir, folds=path)
+  with pytest.raises(UserError, match=rf"file\(s\) not in the data set.*{ghost}"):
+    load_fold(config)
+
+
+def test_leaking_split_is_refused(tmp_path, synthetic_tree, prepared_dir, records):
+  data_dir, summary = synthetic_tree
+  by_name = {r.file_name: r for r in records}
+  chosen = folds.read_folds(summary["folds_csv"])
+  patient = next(by_name[n].patient_id for n, g in chosen.splits[2].items() if g == "test")
+  leaked_name = next(
+      n for n in chosen.splits[2] if by_name[n].patient_id == patient and n.endswith("-40-001.png")
+  )
+
+  def leak(row):
+    if row["fold"] == "2" and row["filename"].endswith(leaked_name):
+      row["grp"] = "train"
+    return row
+
+  path = _rewrite(summary["folds_csv"], tmp_path / "Folds.csv", leak)
+  with pytest.raises(UserError, match=rf"fold 2 of .* leaks patient\(s\) {patient}"):
+    load_fold(data_config(data_dir, prepared_dir, folds=path))
+
+
+def test_magnification_without_test_images_is_refused(
+    tmp_path, synthetic_tree, prepared_dir, records
+):
+  data_dir, summary = synthetic_tree
+
+  def no_400x_test_in_fold_3(row):
+    if row["fold"] == "3" and row["mag"] == "400" and row["grp"] == "test":
+      return None
+    return row
+
+  path = _rewrite(summary["folds_csv"], tmp_path / "Folds.csv", no_400x_test_in_fold_3)
+  problems, warnings = folds.check_folds(folds.read_folds(path), records)
+  assert problems == [f"fold 3 of {path} has no test images at 400X"]
+  assert len(warnings) == 1 and "leaves out" in warnings[0]
+  with pytest.raises(UserError, match="fold 3 of .* has no test images at 400X"):
+    load_fold(data_config(data_dir, prepared_dir, folds=path))
+
+
+def test_fold_without_training_images_is_refused(records):
+  chosen = folds.Folds("x.csv", {1: {r.file_name: "test" for r in records}})
+  problems, _ = folds.check_folds(chosen, records)
+  assert problems == ["fold 1 of x.csv has no training images"]
+
+
+def test_mkfold_errors(tmp_path, synthetic_tree):
+  source = synthetic_tree[1]["mkfold"]
+  bad = tmp_path / "mkfold"
+  shutil.copytree(source, bad)
+  os.rename(bad / "fold5", bad / "fold6")
+  with pytest.raises(UserError, match="expected fold folders fold1..fold5"):
+    folds.read_mkfold(str(bad))
+  os.rename(bad / "fold6", bad / "fold5")
+  moved = next((bad / "fold1" / "train" / "40X").iterdir())
+  os.rename(moved, bad / "fold1" / "train" / "100X" / moved.name)
+  with pytest.raises(UserError, match=f"{moved.name} sits in 100X/ but its name says 40X"):
+    folds.read_mkfold(str(bad))
+
+
+def test_load_fold_with_each_form_uses_the_same_split(synthetic_tree, prepared_dir):
+  data_dir, summary = synthetic_tree
+  loaded = [
+      load_fold(data_config(data_dir, prepared_dir, folds=spec, fold=2))
+      for spec in (summary["folds_csv"], "mkfold", "generated")
+  ]
+  assert loaded[0].folds_source == summary["folds_csv"]
+  assert loaded[1].folds_source == summary["mkfold"]
+  assert loaded[2].folds_source.endswith("folds/Folds_generated_seed0.csv")
+  for other in loaded[1:]:
+    assert (other.train_indices == loaded[0].train_indices).all()
+    assert (other.test_indices == loaded[0].test_indices).all()
+    assert (other.mean == loaded[0].mean).all()
