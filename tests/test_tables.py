@@ -1,0 +1,232 @@
+"""The sweep tables on hand-made results.json files: figures, missing folds, layout and files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jattn import tables
+from jattn.errors import UserError
+
+MAGS = ("40X", "100X", "200X", "400X")
+KEYS = ("image_accuracy", "patient_accuracy", "patient_recognition_rate")
+
+
+def _results(name, fold, paper_row, rng, finished=True):
+  """A results.json as jattn.train writes it, with random fractions."""
+  return {"schema": "jattn.results/1", "name": name, "paper_row": paper_row, "fold": fold,
+          "finished": finished,
+          **{key: {m: float(rng.uniform(0.8, 1.0)) for m in MAGS} for key in KEYS},
+          "num_images": dict.fromkeys(MAGS, 600), "num_patients": dict.fromkeys(MAGS, 25)}
+
+
+def _write(sweep, name, fold, results):
+  os.makedirs(sweep / name / f"fold{fold}", exist_ok=True)
+  if results is not None:
+    (sweep / name / f"fold{fold}" / "results.json").write_text(json.dumps(results))
+
+
+def _manifest(sweep, names, folds):
+  runs = [{"name": n, "fold": k, "workdir": f"{n}/fold{k}"} for n in names for k in folds]
+  (sweep / "sweep.json").write_text(json.dumps({"names": names, "folds": folds, "runs": runs}))
+
+
+def _cells(sweep_dir):
+  return {(c.table, c.name, c.magnification): c
+          for c in tables.aggregate(tables.collect(str(sweep_dir)))}
+
+
+def _table_rows(markdown, number):
+  """The header and body lines of Table `number` in the Markdown."""
+  lines = markdown.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(f"**Table {number}."))
+  body = []
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    body.append(line)
+  return body[0], body[2:]
+
+
+def _cols(line):
+  return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.fixture
+def full_sweep(tmp_path):
+  """Two paper rows and one extra config, five folds each, all finished; manifest order."""
+  rng = np.random.default_rng(0)
+  names = {"vgg19_c": "VGG19 + C", "ours": "Ours", "extra": ""}
+  runs = {}
+  for name, row in names.items():
+    for fold in range(1, 6):
+      runs[(name, fold)] = _results(name, fold, row, rng)
+      _write(tmp_path, name, fold, runs[(name, fold)])
+  _manifest(tmp_path, list(names), [1, 2, 3, 4, 5])
+  return tmp_path, runs
+
+
+def test_means_and_sample_stds(full_sweep):
+  sweep, runs = full_sweep
+  cells = _cells(sweep)
+  assert len(cells) == len(KEYS) * 3 * len(MAGS)
+  for (key, name, mag), cell in cells.items():
+    values = 100 * np.array([runs[(name, k)][key][mag] for k in range(1, 6)])
+    assert cell.mean == pytest.approx(values.mean(), abs=1e-12)
+    assert cell.std == pytest.approx(np.sqrt(np.sum((values - values.mean()) ** 2) / 4), abs=1e-12)
+    assert (cell.n_folds, cell.n_expected) == (5, 5)
+    assert cell.text() == f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def test_missing_and_unfinished_folds_are_shown_not_averaged(tmp_path):
+  rng = np.random.default_rng(1)
+  runs = {k: _results("vgg19", k, "VGG19", rng) for k in (1, 2, 3, 4)}
+  runs[4]["finished"] = False  # stopped before the end
+  for k, r in runs.items():
+    _write(tmp_path, "vgg19", k, r)
+  _write(tmp_path, "vgg19", 5, None)  # started, no results.json yet
+  _write(tmp_path, "ours", 2, _results("ours", 2, "Ours", rng))
+  del runs[1]["patient_accuracy"]["400X"]  # no 400X images in that fold's test set
+  _write(tmp_path, "vgg19", 1, runs[1])
+  _manifest(tmp_path, ["vgg19", "vgg19_s", "ours"], [1, 2, 3, 4, 5])
+
+  sweep = tables.collect(str(tmp_path))
+  assert sweep.unfinished == [("vgg19", 4), ("vgg19", 5), ("vgg19_s", 1), ("vgg19_s", 2),
+                              ("vgg19_s", 3), ("vgg19_s", 4), ("vgg19_s", 5), ("ours", 1),
+                              ("ours", 3), ("ours", 4), ("ours", 5)]
+  cells = _cells(tmp_path)
+  three = cells[("image_accuracy", "vgg19", "40X")]
+  values = 100 * np.array([runs[k]["image_accuracy"]["40X"] for k in (1, 2, 3)])
+  assert (three.n_folds, three.n_expected) == (3, 5)
+  assert three.mean == pytest.approx(values.mean()) and three.std == pytest.approx(
+      values.std(ddof=1))
+  assert three.text() == f"{values.mean():.1f} ± {values.std(ddof=1):.1f} (3/5)"
+  assert cells[("patient_accuracy", "vgg19", "400X")].n_folds == 2
+  assert cells[("patient_accuracy", "vgg19", "100X")].n_folds == 3
+  none = cells[("image_accuracy", "vgg19_s", "200X")]
+  assert (none.n_folds, none.mean, none.std, none.text()) == (0, None, None, "—")
+  one = cells[("image_accuracy", "ours", "100X")]
+  assert one.std is None and one.text() == f"{one.mean:.1f} (1/5)" and "±" not in one.text()
+
+  markdown = tables.write_tables(str(tmp_path))
+  _, rows = _table_rows(markdown, 1)
+  assert _cols(rows[0])[1] == three.text()
+  assert _cols(next(r for r in rows if _cols(r)[0] == "vgg19_s"))[1:] == ["—"] * 4
+  assert "Unfinished runs, counted as missing: vgg19 fold 4, vgg19 fold 5, vgg19_s fold 1" in (
+      markdown)
+
+
+def test_without_manifest_rows_are_sorted_and_folds_are_the_union(tmp_path):
+  rng = np.random.default_rng(2)
+  _write(tmp_path, "zeta", 1, _results("zeta", 1, "", rng))
+  _write(tmp_path, "zeta", 2, _results("zeta", 2, "", rng))
+  _write(tmp_path, "alpha", 3, _results("alpha", 3, "VGG19", rng))
+  _write(tmp_path, "alpha", 1, _results("alpha", 1, "VGG19", rng))
+  (tmp_path / "notes.txt").write_text("not a run")
+  sweep = tables.collect(str(tmp_path))
+  assert (sweep.names, sweep.folds) == (["alpha", "zeta"], [1, 2, 3])
+  assert sweep.unfinished == [("alpha", 2), ("zeta", 3)]
+  assert sweep.paper_rows == {"alpha": "VGG19", "zeta": ""}
+  assert _cells(tmp_path)[("image_accuracy", "alpha", "40X")].text().endswith("(2/3)")
+
+
+def test_paper_figures_beside_the_matching_rows_in_the_papers_layout(full_sweep):
+  sweep, _ = full_sweep
+  markdown = tables.write_tables(str(sweep))
+  cells = _cells(sweep)
+  for number, key, paper in ((1, "image_accuracy", tables.PAPER_TABLE1),
+                             (2, "patient_accuracy", tables.PAPER_TABLE2),
+                             (3, "patient_recognition_rate", None)):
+    header, rows = _table_rows(markdown, number)
+    assert _cols(header) == ["Method", "40X", "100X", "200X", "400X"]
+    labels = [_cols(r)[0] for r in rows]
+    if paper is None:  # the paper has no recognition rate: our rows only
+      assert labels == ["vgg19_c", "ours", "extra"]
+    else:  # each paper row right under the config that reproduces it; none for 'extra'
+      assert labels == ["vgg19_c", "*paper: VGG19 + C*", "ours", "*paper: Ours*", "extra"]
+      for label, row in (("*paper: VGG19 + C*", "VGG19 + C"), ("*paper: Ours*", "Ours")):
+        line = _cols(rows[labels.index(label)])
+        assert line[1:] == [f"*{paper[row][m][0]:.1f} ± {paper[row][m][1]:.1f}*" for m in MAGS]
+    for name in ("vgg19_c", "ours", "extra"):
+      assert _cols(rows[labels.index(name)])[1:] == [cells[(key, name, m)].text() for m in MAGS]
+  # Spot checks against the paper's text: Table 1 "Ours" at 200X, Table 2 "VGG19 + C" at 400X.
+  assert "*93.4 ± 2.3*" in markdown and "*95.7 ± 3.0*" in markdown
+  assert "sample standard deviation (ddof = 1)" in markdown
+  assert "All 15 runs finished." in markdown
+
+
+def test_csv_round_trips_and_png_is_written(full_sweep):
+  sweep, _ = full_sweep
+  tables.write_tables(str(sweep))
+  with open(sweep / "tables.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  assert tuple(rows[0]) == tables.CSV_FIELDS
+  cells = tables.aggregate(tables.collect(str(sweep)))
+  assert len(rows) == len(cells)
+  number = lambda s: None if s == "" else float(s)
+  for row, cell in zip(rows, cells, strict=True):
+    assert (row["table"], row["name"], row["paper_row"], row["magnification"]) == (
+        cell.table, cell.name, cell.paper_row, cell.magnification)
+    assert (number(row["mean"]), number(row["std"])) == (cell.mean, cell.std)  # exact
+    assert (int(row["n_folds"]), int(row["n_expected"])) == (5, 5)
+    assert (number(row["paper_mean"]), number(row["paper_std"])) == (cell.paper_mean,
+                                                                     cell.paper_std)
+  ours_200 = next(r for r in rows if (r["table"], r["name"], r["magnification"]) == (
+      "patient_accuracy", "ours", "200X"))
+  assert (ours_200["paper_mean"], ours_200["paper_std"]) == ("98.6", "2.0")
+  assert {r["paper_mean"] for r in rows if r["name"] == "extra"} == {""}
+  with open(sweep / "tables.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(sweep / "tables.png") > 10_000
+  assert not [p for p in os.listdir(sweep) if p.endswith(".tmp")]  # written atomically
+
+
+def test_cli_prints_the_tables(full_sweep, capsys):
+  sweep, _ = full_sweep
+  tables.main([str(sweep)])
+  out = capsys.readouterr().out
+  assert out.startswith(f"# Results of {sweep}") and "| *paper: Ours* |" in out
+  assert (sweep / "tables.md").read_text() in out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda r: r.pop("image_accuracy"), r"fold2/results.json: missing key 'image_accuracy'"),
+    (lambda r: r.pop("finished"), r"fold2/results.json: missing key 'finished'"),
+    (lambda r: r["patient_accuracy"].update({"40X": 97.5}),
+     r"fold2/results.json: patient_accuracy must map magnifications to fractions in \[0, 1\]"),
+    (lambda r: r.update(schema="other/2"), r"fold2/results.json: schema 'other/2'"),
+    (lambda r: r.update(fold=3), r"fold2/results.json: holds name 'ours' fold 3"),
+])
+def test_malformed_results_give_a_one_line_error(tmp_path, capsys, change, message):
+  rng = np.random.default_rng(3)
+  for fold in (1, 2):
+    results = _results("ours", fold, "Ours", rng)
+    if fold == 2:
+      change(results)
+    _write(tmp_path, "ours", fold, results)
+  with pytest.raises(UserError, match=message):
+    tables.collect(str(tmp_path))
+  with pytest.raises(SystemExit) as exit_info:
+    tables.main([str(tmp_path)])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jattn.tables: error: ") and err.count("\n") == 1
+  assert not (tmp_path / "tables.md").exists()
+
+
+def test_unreadable_inputs_give_a_one_line_error(tmp_path):
+  with pytest.raises(UserError, match=r"nowhere: no such folder"):
+    tables.collect(str(tmp_path / "nowhere"))
+  with pytest.raises(UserError, match=r"no runs found"):
+    tables.collect(str(tmp_path))
+  _write(tmp_path, "ours", 1, None)
+  (tmp_path / "ours" / "fold1" / "results.json").write_text('{"schema": ')
+  with pytest.raises(UserError, match=r"fold1/results.json: not valid JSON"):
+    tables.collect(str(tmp_path))
+  (tmp_path / "sweep.json").write_text(json.dumps({"folds": [1]}))
+  with pytest.raises(UserError, match=r"sweep.json: missing key 'names'"):
+    tables.collect(str(tmp_path))
