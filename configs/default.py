@@ -5,7 +5,8 @@ recipe (section 3), without data or weights filled in. Run a variant instead, e.
 
   python -m jattn.main --config configs/ours.py --config.fold=1
 
-Any field can be overridden on the command line: --config.num_epochs=5 --config.model.dtype=bfloat16.
+Any field can be overridden on the command line, e.g. --config.num_epochs=5
+--config.model.dtype=bfloat16.
 """
 
 import ml_collections

@@ -1,10 +1,11 @@
-"""Exact import of PyTorch VGG19 weights: torchvision's ImageNet models and the authors' checkpoints.
+r"""Exact import of PyTorch VGG19 weights: torchvision's ImageNet models, the authors' checkpoints.
 
 Two key layouts are understood:
 
 * ``"torchvision"``: the state dict of ``torchvision.models.vgg19`` or ``vgg19_bn``
   (``features.<i>.*``, ``classifier.{0,3,6}.*``). Attention modules are not in it; the ImageNet head
-  is kept, so a converted model with ``num_classes=1000`` and no attention gives torchvision's logits.
+  is kept, so a converted model with ``num_classes=1000`` and no attention gives torchvision's
+  logits.
 * ``"reference"``: a state dict saved by the authors' code (github.com/pxiangwu/attn-hist-classify)
   for its VGG with attention, where the attention modules are extra entries of ``features``. Its
   class names are swapped relative to the paper: its ``SpatialAttention`` (conv1, conv2, conv3) is
@@ -13,14 +14,17 @@ Two key layouts are understood:
 
 Conv weights go from torch's (out, in, kh, kw) to Flax's (kh, kw, in, out); linear weights are
 transposed; the first classifier layer's inputs are permuted from torch's (c, h, w) flattening to
-our NHWC (h, w, c) one. Checkpoints are read with ``torch.load(weights_only=True)``: a file that needs
-arbitrary code to unpickle is refused.
+our NHWC (h, w, c) one. Checkpoints are read with ``torch.load(weights_only=True)``: a file
+that needs arbitrary code to unpickle is refused.
 
 Command line (writes weights that a config's ``pretrained`` field points at)::
 
-  python -m jattn.convert --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out pretrained/vgg19
-  python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth --out pretrained/vgg19_bn
-  python -m jattn.convert --source reference --config configs/reference.py --pth cls_model_125.pth --out pretrained/ref
+  python -m jattn.convert --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth \
+      --out pretrained/vgg19
+  python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
+      --out pretrained/vgg19_bn
+  python -m jattn.convert --source reference --config configs/reference.py \
+      --pth cls_model_125.pth --out pretrained/reference
 """
 
 from __future__ import annotations
@@ -224,7 +228,8 @@ def load_weights(path: str) -> dict[str, Any]:
   if not os.path.isdir(target):
     raise UserError(
         f"pretrained={path!r}: no converted weights there. Download torchvision's VGG19 weights "
-        f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: python -m jattn.convert "
+        f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: "
+        f"python -m jattn.convert "
         f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
         f"(or set --config.pretrained='' to train from scratch)")
   with ocp.StandardCheckpointer() as ckptr:
@@ -240,7 +245,8 @@ def _sha256(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.convert", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m jattn.convert",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--source", choices=SOURCES, required=True)
   parser.add_argument("--arch", choices=sorted(ARCHS), help="torchvision architecture")
   parser.add_argument("--config", help="for --source reference: the config whose model it is")
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
       if not args.arch:
         raise UserError("--source torchvision needs --arch vgg19 or --arch vgg19_bn")
       head = state_dict.get("classifier.6.weight")
-      model_config = torchvision_model_config(args.arch, head.shape[0] if head is not None else 1000)
+      classes = head.shape[0] if head is not None else 1000
+      model_config = torchvision_model_config(args.arch, classes)
     else:
       if not args.config:
         raise UserError("--source reference needs --config (e.g. configs/reference.py)")

@@ -1,10 +1,17 @@
-"""Shared fixtures: one small synthetic BreakHis tree of all 82 patients, prepared once."""
+"""Shared fixtures: one small synthetic BreakHis tree of all 82 patients, prepared once, and one
+tiny trained run on it."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+# Compiled XLA programs are cached on disk for the session and for the subprocesses tests start:
+# the same tiny model is compiled once, not once per test and process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jattn-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from configs import default
 from jattn.data import breakhis, load_fold, synthesize
@@ -58,3 +65,16 @@ def fold_data(synthetic_tree, prepared_dir):
 
 def image_file(data_dir: str, path: str) -> str:
   return os.path.join(data_dir, *path.split("/"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_tree, prepared_dir, tmp_path_factory):
+  """The work dir of a tiny run of configs/demo.py, trained and evaluated through the command line.
+  Tests must not change it."""
+  from jattn import main
+  from tests.runs import DEMO, tiny_overrides
+
+  workdir = str(tmp_path_factory.mktemp("run"))
+  args = ["--config", DEMO, "--workdir", workdir]
+  main.main(args + [f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir)])
+  return workdir

@@ -165,7 +165,7 @@ def test_forward_shapes_and_dropout():
   mc = _model_config(width=0.125, classifier_width=32)
   model = models.build_model(mc)
   x = jax.random.normal(jax.random.key(0), (3, 40, 56, 3))
-  variables = model.init(jax.random.key(1), x)
+  variables = models.init_variables(model, jax.random.key(1), 40)  # shapes do not depend on size
   logits = model.apply(variables, x, train=False)
   assert logits.shape == (3, 2) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
@@ -178,7 +178,7 @@ def test_bfloat16_keeps_attention_softmax_in_float32():
   mc = _model_config(width=0.125, classifier_width=32, dtype="bfloat16")
   model = models.build_model(mc)
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  variables = model.init(jax.random.key(1), x)
+  variables = models.init_variables(model, jax.random.key(1), 64)
   logits, state = model.apply(variables, x, mutable=["intermediates"])
   assert logits.dtype == jnp.float32
   assert state["intermediates"]["block1"]["c_attn"]["d_prime"][0].dtype == jnp.float32

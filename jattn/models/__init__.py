@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
@@ -12,7 +13,7 @@ from jattn.models.vgg import VGG, VGG19_BLOCKS, adaptive_avg_pool
 
 __all__ = [
     "VGG", "VGG19_BLOCKS", "ChannelAttention", "SpatialAttention", "adaptive_avg_pool",
-    "build_model", "block_widths",
+    "build_model", "block_widths", "init_variables",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -24,7 +25,7 @@ def block_widths(width: float) -> tuple[tuple[int, ...], ...]:
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-  """The model that `config.model` describes; apply it as `model.apply(variables, x, train=False)`."""
+  """The model `config.model` describes; apply it as `model.apply(variables, x, train=False)`."""
   mc = model_config
   for field in ("c_attn_blocks", "s_attn_blocks"):
     bad = [b for b in mc[field] if b not in (1, 2, 3, 4, 5)]
@@ -49,3 +50,16 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       dropout_rate=mc.dropout_rate,
       dtype=_DTYPES[mc.dtype],
   )
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+  """The model's initial variables for image_size x image_size inputs.
+
+  On CPU, XLA spends most of a minute optimising the ~40 random-number generators of an
+  initialisation that runs once; compiling it without backend optimisation gives the same values
+  in a few seconds.
+  """
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(rng, x)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  return lowered.compile(compiler_options=options)(rng, jnp.zeros(x.shape, x.dtype))

@@ -77,7 +77,8 @@ def report(config, image_size: int) -> str:
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = config_lib.split_argv(argv)
-  parser = argparse.ArgumentParser(prog="python -m jattn.models", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m jattn.models",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/ours.py", help="config file[:arg]")
   parser.add_argument("--image-size", type=int, default=None,
                       help="input size for the FLOPs (default: the config's image_size)")

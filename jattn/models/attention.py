@@ -71,7 +71,7 @@ class SpatialAttention(nn.Module):
   def __call__(self, f: jax.Array) -> jax.Array:
     b, h, w, c = f.shape
     if c % self.reduction:
-      raise ValueError(f"S-Attn: {c} channels are not divisible by the reduction r={self.reduction}")
+      raise ValueError(f"S-Attn: {c} channels do not divide by its reduction r={self.reduction}")
     conv = lambda out, name: nn.Conv(  # noqa: E731
         out, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype, name=name)
     s_q = conv(c // self.reduction, "s_q")(f).reshape(b, h * w, -1)  # S_Q^T [B,N,C/r], eq. 7

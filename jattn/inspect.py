@@ -1,0 +1,189 @@
+r"""What the attention modules attend to, for a trained run and a few images.
+
+For each S-Attn module (eqs. 7-12) the attention matrix E' is N x N over the N = H x W positions of
+its feature map, and column n of E' holds the weights with which position n gathers all positions
+(eq. 11: A_s[:, n] = sum_m S_V[:, m] E'[m, n]); each column sums to 1 (eq. 10). Shown here:
+* the *query map* of a chosen position n: column n of E' reshaped to H x W, i.e. where n looks;
+* the *received attention*: the row sums of E', how much attention each position receives in total.
+
+For each C-Attn module (eqs. 1-6) the channel affinity D' is C x C, each column summing to 1
+(eq. 4), and A_c = D'^T M_V is added to the features; shown are D' itself and the spatial map of
+the norm of A_c over channels (where the channel attention changes the features most).
+
+  python -m jattn.inspect --workdir runs/demo_ours/fold1 IMAGE... --out attention/ \
+      [--position 0.5,0.5]
+
+writes one PNG per image with the input, the maps overlaid on it and the affinity matrices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from jattn import train
+from jattn.errors import UserError, exit_on_user_error
+
+
+def attention_maps(state: train.TrainState, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+  """Runs the model on uint8 images [B, S, S, 3] and returns every module's attention.
+
+  Keys are module paths ('block3/s_attn', 'block1/c_attn'); S-Attn entries hold 'e_prime'
+  [B, N, N] and 'grid' (H, W); C-Attn entries hold 'd_prime' [B, C, C], 'a_c_norm' [B, H, W] and
+  'grid'. Also returns the probabilities under the key 'probs'.
+  """
+  @jax.jit
+  def forward(state, images):
+    logits, state_out = state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        train.preprocess(state, images), train=False, mutable=["intermediates"])
+    return jax.nn.softmax(logits), state_out["intermediates"]
+
+  probs, inter = jax.device_get(forward(state, images))
+  out = {"probs": {"probs": np.asarray(probs)}}
+  for block in sorted(inter, key=lambda b: int(b.removeprefix("block"))):
+    for module, values in inter[block].items():
+      if module == "s_attn":
+        e_prime = np.asarray(values["e_prime"][0])
+        side = _grid(e_prime.shape[-1], images.shape[1:3])
+        out[f"{block}/s_attn"] = {"e_prime": e_prime, "grid": side}
+      elif module == "c_attn":
+        a_c = np.asarray(values["a_c"][0], np.float32)
+        out[f"{block}/c_attn"] = {"d_prime": np.asarray(values["d_prime"][0]),
+                                  "a_c_norm": np.linalg.norm(a_c, axis=-1),
+                                  "grid": a_c.shape[1:3]}
+  return out
+
+
+def _grid(n: int, image_hw: Sequence[int]) -> tuple[int, int]:
+  """The H x W of a feature map with n positions, for an input of the given aspect."""
+  h, w = image_hw
+  for fh in range(1, n + 1):
+    if n % fh == 0 and fh * w == (n // fh) * h:
+      return fh, n // fh
+  raise ValueError(f"cannot lay out {n} positions for an image of {h}x{w}")
+
+
+def query_map(e_prime: np.ndarray, grid: tuple[int, int],
+              position: tuple[float, float]) -> np.ndarray:
+  """Column n of E' as an H x W map, n the feature position nearest the relative (row, col)."""
+  h, w = grid
+  r = min(int(position[0] * h), h - 1)
+  c = min(int(position[1] * w), w - 1)
+  return e_prime[..., :, r * w + c].reshape(*e_prime.shape[:-2], h, w)
+
+
+def received(e_prime: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+  """Total attention each position receives: the row sums of E', as an H x W map."""
+  return e_prime.sum(axis=-1).reshape(*e_prime.shape[:-2], *grid)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+  """A heat map (any size) upsampled onto a uint8 RGB image, with matplotlib's 'jet' colours."""
+  from matplotlib import colormaps
+  from PIL import Image
+
+  heat = np.asarray(heat, np.float64)
+  span = heat.max() - heat.min()
+  heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
+  big = Image.fromarray(np.uint8(255 * heat)).resize(image.shape[1::-1], Image.Resampling.BILINEAR)
+  colour = colormaps["jet"](np.asarray(big) / 255.0)[..., :3]
+  return np.uint8((1 - alpha) * image + alpha * 255 * colour)
+
+
+def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, float], title: str):
+  """One matplotlib figure: the image, each module's maps over it, and each C-Attn's D'."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  panels = [("input", image, None)]
+  for key, m in maps.items():
+    if key.endswith("s_attn"):
+      panels.append((f"{key}: received", overlay(image, received(m["e_prime"][index], m["grid"])),
+                     None))
+      panels.append((f"{key}: query ({position[0]:.2f}, {position[1]:.2f})",
+                     overlay(image, query_map(m["e_prime"][index], m["grid"], position)), position))
+    elif key.endswith("c_attn"):
+      panels.append((f"{key}: |A_c|", overlay(image, m["a_c_norm"][index]), None))
+      panels.append((f"{key}: D'", m["d_prime"][index], "matrix"))
+  cols = min(4, len(panels))
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+  for ax, (name, img, extra) in zip(axes.flat, panels, strict=False):
+    if isinstance(extra, str):
+      ax.imshow(img, cmap="viridis")
+      ax.set_xlabel("j")
+      ax.set_ylabel("i")
+    else:
+      ax.imshow(img)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if extra is not None:
+        ax.plot(extra[1] * image.shape[1], extra[0] * image.shape[0], "w+", ms=14, mew=2)
+    ax.set_title(name, fontsize=8)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  return fig
+
+
+def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
+                   position: tuple[float, float] = (0.5, 0.5)) -> list[str]:
+  """Writes one PNG per image into out_dir; returns their paths."""
+  from matplotlib import pyplot as plt
+
+  from jattn.predict import load_images
+
+  config = train.load_run_config(workdir)
+  if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
+    raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
+  config, state = train.restore_state(workdir)
+  images = load_images(list(paths), config.image_size)
+  maps = attention_maps(state, images)
+  probs = maps.pop("probs")["probs"]
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for i, path in enumerate(paths):
+    fig = figure(images[i], maps, i, position,
+                 f"{os.path.basename(path)}  P(malignant) = {probs[i, 1]:.3f}  ({config.name})")
+    target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+    fig.savefig(target + ".tmp.png", dpi=100)
+    os.replace(target + ".tmp.png", target)
+    plt.close(fig)
+    written.append(target)
+  return written
+
+
+def _position(text: str) -> tuple[float, float]:
+  try:
+    r, c = (float(x) for x in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: give row,col as fractions, e.g. 0.5,0.5") from None
+  if not (0 <= r <= 1 and 0 <= c <= 1):
+    raise argparse.ArgumentTypeError(f"{text!r}: row and col are fractions between 0 and 1")
+  return r, c
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m jattn.inspect",
+                                   description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a run's work dir")
+  parser.add_argument("--out", required=True, help="folder for the PNGs")
+  parser.add_argument("--position", type=_position, default=(0.5, 0.5),
+                      help="query position for S-Attn maps, as row,col fractions (default 0.5,0.5)")
+  parser.add_argument("images", nargs="+")
+  args = parser.parse_args(argv)
+  with exit_on_user_error("jattn.inspect"):
+    for path in inspect_images(args.workdir, args.images, args.out, args.position):
+      print(path)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,36 @@
+"""Trains and evaluates one fold of one config: the project's main job.
+
+  python -m jattn.main --config configs/ours.py [--workdir DIR] [--config.fold=K] [--overwrite]
+
+This file is intentionally kept short: the logic is in `jattn.train`, importable in a notebook.
+Without --config it runs the built-in demo (configs/demo.py: a synthetic BreakHis-format data set,
+nothing to download). Running the same command again resumes from the latest checkpoint; a run
+that has finished prints its results and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jattn import config_lib, train
+from jattn.errors import exit_on_user_error
+
+
+def main(argv: list[str] | None = None) -> None:
+  overrides, rest = config_lib.split_argv(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(prog="python -m jattn.main", description=__doc__.split("\n")[0],
+                                   epilog="Override any config field with --config.FIELD=VALUE.")
+  parser.add_argument("--config", default="configs/demo.py", help="config file[:arg]")
+  parser.add_argument("--workdir", default=None, help="default: runs/<config.name>/fold<fold>")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="discard a run with a different config in --workdir")
+  args = parser.parse_args(rest)
+  with exit_on_user_error("jattn.main"):
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    workdir = args.workdir or f"runs/{config.name}/fold{config.fold}"
+    train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+  main()

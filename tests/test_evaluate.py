@@ -1,0 +1,59 @@
+"""The protocol's figures on hand-made predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jattn import evaluate
+
+
+def test_patient_vote_majority_and_ties():
+  patients = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+  predictions = np.array([1, 1, 0, 1, 0, 0, 0, 1, 0])
+  # patient 0: 2 malignant vs 1 benign; patient 1: a tie; patient 2: 1 vs 3
+  assert evaluate.patient_vote(patients, predictions) == {0: 1, 1: 0, 2: 0}
+  assert evaluate.patient_vote(patients, predictions, tie_rule="malignant") == {0: 1, 1: 1, 2: 0}
+  with pytest.raises(ValueError, match="tie_rule='coin'"):
+    evaluate.patient_vote(patients, predictions, tie_rule="coin")
+
+
+def test_patient_accuracy_and_recognition_rate_differ():
+  # patient 0 (malignant): 3 of 4 images right -> vote right; patient 1 (benign): 1 of 3 right ->
+  # vote wrong; patient 2 (malignant): a 1-1 tie -> benign under the authors' rule -> wrong.
+  patients = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2])
+  labels = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1])
+  predictions = np.array([1, 1, 1, 0, 0, 1, 1, 1, 0])
+  assert evaluate.patient_accuracy(patients, predictions, labels) == pytest.approx(1 / 3)
+  assert evaluate.patient_accuracy(patients, predictions, labels, "malignant") == pytest.approx(
+      2 / 3)
+  # recognition rate: mean of 3/4, 1/3 and 1/2
+  assert evaluate.patient_recognition_rate(patients, predictions, labels) == pytest.approx(
+      (3 / 4 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_summarize_per_magnification():
+  # two magnifications (40X = 0, 400X = 3); subtypes index SUBTYPE_CODES (0 'A', 4 'DC')
+  labels = np.array([0, 0, 1, 1, 1, 0, 1])
+  predictions = np.array([0, 1, 1, 1, 0, 0, 1])
+  patients = np.array([0, 0, 1, 1, 1, 0, 1])
+  magnifications = np.array([0, 0, 0, 0, 0, 3, 3])
+  subtypes = np.array([0, 0, 4, 4, 4, 0, 4])
+  out = evaluate.summarize(labels=labels, predictions=predictions, patients=patients,
+                           magnifications=magnifications, subtypes=subtypes,
+                           patient_ids=("A-14-1", "DC-14-2"))
+  assert set(out["image_accuracy"]) == {"40X", "400X"}  # magnifications without images are absent
+  assert out["image_accuracy"]["40X"] == pytest.approx(3 / 5)
+  assert out["image_accuracy"]["400X"] == 1.0
+  # 40X: patient 0 (benign) ties 1-1 -> benign -> right; patient 1 votes 2-1 malignant -> right
+  assert out["patient_accuracy"]["40X"] == 1.0
+  assert out["patient_recognition_rate"]["40X"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+  assert out["num_images"] == {"40X": 5, "400X": 2}
+  assert out["num_patients"] == {"40X": 2, "400X": 2}
+  assert out["confusion_matrix"]["40X"] == [[1, 1], [1, 2]]
+  assert out["patient_confusion_matrix"]["40X"] == [[1, 0], [0, 1]]
+  assert out["subtype_accuracy"]["40X"] == {"A": 0.5, "DC": pytest.approx(2 / 3)}
+  assert out["patients"]["40X"][1] == {"patient_id": "DC-14-2", "label": "malignant",
+                                       "vote": "malignant", "images": 3, "correct_images": 2}
+  table = evaluate.format_table(out)
+  assert "60.0" in table and "100.0" in table

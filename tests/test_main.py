@@ -1,0 +1,179 @@
+"""The main job end to end on a tiny synthetic BreakHis: results, resuming, bad input, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jattn import evaluate, main, predict, train
+from jattn.data import MAGNIFICATIONS
+from jattn.errors import UserError
+from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
+
+
+def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
+  with open(os.path.join(trained_run, "results.json")) as f:
+    results = json.load(f)
+  assert results["schema"] == train.RESULTS_SCHEMA and results["finished"] is True
+  assert (results["name"], results["paper_row"], results["fold"]) == ("demo_ours", "Ours", 1)
+  for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate"):
+    assert set(results[key]) == set(MAGNIFICATIONS)
+    assert all(0.0 <= v <= 1.0 for v in results[key].values())
+  fold_data = train.data.load_fold(tiny_config(synthetic_tree[0], prepared_dir))
+  mags = fold_data.magnifications[fold_data.test_indices]
+  assert results["num_images"] == {m: int(np.sum(mags == i)) for i, m in enumerate(MAGNIFICATIONS)}
+  assert results["data"]["num_test_images"] == len(fold_data.test_indices)
+  for m in MAGNIFICATIONS:
+    cm = np.array(results["confusion_matrix"][m])
+    assert cm.sum() == results["num_images"][m]
+    assert results["image_accuracy"][m] == pytest.approx(np.trace(cm) / cm.sum())
+    assert np.array(results["patient_confusion_matrix"][m]).sum() == results["num_patients"][m]
+  assert results["normalization"]["mean"] == pytest.approx(fold_data.mean.tolist())
+  assert results["config"]["image_size"] == 32 and results["train"]["steps"] == 2 * (
+      len(fold_data.train_indices) // 16)
+  with open(os.path.join(trained_run, "predictions.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["file_name"] for r in rows) == sorted(
+      fold_data.file_names[i] for i in fold_data.test_indices)  # every test image exactly once
+  # the per-image predictions give back the reported figures
+  for m in MAGNIFICATIONS:
+    sel = [r for r in rows if r["magnification"] == m]
+    assert np.mean([r["prediction"] == r["label"] for r in sel]) == pytest.approx(
+        results["image_accuracy"][m])
+  with open(os.path.join(trained_run, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert logged[-1]["step"] == results["train"]["steps"]
+  assert all(np.isfinite(x["loss"]) for x in logged)
+  assert os.listdir(os.path.join(trained_run, "tensorboard"))
+
+
+def test_trained_run_is_not_trained_again(trained_run, synthetic_tree, prepared_dir, capsys):
+  metrics = os.path.join(trained_run, "metrics.jsonl")
+  before = (os.path.getmtime(metrics), os.path.getsize(metrics))
+  results = train.train_and_evaluate(tiny_config(synthetic_tree[0], prepared_dir), trained_run)
+  assert "has finished" in capsys.readouterr().out
+  assert (os.path.getmtime(metrics), os.path.getsize(metrics)) == before
+  assert results["fold"] == 1
+
+
+def test_workdir_with_another_config_is_refused(trained_run, synthetic_tree, prepared_dir):
+  other = tiny_config(synthetic_tree[0], prepared_dir, learning_rate=0.5)
+  with pytest.raises(UserError, match="different config.*learning_rate.*--overwrite"):
+    train.train_and_evaluate(other, trained_run)
+  assert os.path.exists(os.path.join(trained_run, "results.json"))  # nothing was lost
+
+
+def test_predict_matches_the_evaluation(trained_run, synthetic_tree, tmp_path):
+  with open(os.path.join(trained_run, "predictions.csv")) as f:
+    evaluated = {r["file_name"]: r for r in csv.DictReader(f)}
+  names = sorted(evaluated)[:5]
+  data_dir = synthetic_tree[0]
+  paths = []
+  for root, _, files in os.walk(data_dir):
+    paths += [os.path.join(root, n) for n in files if n in names and "mkfold" not in root]
+  out = tmp_path / "pred.csv"
+  predict.main(["--workdir", trained_run, "--out", str(out), *paths])
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(paths) == 5
+  for row in rows:
+    want = evaluated[os.path.basename(row["file"])]
+    assert float(row["prob_malignant"]) == pytest.approx(float(want["prob_malignant"]), abs=1e-5)
+    assert row["prediction"] == want["prediction"]
+    assert row["patient_id"] == want["patient_id"] and row["magnification"] == want["magnification"]
+    assert row["patient_vote"] in evaluate.CLASSES
+
+
+def test_kill_and_resume_gives_the_same_results(trained_run, synthetic_tree, prepared_dir,
+                                                tmp_path):
+  """A run killed with SIGKILL after a checkpoint, then resumed, ends as the uninterrupted run."""
+  workdir = str(tmp_path / "killed")
+  overrides = tiny_overrides(synthetic_tree[0], prepared_dir, checkpoint_every_steps=3)
+  cmd = [sys.executable, "-m", "jattn.main", "--config", DEMO,
+         "--workdir", workdir, *[f"--config.{o}" for o in overrides]]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in os.listdir(checkpoints) if d.isdigit()] if os.path.isdir(checkpoints) else []
+    if done and int(max(done, key=int)) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+  config = tiny_config(synthetic_tree[0], prepared_dir, checkpoint_every_steps=3)
+  resumed = train.train_and_evaluate(config, workdir)
+  with open(os.path.join(trained_run, "results.json")) as f:
+    straight = json.load(f)
+  for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate",
+              "confusion_matrix", "normalization"):
+    assert resumed[key] == straight[key], key
+  with open(os.path.join(trained_run, "predictions.csv")) as a, open(
+      os.path.join(workdir, "predictions.csv")) as b:
+    assert a.read() == b.read()
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == sorted(set(steps))  # lines logged after the last checkpoint were dropped
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_tree, prepared_dir,
+                                                                 tmp_path):
+  config = tiny_config(synthetic_tree[0], prepared_dir, learning_rate=1e6, log_every_steps=1,
+                       checkpoint_every_steps=1)
+  with pytest.raises(UserError, match="NaN or infinite"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "results.json")
+  steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  if steps:  # whatever was saved holds finite weights
+    _, state = train.restore_state(str(tmp_path))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.fodl=2"], "unknown config field 'fodl'.*did you mean 'fold'"),
+    (["--config.fold=7"], "folds are numbered 1 to 5"),
+    (["--config.batch_size=0"], "batch_size=0: must be a positive integer"),
+    (["--config.batch_size=eight"], "expected a value of type int"),
+    (["--config", "configs/nope.py"], "config file 'configs/nope.py' not found"),
+])
+def test_bad_command_lines_give_one_line(args, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    main.main(["--config", "configs/ours.py", "--workdir", str(tmp_path / "w"), *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith("jattn.main: error: ")
+  assert re.search(message, err), err
+
+
+def test_ours_without_breakhis_says_what_to_download(tmp_path):
+  """The real config with no data: one line naming the archive, the folder and the flag."""
+  started = time.time()
+  run = subprocess.run(
+      [sys.executable, "-m", "jattn.main", "--config", "configs/ours.py",
+       "--workdir", str(tmp_path / "w"), f"--config.data_dir={tmp_path / 'empty'}"],
+      cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert run.returncode == 2 and "Traceback" not in run.stderr
+  assert run.stderr.count("\n") == 1, run.stderr
+  assert "BreaKHis_v1.tar.gz" in run.stderr and "--config.data_dir" in run.stderr
+  assert time.time() - started < 60
+
+
+def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, prepared_dir,
+                                                             tmp_path):
+  config = tiny_config(synthetic_tree[0], prepared_dir, pretrained=str(tmp_path / "vgg19"))
+  with pytest.raises(UserError, match="python -m jattn.convert --source torchvision"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
