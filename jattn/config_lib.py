@@ -43,7 +43,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} defines no get_config()")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (ImportError, KeyError, ValueError, TypeError) as e:
+    raise UserError(f"config {spec!r} failed: {type(e).__name__}: {e}") from None
   config.lock()  # a typo in an override is an error, never a new field
   return config
 

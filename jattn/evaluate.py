@@ -71,7 +71,7 @@ def summarize(*, labels: np.ndarray, predictions: np.ndarray, patients: np.ndarr
   integer patient indices (names from `patient_ids`, when given, label the patient table).
   """
   out = {k: {} for k in ("image_accuracy", "patient_accuracy", "patient_recognition_rate",
-                         "num_images", "num_patients", "confusion_matrix",
+                         "majority_baseline", "num_images", "num_patients", "confusion_matrix",
                          "patient_confusion_matrix", "subtype_accuracy", "patients")}
   for m, mag in enumerate(MAGNIFICATIONS):
     sel = magnifications == m
@@ -83,6 +83,11 @@ def summarize(*, labels: np.ndarray, predictions: np.ndarray, patients: np.ndarr
     out["image_accuracy"][mag] = float(np.mean(pred == y))
     out["patient_accuracy"][mag] = float(np.mean([votes[p] == truth[p] for p in truth]))
     out["patient_recognition_rate"][mag] = patient_recognition_rate(pat, pred, y)
+    # What always answering the more frequent class of this test set would score.
+    patient_malignant = np.mean(list(truth.values()))
+    out["majority_baseline"][mag] = {"image": float(max(y.mean(), 1 - y.mean())),
+                                     "patient": float(max(patient_malignant,
+                                                          1 - patient_malignant))}
     out["num_images"][mag] = int(sel.sum())
     out["num_patients"][mag] = len(truth)
     out["confusion_matrix"][mag] = confusion_matrix(y, pred)
@@ -107,6 +112,10 @@ def format_table(results: dict) -> str:
   lines = [f"{'':<26}" + "".join(f"{m:>8}" for m in mags)]
   for title, key in rows:
     lines.append(f"{title:<26}" + "".join(f"{100 * results[key][m]:>8.1f}" for m in mags))
+  if "majority_baseline" in results:
+    for level in ("image", "patient"):
+      lines.append(f"{'majority class, ' + level:<26}" + "".join(
+          f"{100 * results['majority_baseline'][m][level]:>8.1f}" for m in mags))
   lines.append(f"{'test images / patients':<26}" + "".join(
       f"{results['num_images'][m]:>5}/{results['num_patients'][m]:<2}" for m in mags))
   return "\n".join(lines)

@@ -11,10 +11,16 @@ that has finished prints its results and stops.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import jax
 
 from jattn import config_lib, train
 from jattn.errors import exit_on_user_error
+
+# Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
+COMPILATION_CACHE = "~/.cache/jattn/xla"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--overwrite", action="store_true",
                       help="discard a run with a different config in --workdir")
   args = parser.parse_args(rest)
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   with exit_on_user_error("jattn.main"):
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     workdir = args.workdir or f"runs/{config.name}/fold{config.fold}"

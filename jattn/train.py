@@ -359,16 +359,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_train_step = jax.jit(functools.partial(train_step, augment=config.augment.to_dict()),
                          donate_argnums=(0,))
   started = time.time()
+  step = start_step  # a Python copy of state.step: reading the device's would wait for each step
   with open(metrics_path, "a") as metrics_file:
     for epoch in range(start_step // steps_per_epoch, config.num_epochs):
       first = start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
       batches = data.train_batches(fold_data, config.batch_size, seed=config.seed, epoch=epoch,
                                    start_step=first, num_threads=config.loader_threads)
-      pending, window_start = [], time.time()
+      pending, window_start, epoch_windows = [], time.time(), []
       bar = tqdm(total=steps_per_epoch, initial=first, unit="step", dynamic_ncols=True,
                  desc=f"epoch {epoch + 1}/{config.num_epochs}", leave=False, disable=None)
       for batch in _device_prefetch(batches):
-        step = int(state.step)
         state, metrics = p_train_step(state, batch, jax.random.fold_in(train_rng, step))
         pending.append(metrics)
         bar.update()
@@ -380,19 +380,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       time.time() - window_start)
           pending, window_start = [], time.time()
           _check_finite(summary, workdir, manager)
+          epoch_windows.append(summary)
           metrics_file.write(json.dumps(summary) + "\n")
           metrics_file.flush()
           for k, v in summary.items():
-            if k != "step":
+            if k not in ("step", "steps"):
               writer.add_scalar(f"train/{k}", v, step)
           bar.set_postfix(loss=f"{summary['loss']:.4f}",
                           img_s=f"{summary['images_per_second']:.0f}")
         if save_now:
           manager.save(step, args=ocp.args.StandardSave(_checkpointable(state)))
       bar.close()
-      print(f"epoch {epoch + 1}/{config.num_epochs}: loss {summary['loss']:.4f}, "
-            f"train accuracy {summary['accuracy']:.3f}, "
-            f"{summary['images_per_second']:.0f} images/s", flush=True)
+      weights = [w["steps"] for w in epoch_windows]
+      mean = {k: np.average([w[k] for w in epoch_windows], weights=weights)
+              for k in ("loss", "accuracy", "images_per_second")}
+      print(f"epoch {epoch + 1}/{config.num_epochs}: training loss {mean['loss']:.4f}, "
+            f"training accuracy {mean['accuracy']:.3f}, {mean['images_per_second']:.0f} images/s",
+            flush=True)
   manager.wait_until_finished()
   writer.flush()
 
@@ -420,6 +424,7 @@ def _summarize_window(pending, step, schedule, batch_size, seconds) -> dict[str,
   stacked = jax.device_get(pending)
   return {
       "step": step,
+      "steps": len(stacked),
       "loss": float(np.mean([m["loss"] for m in stacked])),
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
       "learning_rate": float(schedule(step - 1)),

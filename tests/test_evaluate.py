@@ -48,6 +48,7 @@ def test_summarize_per_magnification():
   # 40X: patient 0 (benign) ties 1-1 -> benign -> right; patient 1 votes 2-1 malignant -> right
   assert out["patient_accuracy"]["40X"] == 1.0
   assert out["patient_recognition_rate"]["40X"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+  assert out["majority_baseline"]["40X"] == {"image": 3 / 5, "patient": 0.5}
   assert out["num_images"] == {"40X": 5, "400X": 2}
   assert out["num_patients"] == {"40X": 2, "400X": 2}
   assert out["confusion_matrix"]["40X"] == [[1, 1], [1, 2]]

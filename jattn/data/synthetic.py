@@ -9,7 +9,7 @@ The images mimic H&E staining (Beer-Lambert mixing of a purple hematoxylin and a
 stain): fibrous pink stroma, white space, and purple nuclei. Malignant tissue has denser, larger,
 more irregular and darker nuclei in sheets and clusters; benign tissue sparse, small, round nuclei
 around gland-like rings, with more stroma and white space. Stain colour, intensity and nuclear
-density vary per patient, and the class ranges overlap a little, so a small CNN must learn the
+density vary per patient, and the class ranges touch at their edges, so a small CNN must learn the
 texture, which it can at 48-64 px. Nuclei are larger at higher magnification. Generation is
 deterministic for a seed (each image has its own random stream) and runs on a thread pool.
 
@@ -68,19 +68,19 @@ def _patient_style(rng: np.random.Generator, malignant: bool) -> _Style:
 
   if malignant:
     shape = dict(
-        coverage=rng.uniform(0.09, 0.24),
-        radius=rng.uniform(0.0065, 0.0105),
-        irregularity=rng.uniform(0.15, 0.35),
-        darkness=rng.uniform(1.00, 1.65),
+        coverage=rng.uniform(0.13, 0.26),
+        radius=rng.uniform(0.0075, 0.0115),
+        irregularity=rng.uniform(0.18, 0.38),
+        darkness=rng.uniform(1.15, 1.70),
         white=rng.uniform(0.02, 0.20),
         glands=False,
     )
   else:
     shape = dict(
-        coverage=rng.uniform(0.04, 0.14),
-        radius=rng.uniform(0.0050, 0.0080),
-        irregularity=rng.uniform(0.04, 0.18),
-        darkness=rng.uniform(0.80, 1.35),
+        coverage=rng.uniform(0.04, 0.12),
+        radius=rng.uniform(0.0045, 0.0075),
+        irregularity=rng.uniform(0.04, 0.16),
+        darkness=rng.uniform(0.75, 1.20),
         white=rng.uniform(0.08, 0.35),
         glands=True,
     )
