@@ -177,3 +177,22 @@ def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, pre
   config = tiny_config(synthetic_tree[0], prepared_dir, pretrained=str(tmp_path / "vgg19"))
   with pytest.raises(UserError, match="python -m jattn.convert --source torchvision"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tree, prepared_dir,
+                                                      tmp_path):
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  old = train.load_run_config(trained_run)
+  (workdir / "config.json").write_text(old.to_json())
+  (workdir / "results.json").write_text("{}")
+  new = tiny_config(synthetic_tree[0], prepared_dir, seed=5)
+  with pytest.raises(UserError, match=r"different config \(fields: seed\)"):
+    train._check_workdir(str(workdir), new, overwrite=False)
+  assert (workdir / "results.json").exists()
+  train._check_workdir(str(workdir), new, overwrite=True)
+  assert not (workdir / "results.json").exists()
+  assert train.load_run_config(str(workdir)).seed == 5
+  # fields that only change logging may differ when a run is resumed
+  relogged = tiny_config(synthetic_tree[0], prepared_dir, seed=5, log_every_steps=7)
+  train._check_workdir(str(workdir), relogged, overwrite=False)

@@ -135,3 +135,21 @@ def test_validate_config(field, value, message):
   config[field] = value
   with pytest.raises(UserError, match=message):
     train.validate_config(config)
+
+
+def test_create_train_state_fine_tunes_converted_weights(tmp_path):
+  """config.pretrained points at `jattn.convert` output: backbone from it, the rest from init."""
+  from jattn import convert
+
+  config, scratch = _tiny_state()
+  converted = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32),
+                                     {"params": scratch.params})
+  del converted["params"]["block1"]["c_attn"]  # a torchvision file holds no attention
+  convert.save_weights(converted, str(tmp_path / "w"), {"source": "test"})
+  config.pretrained = str(tmp_path / "w")
+  state = train.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+  assert np.all(state.params["block4"]["conv3"]["kernel"] == 0.5)
+  np.testing.assert_array_equal(state.params["block1"]["c_attn"]["m_v"]["kernel"],
+                                scratch.params["block1"]["c_attn"]["m_v"]["kernel"])
+  np.testing.assert_array_equal(state.params["classifier"]["fc1"]["kernel"],
+                                scratch.params["classifier"]["fc1"]["kernel"])
