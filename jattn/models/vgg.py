@@ -54,16 +54,16 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
 
 
 class Block(nn.Module):
-  """One VGG block: 3x3 convs (each with batch norm if asked, then ReLU), attention, max-pool."""
+  """One VGG block: 3x3 convs (each with batch norm if asked, then ReLU), attention, max-pool.
+
+  `s_attn` and `c_attn` are unbound attention modules (or None); the block adopts them under
+  those names, so their parameters live at block{b}/s_attn and block{b}/c_attn.
+  """
 
   widths: Sequence[int]
   batch_norm: bool = False
-  s_attn: bool = False
-  c_attn: bool = False
-  c_attn_kernel: int = 4
-  c_attn_stride: int = 4
-  c_attn_padding: int = 0
-  s_attn_reduction: int = 8
+  s_attn: nn.Module | None = None
+  c_attn: nn.Module | None = None
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -75,11 +75,9 @@ class Block(nn.Module):
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f"bn{i}")(x)
       x = nn.relu(x)
-    if self.s_attn:
-      x = SpatialAttention(self.s_attn_reduction, dtype=self.dtype, name="s_attn")(x)
-    if self.c_attn:
-      x = ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
-                           dtype=self.dtype, name="c_attn")(x)
+    for attention in (self.s_attn, self.c_attn):
+      if attention is not None:
+        x = attention(x)
     return nn.max_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -122,11 +120,12 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
     for b, widths in enumerate(self.blocks, start=1):
-      x = Block(widths, self.batch_norm, s_attn=b in self.s_attn_blocks,
-                c_attn=b in self.c_attn_blocks, c_attn_kernel=self.c_attn_kernel,
-                c_attn_stride=self.c_attn_stride, c_attn_padding=self.c_attn_padding,
-                s_attn_reduction=self.s_attn_reduction, dtype=self.dtype,
-                name=f"block{b}")(x, train)
+      s_attn = (SpatialAttention(self.s_attn_reduction, dtype=self.dtype, parent=None)
+                if b in self.s_attn_blocks else None)
+      c_attn = (ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
+                                 dtype=self.dtype, parent=None)
+                if b in self.c_attn_blocks else None)
+      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, name=f"block{b}")(x, train)
     x = adaptive_avg_pool(x, self.pool_size)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order; the converter permutes torch's (c, h, w)
     x = Classifier(self.num_classes, self.classifier_width, self.dropout_rate, self.dtype,
