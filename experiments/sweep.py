@@ -28,7 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: find jattn and configs
 
-from jattn import config_lib, tables  # noqa: E402
+from jattn import config_lib, files, tables  # noqa: E402
 from jattn.errors import UserError, exit_on_user_error  # noqa: E402
 
 PAPER_ROWS = ["configs/vgg19.py", "configs/vgg19_c.py", "configs/vgg19_s.py", "configs/ours.py"]
@@ -60,11 +60,7 @@ def _repo_path(spec: str) -> str:
 def write_manifest(out: str, runs: list[dict], folds: list[int], overrides: list[str]) -> None:
   names = list(dict.fromkeys(r["name"] for r in runs))
   manifest = {"names": names, "folds": folds, "overrides": overrides, "runs": runs}
-  os.makedirs(out, exist_ok=True)
-  tmp = os.path.join(out, "sweep.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(tmp, os.path.join(out, "sweep.json"))
+  files.atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(manifest, indent=2))
 
 
 def is_finished(out: str, run: dict) -> bool:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jattn import models
+from jattn import files, models
 from jattn.errors import UserError, exit_on_user_error
 
 SOURCES = ("torchvision", "reference")
@@ -214,10 +214,7 @@ def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, 
   os.makedirs(out_dir, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(target, jax.tree_util.tree_map(np.asarray, dict(variables)))
-  tmp = os.path.join(out_dir, INFO_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(dict(info), f, indent=2)
-  os.replace(tmp, os.path.join(out_dir, INFO_FILE))
+  files.atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(dict(info), indent=2))
 
 
 def load_weights(path: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jattn import train
+from jattn import files, train
 from jattn.errors import UserError, exit_on_user_error
 
 
@@ -154,8 +154,8 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
     fig = figure(images[i], maps, i, position,
                  f"{os.path.basename(path)}  P(malignant) = {probs[i, 1]:.3f}  ({config.name})")
     target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
-    fig.savefig(target + ".tmp.png", dpi=100)
-    os.replace(target + ".tmp.png", target)
+    with files.atomic_path(target) as tmp:
+      fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     written.append(target)
   return written

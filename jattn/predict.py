@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from jattn import evaluate, train
+from jattn import evaluate, files, train
 from jattn.data.breakhis import CLASSES, parse_file_name
 from jattn.data.prepare import decode_resize
 from jattn.errors import UserError, exit_on_user_error
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     writer.writeheader()
     writer.writerows(rows)
     if args.out:
-      with open(f"{args.out}.tmp", "w", newline="") as f:
-        f.write(text.getvalue())
-      os.replace(f"{args.out}.tmp", args.out)
+      files.atomic_write_text(args.out, text.getvalue())
     else:
       sys.stdout.write(text.getvalue())
 

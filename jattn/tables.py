@@ -13,18 +13,16 @@ Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 
 import numpy as np
 
+from jattn import files
 from jattn.data.breakhis import MAGNIFICATIONS
 from jattn.errors import UserError, exit_on_user_error
 
@@ -303,7 +301,8 @@ def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
                f"folds, n/N where folds are missing); open, the paper (Wu et al., ISBI 2019)",
                fontsize=9)
   fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
-  _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=120)
 
 
 def write_tables(sweep_dir: str) -> str:
@@ -311,31 +310,10 @@ def write_tables(sweep_dir: str) -> str:
   sweep = collect(sweep_dir)
   cells = aggregate(sweep)
   markdown = format_markdown(sweep, cells)
-  _write_text(os.path.join(sweep_dir, "tables.md"), markdown)
-  _write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells))
+  files.atomic_write_text(os.path.join(sweep_dir, "tables.md"), markdown)
+  files.atomic_write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells))
   plot(sweep, cells, os.path.join(sweep_dir, "tables.png"))
   return markdown
-
-
-def _write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-  _write_atomic(path, write)
-
-
-def _write_atomic(path: str, write: Callable[[str], None]) -> None:
-  """Writes through a temporary file in the same folder, then renames it over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(tmp)
-    raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,9 @@ evaluated once, after the last epoch, and never used to choose anything.
 from __future__ import annotations
 
 import collections
+import csv
 import functools
+import io
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ import optax
 from flax.training import train_state
 
 import jattn
-from jattn import data, evaluate, models
+from jattn import data, evaluate, files, models
 from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
@@ -258,12 +260,7 @@ def _device_prefetch(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  files.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
@@ -285,14 +282,11 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-  import csv  # noqa: PLC0415
-
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["file_name"])
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["file_name"])
+  writer.writeheader()
+  writer.writerows(rows)
+  files.atomic_write_text(path, text.getvalue())
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -308,10 +302,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         kept.append(line)
     except (json.JSONDecodeError, KeyError):
       break  # a line cut short by the kill
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  files.atomic_write_text(path, "".join(kept))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -26,7 +26,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from jattn.data import breakhis, files
+from jattn import files
+from jattn.data import breakhis
 from jattn.errors import UserError
 
 FOLDS = (1, 2, 3, 4, 5)

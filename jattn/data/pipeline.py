@@ -21,7 +21,8 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from jattn.data import breakhis, files, prepare
+from jattn import files
+from jattn.data import breakhis, prepare
 from jattn.data import folds as folds_lib
 from jattn.data import scan as scan_lib
 from jattn.errors import UserError

@@ -28,7 +28,8 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image
 
-from jattn.data import breakhis, files, tfds_builder
+from jattn import files
+from jattn.data import breakhis, tfds_builder
 from jattn.data import scan as scan_lib
 from jattn.errors import UserError
 

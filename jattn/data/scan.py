@@ -18,7 +18,8 @@ import tempfile
 
 from PIL import Image
 
-from jattn.data import breakhis, files
+from jattn import files
+from jattn.data import breakhis
 from jattn.errors import UserError
 
 

@@ -32,7 +32,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from jattn.data import breakhis, files
+from jattn import files
+from jattn.data import breakhis
 from jattn.data import folds as folds_lib
 from jattn.errors import UserError
 

@@ -48,7 +48,7 @@ def atomic_path(path: str):
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` so that readers see the old file or the new one, never a part."""
   with atomic_path(path) as tmp:
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="") as f:  # the text exactly as given
       f.write(text)
 
 
