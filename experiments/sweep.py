@@ -36,7 +36,7 @@ DEMO_ROWS = ["configs/demo.py:vgg19", "configs/demo.py:vgg19_c", "configs/demo.p
              "configs/demo.py:ours"]
 
 
-def plan(configs: list[str], folds: list[int], out: str, overrides: list[str]) -> list[dict]:
+def plan(configs: list[str], folds: list[int], overrides: list[str]) -> list[dict]:
   """One entry per run: its config, fold, name and work dir (configs are loaded to check them)."""
   runs = []
   for spec in configs:
@@ -112,7 +112,7 @@ def _last_line(path: str) -> str:
 def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str]) -> str:
   """Runs every unfinished run, then writes and returns the tables."""
   out = os.path.abspath(out)
-  runs = plan(configs, folds, out, overrides)
+  runs = plan(configs, folds, overrides)
   write_manifest(out, runs, folds, overrides)
   todo = [r for r in runs if not is_finished(out, r)]
   print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, "

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from jattn import files, models
 from jattn.errors import UserError, exit_on_user_error
@@ -123,7 +124,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
   Raises UserError naming any key that is missing, unexpected or misshapen.
   """
   model = models.build_model(model_config)
-  shapes = expected_shapes(model)
+  shapes = traverse_util.flatten_dict(expected_shapes(model))
   state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()
                 if not k.endswith("num_batches_tracked")}
   has_bn = "features.1.running_mean" in state_dict
@@ -131,41 +132,31 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
     kind = "a batch-norm VGG (vgg19_bn)" if has_bn else "a VGG without batch norm (vgg19)"
     raise UserError(f"the state dict is {kind} but config.model.batch_norm={model.batch_norm}; "
                     f"use --arch {'vgg19_bn' if has_bn else 'vgg19'} or change the config")
-  variables: dict[str, Any] = {}
-  used = set()
-  for torch_key, path, kind in _torch_key_map(model, source):
+  flat: dict[tuple[str, ...], np.ndarray] = {}
+  key_map = _torch_key_map(model, source)
+  for torch_key, path, kind in key_map:
     if torch_key not in state_dict:
       raise UserError(f"the {source} state dict has no key {torch_key!r} (needed for "
                       f"{'/'.join(path)}); check --arch / config.model against the checkpoint")
     t = np.asarray(_to_numpy(state_dict[torch_key]), np.float32)
     value = _rearrange(t, kind, path[-1], model.pool_size)
-    want = _lookup(shapes, path).shape
+    want = shapes[path].shape
     if value.shape != want:
       raise UserError(
           f"key {torch_key!r} has shape {tuple(t.shape)}, which gives {value.shape} for "
           f"{'/'.join(path)}, but the config expects {tuple(want)}; check --arch (vgg19 vs "
           f"vgg19_bn), num_classes and the C-Attn kernel against the checkpoint")
-    node = variables
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-    used.add(torch_key)
-  unexpected = sorted(set(state_dict) - used)
+    flat[path] = value
+  unexpected = sorted(set(state_dict) - {key for key, _, _ in key_map})
   if unexpected:
     raise UserError(f"the {source} state dict has keys this config does not use: "
                     f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}; "
                     f"check the attention placement and --source")
-  return variables
+  return traverse_util.unflatten_dict(flat)
 
 
 def _to_numpy(t: Any) -> np.ndarray:
   return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
-
-
-def _lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def load_state_dict(path: str) -> dict[str, Any]:

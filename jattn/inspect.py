@@ -29,22 +29,26 @@ from jattn import files, train
 from jattn.errors import UserError, exit_on_user_error
 
 
-def attention_maps(state: train.TrainState, images: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
-  """Runs the model on uint8 images [B, S, S, 3] and returns every module's attention.
+@jax.jit
+def _forward(state: train.TrainState, images: jax.Array):
+  """Class probabilities and the attention weights the modules sow."""
+  logits, state_out = state.apply_fn(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      train.preprocess(state, images), train=False, mutable=["intermediates"])
+  return jax.nn.softmax(logits), state_out["intermediates"]
 
-  Keys are module paths ('block3/s_attn', 'block1/c_attn'); S-Attn entries hold 'e_prime'
-  [B, N, N] and 'grid' (H, W); C-Attn entries hold 'd_prime' [B, C, C], 'a_c_norm' [B, H, W] and
-  'grid'. Also returns the probabilities under the key 'probs'.
+
+def attention_maps(state: train.TrainState,
+                   images: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+  """Runs the model on uint8 images [B, S, S, 3]: class probabilities [B, 2] and every module's
+  attention.
+
+  The maps are keyed by module path ('block3/s_attn', 'block1/c_attn'); S-Attn entries hold
+  'e_prime' [B, N, N] and 'grid' (H, W); C-Attn entries hold 'd_prime' [B, C, C], 'a_c_norm'
+  [B, H, W] and 'grid'.
   """
-  @jax.jit
-  def forward(state, images):
-    logits, state_out = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats},
-        train.preprocess(state, images), train=False, mutable=["intermediates"])
-    return jax.nn.softmax(logits), state_out["intermediates"]
-
-  probs, inter = jax.device_get(forward(state, images))
-  out = {"probs": {"probs": np.asarray(probs)}}
+  probs, inter = jax.device_get(_forward(state, images))
+  out = {}
   for block in sorted(inter, key=lambda b: int(b.removeprefix("block"))):
     for module, values in inter[block].items():
       if module == "s_attn":
@@ -56,7 +60,7 @@ def attention_maps(state: train.TrainState, images: np.ndarray) -> dict[str, dic
         out[f"{block}/c_attn"] = {"d_prime": np.asarray(values["d_prime"][0]),
                                   "a_c_norm": np.linalg.norm(a_c, axis=-1),
                                   "grid": a_c.shape[1:3]}
-  return out
+  return np.asarray(probs), out
 
 
 def _grid(n: int, image_hw: Sequence[int]) -> tuple[int, int]:
@@ -146,8 +150,7 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
   config, state = train.restore_state(workdir)
   images = load_images(list(paths), config.image_size)
-  maps = attention_maps(state, images)
-  probs = maps.pop("probs")["probs"]
+  probs, maps = attention_maps(state, images)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for i, path in enumerate(paths):

@@ -32,15 +32,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
 from flax.training import train_state
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 import jattn
-from jattn import data, evaluate, files, models
+from jattn import convert, data, evaluate, files, models
 from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
 RESULTS_SCHEMA = "jattn.results/1"
 # Fields that change how a run is logged, not what it computes: a resumed run may change them.
+PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size")
 
@@ -119,8 +124,6 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
   model = models.build_model(config.model)
   variables = models.init_variables(model, rng, config.image_size)
   if config.pretrained:
-    from jattn import convert  # noqa: PLC0415 (reads Orbax files; torch is not needed)
-
     variables = merge_pretrained(variables, convert.load_weights(config.pretrained),
                                  config.pretrained_scope, config.pretrained)
   else:
@@ -148,8 +151,6 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_state(workdir: str) -> tuple[ml_collections.ConfigDict, TrainState]:
   """A run's config and its latest checkpointed state (for prediction and inspection)."""
-  import orbax.checkpoint as ocp
-
   config = load_run_config(workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
@@ -172,10 +173,10 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
   present with the right shape; attention modules and the classifier keep their initialisation.
   With scope 'all', every variable present in `pretrained` with a matching path is copied.
   """
-  if scope not in ("backbone", "all"):
-    raise UserError(f"config.pretrained_scope={scope!r}: use 'backbone' or 'all'")
-  flat = {k: v for k, v in _flatten(variables).items()}
-  given = _flatten(pretrained)
+  if scope not in PRETRAINED_SCOPES:
+    raise UserError(f"config.pretrained_scope={scope!r}: use one of {PRETRAINED_SCOPES}")
+  flat = traverse_util.flatten_dict(variables)
+  given = traverse_util.flatten_dict(pretrained)
   copied = 0
   for key, value in flat.items():
     is_backbone = key[1].startswith("block") and key[2].startswith(("conv", "bn"))
@@ -193,27 +194,7 @@ def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any]
     copied += 1
   if not copied:
     raise UserError(f"{source}: none of its weights fit this model")
-  return _unflatten(flat)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for key, v in flat.items():
-    node = out
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = v
-  return out
+  return traverse_util.unflatten_dict(flat)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -232,8 +213,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.lr_decay_every > 0, "--config.lr_decay_every must be positive")
   check(config.tie_rule in evaluate.TIE_RULES,
         f"--config.tie_rule={config.tie_rule!r}: use one of {evaluate.TIE_RULES}")
-  check(config.pretrained_scope in ("backbone", "all"),
-        f"--config.pretrained_scope={config.pretrained_scope!r}: use 'backbone' or 'all'")
+  check(config.pretrained_scope in PRETRAINED_SCOPES,
+        f"--config.pretrained_scope={config.pretrained_scope!r}: use one of {PRETRAINED_SCOPES}")
   check(config.augment.flip in augment_lib.FLIPS,
         f"--config.augment.flip={config.augment.flip!r}: use one of {augment_lib.FLIPS}")
   check(config.augment.rotation in augment_lib.ROTATIONS,
@@ -308,9 +289,6 @@ def _truncate_metrics(path: str, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        overwrite: bool = False) -> dict:
   """Trains one fold (resuming from the latest checkpoint) and writes WORKDIR/results.json."""
-  import orbax.checkpoint as ocp
-  from tqdm import tqdm
-
   validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   _check_workdir(workdir, config, overwrite)
@@ -343,52 +321,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   _truncate_metrics(metrics_path, start_step)
 
-  from tensorboardX import SummaryWriter  # noqa: PLC0415
-
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   p_train_step = jax.jit(functools.partial(train_step, augment=config.augment.to_dict()),
                          donate_argnums=(0,))
   started = time.time()
   step = start_step  # a Python copy of state.step: reading the device's would wait for each step
-  with open(metrics_path, "a") as metrics_file:
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-      first = start_step - epoch * steps_per_epoch if epoch == start_step // steps_per_epoch else 0
-      batches = data.train_batches(fold_data, config.batch_size, seed=config.seed, epoch=epoch,
-                                   start_step=first, num_threads=config.loader_threads)
-      pending, window_start, epoch_windows = [], time.time(), []
-      bar = tqdm(total=steps_per_epoch, initial=first, unit="step", dynamic_ncols=True,
-                 desc=f"epoch {epoch + 1}/{config.num_epochs}", leave=False, disable=None)
-      for batch in _device_prefetch(batches):
-        state, metrics = p_train_step(state, batch, jax.random.fold_in(train_rng, step))
-        pending.append(metrics)
-        bar.update()
-        step += 1
-        save_now = step % steps_per_epoch == 0 or (
-            config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-        if save_now or step % config.log_every_steps == 0:  # never save unchecked losses
-          summary = _summarize_window(pending, step, schedule, config.batch_size,
-                                      time.time() - window_start)
-          pending, window_start = [], time.time()
-          _check_finite(summary, workdir, manager)
-          epoch_windows.append(summary)
-          metrics_file.write(json.dumps(summary) + "\n")
-          metrics_file.flush()
-          for k, v in summary.items():
-            if k not in ("step", "steps"):
-              writer.add_scalar(f"train/{k}", v, step)
-          bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                          img_s=f"{summary['images_per_second']:.0f}")
-        if save_now:
-          manager.save(step, args=ocp.args.StandardSave(_checkpointable(state)))
-      bar.close()
-      weights = [w["steps"] for w in epoch_windows]
-      mean = {k: np.average([w[k] for w in epoch_windows], weights=weights)
-              for k in ("loss", "accuracy", "images_per_second")}
-      print(f"epoch {epoch + 1}/{config.num_epochs}: training loss {mean['loss']:.4f}, "
-            f"training accuracy {mean['accuracy']:.3f}, {mean['images_per_second']:.0f} images/s",
-            flush=True)
-  manager.wait_until_finished()
+  try:  # a pending asynchronous checkpoint is finished however the loop ends
+    with open(metrics_path, "a") as metrics_file:
+      for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+        first = max(start_step - epoch * steps_per_epoch, 0)  # steps already done this epoch
+        batches = data.train_batches(fold_data, config.batch_size, seed=config.seed, epoch=epoch,
+                                     start_step=first, num_threads=config.loader_threads)
+        pending, window_start, epoch_windows = [], time.time(), []
+        bar = tqdm(total=steps_per_epoch, initial=first, unit="step", dynamic_ncols=True,
+                   desc=f"epoch {epoch + 1}/{config.num_epochs}", leave=False, disable=None)
+        for batch in _device_prefetch(batches):
+          state, metrics = p_train_step(state, batch, jax.random.fold_in(train_rng, step))
+          pending.append(metrics)
+          bar.update()
+          step += 1
+          save_now = step % steps_per_epoch == 0 or (
+              config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+          if save_now or step % config.log_every_steps == 0:  # every loss is checked before a save
+            summary = _summarize_window(pending, step, schedule, config.batch_size,
+                                        time.time() - window_start)
+            pending, window_start = [], time.time()
+            if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
+              _stop_nonfinite("loss", step, workdir, manager)
+            epoch_windows.append(summary)
+            metrics_file.write(json.dumps(summary) + "\n")
+            metrics_file.flush()
+            for k, v in summary.items():
+              if k not in ("step", "steps"):
+                writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(loss=f"{summary['loss']:.4f}",
+                            img_s=f"{summary['images_per_second']:.0f}")
+          if save_now:
+            if not _all_finite(state.params):  # weights no loss has been computed with yet
+              _stop_nonfinite("weights", step, workdir, manager)
+            manager.save(step, args=ocp.args.StandardSave(_checkpointable(state)))
+        bar.close()
+        weights = [w["steps"] for w in epoch_windows]
+        mean = {k: np.average([w[k] for w in epoch_windows], weights=weights)
+                for k in ("loss", "accuracy", "images_per_second")}
+        print(f"epoch {epoch + 1}/{config.num_epochs}: training loss {mean['loss']:.4f}, "
+              f"training accuracy {mean['accuracy']:.3f}, {mean['images_per_second']:.0f} images/s",
+              flush=True)
+  finally:
+    manager.wait_until_finished()
   writer.flush()
 
   results, rows = _evaluate_fold(config, state, fold_data)
@@ -420,18 +401,20 @@ def _summarize_window(pending, step, schedule, batch_size, seconds) -> dict[str,
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
       "learning_rate": float(schedule(step - 1)),
       "images_per_second": len(stacked) * batch_size / max(seconds, 1e-9),
-      "any_nonfinite": bool(not np.all(np.isfinite([m["loss"] for m in stacked]))),
   }
 
 
-def _check_finite(summary, workdir, manager) -> None:
-  if summary.pop("any_nonfinite"):
-    last = manager.latest_step()
-    raise UserError(
-        f"the training loss became NaN or infinite before step {summary['step']}; stopped. "
-        f"The last "
-        f"good checkpoint (step {last}) is kept in {workdir}/checkpoints; try a lower "
-        f"--config.learning_rate or check the input data")
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
+  manager.wait_until_finished()  # the last good checkpoint may still be being written
+  raise UserError(
+      f"the training {what} became NaN or infinite by step {step}; stopped. The last good "
+      f"checkpoint (step {manager.latest_step()}) is kept in {workdir}/checkpoints; try a lower "
+      f"--config.learning_rate or check the input data")
 
 
 def predict_probs(state: TrainState, images: np.ndarray, batch_size: int) -> np.ndarray:

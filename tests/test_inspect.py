@@ -17,14 +17,15 @@ def maps_and_images(trained_run, synthetic_tree):
   config, state = train.restore_state(trained_run)
   images = np.random.default_rng(0).integers(0, 256, (3, config.image_size, config.image_size, 3),
                                              dtype=np.uint8)
-  return inspect.attention_maps(state, images), images
+  return inspect.attention_maps(state, images)
 
 
 def test_every_module_is_mapped(maps_and_images, trained_run):
-  maps, _ = maps_and_images
-  assert set(maps) == {"probs", "block1/c_attn", "block2/c_attn", "block3/s_attn", "block4/s_attn",
+  probs, maps = maps_and_images
+  assert set(maps) == {"block1/c_attn", "block2/c_attn", "block3/s_attn", "block4/s_attn",
                        "block5/s_attn"}  # the demo config is the paper's model
-  np.testing.assert_allclose(maps["probs"]["probs"].sum(-1), 1.0, rtol=1e-6)
+  assert probs.shape == (3, 2)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   # 32x32 input: block b's feature map is 32 / 2^(b-1) on a side
   assert maps["block3/s_attn"]["grid"] == (8, 8) and maps["block3/s_attn"]["e_prime"].shape == (
       3, 64, 64)
@@ -33,7 +34,7 @@ def test_every_module_is_mapped(maps_and_images, trained_run):
 
 
 def test_columns_sum_to_one_as_eqs_4_and_10(maps_and_images):
-  maps, _ = maps_and_images
+  _, maps = maps_and_images
   for key, m in maps.items():
     if key.endswith("s_attn"):  # eq. (10): each column of E' sums to 1 over positions
       np.testing.assert_allclose(m["e_prime"].sum(axis=1), 1.0, atol=1e-5)
