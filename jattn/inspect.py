@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jattn import files, train
+from jattn import files, runs, train
 from jattn.errors import UserError, exit_on_user_error
 
 
@@ -145,10 +145,10 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
 
   from jattn.predict import load_images
 
-  config = train.load_run_config(workdir)
+  config = runs.load_config(workdir)
   if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
-  config, state = train.restore_state(workdir)
+  config, state = runs.restore(workdir)
   images = load_images(list(paths), config.image_size)
   probs, maps = attention_maps(state, images)
   os.makedirs(out_dir, exist_ok=True)

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from jattn import evaluate, files, train
+from jattn import evaluate, files, runs
 from jattn.data.breakhis import CLASSES, parse_file_name
 from jattn.data.prepare import decode_resize
 from jattn.errors import UserError, exit_on_user_error
@@ -43,8 +43,8 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32) -> list[dict]:
   """One row per image (see COLUMNS)."""
   if not paths:
     raise UserError("give at least one image to predict")
-  config, state = train.restore_state(workdir)
-  probs = train.predict_probs(state, load_images(paths, config.image_size), batch_size)
+  config, state = runs.restore(workdir)
+  probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size)
   rows = []
   for path, p in zip(paths, probs, strict=True):
     row = {"file": path, "prob_malignant": f"{p[1]:.6f}", "prediction": CLASSES[int(p[1] > p[0])],

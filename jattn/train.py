@@ -32,14 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import traverse_util
 from flax.training import train_state
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import jattn
-from jattn import convert, data, evaluate, files, models
+from jattn import checkpoints, convert, data, evaluate, files, models
 from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
@@ -129,40 +128,16 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
   else:
     warnings.warn("config.pretrained is empty: training from scratch, not fine-tuning ImageNet "
                   "weights as the paper does", stacklevel=2)
-  return _state(config, model, variables, image_mean, image_std, steps_per_epoch)
+  return make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
 
 
-def _state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
+def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
+  """A TrainState of `variables` with the config's optimiser and the fold's image statistics."""
   return TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config, steps_per_epoch),
       batch_stats=variables.get("batch_stats", {}),
       image_mean=jnp.asarray(image_mean, jnp.float32),
       image_std=jnp.asarray(image_std, jnp.float32))
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (its work dir's config.json)."""
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{workdir} is not a jattn run (no config.json); pass the --workdir of a run")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_state(workdir: str) -> tuple[ml_collections.ConfigDict, TrainState]:
-  """A run's config and its latest checkpointed state (for prediction and inspection)."""
-  config = load_run_config(workdir)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
-    model = models.build_model(config.model)
-    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: _state(
-        config, model, model.init(jax.random.key(0), x), np.zeros(3), np.ones(3), 1))
-    restored = manager.restore(step, args=ocp.args.StandardRestore(_checkpointable(abstract)))
-  return config, abstract.replace(**restored)
 
 
 def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any], scope: str,
@@ -309,13 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(config, init_rng, fold_data.mean, fold_data.std, steps_per_epoch)
 
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
-  if manager.latest_step() is not None:
-    restored = manager.restore(manager.latest_step(),
-                               args=ocp.args.StandardRestore(_checkpointable(state)))
-    state = state.replace(**restored)
+  manager = checkpoints.manager(workdir, config.keep_checkpoints)
+  restored = checkpoints.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
     print(f"resuming {workdir} from step {int(state.step)} of {total_steps}")
   start_step = int(state.step)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -360,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if save_now:
             if not _all_finite(state.params):  # weights no loss has been computed with yet
               _stop_nonfinite("weights", step, workdir, manager)
-            manager.save(step, args=ocp.args.StandardSave(_checkpointable(state)))
+            checkpoints.save(manager, step, state)
         bar.close()
         weights = [w["steps"] for w in epoch_windows]
         mean = {k: np.average([w[k] for w in epoch_windows], weights=weights)
@@ -386,12 +358,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def _checkpointable(state: TrainState) -> dict[str, Any]:
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state, "image_mean": state.image_mean,
-          "image_std": state.image_std}
-
-
 def _summarize_window(pending, step, schedule, batch_size, seconds) -> dict[str, float]:
   stacked = jax.device_get(pending)
   return {
@@ -415,19 +381,6 @@ def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
       f"the training {what} became NaN or infinite by step {step}; stopped. The last good "
       f"checkpoint (step {manager.latest_step()}) is kept in {workdir}/checkpoints; try a lower "
       f"--config.learning_rate or check the input data")
-
-
-def predict_probs(state: TrainState, images: np.ndarray, batch_size: int) -> np.ndarray:
-  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded)."""
-  p_eval = jax.jit(eval_step)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-    out.append(np.asarray(p_eval(state, {"image": chunk})["probs"])[:batch_size - pad])
-  return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
 
 
 def _evaluate_fold(config, state, fold_data) -> tuple[dict, list[dict]]:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn import inspect, train
+from jattn import inspect, runs
 from jattn.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def maps_and_images(trained_run, synthetic_tree):
-  config, state = train.restore_state(trained_run)
+  config, state = runs.restore(trained_run)
   images = np.random.default_rng(0).integers(0, 256, (3, config.image_size, config.image_size, 3),
                                              dtype=np.uint8)
   return inspect.attention_maps(state, images)
@@ -69,7 +69,7 @@ def test_cli_writes_one_overlay_per_image(trained_run, synthetic_tree, tmp_path)
 
 
 def test_model_without_attention_is_refused(trained_run, tmp_path):
-  config = train.load_run_config(trained_run)
+  config = runs.load_config(trained_run)
   config.model.c_attn_blocks, config.model.s_attn_blocks = [], []
   (tmp_path / "config.json").write_text(config.to_json())
   with pytest.raises(UserError, match="has no attention modules"):

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jattn import evaluate, main, predict, train
+from jattn import evaluate, main, predict, runs, train
 from jattn.data import MAGNIFICATIONS
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
@@ -141,7 +141,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_tree,
   # the huge step it takes makes a later loss non-finite, and nothing after that is saved.
   steps = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
   assert 1 in steps
-  _, state = train.restore_state(str(tmp_path))
+  _, state = runs.restore(str(tmp_path))
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
 
 
@@ -185,7 +185,7 @@ def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tre
                                                       tmp_path):
   workdir = tmp_path / "old"
   workdir.mkdir()
-  old = train.load_run_config(trained_run)
+  old = runs.load_config(trained_run)
   (workdir / "config.json").write_text(old.to_json())
   (workdir / "results.json").write_text("{}")
   new = tiny_config(synthetic_tree[0], prepared_dir, seed=5)
@@ -194,7 +194,7 @@ def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tre
   assert (workdir / "results.json").exists()
   train._check_workdir(str(workdir), new, overwrite=True)
   assert not (workdir / "results.json").exists()
-  assert train.load_run_config(str(workdir)).seed == 5
+  assert runs.load_config(str(workdir)).seed == 5
   # fields that only change logging may differ when a run is resumed
   relogged = tiny_config(synthetic_tree[0], prepared_dir, seed=5, log_every_steps=7)
   train._check_workdir(str(workdir), relogged, overwrite=False)

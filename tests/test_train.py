@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from configs import default
-from jattn import train
+from jattn import runs, train
 from jattn.errors import UserError
 
 
@@ -104,7 +104,7 @@ def test_eval_step_is_deterministic_probabilities():
   images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
   probs = jax.jit(train.eval_step)(state, {"image": images})["probs"]
   np.testing.assert_allclose(np.sum(probs, -1), 1.0, rtol=1e-6)
-  np.testing.assert_array_equal(probs, train.predict_probs(state, images, batch_size=2))
+  np.testing.assert_array_equal(probs, runs.predict_probs(state, images, batch_size=2))
 
 
 def test_merge_pretrained_backbone_only():

@@ -1,0 +1,63 @@
+"""A trained run, as prediction, inspection and notebooks use it: its config and its state.
+
+  config, state = runs.restore(workdir)        # the config.json and the latest checkpoint
+  probs = runs.predict_probs(state, images)    # uint8 [N, S, S, 3] -> P(class) [N, classes]
+
+Training (`jattn.train`) writes a run; this module only reads one, so tools that look at a run
+stand beside the training loop rather than on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jattn import checkpoints, models, train
+from jattn.errors import UserError
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was started with (its work dir's config.json)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
+  if not os.path.exists(path):
+    raise UserError(f"{workdir} is not a jattn run (no config.json); pass the --workdir of a run")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def abstract_state(config: ml_collections.ConfigDict) -> train.TrainState:
+  """The shapes and dtypes of a run's train state, without computing anything."""
+  model = models.build_model(config.model)
+  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda: train.make_state(
+      config, model, model.init(jax.random.key(0), x), np.zeros(3), np.ones(3), 1))
+
+
+def restore(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]:
+  """A run's config and its latest checkpointed state."""
+  config = load_config(workdir)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  with checkpoints.manager(workdir, create=False) as mngr:
+    state = checkpoints.restore_latest(mngr, abstract_state(config))
+  if state is None:
+    raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
+  return config, state
+
+
+def predict_probs(state: train.TrainState, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded)."""
+  p_eval = jax.jit(train.eval_step)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+    out.append(np.asarray(p_eval(state, {"image": chunk})["probs"])[:batch_size - pad])
+  num_classes = out[0].shape[-1] if out else 2
+  return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
