@@ -123,9 +123,7 @@ def _stream(response, part: str, have: int, total: int | None, desc: str, url: s
   bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
              dynamic_ncols=True, disable=None)
   try:
-    with open(part, "r+b" if have else "wb") as f:
-      f.seek(have)
-      f.truncate()
+    with open(part, "ab" if have else "wb") as f:
       try:
         for chunk in response.raw.stream(CHUNK, decode_content=False):
           f.write(chunk)
