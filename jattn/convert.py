@@ -217,7 +217,8 @@ def load_weights(path: str) -> dict[str, Any]:
   target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
   if not os.path.isdir(target):
     raise UserError(
-        f"pretrained={path!r}: no converted weights there. Download torchvision's VGG19 weights "
+        f"pretrained={path!r}: no converted weights there. Run python -m jattn.convert "
+        f"--download vgg19 --out {path}, or download torchvision's VGG19 weights "
         f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: "
         f"python -m jattn.convert "
         f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
