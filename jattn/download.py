@@ -150,6 +150,16 @@ def record(json_path: str, name: str, url: str, path: str, digest: str) -> None:
   files.atomic_write_text(json_path, json.dumps(entries, indent=2, sort_keys=True) + "\n")
 
 
+def forget(json_path: str, name: str) -> None:
+  """Removes `name` from the checksums JSON at `json_path` (the file goes when it empties)."""
+  entries = recorded(json_path)
+  entries.pop(name, None)
+  if entries:
+    files.atomic_write_text(json_path, json.dumps(entries, indent=2, sort_keys=True) + "\n")
+  else:
+    files.remove(json_path)
+
+
 def recorded(json_path: str) -> dict:
   """The entries of a checksums JSON written by `record` ({} when there is none)."""
   if not os.path.exists(json_path):

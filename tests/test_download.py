@@ -162,6 +162,15 @@ def test_checksum_mismatch_is_refused_and_leaves_nothing(server, archive, tmp_pa
   assert json.loads((tmp_path / fetch.CHECKSUMS).read_text()) == record
 
 
+def test_a_download_that_does_not_unpack_is_not_kept(server, tmp_path):
+  """Guards against keeping (and vouching for) a broken or foreign archive: it is deleted with
+  its checksum record, so the next run downloads afresh instead of failing on it again."""
+  server.files["/BreaKHis_v1.tar.gz"] = b"<html>moved</html>"
+  with pytest.raises(UserError, match="cannot unpack .*BreaKHis_v1.tar.gz"):
+    fetch.ensure_breakhis(str(tmp_path), url=server.url + "/BreaKHis_v1.tar.gz")
+  assert sorted(os.listdir(tmp_path)) == [".lock"]
+
+
 def test_failures_are_one_line_naming_what_to_download_by_hand(server, tmp_path, monkeypatch):
   """Guards the messages for a 404, no network and a full disk: each says what failed and what
   to download by hand into which folder, and leaves no file behind."""

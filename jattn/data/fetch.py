@@ -12,6 +12,7 @@ then deleted unless asked to keep it. A data dir that already holds BreaKHis_v1 
 
 from __future__ import annotations
 
+import errno
 import os
 
 from jattn import download, files
@@ -43,17 +44,25 @@ def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool
     if scan_lib.has_images_tree(data_dir):
       return "present"
     archive = os.path.join(data_dir, breakhis.ARCHIVE)
+    checksums = os.path.join(data_dir, CHECKSUMS)
     fetched = not os.path.isfile(archive)
+    known = download.recorded(checksums).get(breakhis.ARCHIVE, {}).get("sha256")
     if fetched:
       url = url or archive_url()
-      checksums = os.path.join(data_dir, CHECKSUMS)
-      known = download.recorded(checksums).get(breakhis.ARCHIVE, {}).get("sha256")
       print(f"downloading {url} into {data_dir}", flush=True)
       digest = download.fetch(url, archive, sha256=known, hint=hint, desc=breakhis.ARCHIVE)
       if known is None:
         download.record(checksums, breakhis.ARCHIVE, url, archive, digest)
     print(f"unpacking {archive}", flush=True)
-    scan_lib.extract_archive(data_dir)
+    try:
+      scan_lib.extract_archive(data_dir)
+    except UserError as e:
+      disk_full = getattr(e.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+      if fetched and not disk_full:  # not BreakHis, or broken: neither keep nor vouch for it
+        files.remove(archive)
+        if known is None:
+          download.forget(checksums, breakhis.ARCHIVE)
+      raise
     if fetched and not keep_archive:
       files.remove(archive)
     return "downloaded" if fetched else "unpacked"
