@@ -43,9 +43,9 @@ from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
 RESULTS_SCHEMA = "jattn.results/1"
+TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
 # Fields that change how a run is logged, not what it computes: a resumed run may change them.
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
-TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download")
 
