@@ -68,7 +68,7 @@ def test_dihedral_tta_changes_nothing_for_an_invariant_model():
   np.testing.assert_allclose(_probs(state, turned), plain, atol=1e-5)  # invariant indeed
 
 
-def test_evaluation_records_tta(trained_run, fold_data):
+def test_evaluation_records_tta(trained_run):
   """Guards results.json and predict: a fold evaluated with config.tta records it, and its
   predictions are predict_probs' averaged probabilities."""
   with open(os.path.join(trained_run, "results.json")) as f:
