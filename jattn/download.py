@@ -130,9 +130,10 @@ def _stream(response, part: str, have: int, total: int | None, desc: str, url: s
           bar.update(len(chunk))
       except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
         f.flush()
-        raise UserError(f"the download of {url} was cut at {f.tell():,} of "
-                        f"{total or 0:,} bytes ({_reason(e)}); run the same command again to "
-                        f"resume {part}, or {hint}") from None
+        of = f" of {total:,}" if total is not None else ""
+        raise UserError(f"the download of {url} was cut at {f.tell():,}{of} bytes "
+                        f"({_reason(e)}); run the same command again to resume {part}, or "
+                        f"{hint}") from None
   except OSError as e:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
       raise UserError(f"disk full while writing {part}; free some space and run the same command "
