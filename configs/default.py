@@ -19,6 +19,7 @@ def get_config():
 
   # --- Data (jattn.data) ---
   config.data_dir = "data"  # the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz)
+  config.download = False  # True: download and unpack BreakHis into data_dir if it holds none
   config.prepared_dir = ""  # TFDS records, image cache, stats; '' means <data_dir>/jattn_prepared
   config.folds = "generated"  # 'generated', a Folds.csv file, or an mkfold/ folder
   config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
@@ -40,6 +41,12 @@ def get_config():
   config.augment.flip = "horizontal_vertical"  # 'none', 'horizontal' or 'horizontal_vertical'
   config.augment.rotation = "right_angles"  # 'none', 'right_angles' or 'uniform'
   config.augment.max_angle = 180.0  # degrees; 'uniform' draws from [-max_angle, max_angle]
+  # Colour jitter after the geometry; 0 is off (the paper). Each draws per image.
+  config.augment.hed_scale = 0.0  # each H, E, DAB stain concentration times U(1 -/+ s); 0-0.5
+  config.augment.hed_shift = 0.0  # ... plus U(-s, s), optical density units; 0-0.5
+  config.augment.brightness = 0.0  # RGB times U(1 -/+ s); 0-0.5
+  config.augment.contrast = 0.0  # distance from the image's mean grey times U(1 -/+ s); 0-0.5
+  config.augment.saturation = 0.0  # distance from each pixel's grey times U(1 -/+ s); 0-1
 
   # --- Model (jattn.models) ---
   config.model = ml_collections.ConfigDict()
@@ -75,6 +82,7 @@ def get_config():
   # --- Evaluation ---
   config.eval_batch_size = 32  # the last test batch is padded and masked, never dropped
   config.tie_rule = "benign"  # patient vote tie: 'benign' (the authors' code) or 'malignant'
+  config.tta = "none"  # test-time augmentation: 'none', or 'dihedral' (mean of 8 flips/turns)
 
   # --- Bookkeeping ---
   config.log_every_steps = 50  # metrics.jsonl, TensorBoard and the finite-loss check

@@ -19,6 +19,7 @@ that needs arbitrary code to unpickle is refused.
 
 Command line (writes weights that a config's ``pretrained`` field points at)::
 
+  python -m jattn.convert --download vgg19      # fetch, check and convert into pretrained/vgg19
   python -m jattn.convert --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth \
       --out pretrained/vgg19
   python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -43,7 +45,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from jattn import files, models
+from jattn import download, files, models
 from jattn.errors import UserError, exit_on_user_error
 
 SOURCES = ("torchvision", "reference")
@@ -215,7 +217,8 @@ def load_weights(path: str) -> dict[str, Any]:
   target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
   if not os.path.isdir(target):
     raise UserError(
-        f"pretrained={path!r}: no converted weights there. Download torchvision's VGG19 weights "
+        f"pretrained={path!r}: no converted weights there. Run python -m jattn.convert "
+        f"--download vgg19 --out {path}, or download torchvision's VGG19 weights "
         f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: "
         f"python -m jattn.convert "
         f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
@@ -232,15 +235,77 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
+# torchvision's ImageNet checkpoints; the digits after '-' start the file's SHA-256.
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+TORCHVISION_URL_ENV = "JATTN_TORCHVISION_URL"  # overrides TORCHVISION_URL (a mirror, a test)
+TORCHVISION_FILES = {"vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth"}
+
+
+def download_torchvision(arch: str, out: str | None = None, *, base_url: str | None = None,
+                         keep_pth: bool = False) -> str:
+  """Downloads torchvision's `arch` checkpoint, checks it, converts it into `out`; returns `out`.
+
+  `out` defaults to pretrained/<arch>; the .pth goes next to it (resumable, `jattn.download`) and
+  is deleted after conversion unless `keep_pth` (a .pth already there is used, and kept).
+  """
+  if arch not in TORCHVISION_FILES:
+    raise UserError(f"--download {arch!r}: use one of {sorted(TORCHVISION_FILES)}")
+  if importlib.util.find_spec("torch") is None:
+    raise UserError('reading the checkpoint needs PyTorch: pip install -e ".[convert]"')
+  out = os.path.abspath(out or os.path.join("pretrained", arch))
+  if os.path.exists(os.path.join(out, WEIGHTS_SUBDIR)):
+    raise UserError(f"{out} already holds converted weights; choose another --out or remove it")
+  name = TORCHVISION_FILES[arch]
+  url = (base_url or os.environ.get(TORCHVISION_URL_ENV) or TORCHVISION_URL).rstrip("/") + "/"
+  url += name
+  pth = os.path.join(os.path.dirname(out), name)
+  prefix = name.rsplit("-", 1)[1].removesuffix(".pth")
+  hint = (f"download {url} by hand and run python -m jattn.convert --source torchvision --arch "
+          f"{arch} --pth {name} --out {out}")
+  fetched = not os.path.exists(pth)
+  if fetched:
+    digest = download.fetch(url, pth, sha256_prefix=prefix, hint=hint, desc=name)
+  else:
+    digest = _sha256(pth)
+    if not digest.startswith(prefix):
+      raise UserError(f"{pth}: its SHA-256 starts {digest[:8]}, not {prefix} as its name says; "
+                      f"delete it and run again")
+  state_dict = load_state_dict(pth)
+  model_config = torchvision_model_config(arch, state_dict["classifier.6.weight"].shape[0])
+  # Narrower copies of the layout (tests, mirrors of small models) convert too.
+  model_config.width = state_dict["features.0.weight"].shape[0] / 64
+  model_config.classifier_width = state_dict["classifier.0.weight"].shape[0]
+  variables = torch_to_flax(state_dict, model_config, "torchvision")
+  n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
+  save_weights(variables, out, {"source": "torchvision", "arch": arch, "url": url,
+                                "sha256": digest, "num_params": int(n),
+                                "model": model_config.to_dict()})
+  if fetched and not keep_pth:
+    os.remove(pth)
+  print(f"wrote {n:,} parameters of {url} to {out}")
+  return out
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m jattn.convert",
                                    description=__doc__.split("\n")[0])
-  parser.add_argument("--source", choices=SOURCES, required=True)
+  parser.add_argument("--source", choices=SOURCES)
   parser.add_argument("--arch", choices=sorted(ARCHS), help="torchvision architecture")
   parser.add_argument("--config", help="for --source reference: the config whose model it is")
-  parser.add_argument("--pth", required=True, help="the PyTorch state dict (.pth)")
-  parser.add_argument("--out", required=True, help="folder to write; point config.pretrained at it")
+  parser.add_argument("--pth", help="the PyTorch state dict (.pth)")
+  parser.add_argument("--out", help="folder to write; point config.pretrained at it")
+  parser.add_argument("--download", choices=sorted(TORCHVISION_FILES),
+                      help="fetch torchvision's ImageNet checkpoint and convert it (into "
+                      "pretrained/ARCH unless --out)")
+  parser.add_argument("--keep-pth", action="store_true", help="with --download: keep the .pth")
   args = parser.parse_args(argv)
+  if args.download:
+    with exit_on_user_error("jattn.convert"):
+      download_torchvision(args.download, args.out, keep_pth=args.keep_pth)
+    return
+  for flag in ("source", "pth", "out"):
+    if getattr(args, flag) is None:
+      parser.error(f"--{flag} is required (or --download vgg19 / vgg19_bn)")
   with exit_on_user_error("jattn.convert"):
     state_dict = load_state_dict(args.pth)
     if args.source == "torchvision":

@@ -1,12 +1,13 @@
 """Predictions of a trained run for any images, with a patient vote when names allow one.
 
-  python -m jattn.predict --workdir runs/ours/fold1 IMAGE... [--out predictions.csv]
+  python -m jattn.predict --workdir runs/ours/fold1 IMAGE... [--out FILE.csv] [--tta dihedral]
 
 Images are preprocessed exactly as in training (RGB, resized to the run's image_size with PIL's
 bilinear filter, normalised by the run's fold statistics). Each row gives the file, the probability
 of malignant and the prediction; when the file name follows BreakHis' convention, also the patient,
 the magnification and the majority vote of that patient's given images at that magnification
-(ties by the run's tie rule).
+(ties by the run's tie rule). With --tta dihedral (or a run trained with config.tta='dihedral')
+each probability is the mean over the image's 8 flips and right-angle turns.
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ def load_images(paths: list[str], image_size: int) -> np.ndarray:
   return np.stack(images)
 
 
-def predict(workdir: str, paths: list[str], batch_size: int = 32) -> list[dict]:
-  """One row per image (see COLUMNS)."""
+def predict(workdir: str, paths: list[str], batch_size: int = 32,
+            tta: str | None = None) -> list[dict]:
+  """One row per image (see COLUMNS); `tta` None uses the run's config.tta."""
   if not paths:
     raise UserError("give at least one image to predict")
   config, state = runs.restore(workdir)
-  probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size)
+  tta = tta or config.get("tta", "none")
+  probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size, tta)
   rows = []
   for path, p in zip(paths, probs, strict=True):
     row = {"file": path, "prob_malignant": f"{p[1]:.6f}", "prediction": CLASSES[int(p[1] > p[0])],
@@ -72,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workdir", required=True, help="a run's work dir (python -m jattn.main)")
   parser.add_argument("--out", help="CSV file to write (default: standard output)")
   parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--tta", choices=("none", "dihedral"),
+                      help="test-time augmentation (default: the run's config.tta)")
   parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.predict"):
-    rows = predict(args.workdir, args.images, args.batch_size)
+    rows = predict(args.workdir, args.images, args.batch_size, args.tta)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()

@@ -9,6 +9,7 @@ stand beside the training loop rather than on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -49,9 +50,13 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]:
   return config, state
 
 
-def predict_probs(state: train.TrainState, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded)."""
-  p_eval = jax.jit(train.eval_step)
+def predict_probs(state: train.TrainState, images: np.ndarray, batch_size: int = 32,
+                  tta: str = "none") -> np.ndarray:
+  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded).
+
+  tta: 'none', or 'dihedral' (the mean over the 8 flips and right-angle turns; `train.eval_step`).
+  """
+  p_eval = jax.jit(functools.partial(train.eval_step, tta=tta))
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

@@ -43,10 +43,11 @@ from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
 RESULTS_SCHEMA = "jattn.results/1"
+TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
 # Fields that change how a run is logged, not what it computes: a resumed run may change them.
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                      "loader_threads", "eval_batch_size")
+                      "loader_threads", "eval_batch_size", "download")
 
 
 class TrainState(train_state.TrainState):
@@ -110,11 +111,23 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   return state, metrics
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """Class probabilities of a batch of uint8 images (padding rows are dropped by the caller)."""
-  logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                          preprocess(state, batch["image"]), train=False)
-  return {"probs": jax.nn.softmax(logits)}
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
+              tta: str = "none") -> dict[str, jax.Array]:
+  """Class probabilities of a batch of uint8 images (padding rows are dropped by the caller).
+
+  tta='dihedral' averages the probabilities of the 8 flips and right-angle turns of each image,
+  one view after the other (`lax.map`: the memory of one view, not eight).
+  """
+  def probs(images):
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            preprocess(state, images), train=False)
+    return jax.nn.softmax(logits)
+
+  if tta == "dihedral":
+    return {"probs": jnp.mean(jax.lax.map(probs, augment_lib.dihedral_stack(batch["image"])), 0)}
+  if tta != "none":
+    raise ValueError(f"tta={tta!r}: use one of {TTA_MODES}")
+  return {"probs": probs(batch["image"])}
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_mean, image_std,
@@ -197,6 +210,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"{augment_lib.ROTATIONS}")
   check(0 <= config.augment.max_angle <= 180,
         f"--config.augment.max_angle={config.augment.max_angle}: degrees between 0 and 180")
+  for name, high in augment_lib.COLOR_RANGES.items():
+    check(0 <= config.augment[name] <= high,
+          f"--config.augment.{name}={config.augment[name]}: between 0 (off) and {high}")
+  check(config.tta in TTA_MODES, f"--config.tta={config.tta!r}: use one of {TTA_MODES}")
   models.build_model(config.model)  # checks the model fields
 
 
@@ -385,7 +402,7 @@ def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
 
 def _evaluate_fold(config, state, fold_data) -> tuple[dict, list[dict]]:
   """Predicts every test image once; returns the protocol's figures and one row per image."""
-  p_eval = jax.jit(eval_step)
+  p_eval = jax.jit(functools.partial(eval_step, tta=config.tta))
   index, probs = [], []
   for batch in data.test_batches(fold_data, config.eval_batch_size,
                                  num_threads=config.loader_threads):
@@ -405,7 +422,7 @@ def _evaluate_fold(config, state, fold_data) -> tuple[dict, list[dict]]:
           for i, p in zip(index, probs, strict=True)]
   results = {
       "schema": RESULTS_SCHEMA, "name": config.name, "paper_row": config.paper_row,
-      "fold": config.fold, "finished": True, "tie_rule": config.tie_rule,
+      "fold": config.fold, "finished": True, "tie_rule": config.tie_rule, "tta": config.tta,
       **evaluate.summarize(
           labels=fold_data.labels[index], predictions=predictions,
           patients=fold_data.patients[index], magnifications=fold_data.magnifications[index],

@@ -3,8 +3,10 @@
   from jattn.data import load_fold, train_batches, test_batches, steps_per_epoch
   fold_data = load_fold(config)   # configs/default.py: data_dir, folds, fold, image_size, ...
 
-breakhis.py (naming), scan.py (the tree), folds.py (the three fold forms), tfds_builder.py
-(`Breakhis`), prepare.py (cache and stats), pipeline.py (batches), synthetic.py (test data).
+breakhis.py (naming), scan.py (the tree), fetch.py (download), folds.py (the three fold forms),
+tfds_builder.py (`Breakhis`), prepare.py (cache and stats), pipeline.py (batches), augment.py
+(on-device flips, rotations, stain colours), preview.py (augment-preview), synthetic.py (test
+data).
 The names below are imported on first use, so that `python -m jattn.data` and modules that need
 only `jattn.data.breakhis` do not load grain, JAX and TFDS.
 """

@@ -1,9 +1,17 @@
-"""Command line of jattn.data: generate a synthetic BreakHis tree, or describe a tree and its folds.
+"""Command line of jattn.data: fetch BreakHis, generate a synthetic tree, describe a tree and its
+folds, or preview the augmentation.
 
+  python -m jattn.data download [--data-dir data] [--url URL] [--keep-archive] [--no-image-check]
   python -m jattn.data synthesize --out DIR [--images-per-patient 4 | --counts real]
       [--width 700 --height 460] [--seed 0] [--no-junk] [--odd-sizes 3] [--no-folds]
   python -m jattn.data describe --source DATA_DIR [--folds FOLDS_CSV_OR_MKFOLD] [--seed 0]
       [--json] [--no-image-check] [--threads 2]
+  python -m jattn.data augment-preview --out GRID.png [--config configs/ours_stain.py]
+      [--rows 4] [--samples 7] [--seed 0] [IMAGE...]
+
+`download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.fetch), records its SHA-256 in
+DATA_DIR/downloads.json, unpacks it into DATA_DIR, deletes the archive (unless --keep-archive) and
+then describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v1 is not touched.
 
 `describe` reads DATA_DIR (the folder that holds BreaKHis_v1; it writes nothing) and prints, per
 fold, split and magnification, image and patient counts by class, then every problem it found.
@@ -180,6 +188,20 @@ def format_description(d: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
+  dl = commands.add_parser("download", help="download and unpack BreakHis, then describe it")
+  dl.add_argument("--data-dir", default="data", help="the folder to hold BreaKHis_v1")
+  dl.add_argument("--url", help="where to download from (default: $JATTN_BREAKHIS_URL or the "
+                  "official archive)")
+  dl.add_argument("--keep-archive", action="store_true", help="keep BreaKHis_v1.tar.gz")
+  dl.add_argument("--no-image-check", action="store_true", help="do not decode every image")
+  preview = commands.add_parser("augment-preview", help="a PNG grid of augmented samples")
+  preview.add_argument("--out", required=True, help="the PNG file to write")
+  preview.add_argument("--config", default="configs/ours_stain.py",
+                       help="the config whose `augment` fields are shown")
+  preview.add_argument("--rows", type=int, default=4, help="synthetic images (without IMAGE)")
+  preview.add_argument("--samples", type=int, default=7, help="augmented draws per image")
+  preview.add_argument("--seed", type=int, default=0)
+  preview.add_argument("images", nargs="*", help="image files (default: synthetic H&E-like)")
   syn = commands.add_parser("synthesize", help="write a synthetic BreaKHis_v1 tree")
   syn.add_argument(
       "--out", required=True, help="folder to hold BreaKHis_v1 (and Folds.csv, mkfold/)"
@@ -206,7 +228,24 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
   args = _parser().parse_args(argv)
   with exit_on_user_error(PROG):
-    if args.command == "synthesize":
+    if args.command == "download":
+      from jattn.data import fetch
+
+      did = fetch.ensure_breakhis(args.data_dir, url=args.url, keep_archive=args.keep_archive)
+      if did == "present":
+        print(f"{os.path.abspath(args.data_dir)} already holds {breakhis.ROOT}: nothing "
+              f"downloaded", flush=True)
+      print(format_description(describe(args.data_dir, check_images=not args.no_image_check)))
+    elif args.command == "augment-preview":
+      from jattn import config_lib
+      from jattn.data import preview
+
+      config = config_lib.load_config(args.config)
+      rows, columns = preview.write_preview(config, args.out, args.images, rows=args.rows,
+                                            samples=args.samples, seed=args.seed)
+      print(f"wrote {args.out}: {rows} image(s), each as given and in {columns - 1} draws of "
+            f"{args.config}'s augmentation {config.augment.to_dict()}")
+    elif args.command == "synthesize":
       from jattn.data import synthetic
 
       summary = synthetic.synthesize(

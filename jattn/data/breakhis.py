@@ -31,9 +31,10 @@ SUBTYPE_CODES = tuple(SUBTYPES)
 ROOT = "BreaKHis_v1"  # the folder the official archive unpacks to
 SLIDES = "BreaKHis_v1/histology_slides/breast"  # its image tree, relative to the data dir
 ARCHIVE = "BreaKHis_v1.tar.gz"
-DOWNLOAD_URL = (
+DOWNLOAD_URL = (  # the data set's home page, which links the archive
     "https://web.inf.ufpr.br/vri/databases/breast-cancer-histopathological-database-breakhis/"
 )
+ARCHIVE_URL = "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz"  # the archive itself
 NUM_IMAGES = 7909  # in the official release
 
 # SOB_<class>_<type>-<year>-<slide>-<mag>-<seq>.png; the slide part may carry letters.

@@ -22,7 +22,7 @@ import grain
 import numpy as np
 
 from jattn import files
-from jattn.data import breakhis, prepare
+from jattn.data import breakhis, fetch, prepare
 from jattn.data import folds as folds_lib
 from jattn.data import scan as scan_lib
 from jattn.errors import UserError
@@ -69,10 +69,11 @@ def _config_checks(config) -> None:
 def load_fold(config) -> FoldData:
   """Prepares (once) and loads fold `config.fold` of the data in `config.data_dir`.
 
-  Stages, each only when its output is missing, all under the prepared dir's lock: a synthetic
-  tree (if `config.synthetic.enabled` and data_dir holds no BreaKHis_v1), unpacking
-  BreaKHis_v1.tar.gz, the TFDS data set, the decoded-image cache at `config.image_size`, the
-  folds (`config.folds`), and the fold's normalisation stats. A later call only checks and maps.
+  Stages, each only when its output is missing: with `config.download`, BreakHis downloaded into
+  data_dir (under the data dir's lock); then, under the prepared dir's lock, a synthetic tree (if
+  `config.synthetic.enabled` and data_dir holds no BreaKHis_v1), unpacking BreaKHis_v1.tar.gz,
+  the TFDS data set, the decoded-image cache at `config.image_size`, the folds (`config.folds`),
+  and the fold's normalisation stats. A later call only checks and maps.
   """
   _config_checks(config)
   data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
@@ -80,6 +81,8 @@ def load_fold(config) -> FoldData:
       os.path.expanduser(config.prepared_dir or prepare.default_prepared_dir(data_dir))
   )
   threads = max(1, int(config.loader_threads))
+  if config.get("download", False):  # before anything else looks at (or writes into) data_dir
+    fetch.ensure_breakhis(data_dir)
   synthetic = config.synthetic.enabled and not (
       scan_lib.has_images_tree(data_dir) or scan_lib.has_archive(data_dir)
   )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import os
 import tarfile
@@ -23,12 +24,18 @@ from jattn.data import breakhis
 from jattn.errors import UserError
 
 
-def download_hint(data_dir: str) -> str:
-  """What to download, where to put it and which flag to set: the end of every 'no data' error."""
+def download_hint(data_dir: str, automatic: bool = True) -> str:
+  """What to download, where to put it and which flag to set: the end of every 'no data' error.
+
+  `automatic` adds the command that downloads it (left out when that command is what failed).
+  """
+  command = (f"; `python -m jattn.data download --data-dir {data_dir}` does both" if automatic
+             else "")
   return (
-      f"download {breakhis.ARCHIVE} from {breakhis.DOWNLOAD_URL} and unpack it into {data_dir} so "
-      f"that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or put the "
-      f"archive itself there), or set --config.data_dir=DIR to the folder that holds BreaKHis_v1"
+      f"download {breakhis.ARCHIVE_URL} (linked from {breakhis.DOWNLOAD_URL}) and unpack it into "
+      f"{data_dir} so that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or "
+      f"put the archive itself there{command}), or set --config.data_dir=DIR to the folder that "
+      f"holds BreaKHis_v1"
   )
 
 
@@ -75,7 +82,13 @@ def extract_archive(data_dir: str) -> bool:
     try:
       with tarfile.open(archive, "r:*") as tar:
         tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"cannot unpack {archive} ({e}): download it again from "
+                        f"{breakhis.ARCHIVE_URL}") from e
+      raise UserError(f"disk full while unpacking {archive} into {data_dir}: free some space "
+                      f"(BreakHis needs about as much as the archive again) and run again") from e
+    except (tarfile.TarError, EOFError) as e:
       raise UserError(
           f"cannot unpack {archive} ({e}): download it again from {breakhis.DOWNLOAD_URL}"
       ) from e

@@ -389,3 +389,10 @@ def synthesize(
       "seed": seed,
       "seconds": round(time.time() - start, 2),
   }
+
+
+def sample_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  """`n` synthetic H&E-like images, uint8 [n, size, size, 3], alternately benign and malignant."""
+  rngs = [np.random.default_rng([seed, 2, i]) for i in range(n)]
+  return np.stack([render(rng, _patient_style(rng, i % 2 == 1), "100X", size, size)
+                   for i, rng in enumerate(rngs)])

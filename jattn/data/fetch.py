@@ -1,0 +1,68 @@
+"""Fetching BreakHis: download the official archive into the data dir and unpack it, once.
+
+  python -m jattn.data download --data-dir data      # or config.download=True in a run
+
+The archive comes from `breakhis.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
+`jattn.download` (resumable, progress bar). Its publishers give no checksum, so the SHA-256 of the
+first download is recorded in `<data_dir>/downloads.json`, and a later download into the same data
+dir (after the tree was deleted, or on another machine with the file copied along) must match it.
+The archive is unpacked by `scan.extract_archive` (into a temporary folder, renamed into place) and
+then deleted unless asked to keep it. A data dir that already holds BreaKHis_v1 is left untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from jattn import download, files
+from jattn.data import breakhis
+from jattn.data import scan as scan_lib
+from jattn.errors import UserError
+
+URL_ENV = "JATTN_BREAKHIS_URL"  # overrides breakhis.ARCHIVE_URL (a mirror, a local server)
+CHECKSUMS = "downloads.json"  # in the data dir: what was downloaded, its size and SHA-256
+
+
+def archive_url() -> str:
+  return os.environ.get(URL_ENV) or breakhis.ARCHIVE_URL
+
+
+def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool = False) -> str:
+  """Makes `data_dir` hold BreaKHis_v1 (downloading and unpacking it if needed); says what it did.
+
+  Returns 'present' (BreaKHis_v1 was there: nothing touched), 'unpacked' (an archive was there) or
+  'downloaded'. Runs under the data dir's lock, so concurrent runs download once.
+  """
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  hint = scan_lib.download_hint(data_dir, automatic=False)
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create data_dir {data_dir} ({e.strerror}): {hint}") from None
+  with files.locked(data_dir):
+    if scan_lib.has_images_tree(data_dir):
+      return "present"
+    archive = os.path.join(data_dir, breakhis.ARCHIVE)
+    checksums = os.path.join(data_dir, CHECKSUMS)
+    fetched = not os.path.isfile(archive)
+    known = download.recorded(checksums).get(breakhis.ARCHIVE, {}).get("sha256")
+    if fetched:
+      url = url or archive_url()
+      print(f"downloading {url} into {data_dir}", flush=True)
+      digest = download.fetch(url, archive, sha256=known, hint=hint, desc=breakhis.ARCHIVE)
+      if known is None:
+        download.record(checksums, breakhis.ARCHIVE, url, archive, digest)
+    print(f"unpacking {archive}", flush=True)
+    try:
+      scan_lib.extract_archive(data_dir)
+    except UserError as e:
+      disk_full = getattr(e.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+      if fetched and not disk_full:  # not BreakHis, or broken: neither keep nor vouch for it
+        files.remove(archive)
+        if known is None:
+          download.forget(checksums, breakhis.ARCHIVE)
+      raise
+    if fetched and not keep_archive:
+      files.remove(archive)
+    return "downloaded" if fetched else "unpacked"
