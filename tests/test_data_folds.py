@@ -202,15 +202,15 @@ def test_fold_without_training_images_or_a_class_is_refused(records):
   """Guards against training without images, or without a class (a subtype) the model outputs."""
   whole = {r.file_name: "test" for r in records}
   chosen = folds.Folds("x.csv", {k: whole for k in folds.FOLDS})
-  by_fold, _ = folds._check(chosen, records)
+  by_fold = folds.check_by_fold(chosen, records)
   assert by_fold[1][0] == ["fold 1 of x.csv has no training images"]
   # Fold 1 trains on every image but those of lobular carcinoma (test) and of phyllodes tumour
   # (left out); binary still has both classes, the subtype task lacks two classes.
   split = {r.file_name: "test" if r.subtype == "LC" else "train" for r in records
            if r.subtype != "PT"}
   chosen = folds.Folds("x.csv", {k: split for k in folds.FOLDS})
-  assert folds._check(chosen, records)[0][1][0] == []
-  assert folds._check(chosen, records, task="subtype")[0][1][0] == [
+  assert folds.check_by_fold(chosen, records)[1][0] == []
+  assert folds.check_by_fold(chosen, records, task="subtype")[1][0] == [
       "fold 1 of x.csv has no training images of the subtype(s) PT, LC"]
   no_benign = {r.file_name: "test" if r.label == 0 else "train" for r in records}
   with pytest.raises(UserError, match="^fold 2 of y.csv has no training images of the class"

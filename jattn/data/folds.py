@@ -306,11 +306,21 @@ def check_folds(
   training) images, listed files skipped as unreadable (`skipped`, paths or names; they are
   dropped), images of the data set that a fold leaves out. Only images at `magnifications` count.
   """
-  return _check(folds, records, skipped=skipped, magnifications=magnifications, task=task)[1]
+  by_fold = check_by_fold(folds, records, skipped=skipped, magnifications=magnifications,
+                          task=task)
+  return ([p for fold in FOLDS for p in by_fold[fold][0]],
+          [w for fold in FOLDS for w in by_fold[fold][1]])
 
 
-def _check(folds, records, *, skipped=(), magnifications=breakhis.MAGNIFICATIONS, task="binary"):
-  """(problems by fold, (problems, warnings) of all folds); a missing fold's problem is under it."""
+def check_by_fold(
+    folds: Folds,
+    records: Iterable[breakhis.Record],
+    *,
+    skipped: Iterable[str] = (),
+    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    task: str = "binary",
+) -> dict[int, tuple[list[str], list[str]]]:
+  """`check_folds` by fold: {1..5: (problems, warnings)}; a missing fold's problem is its own."""
   mags = set(magnifications)
   by_name = {r.file_name: r for r in records if r.magnification in mags}
   skipped_names = {s.rsplit("/", 1)[-1] for s in skipped}
@@ -324,9 +334,7 @@ def _check(folds, records, *, skipped=(), magnifications=breakhis.MAGNIFICATIONS
     split = {n: g for n, g in folds.splits[fold].items() if _name_mag(n) in mags | {None}}
     by_fold[fold] = _check_fold(f"fold {fold} of {folds.source}", split, by_name, skipped_names,
                                 task)
-  problems = [p for fold in FOLDS for p in by_fold[fold][0]]
-  warnings = [w for fold in FOLDS for w in by_fold[fold][1]]
-  return by_fold, (problems, warnings)
+  return by_fold
 
 
 def validate_folds(
@@ -340,7 +348,8 @@ def validate_folds(
 ) -> list[str]:
   """Raises `UserError` on the first problem of fold `fold`; returns its warnings and, as
   warnings, the problems of the other folds (they do not stop a run of this one)."""
-  by_fold, _ = _check(folds, records, skipped=skipped, magnifications=magnifications, task=task)
+  by_fold = check_by_fold(folds, records, skipped=skipped, magnifications=magnifications,
+                          task=task)
   problems, warnings = by_fold[fold]
   if problems:
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
