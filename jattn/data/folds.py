@@ -264,10 +264,9 @@ def _check_fold(
     problems.append(f"{where} has no training images")
   else:
     # Every class the model has an output for must be seen in training.
-    present = {r.subtype if task == "subtype" else r.label for r in sides["train"]}
-    classes = breakhis.SUBTYPE_CODES if task == "subtype" else range(len(breakhis.CLASSES))
-    names = breakhis.SUBTYPE_CODES if task == "subtype" else breakhis.CLASSES
-    absent = [names[i] for i, c in enumerate(classes) if c not in present]
+    present = {r.subtype if task == "subtype" else breakhis.CLASSES[r.label]
+               for r in sides["train"]}
+    absent = [c for c in breakhis.TASKS[task] if c not in present]
     if absent:
       what = "subtype(s)" if task == "subtype" else "class(es)"
       problems.append(f"{where} has no training images of the {what} {', '.join(absent)}")
