@@ -24,6 +24,8 @@ def get_config():
   config.folds = "generated"  # 'generated', a Folds.csv file, or an mkfold/ folder
   config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
   config.fold = 1  # which fold to train and test, 1..5
+  config.magnifications = ("40X", "100X", "200X", "400X")  # train and test on these (e.g. 100X)
+  config.task = "binary"  # 'binary' (benign/malignant) or 'subtype' (8 classes; num_classes=8)
   config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)
   config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
@@ -83,6 +85,8 @@ def get_config():
   config.eval_batch_size = 32  # the last test batch is padded and masked, never dropped
   config.tie_rule = "benign"  # patient vote tie: 'benign' (the authors' code) or 'malignant'
   config.tta = "none"  # test-time augmentation: 'none', or 'dihedral' (mean of 8 flips/turns)
+  config.bootstrap_resamples = 1000  # patient bootstrap for the metrics' 95% CIs (0: none)
+  config.bootstrap_seed = 0  # seed of that bootstrap
 
   # --- Bookkeeping ---
   config.log_every_steps = 50  # metrics.jsonl, TensorBoard and the finite-loss check

@@ -98,6 +98,8 @@ def _parse(key: str, raw: str, current: Any) -> Any:
       text = raw.strip()
       if text in ("", "()", "[]"):
         return ()
+      if current and all(isinstance(v, str) for v in current) and text[0] not in "([":
+        return tuple(v.strip().strip("'\"") for v in text.split(",") if v.strip())  # 100X,200X
       value = ast.literal_eval(text if text[0] in "([" else f"({text},)")
       return tuple(value) if isinstance(value, (tuple, list)) else (value,)
     if isinstance(current, str) or current is None:

@@ -6,6 +6,15 @@
   in the authors' code (`tie_rule`).
 * The patient recognition rate of Spanhol et al. (2016), a different figure reported under its own
   name: the mean over test patients of the fraction of their images classified correctly.
+* Beyond the paper (`evaluate_predictions`): clinical metrics with patient-bootstrap 95% CIs for
+  binary runs, per magnification and over all (`jattn.metrics`, scikit-learn); for the 8-class
+  subtype task (config.task='subtype'), a plurality vote per patient (`plurality_vote`),
+  per-class precision, recall and F1 and the 8 x 8 confusion matrices.
+
+Every figure is computed from the predicted probabilities and labels passed in, never inside the
+evaluation step, so any way of producing probabilities (e.g. averaged over test-time flips) is
+evaluated the same way. A magnification without test images is absent from every per-magnification
+map.
 """
 
 from __future__ import annotations
@@ -14,9 +23,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES
+from jattn import files, metrics
+from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, TASKS
 
 TIE_RULES = ("benign", "malignant")
+ALL = "all"  # the key of the figures over every tested magnification together
 
 
 def patient_vote(patients: np.ndarray, predictions: np.ndarray,
@@ -33,13 +44,33 @@ def patient_vote(patients: np.ndarray, predictions: np.ndarray,
   return votes
 
 
+def plurality_vote(patients: np.ndarray, predictions: np.ndarray,
+                   probs: np.ndarray | None = None) -> dict[int, int]:
+  """Each patient's most frequent predicted class (any number of classes: the subtype task).
+
+  A tie between classes goes to the tied class with the highest mean predicted probability over the
+  patient's images (`probs` [N, classes]); if that ties too, or without `probs`, to the tied class
+  that comes first (the order of SUBTYPE_CODES: benign subtypes first, like the binary tie rule).
+  """
+  votes = {}
+  for p in np.unique(patients):
+    mine = patients == p
+    counts = np.bincount(predictions[mine])
+    tied = np.flatnonzero(counts == counts.max())
+    if len(tied) > 1 and probs is not None:
+      mean = probs[mine][:, tied].mean(axis=0)
+      tied = tied[mean == mean.max()]
+    votes[int(p)] = int(tied[0])
+  return votes
+
+
 def patient_labels(patients: np.ndarray, labels: np.ndarray) -> dict[int, int]:
   """Each patient's label; all images of a patient must carry it."""
   out = {}
   for p in np.unique(patients):
     values = np.unique(labels[patients == p])
     if len(values) != 1:
-      raise ValueError(f"patient {p} has images of both classes")
+      raise ValueError(f"patient {p} has images of several classes")
     out[int(p)] = int(values[0])
   return out
 
@@ -59,49 +90,127 @@ def patient_recognition_rate(patients, predictions, labels) -> float:
 
 def confusion_matrix(labels, predictions) -> list[list[int]]:
   """[[benign->benign, benign->malignant], [malignant->benign, malignant->malignant]]."""
-  return [[int(np.sum((labels == t) & (predictions == p))) for p in (0, 1)] for t in (0, 1)]
+  return metrics.confusion(labels, predictions, 2)
 
 
 def summarize(*, labels: np.ndarray, predictions: np.ndarray, patients: np.ndarray,
               magnifications: np.ndarray, subtypes: np.ndarray,
-              patient_ids: Sequence[str] | None = None, tie_rule: str = "benign") -> dict:
+              patient_ids: Sequence[str] | None = None, tie_rule: str = "benign",
+              task: str = "binary", probs: np.ndarray | None = None) -> dict:
   """Every figure of the protocol, per magnification ('40X', ...), from one entry per test image.
 
-  `magnifications` and `subtypes` index MAGNIFICATIONS and SUBTYPE_CODES; `patients` are
-  integer patient indices (names from `patient_ids`, when given, label the patient table).
+  `labels` and `predictions` are the task's classes (TASKS[task]: 0 benign / 1 malignant, or a
+  subtype index); `magnifications` and `subtypes` index MAGNIFICATIONS and SUBTYPE_CODES;
+  `patients` are integer patient indices (names from `patient_ids`, when given, label the patient
+  table). Binary patients vote by majority (ties: `tie_rule`), subtype patients by plurality
+  (`plurality_vote`, ties by `probs`). The subtype task adds `per_class` and 8 x 8 confusions.
   """
-  out = {k: {} for k in ("image_accuracy", "patient_accuracy", "patient_recognition_rate",
-                         "majority_baseline", "num_images", "num_patients", "confusion_matrix",
-                         "patient_confusion_matrix", "subtype_accuracy", "patients")}
+  names = TASKS[task]
+  keys = ["image_accuracy", "patient_accuracy", "patient_recognition_rate", "majority_baseline",
+          "num_images", "num_patients", "confusion_matrix", "patient_confusion_matrix",
+          "subtype_accuracy", "patients"]
+  out = {k: {} for k in keys + (["per_class", "patient_per_class", "multiclass"]
+                                if task == "subtype" else [])}
   for m, mag in enumerate(MAGNIFICATIONS):
     sel = magnifications == m
     if not sel.any():
       continue
     y, pred, pat, sub = labels[sel], predictions[sel], patients[sel], subtypes[sel]
-    votes = patient_vote(pat, pred, tie_rule)
+    votes = (plurality_vote(pat, pred, None if probs is None else probs[sel]) if task == "subtype"
+             else patient_vote(pat, pred, tie_rule))
     truth = patient_labels(pat, y)
     out["image_accuracy"][mag] = float(np.mean(pred == y))
     out["patient_accuracy"][mag] = float(np.mean([votes[p] == truth[p] for p in truth]))
     out["patient_recognition_rate"][mag] = patient_recognition_rate(pat, pred, y)
-    # What always answering the more frequent class of this test set would score.
-    patient_malignant = np.mean(list(truth.values()))
-    out["majority_baseline"][mag] = {"image": float(max(y.mean(), 1 - y.mean())),
-                                     "patient": float(max(patient_malignant,
-                                                          1 - patient_malignant))}
+    # What always answering the most frequent class of this test set would score.
+    out["majority_baseline"][mag] = {
+        "image": float(np.bincount(y).max() / len(y)),
+        "patient": float(np.bincount(list(truth.values())).max() / len(truth))}
     out["num_images"][mag] = int(sel.sum())
     out["num_patients"][mag] = len(truth)
-    out["confusion_matrix"][mag] = confusion_matrix(y, pred)
+    out["confusion_matrix"][mag] = metrics.confusion(y, pred, len(names))
     p_list = sorted(truth)
-    out["patient_confusion_matrix"][mag] = confusion_matrix(
-        np.array([truth[p] for p in p_list]), np.array([votes[p] for p in p_list]))
+    p_truth, p_votes = np.array([truth[p] for p in p_list]), np.array([votes[p] for p in p_list])
+    out["patient_confusion_matrix"][mag] = metrics.confusion(p_truth, p_votes, len(names))
     out["subtype_accuracy"][mag] = {
         SUBTYPE_CODES[s]: float(np.mean(pred[sub == s] == y[sub == s])) for s in np.unique(sub)}
     out["patients"][mag] = [
         {"patient_id": patient_ids[p] if patient_ids is not None else int(p),
-         "label": CLASSES[truth[p]], "vote": CLASSES[votes[p]],
+         "label": names[truth[p]], "vote": names[votes[p]],
          "images": int(np.sum(pat == p)),
          "correct_images": int(np.sum((pat == p) & (pred == y)))} for p in p_list]
+    if task == "subtype":
+      out["per_class"][mag] = metrics.per_class_metrics(y, pred, names)
+      out["patient_per_class"][mag] = metrics.per_class_metrics(p_truth, p_votes, names)
+      out["multiclass"][mag] = {"image": metrics.multiclass_summary(y, pred),
+                                "patient": metrics.multiclass_summary(p_truth, p_votes)}
   return out
+
+
+def evaluate_predictions(*, probs: np.ndarray, labels: np.ndarray, subtypes: np.ndarray,
+                         patients: np.ndarray, magnifications: np.ndarray,
+                         patient_ids: Sequence[str] | None = None, task: str = "binary",
+                         tie_rule: str = "benign", selected: Sequence[str] = MAGNIFICATIONS,
+                         bootstrap_resamples: int = 0, bootstrap_seed: int = 0) -> dict:
+  """The figures of a run's results.json from its test images' probabilities [N, classes].
+
+  `labels` are 0/1 (benign/malignant) whatever the task; `selected` the run's magnifications.
+  Returns `summarize`'s maps plus `task`, `magnifications` ({selected, absent}: selected ones
+  without test images, absent from every map) and, for binary runs, `clinical`:
+  {image|patient: {40X..400X|all: {metric: {value, ci95}}}, bootstrap: {...}}.
+  """
+  predictions = np.argmax(probs, axis=-1)
+  targets = subtypes if task == "subtype" else labels
+  out = summarize(labels=targets, predictions=predictions, patients=patients,
+                  magnifications=magnifications, subtypes=subtypes, patient_ids=patient_ids,
+                  tie_rule=tie_rule, task=task, probs=probs)
+  tested = [MAGNIFICATIONS[m] for m in sorted(set(np.asarray(magnifications).tolist()))]
+  out["task"] = task
+  out["magnifications"] = {"selected": list(selected),
+                           "absent": [m for m in selected if m not in tested]}
+  if task == "subtype":
+    out["per_class"][ALL] = metrics.per_class_metrics(targets, predictions, TASKS[task])
+    out["multiclass"][ALL] = {"image": metrics.multiclass_summary(targets, predictions)}
+    out["confusion_matrix"][ALL] = metrics.confusion(targets, predictions, len(TASKS[task]))
+    return out
+  clinical = {"image": {}, "patient": {}}
+  groups = [(mag, magnifications == MAGNIFICATIONS.index(mag)) for mag in tested]
+  for group, sel in [*groups, (ALL, np.ones(len(labels), bool))]:
+    if not sel.any():
+      continue
+    figures = metrics.clinical_metrics(
+        labels=labels[sel], scores=probs[sel, 1], predictions=predictions[sel],
+        patients=patients[sel], patient_votes=patient_vote(patients[sel], predictions[sel],
+                                                           tie_rule),
+        resamples=bootstrap_resamples, seed=bootstrap_seed)
+    for level in clinical:
+      clinical[level][group] = figures[level]
+  clinical["bootstrap"] = {"resamples": bootstrap_resamples, "seed": bootstrap_seed,
+                           "level": metrics.LEVEL, "unit": "patient",
+                           "stratified_by": "the patient's class"}
+  out["clinical"] = clinical
+  return out
+
+
+def roc_groups(probs: np.ndarray, labels: np.ndarray,
+               magnifications: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{40X..400X, all: (0/1 labels, P(malignant))} of the test images, for `metrics.roc_figure`."""
+  groups = {mag: (labels[magnifications == m], probs[magnifications == m, 1])
+            for m, mag in enumerate(MAGNIFICATIONS) if np.any(magnifications == m)}
+  groups[ALL] = (labels, probs[:, 1])
+  return groups
+
+
+def write_roc_plot(path: str, rows: Sequence[dict], title: str) -> None:
+  """ROC curves of P(malignant), per magnification and over all, from predictions.csv's rows, as
+  a PNG (atomically)."""
+  labels = np.array([CLASSES.index(r["label"]) for r in rows], np.int64)
+  scores = np.array([float(r["prob_malignant"]) for r in rows])
+  mags = np.array([MAGNIFICATIONS.index(r["magnification"]) for r in rows], np.int64)
+  fig = metrics.roc_figure(roc_groups(np.stack([1 - scores, scores], -1), labels, mags),
+                           f"{title}: image-level ROC of P(malignant)")
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=120)
 
 
 def format_table(results: dict) -> str:
@@ -118,4 +227,15 @@ def format_table(results: dict) -> str:
           f"{100 * results['majority_baseline'][m][level]:>8.1f}" for m in mags))
   lines.append(f"{'test images / patients':<26}" + "".join(
       f"{results['num_images'][m]:>5}/{results['num_patients'][m]:<2}" for m in mags))
+  for level in ("image", "patient") if "clinical" in results else ():
+    for name in metrics.BINARY_METRICS:
+      cells = [results["clinical"][level].get(m, {}).get(name, {}).get("value") for m in mags]
+      lines.append(f"{level + ' ' + name.replace('_', ' '):<26}" + "".join(
+          f"{'—':>8}" if v is None else f"{100 * v:>8.1f}" for v in cells))
+  for name in ("balanced_accuracy", "macro_f1") if "multiclass" in results else ():
+    lines.append(f"{'subtype ' + name.replace('_', ' '):<26}" + "".join(
+        f"{100 * results['multiclass'][m]['image'][name]:>8.1f}" for m in mags))
+  absent = results.get("magnifications", {}).get("absent", [])
+  if absent:
+    lines.append(f"absent (no test images in this fold): {', '.join(absent)}")
   return "\n".join(lines)

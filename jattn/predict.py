@@ -8,6 +8,8 @@ of malignant and the prediction; when the file name follows BreakHis' convention
 the magnification and the majority vote of that patient's given images at that magnification
 (ties by the run's tie rule). With --tta dihedral (or a run trained with config.tta='dihedral')
 each probability is the mean over the image's 8 flips and right-angle turns.
+(ties by the run's tie rule). A run of the subtype task (config.task='subtype') also gives the
+predicted subtype, and its patient vote is the plurality subtype (`evaluate.plurality_vote`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import sys
 import numpy as np
 
 from jattn import evaluate, files, runs
-from jattn.data.breakhis import CLASSES, parse_file_name
+from jattn.data.breakhis import CLASSES, SUBTYPES, TASKS, parse_file_name
 from jattn.data.prepare import decode_resize
 from jattn.errors import UserError, exit_on_user_error
 
 COLUMNS = ("file", "prob_malignant", "prediction", "patient_id", "magnification", "patient_vote")
+SUBTYPE_COLUMNS = (*COLUMNS, "subtype", "prob_subtype")  # the columns of a subtype run
 
 
 def load_images(paths: list[str], image_size: int) -> np.ndarray:
@@ -48,10 +51,17 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32,
   config, state = runs.restore(workdir)
   tta = tta or config.get("tta", "none")
   probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size, tta)
+  names = TASKS[config.get("task", "binary")]
+  class_of = {c: c for c in CLASSES} | {c: SUBTYPES[c][1] for c in SUBTYPES}
+  malignant = [i for i, c in enumerate(names) if class_of[c] == "malignant"]
   rows = []
   for path, p in zip(paths, probs, strict=True):
-    row = {"file": path, "prob_malignant": f"{p[1]:.6f}", "prediction": CLASSES[int(p[1] > p[0])],
+    k = int(np.argmax(p))
+    row = {"file": path, "prob_malignant": f"{p[malignant].sum():.6f}",
+           "prediction": class_of[names[k]],
            "patient_id": "", "magnification": "", "patient_vote": ""}
+    if names != CLASSES:
+      row.update(subtype=names[k], prob_subtype=f"{p[k]:.6f}")
     try:
       parsed = parse_file_name(os.path.basename(path))
       row.update(patient_id=parsed.patient_id, magnification=parsed.magnification)
@@ -62,10 +72,16 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32,
   if named:
     keys = sorted({(r["patient_id"], r["magnification"]) for r in named})
     group = np.array([keys.index((r["patient_id"], r["magnification"])) for r in named])
-    preds = np.array([CLASSES.index(r["prediction"]) for r in named])
-    votes = evaluate.patient_vote(group, preds, config.tie_rule)
+    if names == CLASSES:
+      preds = np.array([CLASSES.index(r["prediction"]) for r in named])
+      votes = {g: CLASSES[v] for g, v in evaluate.patient_vote(group, preds,
+                                                                config.tie_rule).items()}
+    else:
+      sel = [i for i, r in enumerate(rows) if r["patient_id"]]
+      votes = {g: names[v] for g, v in evaluate.plurality_vote(
+          group, np.argmax(probs[sel], -1), probs[sel]).items()}
     for r, g in zip(named, group, strict=True):
-      r["patient_vote"] = CLASSES[votes[int(g)]]
+      r["patient_vote"] = votes[int(g)]
   return rows
 
 
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
   with exit_on_user_error("jattn.predict"):
     rows = predict(args.workdir, args.images, args.batch_size, args.tta)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=SUBTYPE_COLUMNS if "subtype" in rows[0] else COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     if args.out:

@@ -5,8 +5,14 @@
 A sweep folder holds one training run per config name and fold, `SWEEP/<name>/fold<k>/`, each
 finished run with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
 experiments/sweep.py (row order and expected folds). Every cell is the mean and sample standard
-deviation over the folds that finished; a cell short of folds says so (`(3/5)`), one with none
-shows `—`. Each row that reproduces a row of the paper is followed by the paper's published figure.
+deviation over the folds that finished and have the figure; a cell short of folds says so
+(`(3/5)`: e.g. a fold without test images at that magnification), one with none shows `—`. Each row
+that reproduces a row of the paper is followed by the paper's published figure (only for runs of
+the paper's setting: the binary task on all four magnifications). When the sweep holds binary runs
+with clinical metrics, Tables 4-5 give sensitivity, specificity, balanced accuracy, F1 and ROC-AUC
+at image and patient level; when it holds subtype runs (config.task='subtype'), Table 6 gives their
+balanced accuracy, macro F1 and per-subtype F1. Results written before these figures existed are
+read as they are (their cells in the new tables are missing).
 Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png.
 """
 
@@ -23,7 +29,7 @@ import re
 import numpy as np
 
 from jattn import files
-from jattn.data.breakhis import MAGNIFICATIONS
+from jattn.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES
 from jattn.errors import UserError, exit_on_user_error
 
 RESULTS_SCHEMA = "jattn.results/1"  # as written by jattn.train
@@ -50,13 +56,40 @@ PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
+ALL = "all"  # the column over every tested magnification together (jattn.evaluate.ALL)
+
+
 @dataclasses.dataclass(frozen=True)
 class Table:
-  key: str  # the field of results.json
+  key: str  # the field of results.json (a dotted name for the figures found at `path`)
   title: str
   paper: dict[str, dict[str, tuple[float, float]]] | None  # the paper's figures, if it has them
+  path: tuple[str, ...] = ()  # where the figure is in results.json, "{col}" the column; () = key
+  columns: tuple[str, ...] = MAGNIFICATIONS
+  section: str = "paper"  # tables of one section are shown together ('paper' always)
+  metric: str = ""  # the row's metric, for sections that put several tables in one
+
+  def value(self, results: dict, column: str) -> float | None:
+    """The figure in [0, 1] of one run at one column; None where the run has none."""
+    node = results
+    for part in self.path or (self.key, "{col}"):
+      if not isinstance(node, dict):
+        return None
+      node = node.get(column if part == "{col}" else part)
+    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
+CLINICAL_METRICS = {"sensitivity": "sensitivity", "specificity": "specificity",
+                    "balanced_accuracy": "balanced accuracy", "f1": "F1",
+                    "roc_auc": "ROC-AUC"}  # jattn.metrics.BINARY_METRICS, as the rows read
+SECTION_TITLES = {
+    "clinical_image": "Table 4. Binary runs, image level (%): sensitivity (malignant recall), "
+                      "specificity, balanced accuracy, F1 of malignant, ROC-AUC of P(malignant)",
+    "clinical_patient": "Table 5. Binary runs, patient level (%): the patient's majority vote, "
+                        "and ROC-AUC of the mean P(malignant) of its images",
+    "subtype": "Table 6. Subtype runs (8 classes), image level (%): balanced accuracy (mean "
+               "recall), macro F1 and F1 per subtype",
+}
 TABLES = (
     Table("image_accuracy", "Table 1. Image-level accuracy (%)", PAPER_TABLE1),
     Table("patient_accuracy", "Table 2. Patient-level accuracy (%): majority vote of a test "
@@ -64,9 +97,19 @@ TABLES = (
     Table("patient_recognition_rate", "Table 3. Patient recognition rate (%) of Spanhol et al. "
           "(2016): mean over test patients of the fraction of their images classified correctly; "
           "not reported by the paper", None),
+    *(Table(f"clinical.{level}.{metric}", SECTION_TITLES[f"clinical_{level}"], None,
+            ("clinical", level, "{col}", metric, "value"), (*MAGNIFICATIONS, ALL),
+            f"clinical_{level}", label)
+      for level in ("image", "patient") for metric, label in CLINICAL_METRICS.items()),
+    *(Table(f"multiclass.{m}", SECTION_TITLES["subtype"], None,
+            ("multiclass", "{col}", "image", m), (*MAGNIFICATIONS, ALL), "subtype", label)
+      for m, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))),
+    *(Table(f"per_class.{code}.f1", SECTION_TITLES["subtype"], None,
+            ("per_class", "{col}", code, "f1"), (*MAGNIFICATIONS, ALL), "subtype", f"F1 {code}")
+      for code in SUBTYPE_CODES),
 )
 _REQUIRED = ("schema", "name", "paper_row", "fold", "finished")
-_REQUIRED_FINISHED = tuple(t.key for t in TABLES)
+_REQUIRED_FINISHED = tuple(t.key for t in TABLES if t.section == "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +122,14 @@ class Sweep:
   paper_rows: dict[str, str]  # name -> the paper's row it reproduces ('' for none)
   results: dict[tuple[str, int], dict]  # (name, fold) -> results.json, finished runs only
   unfinished: list[tuple[str, int]]  # expected runs without finished results, in order
+  settings: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> '' (the paper's
+  # setting: binary, all magnifications) or what differs, e.g. 'subtype', '100X'
+
+  def sections(self) -> list[str]:
+    """The sections of tables that some finished run has figures for, in TABLES order."""
+    have = {t.section for t in TABLES for r in self.results.values()
+            if t.section == "paper" or any(t.value(r, c) is not None for c in t.columns)}
+    return list(dict.fromkeys(t.section for t in TABLES if t.section in have))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +179,7 @@ def collect(sweep_dir: str) -> Sweep:
     raise UserError(f"{sweep_dir}: no runs found; expected SWEEP/<name>/fold<k>/results.json "
                     f"or a {MANIFEST}")
 
-  results, unfinished, paper_rows = {}, [], {}
+  results, unfinished, paper_rows, settings = {}, [], {}, {}
   for name, fold, workdir in runs:
     path = os.path.join(sweep_dir, workdir, "results.json")
     r = _read_results(path) if os.path.exists(path) else None
@@ -138,13 +189,28 @@ def collect(sweep_dir: str) -> Sweep:
     if (r["name"], r["fold"]) != (name, fold):
       raise UserError(f"{path}: holds name {r['name']!r} fold {r['fold']}, but the sweep expects "
                       f"name {name!r} fold {fold} there; move it to its own folder")
+    setting = _setting(r)
+    if settings.setdefault(name, setting) != setting:
+      raise UserError(f"{path}: a run of {setting or 'the paper setting'}, but other folds of "
+                      f"{name!r} are of {settings[name] or 'the paper setting'}; give each "
+                      f"setting its own config.name")
+    r = {**r, "paper_row": r["paper_row"] if not setting else ""}  # no paper figure to compare
     if paper_rows.setdefault(name, r["paper_row"]) != r["paper_row"]:
       raise UserError(f"{path}: paper_row {r['paper_row']!r}, but other folds of {name!r} say "
                       f"{paper_rows[name]!r}; rerun them with the same config")
     results[(name, fold)] = r
   return Sweep(sweep_dir=sweep_dir, names=names, folds=folds,
                paper_rows={n: paper_rows.get(n, "") for n in names}, results=results,
-               unfinished=unfinished)
+               unfinished=unfinished, settings={n: settings.get(n, "") for n in names})
+
+
+def _setting(results: dict) -> str:
+  """'' for the paper's setting (binary task, all four magnifications), else what differs."""
+  task = results.get("task", "binary")
+  selected = results.get("magnifications", {}).get("selected", list(MAGNIFICATIONS))
+  parts = ([task] if task != "binary" else []) + (
+      [",".join(selected)] if list(selected) != list(MAGNIFICATIONS) else [])
+  return " ".join(parts)
 
 
 def _read_manifest(path: str) -> tuple[list[str], list[int], list[tuple[str, int, str]]]:
@@ -206,41 +272,65 @@ def _read_results(path: str) -> dict:
 
 
 def aggregate(sweep: Sweep) -> list[Cell]:
-  """Every cell of every table: per table, config (in row order) and magnification."""
+  """Every cell of every table shown: per table, config (in row order) and column."""
   cells = []
+  sections = sweep.sections()
   for table in TABLES:
+    if table.section not in sections:
+      continue
     for name in sweep.names:
       paper_row = sweep.paper_rows[name]
-      for mag in MAGNIFICATIONS:
-        values = tuple(100.0 * sweep.results[(name, k)][table.key][mag] for k in sweep.folds
-                       if (name, k) in sweep.results and mag in sweep.results[(name, k)][table.key])
-        paper = (table.paper or {}).get(paper_row, {}).get(mag, (None, None))
-        cells.append(Cell(table.key, name, paper_row, mag, values, len(sweep.folds), *paper))
+      for col in table.columns:
+        figures = [table.value(sweep.results[(name, k)], col) for k in sweep.folds
+                   if (name, k) in sweep.results]
+        values = tuple(100.0 * v for v in figures if v is not None)
+        paper = (table.paper or {}).get(paper_row, {}).get(col, (None, None))
+        cells.append(Cell(table.key, name, paper_row, col, values, len(sweep.folds), *paper))
   return cells
 
 
 def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
-  """The three tables, one row per config and one column per magnification, as Markdown."""
+  """The tables as Markdown: Tables 1-3 one row per config and one column per magnification;
+  each further section (clinical, subtype) one row per config and metric."""
   by_key = {(c.table, c.name, c.magnification): c for c in cells}
   n = len(sweep.folds)
   lines = [f"# Results of {sweep.sweep_dir}", "",
            f"{n} folds expected per config (folds {', '.join(map(str, sweep.folds))}). "
-           f"`(n/{n})`: only n folds finished, the figure is over those; `—`: no fold finished; "
+           f"`(n/{n})`: only n folds finished (or had test images at that magnification), the "
+           f"figure is over those; `—`: no fold has the figure; "
            f"a figure without ± comes from one fold. Rows in italics, `paper: <row>`, are the "
            f"figures published by Wu et al., ISBI 2019 (Tables 1 and 2), for the row of the paper "
            f"that the config above them reproduces.", ""]
-  header = "| Method | " + " | ".join(MAGNIFICATIONS) + " |"
-  rule = "|---|" + "---|" * len(MAGNIFICATIONS)
-  for table in TABLES:
-    lines += [f"**{table.title}.** Mean ± sample standard deviation (ddof = 1) over the finished "
-              f"folds.", "", header, rule]
+  label = {name: f"{name} ({sweep.settings[name]})" if sweep.settings.get(name) else name
+           for name in sweep.names}
+  for section in sweep.sections():
+    tables = [t for t in TABLES if t.section == section]
+    columns = tables[0].columns
+    if section == "paper":
+      for table in tables:
+        lines += [f"**{table.title}.** Mean ± sample standard deviation (ddof = 1) over the "
+                  f"finished folds.", "", "| Method | " + " | ".join(columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for name in sweep.names:
+          lines.append(f"| {label[name]} | " + " | ".join(
+              by_key[(table.key, name, m)].text() for m in columns) + " |")
+          paper = (table.paper or {}).get(sweep.paper_rows[name])
+          if paper:
+            lines.append(f"| *paper: {sweep.paper_rows[name]}* | " + " | ".join(
+                f"*{paper[m][0]:.1f} ± {paper[m][1]:.1f}*" for m in columns) + " |")
+        lines.append("")
+      continue
+    lines += [f"**{SECTION_TITLES[section]}.** Mean ± sample standard deviation (ddof = 1) over "
+              f"the finished folds; `{ALL}`: every tested magnification together.", "",
+              "| Method | Metric | " + " | ".join(columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     for name in sweep.names:
-      lines.append(f"| {name} | " + " | ".join(
-          by_key[(table.key, name, m)].text() for m in MAGNIFICATIONS) + " |")
-      paper = (table.paper or {}).get(sweep.paper_rows[name])
-      if paper:
-        lines.append(f"| *paper: {sweep.paper_rows[name]}* | " + " | ".join(
-            f"*{paper[m][0]:.1f} ± {paper[m][1]:.1f}*" for m in MAGNIFICATIONS) + " |")
+      rows = [(t, [by_key[(t.key, name, c)] for c in columns]) for t in tables]
+      if not any(c.n_folds for _, row in rows for c in row):
+        continue  # runs of another task
+      for table, row in rows:
+        lines.append(f"| {label[name]} | {table.metric} | " + " | ".join(
+            c.text() for c in row) + " |")
     lines.append("")
   if sweep.unfinished:
     lines.append("Unfinished runs, counted as missing: " + ", ".join(

@@ -214,6 +214,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     check(0 <= config.augment[name] <= high,
           f"--config.augment.{name}={config.augment[name]}: between 0 (off) and {high}")
   check(config.tta in TTA_MODES, f"--config.tta={config.tta!r}: use one of {TTA_MODES}")
+  _, task = data.selection(config)  # config.magnifications and config.task
+  classes = data.TASKS[task]
+  check(config.model.num_classes == len(classes),
+        f"--config.model.num_classes={config.model.num_classes} does not fit --config.task={task} "
+        f"({len(classes)} classes: {', '.join(classes)}); set --config.model.num_classes="
+        f"{len(classes)}")
+  check(isinstance(config.bootstrap_resamples, int) and config.bootstrap_resamples >= 0,
+        f"--config.bootstrap_resamples={config.bootstrap_resamples!r}: a count >= 0 (0: no CIs)")
   models.build_model(config.model)  # checks the model fields
 
 
@@ -363,6 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   results, rows = _evaluate_fold(config, state, fold_data)
   _write_csv(os.path.join(workdir, "predictions.csv"), rows)
+  evaluate.write_roc_plot(os.path.join(workdir, "roc.png"), rows,
+                         f"{config.name}, fold {config.fold}")
   results["train"] = {"epochs": config.num_epochs, "steps": int(state.step),
                       "steps_per_epoch": steps_per_epoch,
                       "wall_time_this_session_s": round(time.time() - started, 1)}
@@ -413,21 +423,29 @@ def _evaluate_fold(config, state, fold_data) -> tuple[dict, list[dict]]:
   index, probs = np.concatenate(index), np.concatenate(probs)
   if sorted(index.tolist()) != sorted(np.asarray(fold_data.test_indices).tolist()):
     raise AssertionError("the test loader did not yield every test image exactly once")
-  predictions = np.argmax(probs, axis=-1)
+  task = config.get("task", "binary")
+  names = data.TASKS[task]
+  p_malignant = probs[:, 1] if task == "binary" else probs[:, [
+      i for i, c in enumerate(names) if data.SUBTYPES[c][1] == "malignant"]].sum(-1)
+  predicted = np.argmax(probs, axis=-1)  # a class, or a subtype whose class is predicted
   rows = [{"file_name": fold_data.file_names[i],
            "magnification": data.MAGNIFICATIONS[fold_data.magnifications[i]],
            "patient_id": fold_data.patient_ids[fold_data.patients[i]],
-           "label": evaluate.CLASSES[fold_data.labels[i]],
-           "prob_malignant": f"{p[1]:.6f}", "prediction": evaluate.CLASSES[int(np.argmax(p))]}
-          for i, p in zip(index, probs, strict=True)]
+           "label": evaluate.CLASSES[fold_data.labels[i]], "prob_malignant": f"{pm:.6f}",
+           "prediction": names[k] if task == "binary" else data.SUBTYPES[names[k]][1],
+           **({"subtype": names[fold_data.subtypes[i]], "predicted_subtype": names[k]}
+              if task == "subtype" else {})}
+          for i, k, pm in zip(index, predicted, p_malignant, strict=True)]
+  figures = evaluate.evaluate_predictions(
+      probs=probs, labels=fold_data.labels[index], subtypes=fold_data.subtypes[index],
+      patients=fold_data.patients[index], magnifications=fold_data.magnifications[index],
+      patient_ids=fold_data.patient_ids, task=task, tie_rule=config.tie_rule,
+      selected=data.selection(config)[0], bootstrap_resamples=config.get("bootstrap_resamples", 0),
+      bootstrap_seed=config.get("bootstrap_seed", 0))
   results = {
       "schema": RESULTS_SCHEMA, "name": config.name, "paper_row": config.paper_row,
       "fold": config.fold, "finished": True, "tie_rule": config.tie_rule, "tta": config.tta,
-      **evaluate.summarize(
-          labels=fold_data.labels[index], predictions=predictions,
-          patients=fold_data.patients[index], magnifications=fold_data.magnifications[index],
-          subtypes=fold_data.subtypes[index], patient_ids=fold_data.patient_ids,
-          tie_rule=config.tie_rule),
+      **figures,
       "normalization": {"mean": [float(x) for x in fold_data.mean],
                         "std": [float(x) for x in fold_data.std],
                         "computed_on": f"the {len(fold_data.train_indices)} training images of "

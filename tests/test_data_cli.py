@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -93,3 +94,37 @@ def test_synthesize_command(tmp_path):
   again = _run("synthesize", "--out", str(out))
   assert again.returncode == 2 and "already exists" in again.stderr
   assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_describe_folds_generated_is_the_default(synthetic_tree):
+  """Guards against `--folds generated` being refused although the help names it the default
+  (issue 12)."""
+  data_dir, _ = synthetic_tree
+  default = _run("describe", "--source", data_dir, "--json", "--no-image-check")
+  named = _run("describe", "--source", data_dir, "--folds", "generated", "--json",
+               "--no-image-check")
+  assert (default.returncode, named.returncode) == (0, 0), named.stderr
+  assert json.loads(named.stdout) == json.loads(default.stdout)
+  assert json.loads(named.stdout)["folds_source"] == "generated (seed 0)"
+
+
+def test_describe_lists_missing_folds(tmp_path):
+  """Guards against `describe` reporting `problems (0)` for an mkfold tree missing fold 3 and a
+  Folds.csv without fold 5, which training refuses (issue 12)."""
+  from conftest import small_tree
+
+  data_dir = small_tree(tmp_path / "data", junk=False, odd_sizes=0)
+  shutil.rmtree(os.path.join(data_dir, "mkfold", "fold3"))
+  result = _run("describe", "--source", data_dir, "--folds", "mkfold", "--no-image-check")
+  assert result.returncode == 0, result.stderr
+  mkfold = os.path.join(data_dir, "mkfold")
+  assert "problems (1):" in result.stdout
+  assert f"  - {mkfold} has no fold 3 (it has folds 1, 2, 4, 5)" in result.stdout.splitlines()
+  lines = open(os.path.join(data_dir, "Folds.csv")).read().splitlines()
+  no_five = tmp_path / "Folds.csv"
+  no_five.write_text("\n".join(line for line in lines if not line.startswith("5,")) + "\n")
+  result = _run("describe", "--source", data_dir, "--folds", str(no_five), "--json",
+                "--no-image-check")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["problems"] == [f"{no_five} has no fold 5 (it has folds 1, 2, "
+                                                   f"3, 4)"]

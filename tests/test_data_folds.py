@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import logging
 import os
 import shutil
 
@@ -144,7 +145,8 @@ def test_file_not_on_disk_is_refused_by_load_fold(tmp_path, synthetic_tree, prep
     load_fold(config)
 
 
-def test_leaking_split_is_refused(tmp_path, synthetic_tree, prepared_dir, records):
+def test_leaking_split_is_refused(tmp_path, synthetic_tree, prepared_dir, records, caplog):
+  """Guards against a leak passing silently, and against it blocking the other folds' runs."""
   data_dir, summary = synthetic_tree
   by_name = {r.file_name: r for r in records}
   chosen = folds.read_folds(summary["folds_csv"])
@@ -160,12 +162,21 @@ def test_leaking_split_is_refused(tmp_path, synthetic_tree, prepared_dir, record
 
   path = _rewrite(summary["folds_csv"], tmp_path / "Folds.csv", leak)
   with pytest.raises(UserError, match=rf"fold 2 of .* leaks patient\(s\) {patient}"):
-    load_fold(data_config(data_dir, prepared_dir, folds=path))
+    load_fold(data_config(data_dir, prepared_dir, folds=path, fold=2))
+  # Another fold of the same file is usable: the leak of fold 2 is only a warning for it.
+  with caplog.at_level(logging.WARNING, logger="jattn.data.pipeline"):
+    fold_data = load_fold(data_config(data_dir, prepared_dir, folds=path, fold=1))
+  assert len(fold_data.test_indices) > 0
+  assert any(f"fold 2 of {path} leaks patient(s) {patient}" in r.getMessage()
+             and "fold 1, the one being run, is not affected" in r.getMessage()
+             for r in caplog.records)
 
 
-def test_magnification_without_test_images_is_refused(
+def test_magnification_without_test_images_is_a_warning(
     tmp_path, synthetic_tree, prepared_dir, records
 ):
+  """Guards against a magnification missing from one fold's test split stopping that fold's run
+  (it is reported, and absent from the results) or going unreported."""
   data_dir, summary = synthetic_tree
 
   def no_400x_test_in_fold_3(row):
@@ -175,16 +186,48 @@ def test_magnification_without_test_images_is_refused(
 
   path = _rewrite(summary["folds_csv"], tmp_path / "Folds.csv", no_400x_test_in_fold_3)
   problems, warnings = folds.check_folds(folds.read_folds(path), records)
-  assert problems == [f"fold 3 of {path} has no test images at 400X"]
-  assert len(warnings) == 1 and "leaves out" in warnings[0]
-  with pytest.raises(UserError, match="fold 3 of .* has no test images at 400X"):
-    load_fold(data_config(data_dir, prepared_dir, folds=path))
+  assert problems == []
+  assert warnings[0] == (f"fold 3 of {path} has no test images at 400X: that magnification is "
+                         f"absent from its results")
+  assert len(warnings) == 2 and "leaves out" in warnings[1]
+  fold_data = load_fold(data_config(data_dir, prepared_dir, folds=path, fold=3))
+  test_mags = {breakhis.MAGNIFICATIONS[m] for m in fold_data.magnifications[fold_data.test_indices]}
+  assert test_mags == {"40X", "100X", "200X"}
+  # A magnification-specific run of 400X has nothing to test in fold 3: that is an error.
+  with pytest.raises(UserError, match=rf"^fold 3 of {path} has no test images;"):
+    load_fold(data_config(data_dir, prepared_dir, folds=path, fold=3, magnifications=("400X",)))
 
 
-def test_fold_without_training_images_is_refused(records):
-  chosen = folds.Folds("x.csv", {1: {r.file_name: "test" for r in records}})
+def test_fold_without_training_images_or_a_class_is_refused(records):
+  """Guards against training without images, or without a class (a subtype) the model outputs."""
+  whole = {r.file_name: "test" for r in records}
+  chosen = folds.Folds("x.csv", {k: whole for k in folds.FOLDS})
+  by_fold = folds.check_by_fold(chosen, records)
+  assert by_fold[1][0] == ["fold 1 of x.csv has no training images"]
+  # Fold 1 trains on every image but those of lobular carcinoma (test) and of phyllodes tumour
+  # (left out); binary still has both classes, the subtype task lacks two classes.
+  split = {r.file_name: "test" if r.subtype == "LC" else "train" for r in records
+           if r.subtype != "PT"}
+  chosen = folds.Folds("x.csv", {k: split for k in folds.FOLDS})
+  assert folds.check_by_fold(chosen, records)[1][0] == []
+  assert folds.check_by_fold(chosen, records, task="subtype")[1][0] == [
+      "fold 1 of x.csv has no training images of the subtype(s) PT, LC"]
+  no_benign = {r.file_name: "test" if r.label == 0 else "train" for r in records}
+  with pytest.raises(UserError, match="^fold 2 of y.csv has no training images of the class"
+                     r"\(es\) benign; list them with"):
+    folds.validate_folds(folds.Folds("y.csv", {k: no_benign for k in folds.FOLDS}), records,
+                         fold=2)
+
+
+def test_missing_folds_are_problems_of_describe_and_of_their_own_runs(records):
+  """Guards against `describe` reporting no problem for folds that a run of them refuses
+  (issue 12: an mkfold tree missing fold 3, a Folds.csv without fold 5)."""
+  split = {r.file_name: "train" for r in records}
+  chosen = folds.Folds("x.csv", {1: split, 2: split, 4: split, 5: split})
   problems, _ = folds.check_folds(chosen, records)
-  assert problems == ["fold 1 of x.csv has no training images"]
+  assert "x.csv has no fold 3 (it has folds 1, 2, 4, 5)" in problems
+  with pytest.raises(UserError, match=r"^x.csv has no fold 3 \(it has folds 1, 2, 4, 5\)"):
+    folds.validate_folds(chosen, records, fold=3)
 
 
 def test_mkfold_errors(tmp_path, synthetic_tree):

@@ -230,3 +230,35 @@ def test_unreadable_inputs_give_a_one_line_error(tmp_path):
   (tmp_path / "sweep.json").write_text(json.dumps({"folds": [1]}))
   with pytest.raises(UserError, match=r"sweep.json: missing key 'names'"):
     tables.collect(str(tmp_path))
+
+
+def test_clinical_tables_mean_and_std_over_folds_and_old_results_read(tmp_path):
+  """Guards against the clinical columns averaging the wrong figure, counting a fold that lacks
+  it, or results written before these figures existed being refused."""
+  rng = np.random.default_rng(4)
+  values = {}
+  for fold in (1, 2, 3):
+    r = _results("ours", fold, "Ours", rng)
+    if fold != 3:  # fold 3: a results.json from before the clinical metrics
+      values[fold] = {m: float(rng.uniform(0.5, 1)) for m in (*MAGS, "all")}
+      r["clinical"] = {level: {m: {name: {"value": v, "ci95": [v - 0.1, v]}
+                                   for name in ("sensitivity", "specificity", "balanced_accuracy",
+                                                "f1", "roc_auc")}
+                               for m, v in values[fold].items()} for level in ("image", "patient")}
+      if fold == 1:
+        del r["clinical"]["image"]["400X"]  # no 400X test images in that fold
+      r["clinical"]["patient"]["all"]["roc_auc"]["value"] = None  # undefined there
+    _write(tmp_path, "ours", fold, r)
+  cells = _cells(tmp_path)
+  both = 100 * np.array([values[1]["40X"], values[2]["40X"]])
+  auc = cells[("clinical.image.roc_auc", "ours", "40X")]
+  assert (auc.n_folds, auc.n_expected) == (2, 3)
+  assert auc.text() == f"{both.mean():.1f} ± {both.std(ddof=1):.1f} (2/3)"
+  assert cells[("clinical.image.f1", "ours", "400X")].n_folds == 1
+  assert cells[("clinical.patient.roc_auc", "ours", "all")].n_folds == 0
+  assert cells[("clinical.patient.sensitivity", "ours", "all")].n_folds == 2
+  assert ("multiclass.macro_f1", "ours", "40X") not in cells  # no subtype run, no subtype table
+  markdown = tables.write_tables(str(tmp_path))
+  assert "| Method | Metric | 40X | 100X | 200X | 400X | all |" in markdown
+  assert f"| ours | ROC-AUC | {auc.text()} |" in markdown
+  assert "Table 6." not in markdown and "| *paper: Ours* |" in markdown

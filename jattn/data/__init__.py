@@ -13,7 +13,7 @@ only `jattn.data.breakhis` do not load grain, JAX and TFDS.
 
 import importlib
 
-from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES, Record
+from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES, TASKS, Record
 
 _LAZY = {
     "Breakhis": "jattn.data.tfds_builder",
@@ -22,13 +22,14 @@ _LAZY = {
     "generate_folds": "jattn.data.folds",
     "load_fold": "jattn.data.pipeline",
     "read_folds": "jattn.data.folds",
+    "selection": "jattn.data.pipeline",
     "steps_per_epoch": "jattn.data.pipeline",
     "synthesize": "jattn.data.synthetic",
     "test_batches": "jattn.data.pipeline",
     "train_batches": "jattn.data.pipeline",
 }
 
-__all__ = ["CLASSES", "MAGNIFICATIONS", "SUBTYPE_CODES", "SUBTYPES", "Record", *_LAZY]
+__all__ = ["CLASSES", "MAGNIFICATIONS", "SUBTYPE_CODES", "SUBTYPES", "TASKS", "Record", *_LAZY]
 
 
 def __getattr__(name):

@@ -15,7 +15,8 @@ then describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v
 
 `describe` reads DATA_DIR (the folder that holds BreaKHis_v1; it writes nothing) and prints, per
 fold, split and magnification, image and patient counts by class, then every problem it found.
-Without --folds it describes the folds `config.folds='generated'` would use for `--seed`.
+Without --folds (or with `--folds generated`) it describes the folds `config.folds='generated'`
+would use for `--seed`.
 With --json it prints one JSON object with these keys:
 
   source        absolute path of DATA_DIR
@@ -31,9 +32,11 @@ With --json it prints one JSON object with these keys:
                 total}, patients: {benign, malignant, total}}}, leaked_patients: [ids],
                 left_out: images of the data set in neither split}}
   problems      one line each: unparseable names, unreadable images, duplicate names, folder/name
-                disagreement, leaks, listed files not in the data set, magnifications without
-                test images
-  warnings      one line each: what the folds drop or leave out without making them unusable
+                disagreement, missing folds (of 1..5), leaks, listed files not in the data set,
+                folds without training or test images or without training images of a class
+  warnings      one line each: what does not make a fold unusable: magnifications without test
+                (or training) images in a fold (absent from its results), files a fold drops
+                or leaves out
 
 Errors are one line on stderr, exit status 2, no traceback.
 """
@@ -90,7 +93,7 @@ def describe(
   records = [r for r in found.records if r.path not in unreadable]
   problems = list(found.problems)
   problems += [f"unreadable image: {path}: {why}" for path, why in sorted(unreadable.items())]
-  if folds is None:
+  if folds in (None, "generated"):
     chosen = folds_lib.generate_folds(records, seed)
   else:
     path = folds if os.path.exists(folds) else os.path.join(source, folds)
@@ -217,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
   syn.add_argument("--threads", type=int, default=None)
   desc = commands.add_parser("describe", help="counts and problems of a tree and its folds")
   desc.add_argument("--source", required=True, help="the folder that holds BreaKHis_v1")
-  desc.add_argument("--folds", help="a Folds.csv or an mkfold folder (default: generated)")
+  desc.add_argument("--folds", help="'generated' (the default), a Folds.csv or an mkfold folder")
   desc.add_argument("--seed", type=int, default=0, help="seed of the generated folds")
   desc.add_argument("--json", action="store_true", help="print one JSON object")
   desc.add_argument("--no-image-check", action="store_true", help="do not decode every image")

@@ -8,9 +8,11 @@
    independent random split like the official ones, stratified by subtype (hence by class), and
    `write_folds_csv` writes them in the Folds.csv form so that a run can be repeated and shared.
 
-The official protocol splits by patient. `check_folds` lists what makes a split unusable (a patient
-on both sides, files that are not in the data set, a magnification without test images, a fold
-without training images); `validate_folds` refuses such folds with a `UserError`.
+The official protocol splits by patient. `check_folds` lists what makes a split unusable (a missing
+fold, a patient on both sides, files that are not in the data set, a fold without training or test
+images or without training images of a class) and what is only worth a warning (a magnification
+without test images: it is absent from that fold's results). `validate_folds` refuses a run whose
+own fold is unusable with a `UserError`; other folds' problems are only warnings for that run.
 """
 
 from __future__ import annotations
@@ -233,68 +235,130 @@ def _names_list(names, limit: int = 3) -> str:
   return ", ".join(names[:limit]) + more
 
 
+def _check_fold(
+    where: str,
+    split: Mapping[str, str],
+    by_name: Mapping[str, breakhis.Record],
+    skipped_names: set[str],
+    task: str,
+) -> tuple[list[str], list[str]]:
+  """(problems, warnings) of one fold's `split` against the records it may use (`by_name`)."""
+  problems, warnings = [], []
+  unknown = [n for n in split if n not in by_name and n not in skipped_names]
+  if unknown:
+    problems.append(
+        f"{where} lists {len(unknown)} file(s) not in the data set (not on disk, misnamed or "
+        f"left out): {_names_list(unknown)}"
+    )
+  dropped = [n for n in split if n in skipped_names]
+  if dropped:
+    warnings.append(f"{where}: dropped {len(dropped)} unreadable file(s): {_names_list(dropped)}")
+  sides = {g: [by_name[n] for n, grp in split.items() if grp == g and n in by_name] for g in GROUPS}
+  leaked = {r.patient_id for r in sides["train"]} & {r.patient_id for r in sides["test"]}
+  if leaked:
+    problems.append(
+        f"{where} leaks patient(s) {_names_list(leaked)}: they have images in both train and "
+        f"test (the protocol splits by patient)"
+    )
+  if not sides["train"]:
+    problems.append(f"{where} has no training images")
+  else:
+    # Every class the model has an output for must be seen in training.
+    present = {r.subtype if task == "subtype" else breakhis.CLASSES[r.label]
+               for r in sides["train"]}
+    absent = [c for c in breakhis.TASKS[task] if c not in present]
+    if absent:
+      what = "subtype(s)" if task == "subtype" else "class(es)"
+      problems.append(f"{where} has no training images of the {what} {', '.join(absent)}")
+  if not sides["test"]:
+    problems.append(f"{where} has no test images")
+  mags = {_name_mag(n) for n in split} | {r.magnification for r in by_name.values()}
+  for group in GROUPS:
+    have = {r.magnification for r in sides[group]}
+    for mag in breakhis.MAGNIFICATIONS:
+      if sides[group] and mag in mags and mag not in have:
+        warnings.append(
+            f"{where} has no {group} images at {mag}"
+            + (": that magnification is absent from its results" if group == "test" else "")
+        )
+  left_out = [n for n in by_name if n not in split]
+  if left_out:
+    warnings.append(
+        f"{where} leaves out {len(left_out)} image(s) of the data set: {_names_list(left_out)}"
+    )
+  return problems, warnings
+
+
 def check_folds(
     folds: Folds,
     records: Iterable[breakhis.Record],
     *,
     skipped: Iterable[str] = (),
+    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    task: str = "binary",
 ) -> tuple[list[str], list[str]]:
-  """(problems, warnings) of `folds` against the data set's `records`.
+  """(problems, warnings) of every fold of `folds` against the data set's `records`.
 
-  Problems make a fold unusable: a patient on both sides (a leak), listed files that are not in the
-  data set, a magnification without test images, a fold without training images. Warnings: listed
-  files that were skipped as unreadable (`skipped`, their paths or names; they are dropped), and
-  images of the data set that a fold leaves out.
+  Problems make a fold unusable: a fold missing (of 1..5), a patient on both sides (a leak),
+  listed files that are not in the data set, no training or no test images, a class (a subtype,
+  for task 'subtype') without training images. Warnings: a magnification without test (or
+  training) images, listed files skipped as unreadable (`skipped`, paths or names; they are
+  dropped), images of the data set that a fold leaves out. Only images at `magnifications` count.
   """
-  by_name = {r.file_name: r for r in records}
+  by_fold = check_by_fold(folds, records, skipped=skipped, magnifications=magnifications,
+                          task=task)
+  return ([p for fold in FOLDS for p in by_fold[fold][0]],
+          [w for fold in FOLDS for w in by_fold[fold][1]])
+
+
+def check_by_fold(
+    folds: Folds,
+    records: Iterable[breakhis.Record],
+    *,
+    skipped: Iterable[str] = (),
+    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    task: str = "binary",
+) -> dict[int, tuple[list[str], list[str]]]:
+  """`check_folds` by fold: {1..5: (problems, warnings)}; a missing fold's problem is its own."""
+  mags = set(magnifications)
+  by_name = {r.file_name: r for r in records if r.magnification in mags}
   skipped_names = {s.rsplit("/", 1)[-1] for s in skipped}
-  problems, warnings = [], []
-  for fold, split in folds.splits.items():
-    where = f"fold {fold} of {folds.source}"
-    unknown = [n for n in split if n not in by_name and n not in skipped_names]
-    if unknown:
-      problems.append(
-          f"{where} lists {len(unknown)} file(s) not in the data set (not on disk, misnamed or "
-          f"left out): {_names_list(unknown)}"
-      )
-    dropped = [n for n in split if n in skipped_names]
-    if dropped:
-      warnings.append(f"{where}: dropped {len(dropped)} unreadable file(s): {_names_list(dropped)}")
-    sides = {
-        g: [by_name[n] for n, grp in split.items() if grp == g and n in by_name] for g in GROUPS
-    }
-    leaked = {r.patient_id for r in sides["train"]} & {r.patient_id for r in sides["test"]}
-    if leaked:
-      problems.append(
-          f"{where} leaks patient(s) {_names_list(leaked)}: they have images in both train and "
-          f"test (the protocol splits by patient)"
-      )
-    if not sides["train"]:
-      problems.append(f"{where} has no training images")
-    test_mags = {r.magnification for r in sides["test"]}
-    for mag in breakhis.MAGNIFICATIONS:
-      if mag not in test_mags:
-        problems.append(f"{where} has no test images at {mag}")
-    left_out = [n for n in by_name if n not in split]
-    if left_out:
-      warnings.append(
-          f"{where} leaves out {len(left_out)} image(s) of the data set: {_names_list(left_out)}"
-      )
-  return problems, warnings
+  by_fold: dict[int, tuple[list[str], list[str]]] = {}
+  for fold in FOLDS:
+    if fold not in folds.splits:
+      have = ", ".join(map(str, folds.splits)) or "none"
+      by_fold[fold] = ([f"{folds.source} has no fold {fold} (it has folds {have})"], [])
+      continue
+    # A name of another magnification is not this run's concern (unparseable names still are).
+    split = {n: g for n, g in folds.splits[fold].items() if _name_mag(n) in mags | {None}}
+    by_fold[fold] = _check_fold(f"fold {fold} of {folds.source}", split, by_name, skipped_names,
+                                task)
+  return by_fold
 
 
 def validate_folds(
-    folds: Folds, records: Iterable[breakhis.Record], *, skipped: Iterable[str] = ()
+    folds: Folds,
+    records: Iterable[breakhis.Record],
+    *,
+    fold: int,
+    skipped: Iterable[str] = (),
+    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    task: str = "binary",
 ) -> list[str]:
-  """Raises `UserError` on the first problem of `check_folds`; returns the warnings."""
-  problems, warnings = check_folds(folds, records, skipped=skipped)
+  """Raises `UserError` on the first problem of fold `fold`; returns its warnings and, as
+  warnings, the problems of the other folds (they do not stop a run of this one)."""
+  by_fold = check_by_fold(folds, records, skipped=skipped, magnifications=magnifications,
+                          task=task)
+  problems, warnings = by_fold[fold]
   if problems:
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     raise UserError(
         f"{problems[0]}{more}; list them with `python -m jattn.data describe --source DATA_DIR "
         f"--folds {folds.source}`"
     )
-  return warnings
+  others = [f"{p} (fold {fold}, the one being run, is not affected)"
+            for k in FOLDS if k != fold for p in by_fold[k][0]]
+  return warnings + others
 
 
 def generated_folds_path(prepared_dir: str, seed: int) -> str:

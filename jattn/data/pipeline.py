@@ -49,6 +49,7 @@ class FoldData:
   folds_source: str  # the Folds.csv, mkfold folder or generated file the fold comes from
   skipped: tuple[str, ...] = ()  # unreadable images left out (skip_corrupt=True), paths
   problems: tuple[str, ...] = ()  # what the scan of the data dir found (misnamed files, ...)
+  task: str = "binary"  # what the model is trained to tell: 'binary' or 'subtype' (breakhis.TASKS)
 
   @property
   def image_size(self) -> int:
@@ -57,6 +58,37 @@ class FoldData:
   @property
   def num_images(self) -> int:
     return int(self.images.shape[0])
+
+  @property
+  def targets(self) -> np.ndarray:
+    """int32 [N]: the class each image is trained on, its label or its subtype per `task`."""
+    return self.subtypes if self.task == "subtype" else self.labels
+
+
+def selection(config) -> tuple[tuple[str, ...], str]:
+  """The magnifications and the task a config selects, checked: (magnifications, task)."""
+  task = config.get("task", "binary")
+  if task not in breakhis.TASKS:
+    raise UserError(f"--config.task={task!r} is not a task: use 'binary' (benign vs malignant, the "
+                    f"paper) or 'subtype' (the 8 BreakHis subtypes)")
+  chosen = config.get("magnifications", breakhis.MAGNIFICATIONS)
+  chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
+  unknown = [m for m in chosen if m not in breakhis.MAGNIFICATIONS]
+  if unknown or not chosen:
+    raise UserError(f"--config.magnifications={','.join(map(str, chosen))}: "
+                    f"{'unknown magnification ' + repr(unknown[0]) if unknown else 'empty'}; "
+                    f"use some of {','.join(breakhis.MAGNIFICATIONS)} (e.g. "
+                    f"--config.magnifications=100X)")
+  return tuple(m for m in breakhis.MAGNIFICATIONS if m in chosen), task
+
+
+def _check_selection(records, magnifications, data_dir) -> None:
+  """A magnification list that selects no image of the data set is an error."""
+  if not any(r.magnification in magnifications for r in records):
+    have = sorted({r.magnification for r in records}, key=breakhis.MAGNIFICATIONS.index)
+    raise UserError(f"--config.magnifications={','.join(magnifications)} selects no images of "
+                    f"{data_dir} (it has images at {', '.join(have) or 'no magnification'}); "
+                    f"choose among those")
 
 
 def _config_checks(config) -> None:
@@ -76,6 +108,7 @@ def load_fold(config) -> FoldData:
   and the fold's normalisation stats. A later call only checks and maps.
   """
   _config_checks(config)
+  magnifications, task = selection(config)
   data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
   prepared_dir = os.path.abspath(
       os.path.expanduser(config.prepared_dir or prepare.default_prepared_dir(data_dir))
@@ -113,6 +146,7 @@ def load_fold(config) -> FoldData:
       log.warning("left out %d unreadable image(s): %s", len(skipped), ", ".join(skipped))
     cache = prepare.build_cache(builder, prepared_dir, config.image_size, threads=threads)
     records = [r for r in fresh.records if r.path not in frozenset(skipped)]
+    _check_selection(records, magnifications, data_dir)
     folds = folds_lib.resolve_folds(
         config.folds,
         records=records,
@@ -120,15 +154,16 @@ def load_fold(config) -> FoldData:
         prepared_dir=prepared_dir,
         seed=config.folds_seed,
     )
-    for warning in folds_lib.validate_folds(folds, records, skipped=skipped):
+    for warning in folds_lib.validate_folds(
+        folds, records, fold=config.fold, skipped=skipped, magnifications=magnifications,
+        task=task,
+    ):
       log.warning("%s", warning)
-    if config.fold not in folds.splits:
-      raise UserError(
-          f"{folds.source} has no fold {config.fold} (it has folds "
-          f"{', '.join(map(str, folds.splits))}); set --config.fold"
-      )
     split = folds.splits[config.fold]
-    groups = np.array([split.get(name, "") for name in cache.file_names])
+    groups = np.array([
+        split.get(name, "") if mag in magnifications else ""
+        for name, mag in zip(cache.file_names, cache.magnifications, strict=True)
+    ])
     train_indices = np.flatnonzero(groups == "train").astype(np.int64)
     test_indices = np.flatnonzero(groups == "test").astype(np.int64)
     train_names = [cache.file_names[i] for i in train_indices]
@@ -159,6 +194,7 @@ def load_fold(config) -> FoldData:
       folds_source=folds.source,
       skipped=skipped,
       problems=fresh.problems,
+      task=task,
   )
 
 
@@ -189,6 +225,8 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of training batches {'image': uint8 [B, S, S, 3], 'label': int32 [B]}.
 
+  'label' is what the fold's task trains on (`FoldData.targets`: class or subtype index).
+
   The order is a fresh permutation for every epoch, a pure function of (seed, epoch); the last
   partial batch is dropped; `start_step` skips the first batches exactly (for a resumed run).
   """
@@ -200,7 +238,7 @@ def train_batches(
     )
   if not 0 <= start_step <= steps:
     raise ValueError(f"start_step {start_step} is outside [0, {steps}]")
-  images, labels = np.asarray(fold_data.images), fold_data.labels  # a plain view of the map
+  images, labels = np.asarray(fold_data.images), fold_data.targets  # a plain view of the map
 
   def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
     return {"image": images[indices], "label": labels[indices]}

@@ -1,0 +1,162 @@
+"""Clinical and per-class metrics on hand-made predictions, and the patient bootstrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from jattn import evaluate, metrics
+
+
+def test_binary_metrics_equal_hand_computed_values():
+  """Guards against swapped classes (sensitivity vs specificity), F1 of the wrong class and an AUC
+  computed from predictions instead of probabilities."""
+  labels = np.array([1, 1, 1, 1, 0, 0, 0])
+  scores = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.2, 0.1])
+  predictions = (scores > 0.5).astype(int)
+  # tp = 3, fn = 1, fp = 1, tn = 2
+  out = metrics.binary_metrics(labels, scores, predictions)
+  assert out["sensitivity"] == pytest.approx(3 / 4)
+  assert out["specificity"] == pytest.approx(2 / 3)
+  assert out["balanced_accuracy"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+  assert out["f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 1))
+  # AUC: of the 4 x 3 (malignant, benign) pairs, the malignant score is higher in all but
+  # (0.6, 0.7) and (0.3, 0.7): 10 / 12.
+  assert out["roc_auc"] == pytest.approx(10 / 12)
+  # Only one class: the figures of the absent class and the AUC are undefined, not 0.
+  only = metrics.binary_metrics(labels[:4], scores[:4], predictions[:4])
+  assert only == {"sensitivity": 0.75, "specificity": None, "balanced_accuracy": None,
+                  "f1": pytest.approx(6 / 7), "roc_auc": None}
+
+
+def test_vectorised_bootstrap_figures_equal_scikit_learn_with_weights():
+  """Guards against the bootstrap's fast path drifting from scikit-learn's figures (ties in the
+  scores included), and against weights not meaning repeated patients."""
+  rng = np.random.default_rng(0)
+  patients = np.repeat(np.arange(12), 5)
+  labels = (np.arange(12) % 2)[patients]
+  scores = np.round(rng.uniform(size=60) * 0.6 + 0.3 * labels, 1)  # many ties
+  predictions = (scores > 0.5).astype(int)
+  weights = metrics.stratified_weights(np.arange(12) % 2, 6, seed=1)
+  fast = metrics.WeightedBinaryMetrics(labels, scores, predictions, patients, 12)(weights)
+  for b, w in enumerate(weights):
+    reference = metrics.binary_metrics(labels, scores, predictions, w[patients])
+    repeated = np.repeat(np.arange(60), w[patients].astype(int))
+    assert metrics.binary_metrics(labels[repeated], scores[repeated],
+                                  predictions[repeated]) == pytest.approx(reference)
+    for name, value in reference.items():
+      assert fast[name][b] == pytest.approx(value, abs=1e-12)
+  assert skm.balanced_accuracy_score(labels, predictions) == pytest.approx(
+      metrics.binary_metrics(labels, scores, predictions)["balanced_accuracy"])
+
+
+def _patients_data(num_patients, seed=0, images=6):
+  rng = np.random.default_rng(seed)
+  patients = np.repeat(np.arange(num_patients), images)
+  labels = (np.arange(num_patients) % 2)[patients]
+  # A patient effect shared by its images (they are correlated), plus image noise.
+  effect = rng.normal(0, 0.25, num_patients)[patients]
+  scores = np.clip(0.5 + 0.12 * (2 * labels - 1) + effect + rng.normal(0, 0.15, len(patients)),
+                   0, 1)
+  predictions = (scores > 0.5).astype(int)
+  votes = evaluate.patient_vote(patients, predictions)
+  return dict(labels=labels, scores=scores, predictions=predictions, patients=patients,
+              patient_votes=votes)
+
+
+def test_patient_bootstrap_intervals_contain_the_estimate_shrink_and_repeat():
+  """Guards against intervals that miss their own point estimate, that do not narrow with more
+  patients (resampling the wrong unit), or that change from one run to the next."""
+  small = metrics.clinical_metrics(**_patients_data(20), resamples=400, seed=3)
+  large = metrics.clinical_metrics(**_patients_data(200), resamples=400, seed=3)
+  for level in ("image", "patient"):
+    for name in metrics.BINARY_METRICS:
+      assert 0 < small[level][name]["value"] < 1  # not a degenerate figure of zero width
+      for out in (small, large):
+        low, high = out[level][name]["ci95"]
+        assert low <= out[level][name]["value"] <= high, (level, name)
+      width = lambda o: o[level][name]["ci95"][1] - o[level][name]["ci95"][0]  # noqa: B023
+      assert width(large) < width(small), (level, name)
+  again = metrics.clinical_metrics(**_patients_data(20), resamples=400, seed=3)
+  other = metrics.clinical_metrics(**_patients_data(20), resamples=400, seed=4)
+  assert again == small
+  assert other["image"]["roc_auc"]["ci95"] != small["image"]["roc_auc"]["ci95"]
+  assert other["image"]["roc_auc"]["value"] == small["image"]["roc_auc"]["value"]
+  # Resampling patients, not images: a patient's 6 images are drawn together, so the image-level
+  # interval is wider than a bootstrap over single images would give.
+  data = _patients_data(20)
+  correlated = {**data, "scores": np.repeat(data["scores"][::6], 6),
+                "predictions": np.repeat(data["predictions"][::6], 6)}
+  patient_ci = metrics.clinical_metrics(**correlated, resamples=400, seed=3)
+  image_units = {**correlated, "patients": np.arange(120),
+                 "patient_votes": dict(enumerate(correlated["predictions"].tolist()))}
+  image_ci = metrics.clinical_metrics(**image_units, resamples=400, seed=3)
+  w = lambda o: o["image"]["sensitivity"]["ci95"][1] - o["image"]["sensitivity"]["ci95"][0]
+  assert w(patient_ci) > 1.5 * w(image_ci)
+
+
+def test_plurality_vote_and_its_tie_rule():
+  """Guards against a binary majority (or a silent first-class tie) on 8 classes."""
+  patients = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+  predictions = np.array([4, 4, 1, 6, 2, 3, 3, 5, 5])
+  probs = np.full((9, 8), 0.01)
+  probs[np.arange(9), predictions] = 0.9
+  probs[7, 5] = probs[8, 5] = 0.95  # patient 2: 3 and 5 tie on votes, 5 has the higher mean
+  # patient 0: 4 by plurality; patient 1: 6 vs 2 tie, equal means -> first in order (2)
+  assert evaluate.plurality_vote(patients, predictions, probs) == {0: 4, 1: 2, 2: 5}
+  assert evaluate.plurality_vote(patients, predictions) == {0: 4, 1: 2, 2: 3}
+
+
+def test_subtype_summary_per_class_metrics_match_hand_made_cases():
+  """Guards against per-class precision/recall/F1 or the 8x8 confusion being computed on the
+  binary classes, or the patient vote not being a plurality."""
+  # 40X only; subtypes A=0, F=1, DC=4. Patient 0 (A): predicted A, A, F; patient 1 (F): F, F;
+  # patient 2 (DC): DC, A, A.
+  subtypes = np.array([0, 0, 0, 1, 1, 4, 4, 4])
+  predictions = np.array([0, 0, 1, 1, 1, 4, 0, 0])
+  probs = np.eye(8)[predictions]
+  out = evaluate.evaluate_predictions(
+      probs=probs, labels=(subtypes >= 4).astype(int), subtypes=subtypes,
+      patients=np.array([0, 0, 0, 1, 1, 2, 2, 2]), magnifications=np.zeros(8, int),
+      patient_ids=("A-1", "F-1", "DC-1"), task="subtype", selected=("40X",))
+  per_class = out["per_class"]["40X"]
+  # A: predicted 4 times, 2 right -> precision 1/2; recall 2/3; F1 = 2*(1/2*2/3)/(1/2+2/3) = 4/7
+  assert per_class["A"] == {"precision": 0.5, "recall": pytest.approx(2 / 3),
+                            "f1": pytest.approx(4 / 7), "support": 3}
+  assert per_class["F"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
+                            "f1": pytest.approx(0.8), "support": 2}
+  assert per_class["DC"] == {"precision": 1.0, "recall": pytest.approx(1 / 3),
+                             "f1": pytest.approx(0.5), "support": 3}
+  assert per_class["PC"] == {"precision": None, "recall": None, "f1": None, "support": 0}
+  confusion = np.zeros((8, 8), int)
+  for t, p in zip(subtypes, predictions, strict=True):
+    confusion[t, p] += 1
+  assert out["confusion_matrix"]["40X"] == confusion.tolist()
+  assert [p["vote"] for p in out["patients"]["40X"]] == ["A", "F", "A"]
+  assert out["patient_accuracy"]["40X"] == pytest.approx(2 / 3)
+  assert out["multiclass"]["40X"]["image"]["balanced_accuracy"] == pytest.approx(
+      (2 / 3 + 1 + 1 / 3) / 3)
+  assert out["magnifications"] == {"selected": ["40X"], "absent": []}
+  assert "clinical" not in out
+
+
+def test_binary_results_have_clinical_figures_per_magnification_and_overall():
+  """Guards against the clinical figures missing a magnification, or covering an absent one."""
+  data = _patients_data(10)
+  mags = np.where(np.arange(60) % 2 == 0, 0, 1)  # 40X and 100X; 200X selected but absent
+  probs = np.stack([1 - data["scores"], data["scores"]], -1)
+  out = evaluate.evaluate_predictions(
+      probs=probs, labels=data["labels"], subtypes=np.where(data["labels"] == 1, 4, 0),
+      patients=data["patients"], magnifications=mags, selected=("40X", "100X", "200X"),
+      bootstrap_resamples=50, bootstrap_seed=0)
+  assert out["magnifications"] == {"selected": ["40X", "100X", "200X"], "absent": ["200X"]}
+  assert set(out["image_accuracy"]) == {"40X", "100X"}
+  for level in ("image", "patient"):
+    assert set(out["clinical"][level]) == {"40X", "100X", "all"}
+  sel = mags == 0
+  direct = metrics.binary_metrics(data["labels"][sel], data["scores"][sel],
+                                  data["predictions"][sel])
+  assert {k: v["value"] for k, v in out["clinical"]["image"]["40X"].items()} == direct
+  assert out["clinical"]["bootstrap"]["resamples"] == 50
+  assert "absent (no test images in this fold): 200X" in evaluate.format_table(out)
