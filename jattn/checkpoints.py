@@ -12,6 +12,7 @@ Orbax's folder, never deleted). A full disk or read-only storage while writing i
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -32,10 +33,31 @@ def items(state) -> dict[str, Any]:
 
 
 def manager(workdir: str, keep: int | None = None, *, create: bool = True) -> ocp.CheckpointManager:
-  """The checkpoint manager of a work dir; keeps the `keep` most recent steps (all if None)."""
+  """The checkpoint manager of a work dir; keeps the `keep` most recent steps (all if None).
+
+  With `create` (training, which holds the work dir's lock) it also removes the temporary folder
+  of a save that a kill or a full disk interrupted.
+  """
+  _quiet_storage_tracebacks()
   return ocp.CheckpointManager(
       os.path.join(workdir, SUBDIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           cleanup_tmp_directories=create))
+
+
+class _DropStorageErrors(logging.Filter):
+  """Orbax logs the traceback of every background thread a full disk stops (hundreds of lines);
+  the same failure is then raised, and shown as one line: drop those log records."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return errors.storage_error(error or Exception(record.getMessage())) is None
+
+
+def _quiet_storage_tracebacks() -> None:
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _DropStorageErrors) for f in absl.filters):
+    absl.addFilter(_DropStorageErrors())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:

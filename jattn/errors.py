@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import re
 import sys
 
 
@@ -32,6 +34,11 @@ STORAGE_ERRNOS = {
 }
 
 
+_BY_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # unambiguous in any library's message
+# TensorStore (under Orbax) reports a failed write as a ValueError whose text ends like this.
+_TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
+
+
 def storage_error(error: BaseException) -> OSError | None:
   """The full-disk / read-only / permission `OSError` behind `error` (its causes included)."""
   seen, todo = set(), [error]
@@ -42,6 +49,12 @@ def storage_error(error: BaseException) -> OSError | None:
     seen.add(id(e))
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
       return e
+    code = _TENSORSTORE_ERRNO.search(str(e))
+    if code and int(code.group(1)) in STORAGE_ERRNOS:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+    for number in _BY_TEXT:  # C++ writers (array_record) quote strerror in a RuntimeError
+      if os.strerror(number) in str(e):
+        return OSError(number, os.strerror(number))
     todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
   return None
 

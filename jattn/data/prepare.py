@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from jattn import files
+from jattn import errors, files
 from jattn.data import breakhis, tfds_builder
 from jattn.data import scan as scan_lib
 from jattn.errors import UserError
@@ -112,10 +112,11 @@ def prepare_tfds(
     files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
     builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
   if not is_prepared(builder):
-    builder.download_and_prepare(
-        download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
-    )
+    with errors.writing(prepared_dir):
+      builder.download_and_prepare(
+          download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
+          download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
+      )
     builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
   metadata = builder.info.metadata
   if metadata["fingerprint"] != fresh.fingerprint:
@@ -233,6 +234,8 @@ def build_cache(
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
     )
+    with open(tmp, "r+b") as f:  # reserve the space now: a full disk is then an OSError here,
+      os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # not a SIGBUS while decoding
 
     def decode(example):
       name = f"{example['file_name'].decode()} (in {builder.data_path})"
