@@ -24,13 +24,13 @@ class UserError(Exception):
   """Bad input that the user can fix; its message is shown as one line, without a traceback."""
 
 
-# errno -> (what happened, what to do): storage problems a user fixes outside jattn.
+# errno -> (verb, what happened, what to do): storage problems a user fixes outside jattn.
 STORAGE_ERRNOS = {
-    errno.ENOSPC: ("no space left on device", "free some space (or write elsewhere)"),
-    errno.EDQUOT: ("disk quota exceeded", "free some space (or write elsewhere)"),
-    errno.EROFS: ("read-only file system", "make it writable or write elsewhere"),
-    errno.EACCES: ("permission denied", "make it writable or write elsewhere"),
-    errno.EPERM: ("operation not permitted", "make it writable or write elsewhere"),
+    errno.ENOSPC: ("write", "no space left on device", "free some space (or write elsewhere)"),
+    errno.EDQUOT: ("write", "disk quota exceeded", "free some space (or write elsewhere)"),
+    errno.EROFS: ("write", "read-only file system", "make it writable or write elsewhere"),
+    errno.EACCES: ("access", "permission denied", "fix its permissions or use another folder"),
+    errno.EPERM: ("access", "operation not permitted", "fix its permissions or use another folder"),
 }
 
 
@@ -61,9 +61,9 @@ def storage_error(error: BaseException) -> OSError | None:
 
 def storage_message(e: OSError, path: str | None = None) -> str:
   """One line: what failed where, that nothing written before is lost, and what to do."""
-  what, todo = STORAGE_ERRNOS[e.errno]
+  verb, what, todo = STORAGE_ERRNOS[e.errno]
   where = path or e.filename or "a file"
-  return (f"cannot write {where}: {what} (errno {errno.errorcode[e.errno]}); {todo} and run the "
+  return (f"cannot {verb} {where}: {what} (errno {errno.errorcode[e.errno]}); {todo} and run the "
           f"same command again: everything written before is kept")
 
 
