@@ -2,7 +2,10 @@
 
 Several runs of a sweep may start at once on the same prepared folder, so every stage that writes
 there runs under `locked(folder)`, and every file appears whole or not at all: it is written under a
-temporary name in the same folder and renamed into place (`os.replace` is atomic on POSIX).
+temporary name in the same folder and renamed into place (`os.replace` is atomic on POSIX); a full
+disk or read-only storage while writing is a one-line `UserError` naming the file. A run's work dir
+is held with `locked_or_refuse` (a second run is refused, not queued), and `read_json` turns a file
+cut short into one line.
 """
 
 from __future__ import annotations
