@@ -159,8 +159,9 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str]) 
     raise UserError(f"{run['name']} fold {run['fold']} failed (exit {status}): "
                     f"{_last_line(log)} (full log: {log}); fix it and run the sweep again, "
                     f"finished runs are kept")
+  text = tables.write_tables(out)  # checks every results.json before saying all is well
   print(f"all {len(runs)} runs finished in {(time.time() - started) / 60:.1f} min", flush=True)
-  return tables.write_tables(out)
+  return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
       folds = [int(f) for f in (args.folds or default_folds).split(",")]
     except ValueError:
       raise UserError(f"--folds {args.folds!r}: give fold numbers like 1,2,3") from None
+    if not set(folds) <= {1, 2, 3, 4, 5}:
+      raise UserError(f"--folds {args.folds}: folds are numbered 1 to 5")
     out = args.out or os.path.join(REPO, "sweeps", "demo" if args.demo else "paper")
     print(sweep(configs, folds, out, args.set))
 

@@ -3,16 +3,26 @@
 Checkpoints are Orbax `CheckpointManager` steps under `WORKDIR/checkpoints/<step>/`, written
 asynchronously and atomically. Everything that touches them goes through this module, so the
 training loop and `jattn.runs` (prediction, inspection) restore a state the same way.
+
+A checkpoint the storage damaged after it was written (files cut short by a crash or a full disk)
+does not stop a run: `restore_latest` falls back to the newest step that loads, says which step it
+skipped and why, and moves the unreadable one to `WORKDIR/checkpoints.unreadable/<step>` (outside
+Orbax's folder, never deleted). A full disk or read-only storage while writing is one `UserError`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jattn import errors
+
 SUBDIR = "checkpoints"
+UNREADABLE_SUBDIR = "checkpoints.unreadable"  # beside SUBDIR, so Orbax never lists its steps
 
 
 def items(state) -> dict[str, Any]:
@@ -23,24 +33,94 @@ def items(state) -> dict[str, Any]:
 
 
 def manager(workdir: str, keep: int | None = None, *, create: bool = True) -> ocp.CheckpointManager:
-  """The checkpoint manager of a work dir; keeps the `keep` most recent steps (all if None)."""
+  """The checkpoint manager of a work dir; keeps the `keep` most recent steps (all if None).
+
+  With `create` (training, which holds the work dir's lock) it also removes the temporary folder
+  of a save that a kill or a full disk interrupted.
+  """
+  _quiet_storage_tracebacks()
   return ocp.CheckpointManager(
       os.path.join(workdir, SUBDIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           cleanup_tmp_directories=create))
+
+
+class _DropStorageErrors(logging.Filter):
+  """Orbax logs the traceback of every background thread a full disk stops (hundreds of lines);
+  the same failure is then raised, and shown as one line: drop those log records."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return errors.storage_error(error or Exception(record.getMessage())) is None
+
+
+def _quiet_storage_tracebacks() -> None:
+  absl = logging.getLogger("absl")
+  if not any(isinstance(f, _DropStorageErrors) for f in absl.filters):
+    absl.addFilter(_DropStorageErrors())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  """Starts writing `state` as checkpoint `step` (asynchronous; `mngr.wait_until_finished()`)."""
-  mngr.save(step, args=ocp.args.StandardSave(items(state)))
+  """Starts writing `state` as checkpoint `step` (asynchronous: finish it with `wait`).
+
+  A full disk or read-only storage (here or from the previous step's write) is a `UserError`.
+  """
+  with errors.writing(os.fspath(mngr.directory)):
+    mngr.save(step, args=ocp.args.StandardSave(items(state)))
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for a pending asynchronous save; its storage failure surfaces here as a `UserError`."""
+  with errors.writing(os.fspath(mngr.directory)):
+    mngr.wait_until_finished()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state):
-  """`state` with the latest checkpoint's values, or None when there is no checkpoint.
+  """`state` with the newest checkpoint that loads, or None when there is no checkpoint.
 
   `state` gives the structure, shapes and dtypes to restore into (a real or an abstract state).
+  Newer steps that do not load are reported (one line each on stderr) and moved aside; when no
+  step loads, nothing is moved (the cause may be this code rather than the files) and the first
+  failure is a `UserError`.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return None
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(items(state)))
-  return state.replace(**restored)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  failed = []
+  for step in steps:
+    try:  # a fresh manager per step: a failed restore leaves a manager unable to read others
+      with manager(os.path.dirname(os.fspath(mngr.directory)), create=False) as probe:
+        restored = probe.restore(step, args=ocp.args.StandardRestore(items(state)))
+    except Exception as e:  # noqa: BLE001 -- Orbax and TensorStore raise many types for bad files
+      failed.append((step, _first_line(e)))
+      continue
+    for bad, why in failed:
+      _set_aside(mngr, bad, why, step)
+    if failed:
+      mngr.reload()
+    return state.replace(**restored)
+  if failed:
+    step, why = failed[0]
+    raise errors.UserError(
+        f"no checkpoint in {mngr.directory} loads (step {step}: {why}); they are left as they are: "
+        f"move {mngr.directory} aside to start this run again from scratch")
+  return None
+
+
+def _first_line(e: BaseException) -> str:
+  text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
+  return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _set_aside(mngr: ocp.CheckpointManager, step: int, why: str, used: int) -> None:
+  """Moves an unreadable step out of Orbax's folder (best effort on read-only storage)."""
+  source = os.path.join(os.fspath(mngr.directory), str(step))
+  aside = os.path.join(os.path.dirname(os.fspath(mngr.directory)), UNREADABLE_SUBDIR, str(step))
+  while os.path.exists(aside):
+    aside += "+"  # an earlier step of this number was set aside already: keep both
+  try:
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(source, aside)
+    where = f"moved to {aside}"
+  except OSError as e:
+    where = f"left in place ({e.strerror})"
+  print(f"jattn: warning: checkpoint step {step} does not load ({why}); using step {used} "
+        f"instead; the unreadable step is {where}", file=sys.stderr, flush=True)

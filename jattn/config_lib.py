@@ -40,7 +40,12 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   name = "jattn_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"config file {path}, line {e.lineno}: {e.msg}; fix the file") from None
+  except (ImportError, NameError) as e:
+    raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}") from None
   if not hasattr(module, "get_config"):
     raise UserError(f"config file {path} defines no get_config()")
   try:

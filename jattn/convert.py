@@ -36,6 +36,8 @@ import importlib.util
 import json
 import os
 import pickle
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,6 +143,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
       raise UserError(f"the {source} state dict has no key {torch_key!r} (needed for "
                       f"{'/'.join(path)}); check --arch / config.model against the checkpoint")
     t = np.asarray(_to_numpy(state_dict[torch_key]), np.float32)
+    if not np.isfinite(t).all():
+      raise UserError(f"the {source} state dict's {torch_key!r} holds NaN or infinite values: the "
+                      f"checkpoint is damaged or from a diverged training; use another one")
     value = _rearrange(t, kind, path[-1], model.pool_size)
     want = shapes[path].shape
     if value.shape != want:
@@ -170,15 +175,19 @@ def load_state_dict(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise UserError(f"{path}: no such file; download it first (see the README)")
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # the errors below say all there is to say
+      warnings.simplefilter("ignore")
+      obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    code = re.search(r"GLOBAL (\S+)", str(e))
+    what = f" (it calls {code.group(1)})" if code else ""
     raise UserError(
-        f"{path}: refused, it needs arbitrary code to unpickle ({first}); only plain state dicts "
-        f"saved with torch.save(model.state_dict(), path) are read") from None
-  except (RuntimeError, EOFError, OSError) as e:
-    raise UserError(f"{path}: not a readable PyTorch file ({' '.join(str(e).split())[:200]})") \
-        from None
+        f"{path}: refused, because unpickling it would run code{what}; jattn reads only plain "
+        f"state dicts (torch.save(model.state_dict(), path)): convert only checkpoints from a "
+        f"trusted source") from None
+  except Exception as e:  # noqa: BLE001 -- a file that is not a checkpoint fails in many ways
+    raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]})") from None
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
@@ -307,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, flag) is None:
       parser.error(f"--{flag} is required (or --download vgg19 / vgg19_bn)")
   with exit_on_user_error("jattn.convert"):
+    files.require_folder(args.out, "--out")
     state_dict = load_state_dict(args.pth)
     if args.source == "torchvision":
       if not args.arch:

@@ -145,6 +145,7 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
 
   from jattn.predict import load_images
 
+  files.require_folder(out_dir, "--out")
   config = runs.load_config(workdir)
   if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")

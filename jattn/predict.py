@@ -37,7 +37,7 @@ def load_images(paths: list[str], image_size: int) -> np.ndarray:
   for path in paths:
     try:
       with open(path, "rb") as f:
-        images.append(decode_resize(f.read(), image_size))
+        images.append(decode_resize(f.read(), image_size, path))
     except OSError as e:
       raise UserError(f"{path}: cannot read this image ({e.__class__.__name__}: {e})") from None
   return np.stack(images)

@@ -10,7 +10,6 @@ stand beside the training loop rather than on it.
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jattn import checkpoints, models, train
+from jattn import checkpoints, files, models, train
 from jattn.errors import UserError
 
 
@@ -27,8 +26,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a jattn run (no config.json); pass the --workdir of a run")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(files.read_json(path, "it is this run's config: restore it "
+                                                       "from a backup, or train the run again"))
 
 
 def abstract_state(config: ml_collections.ConfigDict) -> train.TrainState:

@@ -21,7 +21,6 @@ import functools
 import io
 import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -222,6 +221,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"{len(classes)}")
   check(isinstance(config.bootstrap_resamples, int) and config.bootstrap_resamples >= 0,
         f"--config.bootstrap_resamples={config.bootstrap_resamples!r}: a count >= 0 (0: no CIs)")
+  check(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
+        f"--config.keep_checkpoints={config.keep_checkpoints!r}: must be at least 1 (the final "
+        f"state of a run is a checkpoint)")
+  check(isinstance(config.checkpoint_every_steps, int) and config.checkpoint_every_steps >= 0,
+        f"--config.checkpoint_every_steps={config.checkpoint_every_steps!r}: must be 0 (at epoch "
+        f"ends only) or a positive number of steps")
   models.build_model(config.model)  # checks the model fields
 
 
@@ -247,19 +252,23 @@ def _write_json(path: str, obj: Any) -> None:
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
   """Refuses a work dir that holds a different run, unless asked to overwrite it."""
   path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
   if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    current = json.loads(config.to_json())
+    stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
+                                   f"--workdir")
+    if stored == current:
+      return  # nothing to write: a finished run on read-only storage just prints its results
     differ = sorted(k for k in set(stored) | set(current)
                     if k not in BOOKKEEPING_FIELDS and stored.get(k) != current.get(k))
     if differ and not overwrite:
       raise UserError(f"{workdir} holds a run with a different config (fields: "
                       f"{', '.join(differ)}); use another --workdir, or --overwrite to discard it")
-    if differ:
-      shutil.rmtree(workdir)
+    if differ:  # keep the lock this run holds on the work dir
+      for name in os.listdir(workdir):
+        if name != ".lock":
+          files.remove(os.path.join(workdir, name))
   os.makedirs(workdir, exist_ok=True)
-  _write_json(path, json.loads(config.to_json()))
+  _write_json(path, current)
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
@@ -288,14 +297,22 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        overwrite: bool = False) -> dict:
-  """Trains one fold (resuming from the latest checkpoint) and writes WORKDIR/results.json."""
+  """Trains one fold (resuming from the latest checkpoint) and writes WORKDIR/results.json.
+
+  The work dir is locked for the whole run: a second run started on it is refused.
+  """
   validate_config(config)
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  with files.locked_or_refuse(workdir, "--workdir"):
+    return _train_and_evaluate(config, workdir, overwrite)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
   _check_workdir(workdir, config, overwrite)
   results_path = os.path.join(workdir, "results.json")
   if os.path.exists(results_path):
-    with open(results_path) as f:
-      results = json.load(f)
+    results = files.read_json(results_path, "delete it to evaluate the run again from its last "
+                                            "checkpoint")
     print(f"{workdir} has finished (results.json); not training again.\n"
           f"{evaluate.format_table(results)}")
     return results
@@ -366,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"training accuracy {mean['accuracy']:.3f}, {mean['images_per_second']:.0f} images/s",
               flush=True)
   finally:
-    manager.wait_until_finished()
+    checkpoints.wait(manager)
   writer.flush()
 
   results, rows = _evaluate_fold(config, state, fold_data)

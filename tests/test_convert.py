@@ -99,6 +99,14 @@ def test_missing_and_misshapen_keys_are_named():
     convert.torch_to_flax(bn, mc, "torchvision")
 
 
+def test_a_state_dict_with_nans_is_refused_by_name():
+  """Bug: a state dict full of NaNs converted without a word."""
+  sd = randomize_(TorchVGG(NARROW, num_classes=10, hidden=32)).state_dict()
+  sd["features.2.weight"] = torch.full_like(sd["features.2.weight"], float("nan"))
+  with pytest.raises(UserError, match=r"'features\.2\.weight' holds NaN or infinite values"):
+    convert.torch_to_flax(sd, _model_config(width=0.125), "torchvision")
+
+
 def test_module_prefix_and_wrapped_state_dicts(tmp_path):
   tm = randomize_(TorchVGG(NARROW, num_classes=10, hidden=32))
   path = tmp_path / "wrapped.pth"
@@ -117,7 +125,7 @@ class Payload:
 def test_pickle_carrying_code_is_refused(tmp_path):
   path = tmp_path / "evil.pth"
   torch.save({"features.0.weight": torch.zeros(1), "x": Payload()}, path)
-  with pytest.raises(UserError, match="refused, it needs arbitrary code to unpickle"):
+  with pytest.raises(UserError, match="refused, because unpickling it would run code"):
     convert.load_state_dict(str(path))
   whole_model = tmp_path / "model.pth"
   torch.save(torch.nn.Linear(2, 2), whole_model)  # a pickled module, not a state dict

@@ -85,7 +85,7 @@ def describe(
     threads: int = 2,
 ) -> dict:
   """The counts and problems of the tree in `source` and of its folds (see the module docstring)."""
-  source = os.path.abspath(source)
+  source = scan_lib.resolve_data_dir(os.path.abspath(source))
   found = scan_lib.scan(source)
   unreadable = (
       scan_lib.unreadable_images(source, found.records, threads=threads) if check_images else {}

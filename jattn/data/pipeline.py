@@ -109,7 +109,7 @@ def load_fold(config) -> FoldData:
   """
   _config_checks(config)
   magnifications, task = selection(config)
-  data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+  data_dir = scan_lib.resolve_data_dir(os.path.abspath(os.path.expanduser(config.data_dir)))
   prepared_dir = os.path.abspath(
       os.path.expanduser(config.prepared_dir or prepare.default_prepared_dir(data_dir))
   )
@@ -122,6 +122,7 @@ def load_fold(config) -> FoldData:
   if not synthetic:
     scan_lib.check_data_dir(data_dir)  # before creating anything in a wrong folder
   with files.locked(prepared_dir):
+    prepare.remove_stale(prepared_dir)
     if synthetic and not scan_lib.has_images_tree(data_dir):
       from jattn.data import synthetic as synthetic_lib
 

@@ -21,21 +21,55 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from jattn import files
+from jattn import errors, files
 from jattn.data import breakhis, tfds_builder
 from jattn.data import scan as scan_lib
 from jattn.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def default_prepared_dir(data_dir: str) -> str:
-  return os.path.join(data_dir, "jattn_prepared")
+  """`<data_dir>/jattn_prepared`; for a read-only data dir that holds none, a folder of the user's
+  cache dir (`~/.cache/jattn/prepared/<hash of data_dir>`), said in one log line."""
+  inside = os.path.join(data_dir, "jattn_prepared")
+  if os.path.isdir(inside) or os.access(data_dir, os.W_OK) or not os.path.isdir(data_dir):
+    return inside
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+  folder = os.path.join(cache_home, "jattn", "prepared", digest)
+  log.warning("data_dir %s is read-only: preparing into %s (set --config.prepared_dir to choose "
+              "another folder)", data_dir, folder)
+  return folder
+
+
+def remove_stale(prepared_dir: str) -> list[str]:
+  """Removes what a killed preparation left behind; returns the paths. Call under the lock.
+
+  These are this project's temporary files (`.<name>.tmp-*`, see `files.temp_name`) and TFDS'
+  `incomplete.*` folders and files: under the prepared dir's lock no other process is writing
+  them, so any present is stale.
+  """
+  removed = []
+  for folder, dirnames, names in os.walk(prepared_dir):
+    for name in [*dirnames, *names]:
+      if name.startswith("incomplete.") or (name.startswith(".") and ".tmp-" in name):
+        removed.append(os.path.join(folder, name))
+    dirnames[:] = [d for d in dirnames if os.path.join(folder, d) not in removed]
+  for path in removed:
+    files.remove(path)
+  if removed:
+    log.warning("removed %d file(s) left by an interrupted preparation in %s", len(removed),
+                prepared_dir)
+  return removed
 
 
 def make_builder(prepared_dir: str, **kwargs) -> tfds_builder.Breakhis:
@@ -78,10 +112,11 @@ def prepare_tfds(
     files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
     builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
   if not is_prepared(builder):
-    builder.download_and_prepare(
-        download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
-        download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
-    )
+    with errors.writing(prepared_dir):
+      builder.download_and_prepare(
+          download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
+          download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
+      )
     builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
   metadata = builder.info.metadata
   if metadata["fingerprint"] != fresh.fingerprint:
@@ -95,13 +130,44 @@ def prepare_tfds(
   return builder
 
 
-def decode_resize(png: bytes, image_size: int) -> np.ndarray:
-  """PNG bytes -> uint8 [S, S, 3]: RGB, resized with PIL's bilinear filter, aspect not kept."""
-  with Image.open(io.BytesIO(png)) as im:
-    im = im.convert("RGB")
-    if im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+# Pillow's modes for 16-bit samples (a 16-bit grey PNG opens as one of these); `convert('RGB')`
+# would clip them at 255, turning an image white, so they are scaled to 8 bits here instead.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(im: Image.Image, name: str) -> Image.Image:
+  """Any image Pillow opens -> 8-bit RGB, 16-bit samples scaled (v / 257, rounded), or refused."""
+  if im.mode in SIXTEEN_BIT_MODES:
+    values = np.clip(np.asarray(im, dtype=np.int64), 0, 65535)
+    return Image.fromarray(np.round(values / 257).astype(np.uint8)).convert("RGB")
+  if im.mode == "F":  # no range to scale from: a float image is not a histology slide's PNG
+    raise UserError(f"{name}: a floating-point image (mode F) has no 8-bit form; save it as 8-bit "
+                    f"RGB PNG")
+  try:
+    return im.convert("RGB")
+  except ValueError as e:
+    raise UserError(f"{name}: images of mode {im.mode} cannot be converted to RGB ({e}); save it "
+                    f"as 8-bit RGB PNG") from None
+
+
+def decode_resize(png: bytes, image_size: int, name: str = "image") -> np.ndarray:
+  """PNG bytes -> uint8 [S, S, 3]: RGB, resized with PIL's bilinear filter, aspect not kept.
+
+  `name` (the file) is what a `UserError` names when the bytes do not decode.
+  """
+  try:
+    with Image.open(io.BytesIO(png)) as im:
+      im = to_rgb(im, name)
+  except UnidentifiedImageError:
+    why = "an empty file" if not png else "not an image file Pillow can read, or cut short"
+    raise UserError(f"{name}: cannot decode it ({why})") from None
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
+    raise UserError(f"{name}: cannot decode it ({type(e).__name__}: {e})") from None
+  if im.size != (image_size, image_size):
+    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+  return np.asarray(im, dtype=np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,13 +234,12 @@ def build_cache(
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
     )
+    with open(tmp, "r+b") as f:  # reserve the space now: a full disk is then an OSError here,
+      os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # not a SIGBUS while decoding
 
     def decode(example):
-      name = example["file_name"].decode()
-      try:
-        return decode_resize(example["image"], image_size)
-      except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
-        raise UserError(f"cannot decode {name} from {builder.data_path} ({e})") from e
+      name = f"{example['file_name'].decode()} (in {builder.data_path})"
+      return decode_resize(example["image"], image_size, name)
 
     chunk = 64
     with (

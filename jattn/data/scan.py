@@ -3,7 +3,8 @@
 `scan(data_dir)` walks `<data_dir>/BreaKHis_v1/histology_slides/breast/` and returns one `Record`
 per well-named PNG, plus the problems it found, as text that names the file: a PNG whose name breaks
 the convention (left out), a file whose folders disagree with its name (kept: the name decides), a
-file name seen twice (the second left out). Junk that archives carry (`Thumbs.db`, `.DS_Store`,
+file name seen twice (the second left out). Linked folders are followed (data sets get spread over
+disks); a link cycle is refused. Junk that archives carry (`Thumbs.db`, `.DS_Store`,
 `._*`, text files) is not an image and is only listed in `Scan.ignored`.
 """
 
@@ -49,6 +50,16 @@ def has_images_tree(data_dir: str) -> bool:
 
 def has_archive(data_dir: str) -> bool:
   return os.path.isfile(os.path.join(data_dir, breakhis.ARCHIVE))
+
+
+def resolve_data_dir(path: str) -> str:
+  """The data dir meant by `path`: its folder when `path` is the archive BreaKHis_v1.tar.gz."""
+  if os.path.isfile(path):
+    if os.path.basename(path) == breakhis.ARCHIVE:
+      return os.path.dirname(os.path.abspath(path))
+    raise UserError(f"data_dir {path} is a file: set it to the folder that holds BreaKHis_v1 (or "
+                    f"{breakhis.ARCHIVE})")
+  return path
 
 
 def check_data_dir(data_dir: str) -> None:
@@ -150,7 +161,13 @@ def scan(data_dir: str) -> Scan:
     raise UserError(f"{data_dir} has no {breakhis.SLIDES}/ folder: {download_hint(data_dir)}")
   records, sizes, problems, ignored = [], [], [], []
   first_seen: dict[str, str] = {}
-  for folder, dirnames, names in os.walk(root):
+  reached: dict[str, str] = {}  # real path of each folder walked -> the path it was reached by
+  for folder, dirnames, names in os.walk(root, followlinks=True):  # data sets spread over disks
+    real = os.path.realpath(folder)
+    if real in reached:
+      raise UserError(f"{folder} is a link to {reached[real]}, which the scan of {root} reaches "
+                      f"already (a link cycle, or one folder linked twice): remove that link")
+    reached[real] = folder
     dirnames.sort()
     dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     prefix = os.path.relpath(folder, data_dir).replace(os.sep, "/") + "/"
@@ -159,6 +176,9 @@ def scan(data_dir: str) -> Scan:
       path = prefix + name
       if is_junk(name):
         ignored.append(path)
+        continue
+      if not os.path.exists(full):
+        problems.append(f"broken link: {path} points to a missing file; it is left out")
         continue
       try:
         record = breakhis.record(path)
@@ -200,7 +220,10 @@ def check_image(path: str) -> str | None:
     with Image.open(path) as im:
       im.load()
   except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
-    return f"{type(e).__name__}: {e}"
+    if os.path.getsize(path) == 0:
+      return "an empty file"
+    # The caller names the file: keep it out of the reason (Pillow quotes it in its messages).
+    return f"{type(e).__name__}: {str(e).replace(repr(path), 'it').replace(path, 'it')}"
   return None
 
 
