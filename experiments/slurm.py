@@ -15,7 +15,6 @@ subprocesses through the same code path as SLURM, sbatch aside.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,8 @@ from jattn.errors import UserError
 
 def _import_submitit():
   """submitit configures logging when imported (logging.config.dictConfig), which closes every
-  handler already installed (pytest's, a notebook's): import it without that, and give its logger
-  a handler of its own. Jobs, started afresh, configure it as usual."""
+  handler already installed (pytest's, a notebook's): import it without that (its warnings reach
+  the root logger). Jobs, started afresh, configure it as usual."""
   level = os.environ.get("SUBMITIT_LOG_LEVEL")
   os.environ["SUBMITIT_LOG_LEVEL"] = "NOCONFIG"
   try:
@@ -40,10 +39,6 @@ def _import_submitit():
       del os.environ["SUBMITIT_LOG_LEVEL"]
     else:
       os.environ["SUBMITIT_LOG_LEVEL"] = level
-  logger = logging.getLogger("submitit")
-  if not logger.handlers:
-    logger.addHandler(logging.StreamHandler())
-    logger.setLevel(logging.WARNING)
   return submitit
 
 
@@ -89,13 +84,6 @@ def slurm_executor(partition: str | None, gpus_per_run: int, time: str,
     return executor
 
   return make
-
-
-def sbatch_equivalent(partition: str, gpus_per_run: int, time: str, n: int,
-                      max_parallel: int | None) -> str:
-  """The sbatch options the array amounts to, for the log and the README."""
-  return (f"#SBATCH --partition {partition} --gres=gpu:{gpus_per_run} --time {time} "
-          f"--array=0-{n - 1}%{min(n, max_parallel or n)}")
 
 
 class RunTask(submitit.helpers.Checkpointable):
@@ -150,14 +138,18 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
                     on_done: Callable[[dict, str | None], None]) -> None:
   """Submits one job array (a task per entry of `tasks`: cmd, workdir, log) and waits for it,
   calling on_done(task, error) as each task ends."""
-  executor = make_executor(os.path.join(out, "submitit", "%j"))
+  if not tasks:
+    return
+  folder = os.path.join(out, "submitit", "%j")
+  executor = make_executor(folder)
   for task in tasks:
     os.makedirs(task["workdir"], exist_ok=True)
   with _repo_importable():
     jobs = executor.map_array(RunTask(), [t["cmd"] for t in tasks], [t["workdir"] for t in tasks],
                               [t["log"] for t in tasks])
-  print(f"submitted {len(jobs)} run(s) as job(s) {jobs[0].job_id.split('_')[0]}"
-        f"{'' if len(jobs) == 1 else ' ...'}; submitit files in {out}/submitit", flush=True)
+  ids = jobs[0].job_id + ("" if len(jobs) == 1 else f" to {jobs[-1].job_id}")
+  print(f"submitted {len(jobs)} job(s), {ids}; their submitit files are in {out}/submitit/<job "
+        f"id>/, linked from each run's work dir as 'submitit'", flush=True)
   by_job = {job.job_id: task for job, task in zip(jobs, tasks, strict=True)}
   try:
     for job in submitit.helpers.as_completed(jobs, poll_frequency=2):
@@ -166,6 +158,8 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
         on_done(by_job[job.job_id], None)
       except Exception as e:  # noqa: BLE001 - a failed run is reported, the others go on
         on_done(by_job[job.job_id], f"job {job.job_id}: {type(e).__name__}")
+    with contextlib.suppress(OSError):
+      os.rmdir(folder)  # submitit's local executor also makes the folder as named, empty
   except KeyboardInterrupt:
     print(f"stopped waiting; the jobs keep running (squeue --me). Run the same command when they "
           f"have ended to resubmit what did not finish, or `{sys.executable} -m jattn.tables "

@@ -142,7 +142,8 @@ def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared
   subprocesses): one job per run; a run preempted after a checkpoint (SIGUSR2, as SLURM sends
   before preempting or at the time limit) is requeued by submitit and resumes from its
   checkpoint; all runs finish, the tables are written, and a second sweep submits nothing."""
-  submitit = pytest.importorskip("submitit")
+  from experiments.slurm import submitit  # imported there without its logging set-up
+
   out = tmp_path / "sweep"
   overrides = tiny_overrides(synthetic_tree[0], prepared_dir, checkpoint_every_steps=3)
 
