@@ -64,9 +64,10 @@ def parse_time(value: str) -> int:
 def slurm_executor(partition: str | None, gpus_per_run: int, time: str,
                    max_parallel: int | None) -> Callable[[str], submitit.Executor]:
   """Checks the SLURM options (before the sweep writes anything) and returns the executor maker."""
-  if shutil.which("sbatch") is None:
-    raise UserError("--launcher slurm: no sbatch on PATH; run the sweep on a SLURM login node, "
-                    "or use --launcher local")
+  for command in ("sbatch", "srun"):
+    if shutil.which(command) is None:
+      raise UserError(f"--launcher slurm: no {command} on PATH; run the sweep on a SLURM login "
+                      f"node, or use --launcher local")
   if not partition:
     raise UserError("--launcher slurm needs --partition P: the partition to submit to (sinfo -s "
                     "lists them)")
@@ -145,8 +146,13 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
   for task in tasks:
     os.makedirs(task["workdir"], exist_ok=True)
   with _repo_importable():
-    jobs = executor.map_array(RunTask(), [t["cmd"] for t in tasks], [t["workdir"] for t in tasks],
-                              [t["log"] for t in tasks])
+    try:
+      jobs = executor.map_array(RunTask(), [t["cmd"] for t in tasks],
+                                [t["workdir"] for t in tasks], [t["log"] for t in tasks])
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+      lines = [line for line in str(e).splitlines() if line.strip()]
+      raise UserError(f"sbatch refused the job array: {lines[-1] if lines else e}; check "
+                      f"--partition, --gpus-per-run and --time against `sinfo`") from None
   ids = jobs[0].job_id + ("" if len(jobs) == 1 else f" to {jobs[-1].job_id}")
   print(f"submitted {len(jobs)} job(s), {ids}; their submitit files are in {out}/submitit/<job "
         f"id>/, linked from each run's work dir as 'submitit'", flush=True)

@@ -109,9 +109,9 @@ def test_bad_slurm_options_give_one_line_and_write_nothing(args, sbatch, message
   with a traceback when sbatch is missing or an option is wrong."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  if sbatch:
-    (bin_dir / "sbatch").write_text("#!/bin/sh\nexit 1\n")
-    (bin_dir / "sbatch").chmod(0o755)
+  for command in ("sbatch", "srun") if sbatch else ():
+    (bin_dir / command).write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / command).chmod(0o755)
   monkeypatch.setenv("PATH", str(bin_dir))
   out = tmp_path / "sweep"
   with pytest.raises(SystemExit) as e:
