@@ -97,8 +97,9 @@ class RunTask(submitit.helpers.Checkpointable):
     with open(os.path.join(workdir, log_name), "a") as log:
       log.write(f"$ {' '.join(cmd)}  (job {env.job_id})\n")
       log.flush()
-      # The command ignores SIGUSR2, submitit's preemption signal: this process handles it by
-      # requeueing, and stopping the command then is its own (the run resumes from a checkpoint).
+      # SIGUSR2 (SLURM's warning before preemption or the time limit) is for this process:
+      # submitit's handler saves this call for the requeued job and exits, and subprocess.run
+      # kills the command on the way out. The command itself ignores the signal.
       status = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(),
                               cwd=REPO, preexec_fn=_ignore_usr2).returncode
     if status:
