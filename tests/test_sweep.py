@@ -138,10 +138,11 @@ def _process_running(*words):
 
 def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared_dir, tmp_path,
                                                         capsys):
-  """The SLURM launcher's code path, sbatch aside, on submitit's local executor (real
-  subprocesses): one job per run; a run preempted after a checkpoint (SIGUSR2, as SLURM sends
-  before preempting or at the time limit) is requeued by submitit and resumes from its
-  checkpoint; all runs finish, the tables are written, and a second sweep submits nothing."""
+  """Guards against a SLURM sweep that loses a preempted run, restarts it from scratch or trains
+  a finished run again. The SLURM launcher's code path, sbatch aside, on submitit's local
+  executor (real subprocesses): one job per run; a run preempted after a checkpoint (SIGUSR2, as
+  SLURM sends before preempting or at the time limit) is requeued by submitit and resumes from
+  its checkpoint; all runs finish, the tables are written, and a second sweep submits nothing."""
   from experiments.slurm import submitit  # imported there without its logging set-up
 
   out = tmp_path / "sweep"
