@@ -10,7 +10,15 @@ plus the `--set` overrides, its output appended to its work dir's log.txt. A fin
 so the same command can be run again after any interruption. With several GPUs
 (CUDA_VISIBLE_DEVICES, or all that nvidia-smi lists) one run goes to each GPU at a time;
 otherwise runs go one after another. The tables come from `python -m jattn.tables OUT`, which
-can also be run on its own.
+can also be run on its own, also while a sweep is still running.
+
+  python experiments/sweep.py --launcher slurm --partition gpu --gpus-per-run 1 --time 24:00:00
+
+submits the unfinished runs to SLURM as one job array through submitit (experiments/slurm.py),
+requeued on preemption or time-out to resume from their checkpoints, and waits for them.
+`--parallel-folds K` trains K consecutive folds of a config in one process
+(`--config.parallel_folds=K --config.fold=<first>`, work dir `OUT/<name>/fold{fold}`); its
+output goes to the first fold's log.txt.
 """
 
 from __future__ import annotations
@@ -83,13 +91,39 @@ def gpu_slots() -> list[str | None]:
   return [None]
 
 
-def run_one(out: str, run: dict, overrides: list[str], gpu: str | None) -> int:
-  """Runs (or resumes) one training run in a subprocess; returns its exit status."""
-  workdir = os.path.join(out, run["workdir"])
+def group_folds(runs: list[dict], parallel_folds: int) -> list[list[dict]]:
+  """The runs each process trains: up to `parallel_folds` consecutive folds of one config."""
+  groups: list[list[dict]] = []
+  for run in runs:
+    last = groups[-1] if groups else None
+    if (last and len(last) < parallel_folds and last[-1]["name"] == run["name"]
+        and run["fold"] == last[-1]["fold"] + 1):
+      last.append(run)
+    else:
+      groups.append([run])
+  return groups
+
+
+def build_command(out: str, group: list[dict], overrides: list[str], parallel_folds: int = 1
+                  ) -> list[str]:
+  """The `python -m jattn.main` command that trains (or resumes) a group of runs, on any launcher.
+
+  With parallel_folds > 1 the work dir is a template that jattn.main fills in for each fold.
+  """
+  first = group[0]
+  workdir = os.path.join(out, first["workdir"])
+  cmd = [sys.executable, "-m", "jattn.main", "--config", _repo_path(first["config"])]
+  if parallel_folds > 1:
+    cmd += ["--workdir", os.path.join(out, first["name"], "fold{fold}"),
+            f"--config.fold={first['fold']}", f"--config.parallel_folds={len(group)}"]
+  else:
+    cmd += ["--workdir", workdir, f"--config.fold={first['fold']}"]
+  return cmd + [f"--config.{o}" for o in overrides]
+
+
+def run_command(cmd: list[str], workdir: str, gpu: str | None) -> int:
+  """Runs a command in a subprocess, its output appended to WORKDIR/log.txt; its exit status."""
   os.makedirs(workdir, exist_ok=True)
-  cmd = [sys.executable, "-m", "jattn.main", "--config", _repo_path(run["config"]),
-         "--workdir", workdir, f"--config.fold={run['fold']}"]
-  cmd += [f"--config.{o}" for o in overrides]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   if gpu is not None:
@@ -109,59 +143,87 @@ def _last_line(path: str) -> str:
     return ""
 
 
-def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str]) -> str:
-  """Runs every unfinished run, then writes and returns the tables."""
+def _label(group: list[dict]) -> str:
+  return f"{group[0]['name']} fold{'s' if len(group) > 1 else ''} " + ",".join(
+      str(r["fold"]) for r in group)
+
+
+def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
+          parallel_folds: int = 1, make_executor=None) -> str:
+  """Runs every unfinished run, then writes and returns the tables.
+
+  Runs go to the local GPUs, or, given `make_executor` (folder -> submitit executor), to one
+  submitit job array (experiments/slurm.py).
+  """
   out = os.path.abspath(out)
   runs = plan(configs, folds, overrides)
   write_manifest(out, runs, folds, overrides)
   todo = [r for r in runs if not is_finished(out, r)]
   print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, "
         f"{len(todo)} to run", flush=True)
-  slots = gpu_slots()
-  free = list(slots)
+  tasks = [{"runs": g, "cmd": build_command(out, g, overrides, parallel_folds),
+            "workdir": os.path.join(out, g[0]["workdir"]), "log": "log.txt"}
+           for g in group_folds(todo, parallel_folds)]
   lock = threading.Lock()
-  started, durations, failures = time.time(), [], []
+  started, durations, failures, finished = time.time(), [], [], [0]
+  slots = gpu_slots() if make_executor is None else [None]
 
-  def work(run):
+  def done(task: dict, error: str | None, seconds: float | None = None) -> None:
+    """Reports a task that ended; `seconds` (local runs) also gives the time left."""
+    with lock:
+      durations.append(seconds if seconds is not None else time.time() - started)
+      finished[0] += len(task["runs"])
+      eta = ""
+      if seconds is not None:  # local tasks run len(slots) at a time
+        mean = sum(durations) / len(durations)
+        eta = f"; about {(len(tasks) - len(durations)) * mean / len(slots) / 60:.0f} min left"
+      print(f"[{len(runs) - len(todo) + finished[0]}/{len(runs)}] {_label(task['runs'])} "
+            f"{'done' if error is None else f'FAILED ({error})'} after "
+            f"{durations[-1] / 60:.1f} min{eta}", flush=True)
+      if error is not None:
+        failures.append((task, error))
+
+  if make_executor is not None:
+    from experiments import slurm  # noqa: PLC0415 - submitit is needed only for this launcher
+
+    slurm.submit_and_wait(out, tasks, make_executor, done)
+  else:
+    _run_local(tasks, slots, done)
+  if failures:
+    task, status = failures[0]
+    log = os.path.join(task["workdir"], task["log"])
+    raise UserError(f"{_label(task['runs'])} failed ({status}): {_last_line(log)} (full log: "
+                    f"{log}); fix it and run the sweep again, finished runs are kept")
+  text = tables.write_tables(out)  # checks every results.json before saying all is well
+  print(f"all {len(runs)} runs finished in {(time.time() - started) / 60:.1f} min", flush=True)
+  return text
+
+
+def _run_local(tasks: list[dict], slots: list[str | None], done) -> None:
+  """One task per local GPU at a time (one after another without GPUs)."""
+  free, lock = list(slots), threading.Lock()
+
+  def work(task):
     with lock:
       gpu = free.pop()
       where = f" on GPU {gpu}" if gpu is not None else ""
-      print(f"  start {run['name']} fold {run['fold']}{where}", flush=True)
+      print(f"  start {_label(task['runs'])}{where}", flush=True)
     t0 = time.time()
     try:
-      status = run_one(out, run, overrides, gpu)
+      status = run_command(task["cmd"], task["workdir"], gpu)
     finally:
       with lock:
         free.append(gpu)
-    with lock:
-      durations.append(time.time() - t0)
-      done = len(durations)
-      left = (len(todo) - done) * (sum(durations) / done) / len(slots)
-      state = "done" if status == 0 else f"FAILED (exit {status})"
-      print(f"[{len(runs) - len(todo) + done}/{len(runs)}] {run['name']} fold {run['fold']} "
-            f"{state} in {durations[-1] / 60:.1f} min; about {left / 60:.0f} min left", flush=True)
-      if status:
-        failures.append((run, status))
+    done(task, f"exit {status}" if status else None, time.time() - t0)
     return status
 
   with concurrent.futures.ThreadPoolExecutor(len(slots)) as pool:
-    futures = []
-    for run in todo:
-      futures.append(pool.submit(work, run))
+    futures = [pool.submit(work, task) for task in tasks]
     for future in futures:
       if future.result() != 0 and len(slots) == 1:
         for f in futures:
           f.cancel()  # a failure (often bad input, the same for every run) stops the sweep
         break
-  if failures:
-    run, status = failures[0]
-    log = os.path.join(out, run["workdir"], "log.txt")
-    raise UserError(f"{run['name']} fold {run['fold']} failed (exit {status}): "
-                    f"{_last_line(log)} (full log: {log}); fix it and run the sweep again, "
-                    f"finished runs are kept")
-  text = tables.write_tables(out)  # checks every results.json before saying all is well
-  print(f"all {len(runs)} runs finished in {(time.time() - started) / 60:.1f} min", flush=True)
-  return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,6 +237,17 @@ def main(argv: list[str] | None = None) -> None:
                       help="config override passed to every run (repeatable)")
   parser.add_argument("--demo", action="store_true",
                       help="the four rows on the built-in demo data, folds 1 and 2")
+  parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                      help="local GPUs (default), or a SLURM job array through submitit")
+  parser.add_argument("--partition", help="slurm: the partition to submit to")
+  parser.add_argument("--gpus-per-run", type=int, default=1, help="slurm: GPUs per run (1)")
+  parser.add_argument("--time", default="24:00:00",
+                      help="slurm: time limit per job, HH:MM:SS; a run that needs longer is "
+                           "requeued and resumes (default 24:00:00)")
+  parser.add_argument("--max-parallel", type=int, default=None,
+                      help="slurm: most runs at a time (the array's %%K; default all)")
+  parser.add_argument("--parallel-folds", type=int, default=1, metavar="K",
+                      help="train K consecutive folds of a config in one process")
   args = parser.parse_args(argv)
   with exit_on_user_error("sweep"):
     configs = args.configs.split(",") if args.configs else (DEMO_ROWS if args.demo else PAPER_ROWS)
@@ -185,8 +258,16 @@ def main(argv: list[str] | None = None) -> None:
       raise UserError(f"--folds {args.folds!r}: give fold numbers like 1,2,3") from None
     if not set(folds) <= {1, 2, 3, 4, 5}:
       raise UserError(f"--folds {args.folds}: folds are numbered 1 to 5")
+    if args.parallel_folds < 1:
+      raise UserError(f"--parallel-folds {args.parallel_folds}: give a number of folds >= 1")
+    make_executor = None
+    if args.launcher == "slurm":  # checked before anything is written
+      from experiments import slurm  # noqa: PLC0415 - submitit is needed only for this launcher
+
+      make_executor = slurm.slurm_executor(args.partition, args.gpus_per_run, args.time,
+                                           args.max_parallel)
     out = args.out or os.path.join(REPO, "sweeps", "demo" if args.demo else "paper")
-    print(sweep(configs, folds, out, args.set))
+    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
-from jattn import config_lib, train
+from jattn import config_lib, main, train
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -72,18 +73,32 @@ def test_overrides_are_parsed_by_the_type_of_the_field():
   assert config.pretrained == "" and config.model.dtype == "bfloat16"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("fodl=1", "unknown config field 'fodl'.*did you mean 'fold'"),
-    ("model.c_atn_blocks=1", "no 'c_atn_blocks' in model.*did you mean 'model.c_attn_blocks'"),
-    ("fold=one", "--config.fold='one': expected a value of type int"),
-    ("skip_corrupt=maybe", "expected a value of type bool"),
-    ("model=1", "config.model is a group of fields"),
-    ("fold", "give a value"),
+@pytest.mark.parametrize("args,message", [
+    # overrides the command line cannot parse
+    (["--config.fodl=1"], "unknown config field 'fodl'.*did you mean 'fold'"),
+    (["--config.model.c_atn_blocks=1"],
+     "no 'c_atn_blocks' in model.*did you mean 'model.c_attn_blocks'"),
+    (["--config.fold=one"], "--config.fold='one': expected a value of type int"),
+    (["--config.batch_size=eight"], "expected a value of type int"),
+    (["--config.skip_corrupt=maybe"], "expected a value of type bool"),
+    (["--config.model=1"], "config.model is a group of fields"),
+    (["--config.fold"], "give a value"),
+    (["--config", "configs/nope.py"], "config file 'configs/nope.py' not found"),
+    # values validate_config refuses
+    (["--config.fold=7"], "folds are numbered 1 to 5"),
+    (["--config.batch_size=0"], "batch_size=0: must be a positive integer"),
+    (["--config.tie_rule=coin"], "tie_rule='coin'"),
 ])
-def test_bad_overrides_name_the_field(override, message):
-  config = config_lib.load_config(os.path.join(REPO, "configs", "ours.py"))
-  with pytest.raises(UserError, match=message):
-    config_lib.apply_overrides(config, [override])
+def test_bad_config_gives_one_line_and_writes_nothing(args, message, tmp_path, capsys):
+  """A mistyped field or value stops `jattn.main` with one line naming it (exit 2, no traceback)
+  before anything is written, whether the parser or validate_config catches it."""
+  workdir = tmp_path / "w"
+  with pytest.raises(SystemExit) as e:
+    main.main(["--config", "configs/ours.py", "--workdir", str(workdir), *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1, err
+  assert err.startswith("jattn.main: error: ") and re.search(message, err), err
+  assert not workdir.exists()
 
 
 def test_bad_config_argument():

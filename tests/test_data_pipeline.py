@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from conftest import data_config, image_file
+from PIL import Image
 
 from jattn.data import (
   MAGNIFICATIONS,
@@ -154,3 +155,23 @@ def test_batch_larger_than_the_training_set(fold_data):
   assert steps_per_epoch(fold_data, too_big) == 0
   with pytest.raises(UserError, match=f"batch_size {too_big} exceeds the"):
     train_batches(fold_data, too_big, seed=0, epoch=0)
+
+
+def test_demo_generates_its_data_set_once(tmp_path):
+  """Guards against a broken demo (`configs/demo.py`, the README's first command): with
+  `synthetic.enabled` an empty data dir gets a synthetic BreakHis tree of the 82 patients and the
+  configured size, which the fold is then read from; a second run generates nothing."""
+  config = data_config(str(tmp_path / "demo"))
+  config.synthetic.update(enabled=True, images_per_patient=1, width=24, height=16, seed=0)
+  d = load_fold(config)
+  assert len(d.patient_ids) == 82 and len(d.file_names) == 82 * len(MAGNIFICATIONS)
+  assert len(d.train_indices) + len(d.test_indices) == len(d.file_names)
+  assert set(d.magnifications.tolist()) == set(range(len(MAGNIFICATIONS)))
+  records = scan.scan(str(tmp_path / "demo")).records
+  assert sorted(r.file_name for r in records) == sorted(d.file_names)
+  with Image.open(image_file(str(tmp_path / "demo"), records[0].path)) as image:
+    assert abs(image.size[0] - 24) <= 12 and abs(image.size[1] - 16) <= 10  # a few are odd-sized
+  written = [os.path.join(root, n) for root, _, names in os.walk(tmp_path / "demo") for n in names]
+  stamps = {p: os.path.getmtime(p) for p in written if "BreaKHis_v1" in p}
+  load_fold(config)
+  assert {p: os.path.getmtime(p) for p in stamps} == stamps

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
@@ -18,10 +17,23 @@ from tensorflow_datasets.core import shuffle
 
 from jattn.data import breakhis, load_fold, prepare, scan, tfds_builder
 from jattn.errors import UserError
+from tests.runs import REPO
 
 
-def test_tensorflow_is_not_installed():
-  assert importlib.util.find_spec("tensorflow") is None
+def test_jattn_does_not_import_tensorflow():
+  """jattn reads its TFDS data set without TensorFlow, and must work the same whether a user has
+  TensorFlow installed or not: no jattn module may import it (directly or through TFDS)."""
+  modules = ["jattn." + m for m in (
+      "main", "train", "predict", "inspect", "tables", "convert", "runs", "models",
+      "models.__main__", "data", "data.__main__", "data.prepare", "data.tfds_builder",
+      "data.pipeline", "data.scan", "data.folds", "data.synthetic", "data.augment")]
+  code = ("import importlib, sys\n"
+          f"for m in {modules!r}: importlib.import_module(m)\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[]"
 
 
 def test_builder_reads_back_every_image_as_written(synthetic_tree, fold_data, prepared_dir):

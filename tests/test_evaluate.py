@@ -58,3 +58,48 @@ def test_summarize_per_magnification():
                                        "vote": "malignant", "images": 3, "correct_images": 2}
   table = evaluate.format_table(out)
   assert "60.0" in table and "100.0" in table
+
+
+def test_summarize_counts_a_tie_by_the_tie_rule():
+  """Guards against `summarize` ignoring `tie_rule` (`--config.tie_rule=malignant` silently doing
+  nothing in results.json): a benign patient whose images tie 1-1 is right under 'benign', wrong
+  under 'malignant', at the patient level only."""
+  def summary(tie_rule):
+    return evaluate.summarize(labels=np.array([0, 0, 1, 1, 1]),
+                              predictions=np.array([0, 1, 1, 1, 0]),
+                              patients=np.array([0, 0, 1, 1, 1]),
+                              magnifications=np.zeros(5, int), subtypes=np.array([0, 0, 4, 4, 4]),
+                              tie_rule=tie_rule)
+
+  benign, malignant = summary("benign"), summary("malignant")
+  assert benign["patient_accuracy"]["40X"] == 1.0  # patient 0 ties -> benign (right), 1 -> 2:1
+  assert malignant["patient_accuracy"]["40X"] == 0.5  # patient 0 ties -> malignant (wrong)
+  assert [p["vote"] for p in malignant["patients"]["40X"]] == ["malignant", "malignant"]
+  assert malignant["patient_confusion_matrix"]["40X"] == [[0, 1], [0, 1]]
+  for key in ("image_accuracy", "patient_recognition_rate", "confusion_matrix"):
+    assert benign[key] == malignant[key], key  # the image-level figures have no vote
+
+
+def test_format_table_rows_carry_their_labels_and_figures():
+  """Guards against rows of the printed table being swapped or mislabelled (Table 1's image
+  accuracy shown as Table 2's patient accuracy): every row is read back by its label."""
+  mags = ("40X", "100X", "200X", "400X")
+  results = {
+      "image_accuracy": dict(zip(mags, (0.911, 0.912, 0.913, 0.914), strict=True)),
+      "patient_accuracy": dict(zip(mags, (0.821, 0.822, 0.823, 0.824), strict=True)),
+      "patient_recognition_rate": dict(zip(mags, (0.731, 0.732, 0.733, 0.734), strict=True)),
+      "majority_baseline": {m: {"image": 0.6, "patient": 0.55} for m in mags},
+      "num_images": dict(zip(mags, (100, 101, 102, 103), strict=True)),
+      "num_patients": dict.fromkeys(mags, 25),
+  }
+  lines = evaluate.format_table(results).splitlines()
+  assert lines[0].split() == list(mags)
+  rows = {line[:26].strip(): line[26:].split() for line in lines[1:]}
+  assert rows == {
+      "image accuracy": ["91.1", "91.2", "91.3", "91.4"],
+      "patient accuracy": ["82.1", "82.2", "82.3", "82.4"],
+      "patient recognition rate": ["73.1", "73.2", "73.3", "73.4"],
+      "majority class, image": ["60.0"] * 4,
+      "majority class, patient": ["55.0"] * 4,
+      "test images / patients": ["100/25", "101/25", "102/25", "103/25"],
+  }

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import csv
+import inspect
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from jattn import evaluate, main, predict, runs, train
+from jattn import evaluate, predict, runs, train
 from jattn.data import MAGNIFICATIONS
+from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
@@ -45,16 +47,64 @@ def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
     rows = list(csv.DictReader(f))
   assert sorted(r["file_name"] for r in rows) == sorted(
       fold_data.file_names[i] for i in fold_data.test_indices)  # every test image exactly once
-  # the per-image predictions give back the reported figures
+  # the per-image predictions give back the reported figures, patient votes (with the run's tie
+  # rule) included
   for m in MAGNIFICATIONS:
     sel = [r for r in rows if r["magnification"] == m]
     assert np.mean([r["prediction"] == r["label"] for r in sel]) == pytest.approx(
         results["image_accuracy"][m])
+    by_patient = collections.defaultdict(list)
+    for r in sel:
+      by_patient[r["patient_id"]].append(r)
+    right, rates = [], []
+    for images in by_patient.values():
+      malignant = sum(r["prediction"] == "malignant" for r in images)
+      benign = len(images) - malignant
+      vote = ("malignant" if malignant > benign else "benign" if benign > malignant
+              else results["tie_rule"])
+      right.append(vote == images[0]["label"])
+      rates.append(np.mean([r["prediction"] == r["label"] for r in images]))
+    assert results["num_patients"][m] == len(by_patient)
+    assert results["patient_accuracy"][m] == pytest.approx(np.mean(right))
+    assert results["patient_recognition_rate"][m] == pytest.approx(np.mean(rates))
   with open(os.path.join(trained_run, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   assert logged[-1]["step"] == results["train"]["steps"]
   assert all(np.isfinite(x["loss"]) for x in logged)
   assert os.listdir(os.path.join(trained_run, "tensorboard"))
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_training_augments_as_the_config_says(synthetic_tree, prepared_dir, tmp_path,
+                                              monkeypatch):
+  """Guards against the training loop ignoring `config.augment` (the paper's flips and rotations
+  silently off, or other ones on): the first train step traced augments its batch with exactly
+  the config's fields, and with those a batch comes out as itself or mirrored left-right."""
+  calls, signature = [], inspect.signature(augment_lib.augment)
+
+  def record(rng, images, **kwargs):
+    calls.append(signature.bind(rng, images, **kwargs))
+    raise _Stop  # the first traced step is all this test needs
+
+  monkeypatch.setattr(augment_lib, "augment", record)
+  config = tiny_config(synthetic_tree[0], prepared_dir, **{
+      "augment.flip": "horizontal", "augment.rotation": "none", "augment.max_angle": 12.0})
+  with pytest.raises(_Stop):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert len(calls) == 1
+  calls[0].apply_defaults()
+  given = {k: v for k, v in calls[0].arguments.items() if k not in ("rng", "images")}
+  assert given == {"flip": "horizontal", "rotation": "none", "max_angle": 12.0}
+
+  monkeypatch.undo()
+  images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  out = np.asarray(augment_lib.augment(jax.random.key(0), images, **given)).astype(np.uint8)
+  flipped = [bool(np.array_equal(o, np.fliplr(i))) for i, o in zip(images, out, strict=True)]
+  assert all(f or np.array_equal(o, i) for f, o, i in zip(flipped, out, images, strict=True))
+  assert 0 < sum(flipped) < 16
 
 
 def test_trained_run_is_not_trained_again(trained_run, synthetic_tree, prepared_dir, capsys):
@@ -145,25 +195,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_tree,
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state.params))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.fodl=2"], "unknown config field 'fodl'.*did you mean 'fold'"),
-    (["--config.fold=7"], "folds are numbered 1 to 5"),
-    (["--config.batch_size=0"], "batch_size=0: must be a positive integer"),
-    (["--config.batch_size=eight"], "expected a value of type int"),
-    (["--config", "configs/nope.py"], "config file 'configs/nope.py' not found"),
-])
-def test_bad_command_lines_give_one_line(args, message, tmp_path, capsys):
-  with pytest.raises(SystemExit) as e:
-    main.main(["--config", "configs/ours.py", "--workdir", str(tmp_path / "w"), *args])
-  err = capsys.readouterr().err
-  assert e.value.code == 2 and err.count("\n") == 1, err
-  assert err.startswith("jattn.main: error: ")
-  assert re.search(message, err), err
-
-
 def test_ours_without_breakhis_says_what_to_download(tmp_path):
   """The real config with no data: one line naming the archive, the folder and the flag."""
-  started = time.time()
   run = subprocess.run(
       [sys.executable, "-m", "jattn.main", "--config", "configs/ours.py",
        "--workdir", str(tmp_path / "w"), f"--config.data_dir={tmp_path / 'empty'}"],
@@ -171,7 +204,6 @@ def test_ours_without_breakhis_says_what_to_download(tmp_path):
   assert run.returncode == 2 and "Traceback" not in run.stderr
   assert run.stderr.count("\n") == 1, run.stderr
   assert "BreaKHis_v1.tar.gz" in run.stderr and "--config.data_dir" in run.stderr
-  assert time.time() - started < 60
 
 
 def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, prepared_dir,

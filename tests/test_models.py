@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -161,11 +163,17 @@ def test_structure_and_placement():
   assert params["classifier"]["fc1"]["kernel"].shape == (7 * 7 * 64, 32)
 
 
-def test_forward_shapes_and_dropout():
-  mc = _model_config(width=0.125, classifier_width=32)
-  model = models.build_model(mc)
+@pytest.fixture(scope="module")
+def narrow_model():
+  """A model of width 1/8 and its initial variables (for 40x40 inputs; shapes do not depend on
+  the size), initialised once for the tests below."""
+  model = models.build_model(_model_config(width=0.125, classifier_width=32))
+  return model, models.init_variables(model, jax.random.key(1), 40)
+
+
+def test_forward_shapes_and_dropout(narrow_model):
+  model, variables = narrow_model
   x = jax.random.normal(jax.random.key(0), (3, 40, 56, 3))
-  variables = models.init_variables(model, jax.random.key(1), 40)  # shapes do not depend on size
   logits = model.apply(variables, x, train=False)
   assert logits.shape == (3, 2) and logits.dtype == jnp.float32
   np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
@@ -194,3 +202,59 @@ def test_bfloat16_keeps_attention_softmax_in_float32():
 def test_bad_model_config(field, value, match):
   with pytest.raises(UserError, match=match):
     models.build_model(_model_config(**{field: value}))
+
+
+def test_initialisers_are_he_normal_fan_out_convs_and_normal_0_01_linear_layers(narrow_model):
+  """Guards against a wrong initialisation of whatever is not loaded from ImageNet (fan-in instead
+  of fan-out, a truncated or uniform draw, non-zero biases): torchvision's VGG draws conv kernels
+  from N(0, 2 / (k * k * C_out)) and linear weights from N(0, 0.01^2). Checked by mean, standard
+  deviation and kurtosis (3 for a normal draw, ~2.4 truncated at 2 std, 1.8 uniform), with
+  tolerances of about 10 standard errors, on layers with C_in != C_out so fan-in and fan-out
+  differ."""
+  p = narrow_model[1]["params"]
+
+  def check(kernel, std, std_tolerance, kurtosis_tolerance):
+    x = np.asarray(kernel, np.float64).ravel()
+    z = (x - x.mean()) / x.std()
+    assert abs(x.mean()) < 5 * std / np.sqrt(x.size), (kernel.shape, x.mean())
+    assert x.std() == pytest.approx(std, rel=std_tolerance), kernel.shape
+    assert np.mean(z ** 4) == pytest.approx(3.0, abs=kurtosis_tolerance), kernel.shape
+
+  check(p["block4"]["conv1"]["kernel"], np.sqrt(2 / (9 * 64)), 0.05, 0.4)  # 3x3, 32 -> 64
+  check(p["block3"]["s_attn"]["s_q"]["kernel"], np.sqrt(2 / 4), 0.7, 3)  # 1x1, 32 -> 4, 128 draws
+  check(p["classifier"]["fc1"]["kernel"], 0.01, 0.02, 0.15)  # 3,136 x 32
+  # All 16 convs together, each in units of its own He fan-out std: one normal draw.
+  z = np.concatenate([np.ravel(p[f"block{b}"][name]["kernel"]) / np.sqrt(
+      2 / (9 * p[f"block{b}"][name]["kernel"].shape[-1]))
+      for b in range(1, 6) for name in p[f"block{b}"] if name.startswith("conv")])
+  assert z.size > 300_000 and z.std() == pytest.approx(1, rel=0.01)
+  assert np.mean(z ** 4) / z.var() ** 2 == pytest.approx(3.0, abs=0.1)
+  biases = [v for path, v in jax.tree_util.tree_leaves_with_path(p) if path[-1].key == "bias"]
+  assert len(biases) == 16 + 3 and all(np.all(np.asarray(b) == 0) for b in biases)
+
+
+# `python -m jattn.models` at width 1/8 (8-8, 16-16, 32 x4, 64 x4, 64 x4 channels), 2 classes,
+# classifier width 32, pool 7, C-Attn (kernel 4) on blocks 1-2, S-Attn (r = 8) on blocks 3-5:
+#   block 1 convs: 3*8*9+8 + 8*8*9+8                   =     808;  C-Attn 33 * 8^2   =  2,112
+#   block 2 convs: 8*16*9+16 + 16*16*9+16              =   3,488;  C-Attn 33 * 16^2  =  8,448
+#   block 3 convs: 16*32*9+32 + 3*(32*32*9+32)         =  32,384;  S-Attn 5/4 * 32^2 =  1,280
+#   block 4 convs: 32*64*9+64 + 3*(64*64*9+64)         = 129,280;  S-Attn 5/4 * 64^2 =  5,120
+#   block 5 convs: 4*(64*64*9+64)                      = 147,712;  S-Attn 5/4 * 64^2 =  5,120
+#   classifier:    64*49*32+32 + 32*32+32 + 32*2+2     = 101,506
+#   convs 313,672 + classifier 101,506 + attention 22,080 = 437,258
+def test_models_command_counts_parameters(capsys):
+  """Guards against `python -m jattn.models` reporting wrong parameter counts (modules missed,
+  attention attributed to the wrong block): its table against the count derived by hand."""
+  from jattn.models import __main__ as models_cli
+
+  models_cli.main(["--config", "configs/ours.py", "--config.model.width=0.125",
+                   "--config.model.classifier_width=32", "--image-size", "32"])
+  out = capsys.readouterr().out
+  rows = dict(re.findall(r"^(\w[\w -]*?)\s+([\d,]+)$", out, re.MULTILINE))
+  counts = {name: int(n.replace(",", "")) for name, n in rows.items()}
+  assert counts == {
+      "block1 convs": 808, "block1 C-Attn": 2_112, "block2 convs": 3_488, "block2 C-Attn": 8_448,
+      "block3 convs": 32_384, "block3 S-Attn": 1_280, "block4 convs": 129_280,
+      "block4 S-Attn": 5_120, "block5 convs": 147_712, "block5 S-Attn": 5_120,
+      "classifier": 101_506, "total": 437_258}
+  assert "attention overhead: 22,080 parameters" in out

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -64,3 +66,123 @@ def test_a_bad_override_stops_before_any_run(tmp_path):
   with pytest.raises(UserError, match="unknown config field 'num_epoch'"):
     sweep.sweep(["configs/demo.py:vgg19"], [1], str(tmp_path), ["num_epoch=3"])
   assert not os.path.exists(tmp_path / "demo_vgg19")
+
+
+def _plan(folds):
+  return sweep.plan(["configs/demo.py:vgg19", "configs/demo.py:ours"], folds, [])
+
+
+def test_parallel_folds_group_consecutive_folds_into_one_command():
+  """Guards against --parallel-folds training the wrong folds (a fold twice, a finished one again,
+  or one skipped): each process gets up to K consecutive folds of one config, and its command
+  names the first fold, the count and a work-dir template jattn.main fills in per fold."""
+  runs = _plan([1, 2, 3, 4, 5])
+  groups = sweep.group_folds(runs, 2)
+  assert [(g[0]["name"], [r["fold"] for r in g]) for g in groups] == [
+      ("demo_vgg19", [1, 2]), ("demo_vgg19", [3, 4]), ("demo_vgg19", [5]),
+      ("demo_ours", [1, 2]), ("demo_ours", [3, 4]), ("demo_ours", [5])]
+  unfinished = [r for r in runs if (r["name"], r["fold"]) not in {("demo_ours", 2)}]
+  assert [[r["fold"] for r in g] for g in sweep.group_folds(unfinished, 3)] == [
+      [1, 2, 3], [4, 5], [1], [3, 4, 5]]
+  assert [[r["fold"] for r in g] for g in sweep.group_folds(runs, 1)] == [
+      [k] for k in range(1, 6)] * 2
+
+  cmd = sweep.build_command("/o", groups[1], ["num_epochs=3"], 2)
+  assert cmd[:4] == [sys.executable, "-m", "jattn.main", "--config"]
+  assert cmd[4].endswith("configs/demo.py:vgg19")
+  assert cmd[5:] == ["--workdir", "/o/demo_vgg19/fold{fold}", "--config.fold=3",
+                     "--config.parallel_folds=2", "--config.num_epochs=3"]
+  one = sweep.build_command("/o", [runs[6]], ["num_epochs=3"])
+  assert one[5:] == ["--workdir", "/o/demo_ours/fold2", "--config.fold=2", "--config.num_epochs=3"]
+
+
+@pytest.mark.parametrize("args,sbatch,message", [
+    (["--partition", "gpu"], False, "--launcher slurm: no sbatch on PATH; run the sweep on"),
+    ([], True, "--launcher slurm needs --partition P"),
+    (["--partition", "gpu", "--time", "2h"], True, "--time '2h': give the time limit of one run "
+     "as HH:MM:SS"),
+    (["--partition", "gpu", "--time", "1:60:00"], True, "--time '1:60:00'"),
+])
+def test_bad_slurm_options_give_one_line_and_write_nothing(args, sbatch, message, tmp_path,
+                                                          monkeypatch, capsys):
+  """Guards against a SLURM sweep that fails late (after writing its manifest or submitting) or
+  with a traceback when sbatch is missing or an option is wrong."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for command in ("sbatch", "srun") if sbatch else ():
+    (bin_dir / command).write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / command).chmod(0o755)
+  monkeypatch.setenv("PATH", str(bin_dir))
+  out = tmp_path / "sweep"
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["--configs", ROWS, "--out", str(out), "--launcher", "slurm", *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+  assert not out.exists()
+
+
+def _process_running(*words):
+  """The pid of a process of this user whose command line holds all `words`, and its parent's."""
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().decode(errors="replace")
+      with open(f"/proc/{pid}/stat") as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+      continue
+    if all(w in cmdline for w in words):
+      return int(pid), parent
+  return None
+
+
+def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared_dir, tmp_path,
+                                                        capsys):
+  """Guards against a SLURM sweep that loses a preempted run, restarts it from scratch or trains
+  a finished run again. The SLURM launcher's code path, sbatch aside, on submitit's local
+  executor (real subprocesses): one job per run; a run preempted after a checkpoint (SIGUSR2, as
+  SLURM sends before preempting or at the time limit) is requeued by submitit and resumes from
+  its checkpoint; all runs finish, the tables are written, and a second sweep submits nothing."""
+  from experiments.slurm import submitit  # imported there without its logging set-up
+
+  out = tmp_path / "sweep"
+  overrides = tiny_overrides(synthetic_tree[0], prepared_dir, checkpoint_every_steps=3)
+
+  def local_executor(folder):
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=30)
+    return executor
+
+  def run_sweep():
+    return sweep.sweep(ROWS.split(","), [1], str(out), overrides, make_executor=local_executor)
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    result = pool.submit(run_sweep)
+    workdir = out / "demo_vgg19" / "fold1"
+    deadline = time.time() + 400
+    while time.time() < deadline and not result.done():
+      steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()] if (
+          workdir / "checkpoints").is_dir() else []
+      found = _process_running("jattn.main", str(workdir)) if steps and max(steps) >= 3 else None
+      if found:
+        os.kill(found[1], signal.SIGUSR2)  # to submitit's process running the task
+        break
+      time.sleep(0.05)
+    assert found, "the run ended before it could be preempted"
+    printed_tables = result.result(timeout=600)
+
+  log = (workdir / "log.txt").read_text()
+  assert log.count("$ ") == 2 and re.search(r"resuming .* from step [1-9]", log), log
+  for name in ("demo_vgg19", "demo_ours"):
+    assert (out / name / "fold1" / "results.json").exists()
+    logs = os.listdir(out / name / "fold1" / "submitit")  # the task's submitit folder, linked
+    assert any(f.endswith("_log.out") for f in logs) and any(f.endswith("_log.err") for f in logs)
+  with open(workdir / "metrics.jsonl") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == sorted(set(steps))  # the resumed run dropped what it logged after the checkpoint
+  assert "Table 1" in printed_tables and (out / "tables.md").exists()
+  assert "All 2 runs finished" in (out / "tables.md").read_text()
+  capsys.readouterr()
+
+  sweep.sweep(ROWS.split(","), [1], str(out), overrides, make_executor=local_executor)
+  assert "2 finished before, 0 to run" in capsys.readouterr().out

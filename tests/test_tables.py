@@ -193,6 +193,35 @@ def test_cli_prints_the_tables(full_sweep, capsys):
   assert (sweep / "tables.md").read_text() in out
 
 
+@pytest.mark.parametrize("manifest", [True, False])
+def test_a_sweep_still_running_counts_the_finished_runs(full_sweep, capsys, manifest):
+  """Guards against the tables failing, or counting a run, while a sweep is still running (on
+  the cluster: runs with checkpoints but no results.json, submitit's folder beside the runs)."""
+  sweep, runs = full_sweep
+  running = sweep / "ours" / "fold3"
+  (running / "results.json").unlink()
+  (running / "checkpoints" / "12").mkdir(parents=True)
+  (running / "config.json").write_text("{}")
+  (running / "metrics.jsonl").write_text('{"step": 4, "loss": 0.7}\n{"step": 8, "lo')
+  (sweep / "submitit" / "123_4").mkdir(parents=True)
+  (sweep / "submitit" / "123_4" / "123_4_0_log.out").write_text("")
+  (running / "submitit").symlink_to("../../submitit/123_4")
+  (sweep / "extra" / "fold5" / "results.json").unlink()  # submitted, not started
+  if not manifest:
+    (sweep / "sweep.json").unlink()
+  tables.main([str(sweep)])
+  out = capsys.readouterr().out
+  unfinished = next(line for line in out.splitlines() if line.startswith("Unfinished runs"))
+  assert sorted(unfinished.split(": ")[1].rstrip(".").split(", ")) == ["extra fold 5",
+                                                                        "ours fold 3"]
+  cells = _cells(sweep)
+  cell = cells[("patient_accuracy", "ours", "200X")]
+  values = 100 * np.array([runs[("ours", k)]["patient_accuracy"]["200X"] for k in (1, 2, 4, 5)])
+  assert (cell.n_folds, cell.n_expected) == (4, 5) and cell.mean == pytest.approx(values.mean())
+  assert cell.text().endswith("(4/5)") and cell.text() in out
+  assert cells[("image_accuracy", "vgg19_c", "40X")].n_folds == 5
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda r: r.pop("image_accuracy"), r"fold2/results.json: missing key 'image_accuracy'"),
     (lambda r: r.pop("finished"), r"fold2/results.json: missing key 'finished'"),
