@@ -49,6 +49,17 @@ BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpo
                       "loader_threads", "eval_batch_size", "download")
 
 
+# Fields added to the config after runs were first written, with the value that reproduces what a
+# run whose config.json predates them computed: such a run resumes, or prints its results, instead
+# of being refused as "a different config".
+LATER_FIELDS = {
+    "download": False, "magnifications": ["40X", "100X", "200X", "400X"], "task": "binary",
+    "augment.hed_scale": 0.0, "augment.hed_shift": 0.0, "augment.brightness": 0.0,
+    "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
+    "bootstrap_resamples": 1000, "bootstrap_seed": 0,
+}
+
+
 class TrainState(train_state.TrainState):
   """Parameters, optimiser state and step, plus batch-norm statistics and the fold's image stats."""
 
@@ -256,6 +267,7 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
   if os.path.exists(path):
     stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
                                    f"--workdir")
+    stored = _with_later_fields(stored)
     if stored == current:
       return  # nothing to write: a finished run on read-only storage just prints its results
     differ = sorted(k for k in set(stored) | set(current)
@@ -269,6 +281,18 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
           files.remove(os.path.join(workdir, name))
   os.makedirs(workdir, exist_ok=True)
   _write_json(path, current)
+
+
+def _with_later_fields(stored: dict) -> dict:
+  """A stored config with the `LATER_FIELDS` it predates filled in."""
+  stored = json.loads(json.dumps(stored))
+  for key, value in LATER_FIELDS.items():
+    *parents, field = key.split(".")
+    node = stored
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node.setdefault(field, value)
+  return stored
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:

@@ -230,3 +230,38 @@ def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tre
   # fields that only change logging may differ when a run is resumed
   relogged = tiny_config(synthetic_tree[0], prepared_dir, seed=5, log_every_steps=7)
   train._check_workdir(str(workdir), relogged, overwrite=False)
+
+
+def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, synthetic_tree,
+                                                                 prepared_dir, tmp_path, capsys):
+  """Guards against refusing (or, with --overwrite, deleting) every run whose config.json predates
+  a newly added field: the field's behaviour-preserving value fills the gap."""
+  old = tmp_path / "old"
+  old.mkdir()
+  stored = json.loads(open(os.path.join(trained_run, "config.json")).read())
+  for key in train.LATER_FIELDS:
+    *parents, field = key.split(".")
+    node = stored
+    for parent in parents:
+      node = node[parent]
+    del node[field]
+  (old / "config.json").write_text(json.dumps(stored))
+  results = open(os.path.join(trained_run, "results.json")).read()
+  (old / "results.json").write_text(results)
+  train.train_and_evaluate(tiny_config(synthetic_tree[0], prepared_dir), str(old))
+  assert "has finished" in capsys.readouterr().out
+  assert json.loads((old / "config.json").read_text()) == stored  # nothing rewritten
+  assert (old / "results.json").read_text() == results
+
+
+def test_later_fields_hold_the_defaults():
+  """Guards against a LATER_FIELDS value that differs from configs/default.py: an old run would
+  then be resumed under a setting it never had."""
+  from configs import default
+
+  defaults = json.loads(default.get_config().to_json())
+  for key, value in train.LATER_FIELDS.items():
+    node = defaults
+    for part in key.split("."):
+      node = node[part]
+    assert node == value, key
