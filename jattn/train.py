@@ -55,10 +55,20 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
   image_mean: jax.Array = None  # [3], 0-255 scale: the fold's training images
   image_std: jax.Array = None
+  # int32 []: the fold's steps per epoch, as data rather than a Python constant so that states of
+  # folds with different training-set sizes can be stacked and stepped in one program.
+  steps_per_epoch: jax.Array = None
+
+  def apply_gradients(self, *, grads, **kwargs):
+    """One optimiser step; the learning rate follows this state's own `steps_per_epoch`."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                        steps_per_epoch=self.steps_per_epoch)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **kwargs)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+                           steps_per_epoch: int | jax.Array) -> Callable[[jax.Array], jax.Array]:
   """Step decay by epoch: lr * factor^(number of milestones reached), as torch's MultiStepLR."""
   milestones = jnp.asarray(config.lr_milestones, jnp.int32)
 
@@ -73,13 +83,30 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return schedule
 
 
+def scale_by_step_decay(config: ml_collections.ConfigDict,
+                        steps_per_epoch: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate(learning_rate_schedule(...)), with the same state and numerics,
+  whose steps per epoch may also be passed to `update` as an array (`steps_per_epoch=`)."""
+  def update_fn(updates, state, params=None, *, steps_per_epoch=steps_per_epoch, **extra_args):
+    del extra_args
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return optax.scale_by_learning_rate(schedule).update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(optax.scale_by_schedule(lambda c: c).init,
+                                               update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """torch.optim.Adam(lr, weight_decay): L2 term added to the gradient, then Adam, then -lr."""
+                   steps_per_epoch: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """torch.optim.Adam(lr, weight_decay): L2 term added to the gradient, then Adam, then -lr.
+
+  Without `steps_per_epoch`, `update` must be given it (`tx.update(..., steps_per_epoch=n)`), as
+  `TrainState.apply_gradients` does.
+  """
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
       optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)),
+      scale_by_step_decay(config, steps_per_epoch),
   )
 
 
@@ -134,10 +161,11 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
 def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
   """A TrainState of `variables` with the config's optimiser and the fold's image statistics."""
   return TrainState.create(
-      apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config, steps_per_epoch),
+      apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config),
       batch_stats=variables.get("batch_stats", {}),
       image_mean=jnp.asarray(image_mean, jnp.float32),
-      image_std=jnp.asarray(image_std, jnp.float32))
+      image_std=jnp.asarray(image_std, jnp.float32),
+      steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
 
 def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any], scope: str,
