@@ -484,7 +484,7 @@ def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool):
   save_now = epoch_end or (
       config.checkpoint_every_steps and f.step % config.checkpoint_every_steps == 0)
   if save_now or f.step % config.log_every_steps == 0:  # every loss is checked before a save
-    summary = _summarize_window(f, plan, time.time() - f.window_start)
+    summary = _summarize_window(f, plan)
     f.pending, f.window_start = [], time.time()
     if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
       _stop_nonfinite("loss", f.step, f.workdir, f.manager)
@@ -512,8 +512,10 @@ def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool):
   return state
 
 
-def _summarize_window(f: _Fold, plan, seconds: float) -> dict[str, float]:
+def _summarize_window(f: _Fold, plan) -> dict[str, float]:
+  """The fold's mean metrics over the steps since its last summary (waits for them)."""
   stacked = jax.device_get([m for m, _ in f.pending])
+  seconds = time.time() - f.window_start  # after the wait: the window's steps have run
   if plan.num_folds > 1:  # metrics of every fold: keep this one's
     stacked = [{key: v[f.pending[0][1]] for key, v in m.items()} for m in stacked]
   schedule = learning_rate_schedule(f.config, f.steps_per_epoch)

@@ -1,0 +1,165 @@
+"""Parallel folds (jattn.parallel): K folds in one program give what K separate runs give.
+
+The folds here differ in size (fold 2 loses 8 patients' training images to its test set), so they
+have different steps per epoch, epoch boundaries and learning-rate decays.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jattn import runs, train
+from jattn.errors import UserError
+from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
+
+# Both runs, separate and parallel: one loss logged per step, the LR halved every epoch.
+SETTINGS = dict(log_every_steps=1, lr_decay_every=1, num_epochs=2)
+
+
+def _uneven_folds(data_dir: str, path: str) -> str:
+  """The tree's Folds.csv with 8 patients of fold 2 moved from its training to its test set."""
+  with open(os.path.join(data_dir, "Folds.csv")) as f:
+    rows = list(csv.DictReader(f))
+  patient = lambda row: row["filename"].split("/")[-3]  # noqa: E731
+  moved = sorted({patient(r) for r in rows if r["fold"] == "2" and r["grp"] == "train"})[:8]
+  for r in rows:
+    if r["fold"] == "2" and patient(r) in moved:
+      r["grp"] = "test"
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+@pytest.fixture(scope="module")
+def runs_dir(synthetic_tree, prepared_dir, tmp_path_factory):
+  """Folds 1 and 2 trained as two separate runs and as one parallel run (K=2)."""
+  out = tmp_path_factory.mktemp("parallel")
+  folds = _uneven_folds(synthetic_tree[0], str(out / "Folds.csv"))
+  for fold in (1, 2):
+    config = tiny_config(synthetic_tree[0], prepared_dir, fold=fold, folds=folds, **SETTINGS)
+    train.train_and_evaluate(config, str(out / "separate" / f"fold{fold}"))
+  config = tiny_config(synthetic_tree[0], prepared_dir, parallel_folds=2, folds=folds, **SETTINGS)
+  train.train_and_evaluate(config, str(out / "parallel" / "fold{fold}"))
+  return out
+
+
+def _metrics(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _json(path) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def test_parallel_folds_take_the_steps_of_separate_runs(runs_dir):
+  """Each fold keeps its own data, steps per epoch and learning rate; guards against folds that
+  share a stream, a step counter or a schedule. Losses agree to 1e-5 on the first three steps:
+  vmapped convs round differently, and Adam's first updates (±lr wherever a gradient is at the
+  rounding level, e.g. conv biases before batch norm) carry that into the weights."""
+  lengths = {}
+  for fold in (1, 2):
+    separate = _metrics(runs_dir / "separate" / f"fold{fold}")
+    parallel = _metrics(runs_dir / "parallel" / f"fold{fold}")
+    assert [m["step"] for m in parallel] == [m["step"] for m in separate]
+    assert [m["learning_rate"] for m in parallel] == [m["learning_rate"] for m in separate]
+    np.testing.assert_allclose([m["loss"] for m in parallel[:3]],
+                               [m["loss"] for m in separate[:3]], rtol=0, atol=1e-5)
+    lengths[fold] = len(parallel)
+    sep_config = _json(runs_dir / "separate" / f"fold{fold}" / "config.json")
+    par_config = _json(runs_dir / "parallel" / f"fold{fold}" / "config.json")
+    assert par_config["fold"] == fold
+    assert {k: v for k, v in par_config.items() if k != "parallel_folds"} == {
+        k: v for k, v in sep_config.items() if k != "parallel_folds"}
+    sep_results = _json(runs_dir / "separate" / f"fold{fold}" / "results.json")
+    par_results = _json(runs_dir / "parallel" / f"fold{fold}" / "results.json")
+    for key in ("fold", "normalization", "data"):
+      assert par_results[key] == sep_results[key], key
+    assert par_results["train"]["steps"] == sep_results["train"]["steps"]
+    assert sorted(os.listdir(runs_dir / "parallel" / f"fold{fold}" / "checkpoints")) == sorted(
+        os.listdir(runs_dir / "separate" / f"fold{fold}" / "checkpoints"))
+  assert lengths == {1: 28, 2: 24}  # 14 and 12 steps per epoch: the folds really differ
+
+
+def test_parallel_predictions_are_those_of_the_checkpoint(runs_dir):
+  """predictions.csv of each parallel fold = a separate evaluation of that fold's checkpoint;
+  guards against evaluating the wrong fold's slice of the stacked state."""
+  for fold in (1, 2):
+    workdir = runs_dir / "parallel" / f"fold{fold}"
+    config, state = runs.restore(str(workdir))
+    assert config.fold == fold
+    with open(workdir / "predictions.csv") as f:
+      rows = list(csv.DictReader(f))
+    from jattn import data  # the fold's test images, in the run's order
+    fold_data = data.load_fold(config)
+    index = {name: i for i, name in enumerate(fold_data.file_names)}
+    images = np.asarray(fold_data.images)[[index[r["file_name"]] for r in rows]]
+    probs = runs.predict_probs(state, images)
+    np.testing.assert_allclose([float(r["prob_malignant"]) for r in rows], probs[:, 1],
+                               rtol=0, atol=1e-6)
+    assert len(rows) == len(fold_data.test_indices)
+
+
+def test_killed_parallel_run_resumes_to_the_same_figures(runs_dir, synthetic_tree, prepared_dir,
+                                                         tmp_path):
+  """A parallel run killed with SIGKILL after a checkpoint and resumed ends exactly as the
+  uninterrupted parallel run; guards against a fold restoring another's checkpoint or step."""
+  folds = str(runs_dir / "Folds.csv")
+  settings = dict(SETTINGS, folds=folds, parallel_folds=2, checkpoint_every_steps=3)
+  workdir = str(tmp_path / "fold{fold}")
+  overrides = tiny_overrides(synthetic_tree[0], prepared_dir, **settings)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "jattn.main", "--config", DEMO, "--workdir", workdir,
+       *[f"--config.{o}" for o in overrides]],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      env=dict(os.environ, PYTHONPATH=REPO))
+  checkpoints = [tmp_path / f"fold{fold}" / "checkpoints" for fold in (1, 2)]
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if all(d.is_dir() and any(s.name.isdigit() for s in d.iterdir()) for d in checkpoints):
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not any((tmp_path / f"fold{fold}" / "results.json").exists() for fold in (1, 2))
+
+  config = tiny_config(synthetic_tree[0], prepared_dir, **settings)
+  resumed = train.train_and_evaluate(config, workdir)
+  for fold, results in zip((1, 2), resumed, strict=True):
+    straight = _json(runs_dir / "parallel" / f"fold{fold}" / "results.json")
+    for key in ("fold", "image_accuracy", "patient_accuracy", "confusion_matrix"):
+      assert results[key] == straight[key], key
+    with open(runs_dir / "parallel" / f"fold{fold}" / "predictions.csv") as a, open(
+        tmp_path / f"fold{fold}" / "predictions.csv") as b:
+      assert a.read() == b.read()
+    assert [m["loss"] for m in _metrics(tmp_path / f"fold{fold}")] == [
+        m["loss"] for m in _metrics(runs_dir / "parallel" / f"fold{fold}")]
+
+
+@pytest.mark.parametrize("settings,workdir,message", [
+    (dict(fold=4, parallel_folds=3), "w/fold{fold}",
+     r"^--config.parallel_folds=3 with --config.fold=4: folds 4..6 do not exist \(folds are "
+     r"numbered 1 to 5\); use at most 2$"),
+    (dict(parallel_folds=2), "w", r"^--workdir .*w has no \{fold\}, but --config.parallel_folds=2 "
+     r"writes one work dir per fold; use e.g. --workdir .*w/fold\{fold\}$"),
+])
+def test_bad_parallel_settings_are_one_line(settings, workdir, message, synthetic_tree,
+                                            prepared_dir, tmp_path):
+  """Folds past 5 and one work dir for several folds are refused before anything is written."""
+  config = tiny_config(synthetic_tree[0], prepared_dir, **settings)
+  with pytest.raises(UserError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / workdir))
+  assert not os.listdir(tmp_path)
