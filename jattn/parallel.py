@@ -152,16 +152,16 @@ def unstack(plan: Plan, state: Any, fold: int) -> Any:
 
 
 def place(plan: Plan, tree: Any) -> Any:
-  """`tree` (a state, or a state's abstract shapes) replicated over the plan's mesh."""
+  """`tree` (a train state, a key) replicated over the plan's mesh, in every process."""
   sharding = plan.replicated
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
 
   def put(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    x = np.asarray(jax.device_get(x)) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) \
-        else x
+    x = jnp.asarray(x)  # also Python numbers, as device_put takes them
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    x = np.asarray(jax.device_get(x))
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree_util.tree_map(put, tree)

@@ -392,6 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = parallel.stack(plan, states)
   del states
 
+  train_rng = parallel.place(plan, train_rng)
   started = time.time()
   step_fn = parallel.train_step(plan, functools.partial(train_step,
                                                         augment=config.augment.to_dict()))
