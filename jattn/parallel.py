@@ -137,8 +137,12 @@ def stack(plan: Plan, states: Sequence[Any]) -> Any:
   """One state for the plan: the fold's own state when K = 1, else leaves stacked on axis 0."""
   if len(states) != plan.num_folds:
     raise ValueError(f"{len(states)} states for {plan.num_folds} folds")
-  if plan.num_folds == 1:
-    return states[0]
+  return states[0] if plan.num_folds == 1 else stack_folds(states)
+
+
+def stack_folds(states: Sequence[Any]) -> Any:
+  """States of the same structure stacked leaf by leaf along a new leading (fold) axis; static
+  fields (apply_fn, tx) are the first state's."""
   leaves = [jax.tree_util.tree_leaves(s) for s in states]
   stacked = [jnp.stack(xs) for xs in zip(*leaves, strict=True)]
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(states[0]), stacked)

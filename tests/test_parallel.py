@@ -23,7 +23,8 @@ from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 # Both runs, separate and parallel: one loss logged per step, the LR halved every epoch.
-SETTINGS = dict(log_every_steps=1, lr_decay_every=1, num_epochs=2)
+# Batches of 32: folds 1 and 2 have 7 and 6 steps per epoch.
+SETTINGS = dict(log_every_steps=1, lr_decay_every=1, num_epochs=2, batch_size=32)
 
 
 def _uneven_folds(data_dir: str, path: str) -> str:
@@ -91,7 +92,7 @@ def test_parallel_folds_take_the_steps_of_separate_runs(runs_dir):
     assert par_results["train"]["steps"] == sep_results["train"]["steps"]
     assert sorted(os.listdir(runs_dir / "parallel" / f"fold{fold}" / "checkpoints")) == sorted(
         os.listdir(runs_dir / "separate" / f"fold{fold}" / "checkpoints"))
-  assert lengths == {1: 28, 2: 24}  # 14 and 12 steps per epoch: the folds really differ
+  assert lengths == {1: 14, 2: 12}  # 7 and 6 steps per epoch: the folds really differ
 
 
 def test_parallel_predictions_are_those_of_the_checkpoint(runs_dir):
@@ -173,7 +174,7 @@ import sys
 from jattn import train
 from tests.runs import tiny_config
 data_dir, prepared_dir, out = sys.argv[1:4]
-settings = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6)
+settings = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32)
 for name, extra in [("one", dict(num_devices=1)), ("four", dict(num_devices=4, eval_batch_size=10)),
                     ("folds", dict(parallel_folds=2))]:
   config = tiny_config(data_dir, prepared_dir, **settings, **extra)
@@ -207,7 +208,7 @@ def test_batch_sharded_over_four_devices_gives_the_one_device_figures(four_devic
       one / "results.json")["versions"]["devices"]  # all four were there, only the mesh differs
   losses = {name: [m["loss"] for m in _metrics(tmp_path / name / "fold1")]
             for name in ("one", "four", "folds")}
-  assert len(losses["one"]) == 14
+  assert len(losses["one"]) == 7
   np.testing.assert_allclose(losses["four"], losses["one"], rtol=0, atol=1e-5)
   np.testing.assert_allclose(losses["folds"], losses["one"], rtol=0, atol=1e-5)
   for other in (four, tmp_path / "folds" / "fold1"):
@@ -225,7 +226,7 @@ def _assert_same_predictions(workdir, other, atol=1e-4):
 
 # Two processes of 2 CPU devices each, as one run: the "four" run of _DEVICES_SCRIPT, launched
 # the way `jax.distributed` is on a cluster (coordinator, process count and id in the env).
-_TWO_PROCESS_SETTINGS = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6,
+_TWO_PROCESS_SETTINGS = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32,
                              eval_batch_size=10, checkpoint_every_steps=3)
 
 
@@ -270,7 +271,7 @@ def test_two_processes_give_the_figures_of_one_process_with_four_devices(two_pro
   results = _json(two_processes / "results.json")
   assert len(results["versions"]["devices"]) == 4
   with open(two_processes / "metrics.jsonl") as f:
-    assert len(f.readlines()) == 14  # written by process 0 alone
+    assert len(f.readlines()) == 7  # written by process 0 alone
 
 
 def test_killed_two_process_run_resumes_to_the_same_figures(two_processes, synthetic_tree,
