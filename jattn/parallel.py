@@ -56,6 +56,10 @@ def initialize_distributed() -> bool:
       raise UserError(f"JAX_PROCESS_ID={kwargs['process_id']} is outside 0..JAX_NUM_PROCESSES-1 "
                       f"({kwargs.get('num_processes')})")
     _initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], **kwargs)
+    if kwargs.get("num_processes", jax.process_count()) != jax.process_count():
+      raise UserError(f"JAX_NUM_PROCESSES={kwargs['num_processes']}, but the coordinator at "
+                      f"{env['JAX_COORDINATOR_ADDRESS']} runs {jax.process_count()} processes; "
+                      f"start every process with the same JAX_NUM_PROCESSES")
     return True
   if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     _initialize()

@@ -3,7 +3,9 @@
 `train_step` and `eval_step` are pure functions of their arguments (no Python side effects), run
 under `jax.jit`; everything with side effects (data, checkpoints, logs, the progress bar) lives in
 `train_and_evaluate`, the one function that runs a fold from start (or from its latest checkpoint)
-to `results.json`.
+to `results.json`. How the steps are mapped over several folds and sharded over devices and
+processes is decided by `jattn.parallel`; the loop reads the same for one fold on one CPU and five
+folds on eight GPUs.
 
 The recipe is section 3 of the paper and the authors' code: softmax cross-entropy; Adam with
 learning rate 5e-5 and an L2 weight decay of 1e-4 added to the gradient before the moments, as

@@ -15,16 +15,21 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattn import runs, train
+from configs import default
+from jattn import parallel, runs, train
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
-# Both runs, separate and parallel: one loss logged per step, the LR halved every epoch.
-# Batches of 32: folds 1 and 2 have 7 and 6 steps per epoch.
-SETTINGS = dict(log_every_steps=1, lr_decay_every=1, num_epochs=2, batch_size=32)
+# Both runs, separate and parallel: one loss logged per step, the LR halved every epoch, small
+# enough that rounding differences stay at rounding level. Batches of 32: folds 1 and 2 have 7
+# and 6 steps per epoch.
+SETTINGS = dict(log_every_steps=1, lr_decay_every=1, num_epochs=2, batch_size=32,
+                learning_rate=1e-6)
 
 
 def _uneven_folds(data_dir: str, path: str) -> str:
@@ -56,6 +61,46 @@ def runs_dir(synthetic_tree, prepared_dir, tmp_path_factory):
   return out
 
 
+def test_fold_train_step_steps_each_fold_as_its_own_run():
+  """Two stacked folds with 2 and 3 steps per epoch, the second finishing after 4 steps: each
+  fold's weights, optimiser state and rng are exactly those of its own unvmapped steps, and a
+  finished fold is left alone. Guards the per-fold learning rate (halved every epoch of that
+  fold) and the mask. Elementwise maths only, so vmapping cannot change the rounding."""
+  config = default.get_config()
+  config.update(learning_rate=0.1, lr_decay_every=1)
+  tx = train.make_optimizer(config)
+
+  def make_state(w, steps_per_epoch):
+    return train.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)}, tx=tx,
+                                   steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
+
+  def step_fn(state, batch, rng):
+    noise = jax.random.normal(rng, state.params["w"].shape)
+    grads = jax.grad(lambda p: jnp.sum(p["w"] * batch["x"] + noise * p["w"]))(state.params)
+    return state.apply_gradients(grads=grads), {"noise": noise}
+
+  train_rng = jax.random.key(3)
+  xs = np.random.default_rng(0).normal(size=(6, 2, 3)).astype(np.float32)  # [steps, folds, 3]
+  separate = [make_state([1.0, -2.0, 0.5], 2), make_state([0.3, 0.2, -1.0], 3)]
+  plain = jax.jit(lambda s, b: step_fn(s, b, jax.random.fold_in(train_rng, s.step)))
+  stacked = parallel.stack_folds(separate)
+  step = parallel.fold_train_step(step_fn)
+  for t in range(6):
+    active = np.array([True, t < 4])
+    stacked, metrics = step(stacked, {"x": xs[t]}, train_rng, active)
+    for k in range(2):
+      if active[k]:
+        separate[k], expected = plain(separate[k], {"x": xs[t, k]})
+        np.testing.assert_array_equal(metrics["noise"][k], expected["noise"])
+  for k, state in enumerate(separate):
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(stacked),
+                    strict=True):
+      np.testing.assert_array_equal(a, b[k])
+  assert stacked.step.tolist() == [6, 4]
+  lr = [train.learning_rate_schedule(config, n)(s) for n, s in ((2, 5), (3, 3))]
+  assert [float(x) for x in lr] == [0.1 * 0.5 ** 2, 0.1 * 0.5]  # the folds' last LRs differ
+
+
 def _metrics(workdir) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -67,18 +112,19 @@ def _json(path) -> dict:
 
 
 def test_parallel_folds_take_the_steps_of_separate_runs(runs_dir):
-  """Each fold keeps its own data, steps per epoch and learning rate; guards against folds that
-  share a stream, a step counter or a schedule. Losses agree to 1e-5 on the first three steps:
-  vmapped convs round differently, and Adam's first updates (±lr wherever a gradient is at the
-  rounding level, e.g. conv biases before batch norm) carry that into the weights."""
+  """Each fold keeps its own data, normalisation, rng and steps per epoch; guards against folds
+  that share a stream, statistics or a step counter. Losses agree to 1e-5 at every step: vmapped
+  convs round differently, and Adam's early updates (±lr wherever a gradient is at the rounding
+  level, e.g. conv biases before batch norm) carry that into the weights; at the demo's learning
+  rate of 1e-3 the difference reaches 1e-5 by the third step, hence 1e-6 here."""
   lengths = {}
   for fold in (1, 2):
     separate = _metrics(runs_dir / "separate" / f"fold{fold}")
     parallel = _metrics(runs_dir / "parallel" / f"fold{fold}")
     assert [m["step"] for m in parallel] == [m["step"] for m in separate]
     assert [m["learning_rate"] for m in parallel] == [m["learning_rate"] for m in separate]
-    np.testing.assert_allclose([m["loss"] for m in parallel[:3]],
-                               [m["loss"] for m in separate[:3]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([m["loss"] for m in parallel], [m["loss"] for m in separate],
+                               rtol=0, atol=1e-5)
     lengths[fold] = len(parallel)
     sep_config = _json(runs_dir / "separate" / f"fold{fold}" / "config.json")
     par_config = _json(runs_dir / "parallel" / f"fold{fold}" / "config.json")
@@ -293,3 +339,28 @@ def test_killed_two_process_run_resumes_to_the_same_figures(two_processes, synth
   assert [m["loss"] for m in _metrics(tmp_path)] == [m["loss"] for m in _metrics(two_processes)]
   with open(two_processes / "predictions.csv") as a, open(tmp_path / "predictions.csv") as b:
     assert a.read() == b.read()
+
+
+def test_a_process_count_unlike_the_coordinators_is_one_line(tmp_path):
+  """A process started with another JAX_NUM_PROCESSES than the coordinator's says so in one
+  line (exit 2) instead of training with a wrong slice of every batch."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i, count in ((0, 2), (1, 3)):
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "jattn.main", "--config", DEMO, "--workdir", str(tmp_path / "w"),
+         "--config.fold=7"],  # process 0 stops there, once both have joined
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(i))))
+  try:
+    _, err = procs[1].communicate(timeout=120)
+  finally:
+    procs[0].kill()
+    procs[0].wait()
+  assert procs[1].returncode == 2 and err.count("\n") == 1, err
+  assert err == (f"jattn.main: error: JAX_NUM_PROCESSES=3, but the coordinator at 127.0.0.1:{port} "
+                 f"runs 2 processes; start every process with the same JAX_NUM_PROCESSES\n")
+  assert not (tmp_path / "w").exists()
