@@ -412,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         bar.update()
         for k, f in enumerate(folds):
           if active[k]:
-            state = _after_step(f, k, plan, state, metrics, is_main)
+            _after_step(f, k, plan, state, metrics, is_main)
   finally:
     bar.close()
     for f in folds:
@@ -478,7 +478,7 @@ def _global_batches(plan, folds: list[_Fold], config) -> Iterator[tuple[dict, np
     yield parallel.batch(plan, fold_batches, config.batch_size), active
 
 
-def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool):
+def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool) -> None:
   """Logs, checks and checkpoints fold `f` (the plan's k-th) after one of its steps."""
   config = f.config
   f.pending.append((metrics, k))
@@ -512,7 +512,6 @@ def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool):
     print(f"{prefix}epoch {f.step // f.steps_per_epoch}/{config.num_epochs}: training loss "
           f"{mean['loss']:.4f}, training accuracy {mean['accuracy']:.3f}, "
           f"{mean['images_per_second']:.0f} images/s", flush=True)
-  return state
 
 
 def _summarize_window(f: _Fold, plan) -> dict[str, float]:
