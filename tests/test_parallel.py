@@ -218,6 +218,7 @@ def test_bad_parallel_settings_are_one_line(settings, workdir, message, syntheti
 _DEVICES_SCRIPT = """
 import sys
 from jattn import train
+from jattn.errors import UserError
 from tests.runs import tiny_config
 data_dir, prepared_dir, out = sys.argv[1:4]
 settings = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32)
@@ -225,6 +226,10 @@ for name, extra in [("one", dict(num_devices=1)), ("four", dict(num_devices=4, e
                     ("folds", dict(parallel_folds=2))]:
   config = tiny_config(data_dir, prepared_dir, **settings, **extra)
   train.train_and_evaluate(config, f"{out}/{name}/fold{{fold}}")
+try:
+  train.train_and_evaluate(tiny_config(data_dir, prepared_dir, batch_size=30), f"{out}/odd")
+except UserError as e:
+  print(e, file=open(f"{out}/odd.txt", "w"))
 """
 
 
@@ -243,7 +248,8 @@ def four_devices(synthetic_tree, prepared_dir, tmp_path_factory):
 def test_batch_sharded_over_four_devices_gives_the_one_device_figures(four_devices):
   """Data parallelism changes only the order of the batch reductions; guards against a batch
   that is split instead of sharded (per-device batch norm or loss), a device count that changes
-  the data, and padding rows of an eval batch rounded up to the devices leaking into results.
+  the data, and padding rows of an eval batch rounded up to the devices leaking into results. A
+  batch that does not divide by the devices is one line, before anything is written.
 
   Tolerance: losses agree to 1e-5 at every step (one epoch, learning rate 1e-6: the rounding
   differences of the all-reduced sums, amplified by Adam's early ±lr updates, stay small), and
@@ -259,6 +265,10 @@ def test_batch_sharded_over_four_devices_gives_the_one_device_figures(four_devic
   np.testing.assert_allclose(losses["folds"], losses["one"], rtol=0, atol=1e-5)
   for other in (four, tmp_path / "folds" / "fold1"):
     _assert_same_predictions(one, other)
+  assert (tmp_path / "odd.txt").read_text() == (
+      "--config.batch_size=30 does not divide by the 4 devices; use a multiple of 4 (it is the "
+      "global batch)\n")
+  assert not (tmp_path / "odd").exists()  # refused before anything was written
 
 
 def _assert_same_predictions(workdir, other, atol=1e-4):
