@@ -92,4 +92,8 @@ def get_config():
   config.log_every_steps = 50  # metrics.jsonl, TensorBoard and the finite-loss check
   config.checkpoint_every_steps = 0  # extra checkpoints within an epoch (0: at epoch ends only)
   config.keep_checkpoints = 3  # most recent checkpoints kept
+
+  # --- Parallelism (jattn.parallel): how a run is laid out, not what it computes ---
+  config.parallel_folds = 1  # train folds fold..fold+K-1 in one program (--workdir with {fold})
+  config.num_devices = 0  # devices the batch is sharded over (0: all, of every process)
   return config

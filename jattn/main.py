@@ -2,6 +2,11 @@
 
   python -m jattn.main --config configs/ours.py [--workdir DIR] [--config.fold=K] [--overwrite]
 
+With --config.parallel_folds=K it trains folds fold..fold+K-1 in one program, each into its own
+work dir (--workdir with {fold}). Launched as several processes (SLURM, Open MPI, or
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), the processes train one run
+together over all their devices.
+
 This file is intentionally kept short: the logic is in `jattn.train`, importable in a notebook.
 Without --config it runs the built-in demo (configs/demo.py: a synthetic BreakHis-format data set,
 nothing to download). Running the same command again resumes from the latest checkpoint; a run
@@ -16,7 +21,7 @@ import sys
 
 import jax
 
-from jattn import config_lib, train
+from jattn import config_lib, parallel, train
 from jattn.errors import exit_on_user_error
 
 # Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
@@ -28,15 +33,19 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m jattn.main", description=__doc__.split("\n")[0],
                                    epilog="Override any config field with --config.FIELD=VALUE.")
   parser.add_argument("--config", default="configs/demo.py", help="config file[:arg]")
-  parser.add_argument("--workdir", default=None, help="default: runs/<config.name>/fold<fold>")
+  parser.add_argument("--workdir", default=None,
+                      help="default: runs/<config.name>/fold{fold}; {fold} becomes the fold "
+                           "(needed with --config.parallel_folds > 1)")
   parser.add_argument("--overwrite", action="store_true",
                       help="discard a run with a different config in --workdir")
   args = parser.parse_args(rest)
+  with exit_on_user_error("jattn.main"):
+    parallel.initialize_distributed()  # before anything touches the devices
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   with exit_on_user_error("jattn.main"):
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    workdir = args.workdir or f"runs/{config.name}/fold{config.fold}"
+    workdir = args.workdir or f"runs/{config.name}/fold{{fold}}"
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
 
 

@@ -3,7 +3,9 @@
 `train_step` and `eval_step` are pure functions of their arguments (no Python side effects), run
 under `jax.jit`; everything with side effects (data, checkpoints, logs, the progress bar) lives in
 `train_and_evaluate`, the one function that runs a fold from start (or from its latest checkpoint)
-to `results.json`.
+to `results.json`. How the steps are mapped over several folds and sharded over devices and
+processes is decided by `jattn.parallel`; the loop reads the same for one fold on one CPU and five
+folds on eight GPUs.
 
 The recipe is section 3 of the paper and the authors' code: softmax cross-entropy; Adam with
 learning rate 5e-5 and an L2 weight decay of 1e-4 added to the gradient before the moments, as
@@ -16,7 +18,9 @@ evaluated once, after the last epoch, and never used to choose anything.
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
+import dataclasses
 import functools
 import io
 import json
@@ -33,11 +37,12 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import jattn
-from jattn import checkpoints, convert, data, evaluate, files, models
+from jattn import checkpoints, convert, data, evaluate, files, models, parallel
 from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 
@@ -46,7 +51,8 @@ TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_s
 # Fields that change how a run is logged, not what it computes: a resumed run may change them.
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                      "loader_threads", "eval_batch_size", "download")
+                      "loader_threads", "eval_batch_size", "download", "parallel_folds",
+                      "num_devices")
 
 
 # Fields added to the config after runs were first written, with the value that reproduces what a
@@ -66,10 +72,20 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
   image_mean: jax.Array = None  # [3], 0-255 scale: the fold's training images
   image_std: jax.Array = None
+  # int32 []: the fold's steps per epoch, as data rather than a Python constant so that states of
+  # folds with different training-set sizes can be stacked and stepped in one program.
+  steps_per_epoch: jax.Array = None
+
+  def apply_gradients(self, *, grads, **kwargs):
+    """One optimiser step; the learning rate follows this state's own `steps_per_epoch`."""
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                        steps_per_epoch=self.steps_per_epoch)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state, **kwargs)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
+                           steps_per_epoch: int | jax.Array) -> Callable[[jax.Array], jax.Array]:
   """Step decay by epoch: lr * factor^(number of milestones reached), as torch's MultiStepLR."""
   milestones = jnp.asarray(config.lr_milestones, jnp.int32)
 
@@ -84,13 +100,30 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return schedule
 
 
+def scale_by_step_decay(config: ml_collections.ConfigDict, steps_per_epoch: int | None = None
+                        ) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate(learning_rate_schedule(...)), with the same state and numerics,
+  whose steps per epoch may also be passed to `update` as an array (`steps_per_epoch=`)."""
+  def update_fn(updates, state, params=None, *, steps_per_epoch=steps_per_epoch, **extra_args):
+    del extra_args
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    return optax.scale_by_learning_rate(schedule).update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(optax.scale_by_schedule(lambda c: c).init,
+                                               update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
-  """torch.optim.Adam(lr, weight_decay): L2 term added to the gradient, then Adam, then -lr."""
+                   steps_per_epoch: int | None = None) -> optax.GradientTransformationExtraArgs:
+  """torch.optim.Adam(lr, weight_decay): L2 term added to the gradient, then Adam, then -lr.
+
+  Without `steps_per_epoch`, `update` must be given it (`tx.update(..., steps_per_epoch=n)`), as
+  `TrainState.apply_gradients` does.
+  """
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
       optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),
-      optax.scale_by_learning_rate(learning_rate_schedule(config, steps_per_epoch)),
+      scale_by_step_decay(config, steps_per_epoch),
   )
 
 
@@ -157,10 +190,11 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
 def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
   """A TrainState of `variables` with the config's optimiser and the fold's image statistics."""
   return TrainState.create(
-      apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config, steps_per_epoch),
+      apply_fn=model.apply, params=variables["params"], tx=make_optimizer(config),
       batch_stats=variables.get("batch_stats", {}),
       image_mean=jnp.asarray(image_mean, jnp.float32),
-      image_std=jnp.asarray(image_std, jnp.float32))
+      image_std=jnp.asarray(image_std, jnp.float32),
+      steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
 
 def merge_pretrained(variables: Mapping[str, Any], pretrained: Mapping[str, Any], scope: str,
@@ -202,6 +236,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(message)
 
   check(config.fold in (1, 2, 3, 4, 5), f"--config.fold={config.fold}: folds are numbered 1 to 5")
+  parallel_folds, num_devices = config.get("parallel_folds", 1), config.get("num_devices", 0)
+  check(isinstance(parallel_folds, int) and 1 <= parallel_folds <= 6 - config.fold,
+        f"--config.parallel_folds={parallel_folds!r} with --config.fold={config.fold}: folds "
+        f"{config.fold}..{config.fold + parallel_folds - 1} do not exist (folds are numbered 1 to "
+        f"5); use at most {6 - config.fold}")
+  check(isinstance(num_devices, int) and num_devices >= 0,
+        f"--config.num_devices={num_devices!r}: a device count, or 0 for all devices")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "image_size", "log_every_steps"):
     check(isinstance(config[field], int) and config[field] > 0,
           f"--config.{field}={config[field]!r}: must be a positive integer")
@@ -245,11 +286,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 # The loop: everything with side effects.
 
 
-def _device_prefetch(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
-  """Puts the next batches on the device while the current step runs."""
+def _prefetch(items: Iterator, size: int = 2) -> Iterator:
+  """Assembles (and puts on the devices) the next items while the current step runs."""
   queue = collections.deque()
-  for batch in batches:
-    queue.append(jax.device_put(batch))
+  for item in items:
+    queue.append(item)
     if len(queue) > size:
       yield queue.popleft()
   while queue:
@@ -260,8 +301,12 @@ def _write_json(path: str, obj: Any) -> None:
   files.atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-  """Refuses a work dir that holds a different run, unless asked to overwrite it."""
+def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool,
+                   write: bool = True) -> None:
+  """Refuses a work dir that holds a different run, unless asked to overwrite it.
+
+  Only the process that `write`s (process 0) deletes or writes anything; every process checks.
+  """
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
@@ -275,12 +320,13 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
     if differ and not overwrite:
       raise UserError(f"{workdir} holds a run with a different config (fields: "
                       f"{', '.join(differ)}); use another --workdir, or --overwrite to discard it")
-    if differ:  # keep the lock this run holds on the work dir
+    if differ and write:  # keep the lock this run holds on the work dir
       for name in os.listdir(workdir):
         if name != ".lock":
           files.remove(os.path.join(workdir, name))
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(path, current)
+  if write:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(path, current)
 
 
 def _with_later_fields(stored: dict) -> dict:
@@ -319,128 +365,241 @@ def _truncate_metrics(path: str, step: int) -> None:
   files.atomic_write_text(path, "".join(kept))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       overwrite: bool = False) -> dict:
-  """Trains one fold (resuming from the latest checkpoint) and writes WORKDIR/results.json.
+def fold_workdirs(config: ml_collections.ConfigDict, workdir: str) -> dict[int, str]:
+  """The work dir of each fold a run trains: `workdir` with `{fold}` replaced by the fold."""
+  folds = range(config.fold, config.fold + config.get("parallel_folds", 1))
+  if len(folds) > 1 and "{fold}" not in workdir:
+    raise UserError(f"--workdir {workdir} has no {{fold}}, but --config.parallel_folds="
+                    f"{len(folds)} writes one work dir per fold; use e.g. --workdir "
+                    f"{os.path.join(workdir, 'fold{fold}')}")
+  return {f: os.path.abspath(os.path.expanduser(workdir.replace("{fold}", str(f))))
+          for f in folds}
 
-  The work dir is locked for the whole run: a second run started on it is refused.
+
+@dataclasses.dataclass(eq=False)
+class _Fold:
+  """What the loop keeps of one fold it trains: its data, work dir, counters and open files."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  data: Any = None
+  steps_per_epoch: int = 0
+  total_steps: int = 0
+  step: int = 0  # a Python copy of the fold's state.step: reading the device's would wait
+  start_step: int = 0
+  results: dict | None = None  # read from results.json when the fold had finished
+  manager: Any = None
+  metrics_file: Any = None
+  writer: Any = None
+  pending: list = dataclasses.field(default_factory=list)
+  window_start: float = 0.0
+  epoch_windows: list = dataclasses.field(default_factory=list)
+
+  @property
+  def name(self) -> str:
+    return f"fold {self.config.fold} of {self.config.name}"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict | list[dict]:
+  """Trains a fold (resuming from its latest checkpoint) and writes WORKDIR/results.json.
+
+  With `config.parallel_folds` K > 1, folds fold..fold+K-1 are trained in one program, each into
+  `workdir` with `{fold}` replaced by its number, exactly as K separate runs; the result is then
+  the list of their results. How the step runs (vmapped over folds, sharded over the devices of
+  every process) is `jattn.parallel`'s business; this loop reads the same either way. Every work
+  dir is locked for the whole run: a second run started on one of them is refused.
   """
   validate_config(config)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  with files.locked_or_refuse(workdir, "--workdir"):
-    return _train_and_evaluate(config, workdir, overwrite)
+  workdirs = fold_workdirs(config, workdir)
+  with contextlib.ExitStack() as locks:
+    if jax.process_index() == 0:  # the processes of a multi-host run share the work dirs
+      for fold_workdir in workdirs.values():
+        locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir"))
+    return _train_and_evaluate(config, workdirs, overwrite)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
-  _check_workdir(workdir, config, overwrite)
-  results_path = os.path.join(workdir, "results.json")
-  if os.path.exists(results_path):
-    results = files.read_json(results_path, "delete it to evaluate the run again from its last "
-                                            "checkpoint")
-    print(f"{workdir} has finished (results.json); not training again.\n"
-          f"{evaluate.format_table(results)}")
-    return results
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdirs: dict[int, str],
+                        overwrite: bool) -> dict | list[dict]:
+  plan = parallel.make_plan(config)
+  is_main = jax.process_index() == 0  # only process 0 writes results, metrics and TensorBoard
+  folds = []
+  for number, fold_workdir in workdirs.items():
+    fold_config = config.copy_and_resolve_references()
+    fold_config.fold = number
+    folds.append(_Fold(fold_config, fold_workdir))
+  for f in folds:
+    _check_workdir(f.workdir, f.config, overwrite, write=is_main)
+    results_path = os.path.join(f.workdir, "results.json")
+    if os.path.exists(results_path):
+      f.results = files.read_json(results_path, "delete it to evaluate the run again from its "
+                                                "last checkpoint")
+      print(f"{f.workdir} has finished (results.json); not training again.\n"
+            f"{evaluate.format_table(f.results)}")
+  if all(f.results is not None for f in folds):
+    return folds[0].results if len(folds) == 1 else [f.results for f in folds]
+  _sync("work dirs checked")
 
-  fold_data = data.load_fold(config)
-  steps_per_epoch = data.steps_per_epoch(fold_data, config.batch_size)
-  if steps_per_epoch == 0:
-    raise UserError(f"fold {config.fold} has {len(fold_data.train_indices)} training images, fewer "
-                    f"than one batch of --config.batch_size={config.batch_size}")
-  total_steps = steps_per_epoch * config.num_epochs
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(config, init_rng, fold_data.mean, fold_data.std, steps_per_epoch)
+  states = []
+  for f in folds:
+    f.data = data.load_fold(f.config)
+    f.steps_per_epoch = data.steps_per_epoch(f.data, config.batch_size)
+    if f.steps_per_epoch == 0:
+      raise UserError(f"fold {f.config.fold} has {len(f.data.train_indices)} training images, "
+                      f"fewer than one batch of --config.batch_size={config.batch_size}")
+    f.total_steps = f.steps_per_epoch * config.num_epochs
+    state = parallel.place(plan, create_train_state(f.config, init_rng, f.data.mean, f.data.std,
+                                                    f.steps_per_epoch))
+    if f.results is None:
+      f.manager = checkpoints.manager(f.workdir, config.keep_checkpoints)
+      restored = checkpoints.restore_latest(f.manager, state)
+      if restored is not None:
+        state = restored
+        print(f"resuming {f.workdir} from step {int(state.step)} of {f.total_steps}")
+      f.step = f.start_step = int(state.step)
+    else:
+      f.step = f.start_step = f.total_steps  # finished: its (fresh) state is never stepped
+    states.append(state)
+  state = parallel.stack(plan, states)
+  del states
 
-  manager = checkpoints.manager(workdir, config.keep_checkpoints)
-  restored = checkpoints.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-    print(f"resuming {workdir} from step {int(state.step)} of {total_steps}")
-  start_step = int(state.step)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  _truncate_metrics(metrics_path, start_step)
-
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step)
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  p_train_step = jax.jit(functools.partial(train_step, augment=config.augment.to_dict()),
-                         donate_argnums=(0,))
+  train_rng = parallel.place(plan, train_rng)
   started = time.time()
-  step = start_step  # a Python copy of state.step: reading the device's would wait for each step
-  try:  # a pending asynchronous checkpoint is finished however the loop ends
-    with open(metrics_path, "a") as metrics_file:
-      for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-        first = max(start_step - epoch * steps_per_epoch, 0)  # steps already done this epoch
-        batches = data.train_batches(fold_data, config.batch_size, seed=config.seed, epoch=epoch,
-                                     start_step=first, num_threads=config.loader_threads)
-        pending, window_start, epoch_windows = [], time.time(), []
-        bar = tqdm(total=steps_per_epoch, initial=first, unit="step", dynamic_ncols=True,
-                   desc=f"epoch {epoch + 1}/{config.num_epochs}", leave=False, disable=None)
-        for batch in _device_prefetch(batches):
-          state, metrics = p_train_step(state, batch, jax.random.fold_in(train_rng, step))
-          pending.append(metrics)
-          bar.update()
-          step += 1
-          save_now = step % steps_per_epoch == 0 or (
-              config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
-          if save_now or step % config.log_every_steps == 0:  # every loss is checked before a save
-            summary = _summarize_window(pending, step, schedule, config.batch_size,
-                                        time.time() - window_start)
-            pending, window_start = [], time.time()
-            if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
-              _stop_nonfinite("loss", step, workdir, manager)
-            epoch_windows.append(summary)
-            metrics_file.write(json.dumps(summary) + "\n")
-            metrics_file.flush()
-            for k, v in summary.items():
-              if k not in ("step", "steps"):
-                writer.add_scalar(f"train/{k}", v, step)
-            bar.set_postfix(loss=f"{summary['loss']:.4f}",
-                            img_s=f"{summary['images_per_second']:.0f}")
-          if save_now:
-            if not _all_finite(state.params):  # weights no loss has been computed with yet
-              _stop_nonfinite("weights", step, workdir, manager)
-            checkpoints.save(manager, step, state)
-        bar.close()
-        weights = [w["steps"] for w in epoch_windows]
-        mean = {k: np.average([w[k] for w in epoch_windows], weights=weights)
-                for k in ("loss", "accuracy", "images_per_second")}
-        print(f"epoch {epoch + 1}/{config.num_epochs}: training loss {mean['loss']:.4f}, "
-              f"training accuracy {mean['accuracy']:.3f}, {mean['images_per_second']:.0f} images/s",
-              flush=True)
+  step_fn = parallel.train_step(plan, functools.partial(train_step,
+                                                        augment=config.augment.to_dict()))
+  remaining = np.array([f.total_steps - f.step for f in folds])
+  bar = tqdm(total=int(remaining.max()), unit="step", dynamic_ncols=True, leave=False,
+             desc=", ".join(f"fold {f.config.fold}" for f in folds), disable=None)
+  try:  # pending asynchronous checkpoints are finished and files closed however the loop ends
+    with contextlib.ExitStack() as stack:
+      for f in folds:
+        if f.results is None:
+          stack.enter_context(_open_logs(f, is_main))
+          f.window_start = time.time()
+      for batch, active in _prefetch(_global_batches(plan, folds, config)):
+        state, metrics = step_fn(state, batch, train_rng, active)
+        bar.update()
+        for k, f in enumerate(folds):
+          if active[k]:
+            _after_step(f, k, plan, state, metrics, is_main)
   finally:
-    checkpoints.wait(manager)
-  writer.flush()
+    bar.close()
+    for f in folds:
+      if f.manager is not None:
+        checkpoints.wait(f.manager)
 
-  results, rows = _evaluate_fold(config, state, fold_data)
-  _write_csv(os.path.join(workdir, "predictions.csv"), rows)
-  evaluate.write_roc_plot(os.path.join(workdir, "roc.png"), rows,
-                         f"{config.name}, fold {config.fold}")
-  results["train"] = {"epochs": config.num_epochs, "steps": int(state.step),
-                      "steps_per_epoch": steps_per_epoch,
-                      "wall_time_this_session_s": round(time.time() - started, 1)}
-  for m, v in results["image_accuracy"].items():
-    writer.add_scalar(f"test/image_accuracy_{m}", v, int(state.step))
-  writer.close()
-  _write_json(results_path, results)
-  print(f"fold {config.fold} of {config.name}: results in {results_path}\n"
-        f"{evaluate.format_table(results)}")
-  return results
+  p_eval = parallel.eval_step(plan, functools.partial(eval_step, tta=config.tta))
+  for k, f in enumerate(folds):
+    if f.results is not None:
+      continue
+    fold_state = parallel.unstack(plan, state, k)
+    f.results, rows = _evaluate_fold(f.config, fold_state, f.data, plan, p_eval)
+    f.results["train"] = {"epochs": config.num_epochs, "steps": f.step,
+                          "steps_per_epoch": f.steps_per_epoch,
+                          "wall_time_this_session_s": round(time.time() - started, 1)}
+    if is_main:
+      _write_csv(os.path.join(f.workdir, "predictions.csv"), rows)
+      evaluate.write_roc_plot(os.path.join(f.workdir, "roc.png"), rows, f.name)
+      with SummaryWriter(os.path.join(f.workdir, "tensorboard")) as writer:
+        for m, v in f.results["image_accuracy"].items():
+          writer.add_scalar(f"test/image_accuracy_{m}", v, f.step)
+      results_path = os.path.join(f.workdir, "results.json")
+      _write_json(results_path, f.results)
+      print(f"{f.name}: results in {results_path}\n{evaluate.format_table(f.results)}")
+  _sync("results written")
+  return folds[0].results if len(folds) == 1 else [f.results for f in folds]
 
 
-def _summarize_window(pending, step, schedule, batch_size, seconds) -> dict[str, float]:
-  stacked = jax.device_get(pending)
+def _sync(name: str) -> None:
+  """Waits for every process (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def _open_logs(f: _Fold, is_main: bool):
+  """The fold's metrics.jsonl (cut back to its checkpoint) and TensorBoard writer, on process 0."""
+  if not is_main:
+    yield
+    return
+  metrics_path = os.path.join(f.workdir, "metrics.jsonl")
+  _truncate_metrics(metrics_path, f.start_step)
+  with open(metrics_path, "a") as f.metrics_file, SummaryWriter(
+      os.path.join(f.workdir, "tensorboard"), purge_step=f.start_step) as f.writer:
+    yield
+
+
+def _fold_batches(f: _Fold, config, rows: tuple[int, int]) -> Iterator[dict]:
+  """The fold's training batches (this process' rows) from its current step to its last."""
+  for epoch in range(f.step // f.steps_per_epoch, config.num_epochs):
+    yield from data.train_batches(f.data, config.batch_size, seed=config.seed, epoch=epoch,
+                                  start_step=max(f.step - epoch * f.steps_per_epoch, 0),
+                                  num_threads=config.loader_threads, process_rows=rows)
+
+
+def _global_batches(plan, folds: list[_Fold], config) -> Iterator[tuple[dict, np.ndarray]]:
+  """(global batch, active folds) of every step until the last fold has finished."""
+  remaining = [f.total_steps - f.step for f in folds]
+  rows = parallel.process_rows(plan)
+  streams = [_fold_batches(f, config, rows) for f in folds]
+  for t in range(max(remaining)):
+    active = np.array([t < r for r in remaining])
+    fold_batches = [next(s) if a else None for s, a in zip(streams, active, strict=True)]
+    yield parallel.batch(plan, fold_batches, config.batch_size), active
+
+
+def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool) -> None:
+  """Logs, checks and checkpoints fold `f` (the plan's k-th) after one of its steps."""
+  config = f.config
+  f.pending.append((metrics, k))
+  f.step += 1
+  epoch_end = f.step % f.steps_per_epoch == 0
+  save_now = epoch_end or (
+      config.checkpoint_every_steps and f.step % config.checkpoint_every_steps == 0)
+  if save_now or f.step % config.log_every_steps == 0:  # every loss is checked before a save
+    summary = _summarize_window(f, plan)
+    f.pending, f.window_start = [], time.time()
+    if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
+      _stop_nonfinite("loss", f.step, f.workdir, f.manager)
+    f.epoch_windows.append(summary)
+    if is_main:
+      f.metrics_file.write(json.dumps(summary) + "\n")
+      f.metrics_file.flush()
+      for key, v in summary.items():
+        if key not in ("step", "steps"):
+          f.writer.add_scalar(f"train/{key}", v, f.step)
+  if save_now:
+    fold_state = parallel.unstack(plan, state, k)
+    if not parallel.all_finite(fold_state.params):  # weights no loss has been computed with yet
+      _stop_nonfinite("weights", f.step, f.workdir, f.manager)
+    checkpoints.save(f.manager, f.step, fold_state)
+  if epoch_end:
+    weights = [w["steps"] for w in f.epoch_windows]
+    mean = {key: np.average([w[key] for w in f.epoch_windows], weights=weights)
+            for key in ("loss", "accuracy", "images_per_second")}
+    f.epoch_windows = []
+    prefix = f"fold {config.fold}, " if plan.num_folds > 1 else ""
+    print(f"{prefix}epoch {f.step // f.steps_per_epoch}/{config.num_epochs}: training loss "
+          f"{mean['loss']:.4f}, training accuracy {mean['accuracy']:.3f}, "
+          f"{mean['images_per_second']:.0f} images/s", flush=True)
+
+
+def _summarize_window(f: _Fold, plan) -> dict[str, float]:
+  """The fold's mean metrics over the steps since its last summary (waits for them)."""
+  stacked = jax.device_get([m for m, _ in f.pending])
+  seconds = time.time() - f.window_start  # after the wait: the window's steps have run
+  if plan.num_folds > 1:  # metrics of every fold: keep this one's
+    stacked = [{key: v[f.pending[0][1]] for key, v in m.items()} for m in stacked]
+  schedule = learning_rate_schedule(f.config, f.steps_per_epoch)
   return {
-      "step": step,
+      "step": f.step,
       "steps": len(stacked),
       "loss": float(np.mean([m["loss"] for m in stacked])),
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
-      "learning_rate": float(schedule(step - 1)),
-      "images_per_second": len(stacked) * batch_size / max(seconds, 1e-9),
+      "learning_rate": float(schedule(f.step - 1)),
+      "images_per_second": len(stacked) * f.config.batch_size / max(seconds, 1e-9),
   }
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
@@ -451,14 +610,14 @@ def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
       f"--config.learning_rate or check the input data")
 
 
-def _evaluate_fold(config, state, fold_data) -> tuple[dict, list[dict]]:
+def _evaluate_fold(config, state, fold_data, plan, p_eval) -> tuple[dict, list[dict]]:
   """Predicts every test image once; returns the protocol's figures and one row per image."""
-  p_eval = jax.jit(functools.partial(eval_step, tta=config.tta))
+  batch_size = plan.eval_batch_size(config.eval_batch_size)  # a multiple of the device count
   index, probs = [], []
-  for batch in data.test_batches(fold_data, config.eval_batch_size,
-                                 num_threads=config.loader_threads):
+  for batch in data.test_batches(fold_data, batch_size, num_threads=config.loader_threads,
+                                 process_rows=parallel.process_rows(plan)):
     mask = np.asarray(batch["mask"])
-    out = p_eval(state, {"image": batch["image"]})
+    out = p_eval(state, {"image": parallel.eval_images(plan, batch["image"], batch_size)})
     probs.append(np.asarray(out["probs"])[mask])
     index.append(np.asarray(batch["index"])[mask])
   index, probs = np.concatenate(index), np.concatenate(probs)

@@ -211,6 +211,14 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+def _rows(batch_size: int, process_rows: tuple[int, int]) -> slice:
+  """The rows of a batch that process p of n reads."""
+  p, n = process_rows
+  if batch_size % n or not 0 <= p < n:
+    raise ValueError(f"process {p} of {n} cannot take an equal slice of a batch of {batch_size}")
+  return slice(p * batch_size // n, (p + 1) * batch_size // n)
+
+
 def _read_options(num_threads: int) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, 4 * num_threads))
 
@@ -223,6 +231,7 @@ def train_batches(
     epoch: int,
     start_step: int = 0,
     num_threads: int = 2,
+    process_rows: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
   """One epoch of training batches {'image': uint8 [B, S, S, 3], 'label': int32 [B]}.
 
@@ -230,6 +239,8 @@ def train_batches(
 
   The order is a fresh permutation for every epoch, a pure function of (seed, epoch); the last
   partial batch is dropped; `start_step` skips the first batches exactly (for a resumed run).
+  With `process_rows=(p, n)` only rows p*B/n..(p+1)*B/n of every batch are read (process p of n
+  loads its slice of the global batch, in the same global order).
   """
   steps = steps_per_epoch(fold_data, batch_size)
   if steps == 0:
@@ -240,8 +251,10 @@ def train_batches(
   if not 0 <= start_step <= steps:
     raise ValueError(f"start_step {start_step} is outside [0, {steps}]")
   images, labels = np.asarray(fold_data.images), fold_data.targets  # a plain view of the map
+  rows = _rows(batch_size, process_rows)
 
   def gather(indices: np.ndarray) -> dict[str, np.ndarray]:
+    indices = indices[rows]
     return {"image": images[indices], "label": labels[indices]}
 
   batches = (
@@ -258,12 +271,15 @@ def test_batches(
     *,
     indices: np.ndarray | None = None,
     num_threads: int = 2,
+    process_rows: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every test image (or each of `indices`) exactly once, in sorted order, in batches of B.
 
   Batches: 'image' uint8 [B, S, S, 3], 'label', 'patient', 'magnification', 'subtype', 'index'
   (int32 [B], index into the fold data's arrays) and 'mask' (bool [B]). The last batch is padded
-  to B with copies of the first image, with mask False; nothing is dropped.
+  to B with copies of the first image, with mask False; nothing is dropped. With
+  `process_rows=(p, n)`, 'image' holds only rows p*B/n..(p+1)*B/n (this process' slice of the
+  global batch); the other fields describe the whole batch.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -274,11 +290,12 @@ def test_batches(
   padded = np.concatenate([order, np.full((-n) % batch_size, order[0], np.int64)])
   d = fold_data
   images = np.asarray(d.images)  # a plain view of the map
+  rows = _rows(batch_size, process_rows)
 
   def gather(positions: np.ndarray) -> dict[str, np.ndarray]:
     idx = padded[positions]
     return {
-        "image": images[idx],
+        "image": images[idx[rows]],
         "label": d.labels[idx],
         "patient": d.patients[idx],
         "magnification": d.magnifications[idx],
