@@ -412,16 +412,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   validate_config(config)
   workdirs = fold_workdirs(config, workdir)
+  plan = parallel.make_plan(config)  # checks the batch against the devices before writing
   with contextlib.ExitStack() as locks:
     if jax.process_index() == 0:  # the processes of a multi-host run share the work dirs
       for fold_workdir in workdirs.values():
         locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir"))
-    return _train_and_evaluate(config, workdirs, overwrite)
+    return _train_and_evaluate(config, plan, workdirs, overwrite)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdirs: dict[int, str],
+def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[int, str],
                         overwrite: bool) -> dict | list[dict]:
-  plan = parallel.make_plan(config)
   is_main = jax.process_index() == 0  # only process 0 writes results, metrics and TensorBoard
   folds = []
   for number, fold_workdir in workdirs.items():

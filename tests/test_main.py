@@ -97,7 +97,8 @@ def test_training_augments_as_the_config_says(synthetic_tree, prepared_dir, tmp_
   assert len(calls) == 1
   calls[0].apply_defaults()
   given = {k: v for k, v in calls[0].arguments.items() if k not in ("rng", "images")}
-  assert given == {"flip": "horizontal", "rotation": "none", "max_angle": 12.0}
+  assert given == {**config.augment.to_dict(), "flip": "horizontal", "rotation": "none",
+                   "max_angle": 12.0}
 
   monkeypatch.undo()
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)

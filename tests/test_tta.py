@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jattn import models, runs, train
+from jattn import models, parallel, runs, train
 from tests.runs import tiny_config
 
 
@@ -79,7 +80,9 @@ def test_evaluation_records_tta(trained_run):
   from jattn.data import load_fold
 
   data = load_fold(config)
-  results, rows = train._evaluate_fold(config, state, data)
+  plan = parallel.make_plan(config)
+  p_eval = parallel.eval_step(plan, functools.partial(train.eval_step, tta="dihedral"))
+  results, rows = train._evaluate_fold(config, state, data, plan, p_eval)
   assert results["tta"] == "dihedral" and results["config"]["tta"] == "dihedral"
   images = np.asarray(data.images)[data.test_indices]
   want = runs.predict_probs(state, images, tta="dihedral")[:, 1]
