@@ -169,7 +169,10 @@ def step_flops(config, image_size: int, batch_size: int) -> dict[str, float]:
   }
   out = {}
   for name, low in lowered.items():
-    cost = low.cost_analysis()
+    try:
+      cost = low.cost_analysis()
+    except (AttributeError, NotImplementedError):  # jax versions without the lowered analysis
+      cost = low.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[name] = float(cost["flops"]) / batch_size
   return out
