@@ -58,7 +58,7 @@ def get_config():
   # Computation dtype: 'auto' is bfloat16 on GPU/TPU and float32 on CPU; 'float32', 'bfloat16'.
   # Parameters, optimiser state, attention logits and softmax stay float32 whatever it is.
   config.model.dtype = "auto"
-  config.model.s_attn_impl = "auto"  # S-Attn: 'explicit', 'fused' (one attention op), auto: GPU
+  config.model.s_attn_impl = "auto"  # S-Attn: 'explicit' einsums, 'fused' (one attention op)
 
   # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.

@@ -29,12 +29,11 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
   return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def resolve_s_attn_impl(impl: str, backend: str | None = None) -> str:
-  """'auto' is the fused dot_product_attention on GPU, where it is faster (jattn.benchmark),
-  and the explicit einsums elsewhere (on CPU XLA runs the fused form several times slower)."""
-  if impl != "auto":
-    return impl
-  return "fused" if (backend or jax.default_backend()) == "gpu" else "explicit"
+def resolve_s_attn_impl(impl: str) -> str:
+  """'auto' is the explicit einsums everywhere: measured at batch 8 (README, Performance), the
+  fused dot_product_attention is no faster on an H100 (cuDNN, bfloat16: equal on block 3, 1.2-1.7x
+  slower on blocks 4-5) and 4-7x slower on CPU."""
+  return "explicit" if impl == "auto" else impl
 
 
 def block_widths(width: float) -> tuple[tuple[int, ...], ...]:
