@@ -276,3 +276,45 @@ def test_bfloat16_stays_close_to_float32():
   assert np.abs(raw16 - raw32).max() <= 0.05 * np.abs(raw32).max() + 0.02
   np.testing.assert_allclose(loss16, loss32, atol=0.02)
   assert not np.array_equal(raw16, raw32)  # bfloat16 really computed in bfloat16
+
+
+@pytest.mark.parametrize("kernel,padding,stride", [(3, 1, 1), (1, 0, 1), (3, 0, 1), (4, 0, 4)])
+def test_conv_weight_gradient_as_matmuls_equals_xla(kernel, padding, stride):
+  """jattn.models.conv's convolution (weight gradient as matmuls, used on CPU) gives XLA's
+  outputs and gradients, for VGG's 3x3 convs, 1x1 convs, unpadded ones and (through lax's own
+  path) strided ones. Guards against a shifted or transposed patch in the weight gradient."""
+  from flax import linen as nn
+
+  from jattn.models import conv as conv_lib
+
+  x = jax.random.normal(jax.random.key(0), (2, 12, 10, 5))
+  pad = ((padding, padding), (padding, padding))
+  plain = nn.Conv(6, (kernel, kernel), strides=stride, padding=pad)
+  ours = nn.Conv(6, (kernel, kernel), strides=stride, padding=pad,
+                 conv_general_dilated=conv_lib.conv_general_dilated)
+  variables = plain.init(jax.random.key(1), x)
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))  # noqa: E731
+  np.testing.assert_array_equal(ours.apply(variables, x), plain.apply(variables, x))
+  for a, b in zip(jax.tree_util.tree_leaves(grad(plain)(variables, x)),
+                  jax.tree_util.tree_leaves(grad(ours)(variables, x)), strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_model_gradients_do_not_depend_on_the_conv_weight_gradient_path():
+  """The network built for CPU (matmul weight gradients) trains the same weights as XLA's path."""
+  mc = _model_config(width=0.125, classifier_width=16, pool_size=1, batch_norm=True)
+  model = models.build_model(mc)
+  assert model.matmul_weight_grad == (jax.default_backend() == "cpu")
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  variables = models.init_variables(model, jax.random.key(1), 32)
+
+  def grads(m):
+    def loss(params):
+      out, _ = m.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(2)})
+      return jnp.sum(out ** 2)
+    return jax.tree_util.tree_leaves(jax.grad(loss)(variables["params"]))
+
+  for a, b in zip(grads(model.clone(matmul_weight_grad=False)),
+                  grads(model.clone(matmul_weight_grad=True)), strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
