@@ -71,7 +71,6 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       pool_size=mc.pool_size,
       dropout_rate=mc.dropout_rate,
       dtype=_DTYPES[resolve_dtype(mc.dtype)],
-      matmul_weight_grad=jax.default_backend() == "cpu",
   )
 
 

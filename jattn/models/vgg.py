@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
 
 VGG19_BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512,) * 4, (512,) * 4)
@@ -66,14 +65,12 @@ class Block(nn.Module):
   s_attn: nn.Module | None = None
   c_attn: nn.Module | None = None
   dtype: Any = jnp.float32
-  matmul_weight_grad: bool = False  # conv weight gradients as matmuls (jattn.models.conv)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    conv_fn = conv_lib.conv_general_dilated if self.matmul_weight_grad else None
     for i, width in enumerate(self.widths, start=1):
       x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                  dtype=self.dtype, conv_general_dilated=conv_fn, name=f"conv{i}")(x)
+                  dtype=self.dtype, name=f"conv{i}")(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f"bn{i}")(x)
@@ -119,8 +116,6 @@ class VGG(nn.Module):
   pool_size: int = 7
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
-  # The same gradients, computed as matmuls: faster on XLA's CPU backend (jattn.models.conv).
-  matmul_weight_grad: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -131,8 +126,7 @@ class VGG(nn.Module):
       c_attn = (ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
                                  dtype=self.dtype, parent=None)
                 if b in self.c_attn_blocks else None)
-      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, self.matmul_weight_grad,
-                name=f"block{b}")(x, train)
+      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, name=f"block{b}")(x, train)
     x = adaptive_avg_pool(x, self.pool_size)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order; the converter permutes torch's (c, h, w)
     x = Classifier(self.num_classes, self.classifier_width, self.dropout_rate, self.dtype,
