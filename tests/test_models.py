@@ -277,3 +277,25 @@ def test_bfloat16_stays_close_to_float32():
   np.testing.assert_allclose(loss16, loss32, atol=0.02)
   assert not np.array_equal(raw16, raw32)  # bfloat16 really computed in bfloat16
 
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(4, 4, 0), (2, 2, 0), (7, 4, 3), (1, 1, 0)])
+def test_patch_matmul_conv_equals_lax(kernel, stride, padding):
+  """jattn.models.conv (C-Attn's query/key convs: kernel = stride, no padding, as one matmul on
+  CPU) gives lax's outputs and gradients with the same parameters; other convs go to lax.
+  Guards against a window read in the wrong order (kernel rows and columns swapped)."""
+  from flax import linen as nn
+
+  from jattn.models import conv as conv_lib
+
+  x = jax.random.normal(jax.random.key(0), (2, 12, 8, 5))
+  pad = ((padding, padding), (padding, padding))
+  plain = nn.Conv(6, (kernel, kernel), strides=stride, padding=pad, use_bias=False)
+  ours = nn.Conv(6, (kernel, kernel), strides=stride, padding=pad, use_bias=False,
+                 conv_general_dilated=conv_lib.conv_general_dilated)
+  variables = plain.init(jax.random.key(1), x)
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x), atol=1e-5)
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))  # noqa: E731
+  for a, b in zip(jax.tree_util.tree_leaves(grad(plain)(variables, x)),
+                  jax.tree_util.tree_leaves(grad(ours)(variables, x)), strict=True):
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)

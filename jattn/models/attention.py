@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jattn.models import conv as conv_lib
+
 # The authors' code initialises every conv, attention included, with He (fan-out) normal weights.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -42,7 +44,7 @@ class ChannelAttention(nn.Module):
     pad = ((self.padding, self.padding), (self.padding, self.padding))
     conv = lambda k, s, p, name: nn.Conv(  # noqa: E731
         c, (k, k), strides=(s, s), padding=p, use_bias=False, kernel_init=conv_init,
-        dtype=self.dtype, name=name)
+        dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated, name=name)
     m_q = conv(self.kernel, self.stride, pad, "m_q")(f).reshape(b, -1, c)  # M_Q^T [B,N',C], eq. 1
     m_k = conv(self.kernel, self.stride, pad, "m_k")(f).reshape(b, -1, c)  # M_K^T [B,N',C], eq. 1
     m_v = conv(1, 1, "VALID", "m_v")(f).reshape(b, h * w, c)  # M_V^T [B,N,C], 1x1 conv
