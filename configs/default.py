@@ -64,7 +64,10 @@ def get_config():
   config.model.c_attn_stride = 4  # their stride; code: 4
   config.model.c_attn_padding = 0  # their padding; code: 3
   config.model.s_attn_reduction = 8  # r in eq. (7): S_Q, S_K have C / r channels
-  config.model.dtype = "float32"  # computation dtype ('bfloat16' on GPUs); softmax stays float32
+  # Computation dtype: 'auto' is bfloat16 on GPU/TPU and float32 on CPU; 'float32', 'bfloat16'.
+  # Parameters, optimiser state, attention logits and softmax stay float32 whatever it is.
+  config.model.dtype = "auto"
+  config.model.s_attn_impl = "auto"  # S-Attn: 'explicit' einsums, 'fused' (one attention op)
 
   # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.

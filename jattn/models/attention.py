@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jattn.models import conv as conv_lib
+
 # The authors' code initialises every conv, attention included, with He (fan-out) normal weights.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -42,7 +44,7 @@ class ChannelAttention(nn.Module):
     pad = ((self.padding, self.padding), (self.padding, self.padding))
     conv = lambda k, s, p, name: nn.Conv(  # noqa: E731
         c, (k, k), strides=(s, s), padding=p, use_bias=False, kernel_init=conv_init,
-        dtype=self.dtype, name=name)
+        dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated, name=name)
     m_q = conv(self.kernel, self.stride, pad, "m_q")(f).reshape(b, -1, c)  # M_Q^T [B,N',C], eq. 1
     m_k = conv(self.kernel, self.stride, pad, "m_k")(f).reshape(b, -1, c)  # M_K^T [B,N',C], eq. 1
     m_v = conv(1, 1, "VALID", "m_v")(f).reshape(b, h * w, c)  # M_V^T [B,N,C], 1x1 conv
@@ -66,6 +68,7 @@ class SpatialAttention(nn.Module):
 
   reduction: int = 8
   dtype: Any = jnp.float32
+  impl: str = "explicit"  # 'fused': eqs. (8)-(11) as one jax.nn.dot_product_attention (GPU)
 
   @nn.compact
   def __call__(self, f: jax.Array) -> jax.Array:
@@ -77,6 +80,9 @@ class SpatialAttention(nn.Module):
     s_q = conv(c // self.reduction, "s_q")(f).reshape(b, h * w, -1)  # S_Q^T [B,N,C/r], eq. 7
     s_k = conv(c // self.reduction, "s_k")(f).reshape(b, h * w, -1)  # S_K^T [B,N,C/r], eq. 7
     s_v = conv(c, "s_v")(f).reshape(b, h * w, c)  # S_V^T [B,N,C], eq. 7 with r = 1
+    if self.impl == "fused" and not self.is_mutable_collection("intermediates"):
+      a_s = fused_spatial_attention(s_q, s_k, s_v)  # (8)-(11) without materialising E'
+      return f + a_s.reshape(b, h, w, c).astype(f.dtype)  # (12)
     # E = S_Q^T S_K: E[m, n] = sum_k S_Q[k, m] S_K[k, n], an N x N matrix.       (8)
     e = jnp.einsum("bmk,bnk->bmn", s_q, s_k, preferred_element_type=jnp.float32)
     # E' = softmax(E), column-wise: normalised over the row index m.          (9), (10)
@@ -85,3 +91,23 @@ class SpatialAttention(nn.Module):
     # A_s = S_V E': A_s[c, n] = sum_m S_V[c, m] E'[m, n].                        (11)
     a_s = jnp.einsum("bmc,bmn->bnc", s_v, e_prime.astype(s_v.dtype))
     return f + a_s.reshape(b, h, w, c).astype(f.dtype)  # F_new = F + R'(A_s)      (12)
+
+
+def fused_spatial_attention(s_q: jax.Array, s_k: jax.Array, s_v: jax.Array) -> jax.Array:
+  """A_s^T = (S_V E')^T of eqs. (8)-(11) through `jax.nn.dot_product_attention`, E' never stored.
+
+  Output position n attends over positions m with logits E[m, n] = S_Q[:, m] . S_K[:, n] and
+  weights softmax over m, which is E'[:, n] (column-wise, eq. 10): attention with query = S_K,
+  key = S_Q, value = S_V and scale 1. That API wants one head dim for all three, while S_V has C
+  channels and S_Q, S_K have C / r: S_V's channels are split into r heads of C / r that all share
+  S_Q and S_K. s_q, s_k: [B, N, C/r]; s_v: [B, N, C]; returns A_s^T [B, N, C].
+  """
+  b, n, d = s_q.shape
+  heads = s_v.shape[-1] // d
+  shared = lambda x: jnp.broadcast_to(x[:, :, None, :], (b, n, heads, d))  # noqa: E731
+  # cuDNN's kernel takes 16-bit inputs and head dims that are multiples of 8; otherwise XLA's.
+  cudnn = (jax.default_backend() == "gpu" and s_v.dtype in (jnp.bfloat16, jnp.float16)
+           and d % 8 == 0 and d <= 128)
+  a_s = jax.nn.dot_product_attention(shared(s_k), shared(s_q), s_v.reshape(b, n, heads, d),
+                                     scale=1.0, implementation="cudnn" if cudnn else "xla")
+  return a_s.reshape(b, n, heads * d)

@@ -111,6 +111,7 @@ class VGG(nn.Module):
   c_attn_stride: int = 4
   c_attn_padding: int = 0
   s_attn_reduction: int = 8
+  s_attn_impl: str = "explicit"  # 'explicit' einsums or 'fused' dot_product_attention
   classifier_width: int = 4096
   pool_size: int = 7
   dropout_rate: float = 0.5
@@ -120,7 +121,7 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
     for b, widths in enumerate(self.blocks, start=1):
-      s_attn = (SpatialAttention(self.s_attn_reduction, dtype=self.dtype, parent=None)
+      s_attn = (SpatialAttention(self.s_attn_reduction, self.dtype, self.s_attn_impl, parent=None)
                 if b in self.s_attn_blocks else None)
       c_attn = (ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
                                  dtype=self.dtype, parent=None)
