@@ -175,6 +175,8 @@ def step_flops(config, image_size: int, batch_size: int) -> dict[str, float]:
     try:
       cost = low.cost_analysis()
     except (AttributeError, NotImplementedError):  # jax versions without the lowered analysis
+      cost = None
+    if not cost:  # e.g. jax 0.11 on GPU answers None before compilation
       cost = low.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out[name] = float(cost["flops"]) / batch_size
