@@ -62,7 +62,7 @@ LATER_FIELDS = {
     "download": False, "magnifications": ["40X", "100X", "200X", "400X"], "task": "binary",
     "augment.hed_scale": 0.0, "augment.hed_shift": 0.0, "augment.brightness": 0.0,
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
-    "bootstrap_resamples": 1000, "bootstrap_seed": 0,
+    "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
 }
 
 
@@ -312,11 +312,11 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
   if os.path.exists(path):
     stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
                                    f"--workdir")
-    stored = _with_later_fields(stored)
-    if stored == current:
+    stored, now = _comparable(stored), _comparable(current)
+    if stored == now:
       return  # nothing to write: a finished run on read-only storage just prints its results
-    differ = sorted(k for k in set(stored) | set(current)
-                    if k not in BOOKKEEPING_FIELDS and stored.get(k) != current.get(k))
+    differ = sorted(k for k in set(stored) | set(now)
+                    if k not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
     if differ and not overwrite:
       raise UserError(f"{workdir} holds a run with a different config (fields: "
                       f"{', '.join(differ)}); use another --workdir, or --overwrite to discard it")
@@ -329,9 +329,11 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: b
     _write_json(path, current)
 
 
-def _with_later_fields(stored: dict) -> dict:
-  """A stored config with the `LATER_FIELDS` it predates filled in."""
+def _comparable(stored: dict) -> dict:
+  """A config (as JSON) with the `LATER_FIELDS` it predates filled in and `model.dtype` 'auto'
+  replaced by what it computes in here, so that equal computations compare equal."""
   stored = json.loads(json.dumps(stored))
+  stored["model"]["dtype"] = models.resolve_dtype(stored["model"]["dtype"])
   for key, value in LATER_FIELDS.items():
     *parents, field = key.split(".")
     node = stored

@@ -236,7 +236,8 @@ def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tre
 def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, synthetic_tree,
                                                                  prepared_dir, tmp_path, capsys):
   """Guards against refusing (or, with --overwrite, deleting) every run whose config.json predates
-  a newly added field: the field's behaviour-preserving value fills the gap."""
+  a newly added field, or the model.dtype default 'auto': the field's behaviour-preserving value
+  fills the gap, and 'auto' compares as the dtype it computes in."""
   old = tmp_path / "old"
   old.mkdir()
   stored = json.loads(open(os.path.join(trained_run, "config.json")).read())
@@ -246,6 +247,7 @@ def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, sy
     for parent in parents:
       node = node[parent]
     del node[field]
+  stored["model"]["dtype"] = "float32"  # the default before 'auto', which is float32 on CPU
   (old / "config.json").write_text(json.dumps(stored))
   results = open(os.path.join(trained_run, "results.json")).read()
   (old / "results.json").write_text(results)
