@@ -605,7 +605,7 @@ def _summarize_window(f: _Fold, plan) -> dict[str, float]:
 
 
 def _stop_nonfinite(what: str, step: int, workdir: str, manager) -> None:
-  manager.wait_until_finished()  # the last good checkpoint may still be being written
+  checkpoints.wait(manager)  # the last good checkpoint may still be being written
   raise UserError(
       f"the training {what} became NaN or infinite by step {step}; stopped. The last good "
       f"checkpoint (step {manager.latest_step()}) is kept in {workdir}/checkpoints; try a lower "
