@@ -24,9 +24,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from jattn import files, metrics
-from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, TASKS
+from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES, TASKS
 
 TIE_RULES = ("benign", "malignant")
+
+
+def class_of(task: str) -> tuple[str, ...]:
+  """The class (benign or malignant) of each of the task's outputs, in output order."""
+  return tuple(c if c in CLASSES else SUBTYPES[c][1] for c in TASKS[task])
+
+
+def malignant_probability(probs: np.ndarray, task: str) -> np.ndarray:
+  """P(malignant) of [N, outputs] class probabilities: the malignant outputs' sum (a subtype run
+  has four of them)."""
+  malignant = [i for i, c in enumerate(class_of(task)) if c == "malignant"]
+  return np.asarray(probs)[..., malignant].sum(-1)
 ALL = "all"  # the key of the figures over every tested magnification together
 
 

@@ -112,16 +112,18 @@ def atomic_write_text(path: str, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_folder(path: str):
-  """Yields a temporary folder next to `path` and renames it to `path` when the block succeeds."""
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException:
-    remove(tmp)
-    raise
+  """Yields a temporary folder next to `path` and renames it to `path` when the block succeeds;
+  a full disk or read-only storage is one line naming `path`, as for `atomic_path`."""
+  with errors.writing(path):
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+      yield tmp
+      os.replace(tmp, path)
+    except BaseException:
+      remove(tmp)
+      raise
 
 
 def remove(path: str) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jattn import files, runs, train
+from jattn import evaluate, files, runs, train
 from jattn.errors import UserError, exit_on_user_error
 
 
@@ -154,9 +154,10 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
   probs, maps = attention_maps(state, images)
   os.makedirs(out_dir, exist_ok=True)
   written = []
+  p_malignant = evaluate.malignant_probability(probs, config.get("task", "binary"))
   for i, path in enumerate(paths):
     fig = figure(images[i], maps, i, position,
-                 f"{os.path.basename(path)}  P(malignant) = {probs[i, 1]:.3f}  ({config.name})")
+                 f"{os.path.basename(path)}  P(malignant) = {p_malignant[i]:.3f}  ({config.name})")
     target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
     with files.atomic_path(target) as tmp:
       fig.savefig(tmp, format="png", dpi=100)

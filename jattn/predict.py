@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from jattn import evaluate, files, runs
-from jattn.data.breakhis import CLASSES, SUBTYPES, TASKS, parse_file_name
+from jattn.data.breakhis import CLASSES, TASKS, parse_file_name
 from jattn.data.prepare import decode_resize
 from jattn.errors import UserError, exit_on_user_error
 
@@ -51,14 +51,12 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32,
   config, state = runs.restore(workdir)
   tta = tta or config.get("tta", "none")
   probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size, tta)
-  names = TASKS[config.get("task", "binary")]
-  class_of = {c: c for c in CLASSES} | {c: SUBTYPES[c][1] for c in SUBTYPES}
-  malignant = [i for i, c in enumerate(names) if class_of[c] == "malignant"]
+  task = config.get("task", "binary")
+  names, classes = TASKS[task], evaluate.class_of(task)
   rows = []
-  for path, p in zip(paths, probs, strict=True):
+  for path, p, pm in zip(paths, probs, evaluate.malignant_probability(probs, task), strict=True):
     k = int(np.argmax(p))
-    row = {"file": path, "prob_malignant": f"{p[malignant].sum():.6f}",
-           "prediction": class_of[names[k]],
+    row = {"file": path, "prob_malignant": f"{pm:.6f}", "prediction": classes[k],
            "patient_id": "", "magnification": "", "patient_vote": ""}
     if names != CLASSES:
       row.update(subtype=names[k], prob_subtype=f"{p[k]:.6f}")

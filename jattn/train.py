@@ -627,14 +627,13 @@ def _evaluate_fold(config, state, fold_data, plan, p_eval) -> tuple[dict, list[d
     raise AssertionError("the test loader did not yield every test image exactly once")
   task = config.get("task", "binary")
   names = data.TASKS[task]
-  p_malignant = probs[:, 1] if task == "binary" else probs[:, [
-      i for i, c in enumerate(names) if data.SUBTYPES[c][1] == "malignant"]].sum(-1)
+  p_malignant = evaluate.malignant_probability(probs, task)
   predicted = np.argmax(probs, axis=-1)  # a class, or a subtype whose class is predicted
   rows = [{"file_name": fold_data.file_names[i],
            "magnification": data.MAGNIFICATIONS[fold_data.magnifications[i]],
            "patient_id": fold_data.patient_ids[fold_data.patients[i]],
            "label": evaluate.CLASSES[fold_data.labels[i]], "prob_malignant": f"{pm:.6f}",
-           "prediction": names[k] if task == "binary" else data.SUBTYPES[names[k]][1],
+           "prediction": evaluate.class_of(task)[k],
            **({"subtype": names[fold_data.subtypes[i]], "predicted_subtype": names[k]}
               if task == "subtype" else {})}
           for i, k, pm in zip(index, predicted, p_malignant, strict=True)]

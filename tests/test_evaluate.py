@@ -103,3 +103,16 @@ def test_format_table_rows_carry_their_labels_and_figures():
       "majority class, patient": ["55.0"] * 4,
       "test images / patients": ["100/25", "101/25", "102/25", "103/25"],
   }
+
+
+def test_malignant_probability_sums_the_malignant_outputs():
+  """Guards against reading P(malignant) as output 1 in a subtype run (where output 1 is
+  fibroadenoma, a benign subtype): the four malignant subtypes' probabilities are summed."""
+  from jattn import evaluate as ev
+
+  assert ev.class_of("binary") == ("benign", "malignant")
+  assert ev.class_of("subtype") == ("benign",) * 4 + ("malignant",) * 4
+  binary = np.array([[0.3, 0.7], [0.9, 0.1]])
+  np.testing.assert_allclose(ev.malignant_probability(binary, "binary"), [0.7, 0.1])
+  subtype = np.array([[0.05, 0.5, 0.05, 0.0, 0.1, 0.1, 0.1, 0.1]])
+  np.testing.assert_allclose(ev.malignant_probability(subtype, "subtype"), [0.4])
