@@ -10,7 +10,7 @@ from jattn import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADDED = ["--xla_disable_hlo_passes=dot-library-rewriter",
-         "--xla_cpu_experimental_ynn_fusion_type=individual_dot"]
+         "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"]
 
 
 def test_flags_only_for_measured_jaxlib_and_never_over_the_users():
@@ -33,15 +33,16 @@ def test_flags_only_for_measured_jaxlib_and_never_over_the_users():
 
 
 PROBE = """
-import jattn, jax, jax.numpy as jnp
-from jax import lax
-def weight_grad(x, w, y):
-  conv = lambda w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return jax.vjp(conv, w)[1](y)[0]
-x = jax.ShapeDtypeStruct((8, 56, 56, 64), jnp.float32)  # compiled, never run: a VGG block's size
-w = jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)
-print("in YNNPACK:", "__ynn_fusion" in jax.jit(weight_grad).lower(x, w, x).compile().as_text())
+import re, jattn, jax, jax.numpy as jnp
+from flax import linen as nn
+def head(x, w):  # VGG's last max-pool, then the classifier's first product, at batch 8
+  return jax.nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)).reshape(8, -1) @ w)
+x = jax.ShapeDtypeStruct((8, 14, 14, 512), jnp.float32)  # compiled, never run
+w = jax.ShapeDtypeStruct((25088, 4096), jnp.float32)
+text = jax.jit(head).lower(x, w).compile().as_text()
+ynn = re.findall(r"calls=(%[\\w.-]+)[^\\n]*__ynn_fusion", text)
+bodies = [re.search(re.escape(c) + r" \\(.*?\\n}", text, re.S).group(0) for c in ynn]
+print("max-pool fused into YNNPACK:", any("reduce-window" in b for b in bodies))
 """
 
 
@@ -51,14 +52,14 @@ def _probe(**env) -> str:
   return run.stdout.strip()
 
 
-def test_importing_jattn_keeps_conv_weight_gradients_in_xla():
+def test_importing_jattn_keeps_the_classifier_out_of_a_ynnpack_graph():
   """The flags reach XLA when jattn is imported before JAX starts (as every jattn command
-  does): the conv weight gradient, which the default rewriter hands to YNNPACK where it runs
-  ~5x slower, stays XLA's own convolution; JATTN_XLA_CPU_FLAGS=0 gives XLA's default back.
-  Guards against the flags being set too late (after JAX read XLA_FLAGS) or not at all."""
+  does): block 5's max-pool is not fused with the classifier's product into one YNNPACK graph
+  (by default it is, and the eval step takes ~1 s longer); JATTN_XLA_CPU_FLAGS=0 gives XLA's
+  default back. Guards against the flags set too late (after JAX read XLA_FLAGS) or not at all."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if not xla_cpu.flags_for(env, xla_cpu._jaxlib_version()):
     raise AssertionError(f"jaxlib {xla_cpu._jaxlib_version()} is not one the flags were "
                          f"measured on ({xla_cpu.TESTED_JAXLIB}): measure and extend it")
-  assert _probe(XLA_FLAGS="") == "in YNNPACK: False"
-  assert _probe(XLA_FLAGS="", JATTN_XLA_CPU_FLAGS="0") == "in YNNPACK: True"
+  assert _probe(XLA_FLAGS="") == "max-pool fused into YNNPACK: False"
+  assert _probe(XLA_FLAGS="", JATTN_XLA_CPU_FLAGS="0") == "max-pool fused into YNNPACK: True"
