@@ -363,3 +363,34 @@ def test_patch_matmul_conv_equals_lax(kernel, stride, padding):
   for a, b in zip(jax.tree_util.tree_leaves(grad(plain)(variables, x)),
                   jax.tree_util.tree_leaves(grad(ours)(variables, x)), strict=True):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_2x2_equals_flax_max_pool_with_ties(dtype):
+  """jattn.models.pooling (VGG's max-pool, with an element-wise gradient on CPU) gives
+  nn.max_pool's outputs and gradients bit for bit. The input is a ReLU'd map with whole windows
+  of 0 and windows with the maximum repeated, so a gradient sent to a later tied position (or
+  to every tied position) fails. Guards against a wrong tie rule or a window read transposed."""
+  from flax import linen as nn
+
+  from jattn.models.pooling import max_pool_2x2
+
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 8, 6, 5)))
+  x = jnp.round(x * 2) / 2  # few distinct values: many tied maxima besides the zeros
+  x = x.astype(dtype)
+  assert int(jnp.sum(jnp.max(x.reshape(3, 4, 2, 3, 2, 5), axis=(2, 4)) == 0)) > 5
+  cotangent = jax.random.normal(jax.random.key(1), (3, 4, 3, 5)).astype(dtype)
+  plain = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  for f in (plain, max_pool_2x2):
+    assert f(x).dtype == dtype
+  np.testing.assert_array_equal(max_pool_2x2(x), plain(x))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * cotangent))(x)  # noqa: E731
+  expected = grad(plain)
+  assert int(jnp.sum(expected != 0)) <= x.size // 4  # one position per window, at most
+  np.testing.assert_array_equal(grad(max_pool_2x2), expected)
+  # Under jit and vmap (parallel folds stack states on a leading axis), and for an odd side
+  # (nn.max_pool's own path).
+  stacked_grad = jax.jit(jax.vmap(jax.grad(lambda x, g: jnp.sum(max_pool_2x2(x) * g))))
+  np.testing.assert_array_equal(stacked_grad(x[None], cotangent[None])[0], expected)
+  odd = x[:, :7, :5]
+  np.testing.assert_array_equal(max_pool_2x2(odd), plain(odd))

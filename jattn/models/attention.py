@@ -25,6 +25,18 @@ from jattn.models import conv as conv_lib
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def float32_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
+  """`jnp.einsum` with float32 sums and result, for the attention logits.
+
+  With jattn's CPU flags (jattn/xla_cpu.py) XLA's CPU dot has no kernel for 16-bit operands
+  with a float32 result, so on CPU such operands are widened to float32 first: a product of two
+  bfloat16 (or float16) numbers is exact in float32, so the sums are the same.
+  """
+  if jax.default_backend() == "cpu" and (x.dtype, y.dtype) != (jnp.float32, jnp.float32):
+    return jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32))
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
 class ChannelAttention(nn.Module):
   """C-Attn, eqs. (1)-(6): each output channel is a softmax-weighted sum of all input channels.
 
@@ -49,7 +61,7 @@ class ChannelAttention(nn.Module):
     m_k = conv(self.kernel, self.stride, pad, "m_k")(f).reshape(b, -1, c)  # M_K^T [B,N',C], eq. 1
     m_v = conv(1, 1, "VALID", "m_v")(f).reshape(b, h * w, c)  # M_V^T [B,N,C], 1x1 conv
     # D = M_Q M_K^T: D[i, j] = sum_n M_Q[i, n] M_K[j, n], a C x C matrix.      (2)
-    d = jnp.einsum("bni,bnj->bij", m_q, m_k, preferred_element_type=jnp.float32)
+    d = float32_einsum("bni,bnj->bij", m_q, m_k)
     # D' = softmax(D), column-wise: normalised over the row index i.          (3), (4)
     d_prime = jax.nn.softmax(d, axis=1)
     self.sow("intermediates", "d_prime", d_prime)
@@ -84,7 +96,7 @@ class SpatialAttention(nn.Module):
       a_s = fused_spatial_attention(s_q, s_k, s_v)  # (8)-(11) without materialising E'
       return f + a_s.reshape(b, h, w, c).astype(f.dtype)  # (12)
     # E = S_Q^T S_K: E[m, n] = sum_k S_Q[k, m] S_K[k, n], an N x N matrix.       (8)
-    e = jnp.einsum("bmk,bnk->bmn", s_q, s_k, preferred_element_type=jnp.float32)
+    e = float32_einsum("bmk,bnk->bmn", s_q, s_k)
     # E' = softmax(E), column-wise: normalised over the row index m.          (9), (10)
     e_prime = jax.nn.softmax(e, axis=1)
     self.sow("intermediates", "e_prime", e_prime)

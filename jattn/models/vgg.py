@@ -27,6 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
+from jattn.models.pooling import max_pool_2x2
 
 VGG19_BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512,) * 4, (512,) * 4)
 linear_init = nn.initializers.normal(0.01)
@@ -78,7 +79,7 @@ class Block(nn.Module):
     for attention in (self.s_attn, self.c_attn):
       if attention is not None:
         x = attention(x)
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return max_pool_2x2(x)
 
 
 class Classifier(nn.Module):
