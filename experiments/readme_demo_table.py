@@ -1,6 +1,6 @@
 """Reruns the built-in demo and writes the table it prints into README.md.
 
-  python experiments/readme_demo_table.py            # about 75 s on 2 CPU cores
+  python experiments/readme_demo_table.py            # about 45 s on 2 CPU cores
 
 The README shows what `python -m jattn.main --config configs/demo.py` prints at its end. The demo
 is deterministic on a given machine, so the table is kept true by regenerating it rather than by
