@@ -14,9 +14,9 @@ jattn.benchmark --torch`), jaxlib 0.10.2's CPU backend loses where its default p
 `--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution` sends each dot
 and each convolution to YNNPACK on its own, nothing fused into it (weight gradients: 0.37 s in
 block 1, 0.24 s in block 2, against 0.97 s and 1.36 s by default). With the element-wise max-pool
-gradient (jattn/models/pooling.py), the paper's model's train step went from 0.72x to about 1.1x
-PyTorch's speed and its eval step from 0.7x to about 1.05x (README, Performance). The flags touch
-only XLA's CPU compiler: GPU and TPU programs compile as before.
+gradient (jattn/models/pooling.py), the paper's model's train step went from 0.72x to 1.06x
+PyTorch's speed and its eval step from 0.66x to 1.08x (README, Performance). The flags touch only
+XLA's CPU compiler: GPU and TPU programs compile as before.
 
 A flag XLA does not know aborts the process, and these are experimental, so they are set only
 for the jaxlib versions they were measured on (TESTED_JAXLIB). A flag already in XLA_FLAGS is
