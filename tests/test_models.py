@@ -394,3 +394,39 @@ def test_max_pool_2x2_equals_flax_max_pool_with_ties(dtype):
   np.testing.assert_array_equal(stacked_grad(x[None], cotangent[None])[0], expected)
   odd = x[:, :7, :5]
   np.testing.assert_array_equal(max_pool_2x2(odd), plain(odd))
+
+
+def test_winograd_conv_equals_lax_and_is_used_where_it_pays():
+  """jattn.models.conv's Winograd F(2x2, 3x3) (VGG's 3x3 convs of blocks 3-4 on CPU, forward
+  pass) gives lax's outputs to float rounding and lax's gradients, with the same parameters,
+  through nn.Conv; other convs stay lax's. Guards against a wrong transform matrix, a tile read
+  off by one, output pixels interleaved in the wrong order, or Winograd taking a shape it does
+  not handle (odd sides, strides, other dtypes)."""
+  from flax import linen as nn
+
+  from jattn.models import conv as conv_lib
+
+  x = jax.random.normal(jax.random.key(0), (2, 28, 30, 256))
+  plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+  ours = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)),
+                 conv_general_dilated=conv_lib.conv_general_dilated)
+  variables = plain.init(jax.random.key(1), x)
+  kernel = variables["params"]["kernel"]
+  no_bias = {"params": {"kernel": kernel, "bias": jnp.zeros(8)}}
+  np.testing.assert_allclose(conv_lib.winograd_conv3x3(x, kernel), plain.apply(no_bias, x),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x), rtol=1e-5,
+                             atol=1e-5)
+  grad = lambda m: jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))  # noqa: E731
+  for a, b in zip(jax.tree_util.tree_leaves(grad(plain)(variables, x)),
+                  jax.tree_util.tree_leaves(grad(ours)(variables, x)), strict=True):
+    # Sums over all positions, largely cancelling: compared at the scale of the largest one.
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
+  pays = lambda shape, dtype=jnp.float32, stride=(1, 1): conv_lib._winograd_pays(  # noqa: E731
+      jnp.zeros(shape, dtype), jnp.zeros((3, 3, shape[-1], 8), dtype), stride, ((1, 1), (1, 1)),
+      None, None, conv_lib.NHWC, 1, 1, None)
+  assert pays((8, 56, 56, 256)) and pays((8, 28, 28, 512)) and pays((2, 28, 30, 256))
+  assert not pays((8, 14, 14, 512))  # block 5: slower there
+  assert not pays((8, 112, 112, 128)) and not pays((8, 56, 56, 128))
+  assert not pays((8, 29, 28, 256)) and not pays((8, 28, 28, 256), jnp.bfloat16)
+  assert not pays((8, 28, 28, 256), stride=(2, 2))

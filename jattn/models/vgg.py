@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
 from jattn.models.pooling import max_pool_2x2
 
@@ -71,7 +72,8 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, width in enumerate(self.widths, start=1):
       x = nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
-                  dtype=self.dtype, name=f"conv{i}")(x)
+                  dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated,
+                  name=f"conv{i}")(x)
       if self.batch_norm:
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, name=f"bn{i}")(x)
