@@ -90,17 +90,23 @@ def temp_name(path: str) -> str:
 
 
 @contextlib.contextmanager
+def _renamed_on_success(tmp: str, path: str):
+  """Yields `tmp`; renames it to `path` when the block succeeds, removes it when it fails."""
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except BaseException:
+    remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str):
   """Yields a temporary path; on success renames it to `path`, on failure removes it."""
   with errors.writing(path):  # a full disk or read-only storage: one line naming `path`
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temp_name(path)
-    try:
+    with _renamed_on_success(temp_name(path), path) as tmp:
       yield tmp
-      os.replace(tmp, path)
-    except BaseException:
-      remove(tmp)
-      raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -117,13 +123,9 @@ def atomic_folder(path: str):
   with errors.writing(path):
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with _renamed_on_success(
+        tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent), path) as tmp:
       yield tmp
-      os.replace(tmp, path)
-    except BaseException:
-      remove(tmp)
-      raise
 
 
 def remove(path: str) -> None:

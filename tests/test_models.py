@@ -424,7 +424,7 @@ def test_winograd_conv_equals_lax_and_is_used_where_it_pays():
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
   pays = lambda shape, dtype=jnp.float32, stride=(1, 1): conv_lib._winograd_pays(  # noqa: E731
       jnp.zeros(shape, dtype), jnp.zeros((3, 3, shape[-1], 8), dtype), stride, ((1, 1), (1, 1)),
-      None, None, conv_lib.NHWC, 1, 1, None)
+      None)
   assert pays((8, 56, 56, 256)) and pays((8, 28, 28, 512)) and pays((2, 28, 30, 256))
   assert not pays((8, 14, 14, 512))  # block 5: slower there
   assert not pays((8, 112, 112, 128)) and not pays((8, 56, 56, 128))

@@ -34,20 +34,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated`; on CPU an NHWC conv with kernel = stride and no padding is a
   matmul, and VGG's 3x3 convs of blocks 3-4 are Winograd's in the forward pass (module doc)."""
   kh, kw, c_in, c_out = rhs.shape
-  ones = (None, 1, (1, 1))
-  patches = (jax.default_backend() == "cpu" and lhs.ndim == 4 and dimension_numbers is not None
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-             and tuple(window_strides) == (kh, kw) and not isinstance(padding, str)
-             and all(tuple(p) == (0, 0) for p in padding)
-             and (lhs_dilation if lhs_dilation is None else tuple(lhs_dilation)) in ones
-             and (rhs_dilation if rhs_dilation is None else tuple(rhs_dilation)) in ones
-             and feature_group_count == 1 and batch_group_count == 1
-             and lhs.shape[1] % kh == 0 and lhs.shape[2] % kw == 0)
-  if not patches and _winograd_pays(lhs, rhs, window_strides, padding, lhs_dilation,
-                                     rhs_dilation, dimension_numbers, feature_group_count,
-                                     batch_group_count, preferred_element_type):
+  plain = _plain_cpu_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                          feature_group_count, batch_group_count)
+  if plain and _winograd_pays(lhs, rhs, window_strides, padding, preferred_element_type):
     return winograd_conv3x3(lhs, rhs)
+  patches = (plain and tuple(window_strides) == (kh, kw)
+             and all(tuple(p) == (0, 0) for p in padding)
+             and lhs.shape[1] % kh == 0 and lhs.shape[2] % kw == 0)
   if not patches:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, batch_group_count,
@@ -58,22 +51,26 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                     preferred_element_type=preferred_element_type)
 
 
-def _winograd_pays(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                   dimension_numbers, feature_group_count, batch_group_count,
-                   preferred_element_type) -> bool:
-  """Whether `winograd_conv3x3` computes this convolution, and is faster there (module doc)."""
+def _plain_cpu_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                    feature_group_count, batch_group_count) -> bool:
+  """On the CPU backend, an NHWC / HWIO convolution with explicit padding, no dilation, no
+  groups: the kind both faster ways handle."""
   ones = (None, 1, (1, 1))
-  if not (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.shape[:2] == (3, 3)
-          and dimension_numbers is not None
+  return (jax.default_backend() == "cpu" and lhs.ndim == 4 and dimension_numbers is not None
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)):
-    return False
-  _, h, w, c_in = lhs.shape
-  return (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
-          and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+          and not isinstance(padding, str)
           and (lhs_dilation if lhs_dilation is None else tuple(lhs_dilation)) in ones
           and (rhs_dilation if rhs_dilation is None else tuple(rhs_dilation)) in ones
-          and feature_group_count == 1 and batch_group_count == 1
+          and feature_group_count == 1 and batch_group_count == 1)
+
+
+def _winograd_pays(lhs, rhs, window_strides, padding, preferred_element_type) -> bool:
+  """Whether `winograd_conv3x3` computes this plain CPU NHWC convolution (`_plain_cpu_nhwc`),
+  and is faster there (module doc)."""
+  _, h, w, c_in = lhs.shape
+  return (rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+          and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
           and preferred_element_type is None
           and lhs.dtype == rhs.dtype == jnp.float32
           and h % 2 == 0 and w % 2 == 0 and 28 <= min(h, w) and max(h, w) <= 56
