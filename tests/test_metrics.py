@@ -96,6 +96,86 @@ def test_patient_bootstrap_intervals_contain_the_estimate_shrink_and_repeat():
   assert w(patient_ci) > 1.5 * w(image_ci)
 
 
+def _sklearn_figures(labels, scores, predictions) -> dict[str, float]:
+  """BINARY_METRICS by scikit-learn's own scorers (not through `metrics.binary_metrics`)."""
+  return {"sensitivity": skm.recall_score(labels, predictions, pos_label=1),
+          "specificity": skm.recall_score(labels, predictions, pos_label=0),
+          "balanced_accuracy": skm.balanced_accuracy_score(labels, predictions),
+          "f1": skm.f1_score(labels, predictions, pos_label=1, zero_division=0.0),
+          "roc_auc": skm.roc_auc_score(labels, scores)}
+
+
+def _uneven_patients(seed=5):
+  """5 benign and 8 malignant patients (shuffled) with 2 to 5 images each, and their votes."""
+  rng = np.random.default_rng(seed)
+  classes = rng.permutation([0] * 5 + [1] * 8)
+  patients = np.repeat(np.arange(13), rng.integers(2, 6, 13))
+  labels = classes[patients]
+  effect = rng.normal(0, 0.2, 13)[patients]
+  scores = np.clip(0.5 + 0.1 * (2 * labels - 1) + effect + rng.normal(0, 0.15, len(labels)), 0, 1)
+  predictions = (scores > 0.5).astype(int)
+  return dict(labels=labels, scores=scores, predictions=predictions, patients=patients,
+              patient_votes=evaluate.patient_vote(patients, predictions)), classes
+
+
+def test_bootstrap_intervals_are_percentiles_of_scikit_learn_on_resampled_patient_sets():
+  """Guards against resampling all patients together instead of within each class (every
+  resample must hold the test set's 5 benign and 8 malignant patients), a patient-level AUC
+  from the votes instead of the patients' mean probabilities, and intervals that are not the
+  2.5th and 97.5th percentiles: each resample is rebuilt as the data set of its drawn patients
+  with repeats and scored by scikit-learn."""
+  data, classes = _uneven_patients()
+  out = metrics.clinical_metrics(**data, resamples=200, seed=7)
+  weights = metrics.stratified_weights(classes, 200, seed=7)  # the draws clinical_metrics makes
+  mean = np.array([data["scores"][data["patients"] == p].mean() for p in range(13)])
+  votes = np.array([data["patient_votes"][p] for p in range(13)])
+  figures = {"image": [], "patient": []}
+  for w in weights:
+    drawn = np.repeat(np.arange(13), w.astype(int))
+    assert np.bincount(classes[drawn], minlength=2).tolist() == [5, 8]
+    images = np.concatenate([np.flatnonzero(data["patients"] == p) for p in drawn])
+    figures["image"].append(_sklearn_figures(data["labels"][images], data["scores"][images],
+                                             data["predictions"][images]))
+    figures["patient"].append(_sklearn_figures(classes[drawn], mean[drawn], votes[drawn]))
+  for level, resampled in figures.items():
+    for name in metrics.BINARY_METRICS:
+      expected = np.percentile([f[name] for f in resampled], [2.5, 97.5]).tolist()
+      assert out[level][name]["ci95"] == pytest.approx(expected, abs=1e-12), (level, name)
+
+
+def test_patient_roc_auc_scores_the_mean_probability_of_each_patients_images():
+  """Guards against a patient-level ROC-AUC computed from the 0/1 votes (what the README says:
+  the mean P(malignant) of the patient's images), per magnification and over all."""
+  data, classes = _uneven_patients()
+  mean = [data["scores"][data["patients"] == p].mean() for p in range(13)]
+  votes = [data["patient_votes"][p] for p in range(13)]
+  expected = skm.roc_auc_score(classes, mean)
+  assert expected != pytest.approx(skm.roc_auc_score(classes, votes))  # the two really differ
+  out = evaluate.evaluate_predictions(
+      probs=np.stack([1 - data["scores"], data["scores"]], -1), labels=data["labels"],
+      subtypes=np.where(data["labels"] == 1, 4, 0), patients=data["patients"],
+      magnifications=np.zeros(len(data["labels"]), int), selected=("40X",))
+  for group in ("40X", "all"):
+    assert out["clinical"]["patient"][group]["roc_auc"]["value"] == pytest.approx(expected)
+  assert out["clinical"]["patient"]["all"]["sensitivity"]["value"] == pytest.approx(
+      skm.recall_score(classes, votes))
+
+
+def test_bootstrap_interval_is_the_central_95_percent_of_the_statistic():
+  """Guards against a tail of 5% on each side (a 90% interval labelled 95%) and against resamples
+  where a figure is undefined being counted: the statistic is the resample's index 0..1000, whose
+  2.5th and 97.5th percentiles are 25 and 975."""
+  def statistic(weights):
+    assert weights.shape == (1001, 4)
+    return {"index": np.arange(1001.0), "never": np.full(1001, np.nan),
+            "odd": np.where(np.arange(1001) % 2, np.arange(1001.0), np.nan)}
+
+  out = metrics.patient_bootstrap(statistic, np.array([0, 1, 0, 1]), resamples=1001, seed=0)
+  assert out["index"] == pytest.approx([25.0, 975.0])
+  assert out["never"] is None
+  assert out["odd"] == pytest.approx([1 + 0.025 * 998, 1 + 0.975 * 998])  # 500 odd values
+
+
 def test_plurality_vote_and_its_tie_rule():
   """Guards against a binary majority (or a silent first-class tie) on 8 classes."""
   patients = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
