@@ -217,6 +217,15 @@ def test_subtype_summary_per_class_metrics_match_hand_made_cases():
   assert out["patient_accuracy"]["40X"] == pytest.approx(2 / 3)
   assert out["multiclass"]["40X"]["image"]["balanced_accuracy"] == pytest.approx(
       (2 / 3 + 1 + 1 / 3) / 3)
+  # Macro F1: the unweighted mean over the 3 subtypes present (not weighted by their 3, 2, 3
+  # images); at patient level, of the votes A, F, A for patients A, F, DC.
+  assert out["multiclass"]["40X"]["image"]["macro_f1"] == pytest.approx((4 / 7 + 0.8 + 0.5) / 3)
+  assert out["multiclass"]["40X"]["patient"]["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+  patient = out["patient_per_class"]["40X"]
+  assert patient["A"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                          "support": 1}
+  assert patient["F"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+  assert patient["DC"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
   assert out["magnifications"] == {"selected": ["40X"], "absent": []}
   assert "clinical" not in out
 
@@ -240,3 +249,31 @@ def test_binary_results_have_clinical_figures_per_magnification_and_overall():
   assert {k: v["value"] for k, v in out["clinical"]["image"]["40X"].items()} == direct
   assert out["clinical"]["bootstrap"]["resamples"] == 50
   assert "absent (no test images in this fold): 200X" in evaluate.format_table(out)
+  # 'all': every image of both magnifications; a patient votes with all its images.
+  value = lambda level, group: {k: v["value"] for k, v in out["clinical"][level][group].items()}
+  assert value("image", "all") == pytest.approx(
+      _sklearn_figures(data["labels"], data["scores"], data["predictions"]))
+  p_labels = (np.arange(10) % 2)
+  mean = [data["scores"][data["patients"] == p].mean() for p in range(10)]
+  votes = [int(data["predictions"][data["patients"] == p].mean() > 0.5) for p in range(10)]
+  assert value("patient", "all") == pytest.approx(_sklearn_figures(p_labels, mean, votes))
+
+
+def test_clinical_patient_figures_follow_the_tie_rule():
+  """Guards against the clinical patient-level figures ignoring `tie_rule` (while the patient
+  accuracy follows it): benign patient 0 and malignant patient 3 tie 1-1; under 'benign' the
+  votes are 0, 1, 0, 0 (sensitivity 1/2, specificity 1), under 'malignant' 1, 1, 0, 1 (1, 1/2)."""
+  patients = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3])
+  labels = np.array([0, 0, 1, 1, 1, 0, 0, 1, 1])
+  p_malignant = np.array([0.3, 0.7, 0.8, 0.9, 0.2, 0.1, 0.4, 0.6, 0.45])
+  expected = {"benign": (0.5, 1.0), "malignant": (1.0, 0.5)}
+  for rule, (sensitivity, specificity) in expected.items():
+    out = evaluate.evaluate_predictions(
+        probs=np.stack([1 - p_malignant, p_malignant], -1), labels=labels,
+        subtypes=np.where(labels == 1, 4, 0), patients=patients,
+        magnifications=np.zeros(9, int), tie_rule=rule)
+    assert out["patient_accuracy"]["40X"] == pytest.approx((sensitivity * 2 + specificity * 2) / 4)
+    for group in ("40X", "all"):
+      figures = out["clinical"]["patient"][group]
+      assert figures["sensitivity"]["value"] == sensitivity, (rule, group)
+      assert figures["specificity"]["value"] == specificity, (rule, group)
