@@ -30,7 +30,8 @@ def get_config():
   config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
 
-  # A synthetic BreakHis-format tree generated into data_dir when it holds no BreaKHis_v1 (demo).
+  # A synthetic BreakHis-format tree generated into data_dir when it holds no BreaKHis_v1 (demo):
+  # only into the demo's ~/.cache/jattn/demo or a new or empty folder, never beside other files.
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.enabled = False  # generate only when enabled; never over real data
   config.synthetic.images_per_patient = 4  # per magnification

@@ -13,12 +13,14 @@ the same data (this is what `python experiments/sweep.py --demo` runs):
 
 import importlib
 
+from jattn.data import synthetic
+
 
 def get_config(row="ours"):
   config = importlib.import_module(f"configs.{row}").get_config()  # the paper's row, full size
   config.name = f"demo_{row}"
 
-  config.data_dir = "~/.cache/jattn/demo"
+  config.data_dir = synthetic.DEMO_DIR  # synthetic data goes only there or into an empty folder
   config.synthetic.enabled = True
   config.synthetic.images_per_patient = 4
   config.synthetic.width = 175  # a quarter of BreakHis' 700 x 460

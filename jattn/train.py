@@ -133,8 +133,14 @@ def preprocess(state: TrainState, images: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-               augment: Mapping[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on a batch of uint8 images; augmentation and normalisation run on device."""
+               augment: Mapping[str, Any], learning_rate_fn: Callable | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One Adam step on a batch of uint8 images; augmentation and normalisation run on device.
+
+  With `learning_rate_fn` (`functools.partial(learning_rate_schedule, config)`) the metrics hold
+  the learning rate this step's update was scaled by: the schedule at the state's step, with the
+  state's own `steps_per_epoch`, as `TrainState.apply_gradients` gives them to the optimiser.
+  """
   aug_rng, dropout_rng = jax.random.split(rng)
   images = preprocess(state, augment_lib.augment(aug_rng, batch["image"], **augment))
   labels = batch["label"]
@@ -148,9 +154,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
 
   (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+  if learning_rate_fn is not None:
+    metrics["learning_rate"] = learning_rate_fn(state.steps_per_epoch)(state.step)
   state = state.apply_gradients(grads=grads,
                                 batch_stats=new_model_state.get("batch_stats", state.batch_stats))
-  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
   return state, metrics
 
 
@@ -468,8 +476,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
 
   train_rng = parallel.place(plan, train_rng)
   started = time.time()
-  step_fn = parallel.train_step(plan, functools.partial(train_step,
-                                                        augment=config.augment.to_dict()))
+  step_fn = parallel.train_step(plan, functools.partial(
+      train_step, augment=config.augment.to_dict(),
+      learning_rate_fn=functools.partial(learning_rate_schedule, config)))
   remaining = np.array([f.total_steps - f.step for f in folds])
   bar = tqdm(total=int(remaining.max()), unit="step", dynamic_ncols=True, leave=False,
              desc=", ".join(f"fold {f.config.fold}" for f in folds), disable=None)
@@ -593,13 +602,12 @@ def _summarize_window(f: _Fold, plan) -> dict[str, float]:
   seconds = time.time() - f.window_start  # after the wait: the window's steps have run
   if plan.num_folds > 1:  # metrics of every fold: keep this one's
     stacked = [{key: v[f.pending[0][1]] for key, v in m.items()} for m in stacked]
-  schedule = learning_rate_schedule(f.config, f.steps_per_epoch)
   return {
       "step": f.step,
       "steps": len(stacked),
       "loss": float(np.mean([m["loss"] for m in stacked])),
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
-      "learning_rate": float(schedule(f.step - 1)),
+      "learning_rate": float(stacked[-1]["learning_rate"]),  # what the optimiser last applied
       "images_per_second": len(stacked) * f.config.batch_size / max(seconds, 1e-9),
   }
 

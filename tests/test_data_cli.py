@@ -14,7 +14,7 @@ from jattn.data import breakhis, scan
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {
     "source", "images", "patients", "classes", "subtypes", "magnifications", "ignored",
-    "unreadable", "folds_source", "folds", "problems", "warnings",
+    "unreadable", "folds_source", "folds", "problems", "warnings", "release",
 }  # fmt: skip
 
 

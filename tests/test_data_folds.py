@@ -64,6 +64,26 @@ def test_generated_folds_are_stratified_70_30_by_patient(records):
     assert 0.25 < len(test) / 82 < 0.35
 
 
+def test_a_class_of_single_patient_subtypes_still_gets_a_test_patient(records):
+  """Guards the class rule of generate_folds: in a data set whose 4 benign patients are each the
+  only one of their subtype (no subtype gives them a test patient), every fold still tests one
+  benign patient, drawn from the 4, beside round(0.3 * 6) = 2 of the 6 ductal carcinomas."""
+  first_of = {}
+  for r in records:
+    if r.subtype in ("A", "F", "PT", "TA"):
+      first_of.setdefault(r.subtype, r.patient_id)
+  dc = sorted({r.patient_id for r in records if r.subtype == "DC"})[:6]
+  benign = set(first_of.values())
+  chosen = folds.generate_folds([r for r in records if r.patient_id in benign | set(dc)], seed=0)
+  by_name = {r.file_name: r for r in records}
+  tested_benign = set()
+  for split in chosen.splits.values():
+    test = _patients(split, by_name, "test")
+    assert len(test & benign) == 1 and len(test & set(dc)) == 2, test
+    tested_benign |= test & benign
+  assert len(tested_benign) > 1  # drawn, not always the same patient
+
+
 def test_generated_folds_depend_only_on_the_seed(records):
   a = folds.generate_folds(records, seed=0)
   b = folds.generate_folds(list(reversed(records)), seed=0)

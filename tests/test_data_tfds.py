@@ -163,7 +163,7 @@ def test_concurrent_runs_prepare_once(tmp_path):
   ]
   outputs = [run.communicate(timeout=120)[0] for run in runs]
   assert [run.returncode for run in runs] == [0, 0, 0]
-  assert sum(out.count("Downloading and preparing dataset") for out in outputs) == 1
+  assert sum(out.count(f"preparing 64 images from {data_dir}") for out in outputs) == 1
   results = {line for out in outputs for line in out.splitlines() if line.startswith("indices")}
   assert len(results) == 1
   leftovers = os.listdir(os.path.join(data_dir, "jattn_prepared", "cache", "16"))

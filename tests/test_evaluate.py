@@ -116,3 +116,38 @@ def test_malignant_probability_sums_the_malignant_outputs():
   np.testing.assert_allclose(ev.malignant_probability(binary, "binary"), [0.7, 0.1])
   subtype = np.array([[0.05, 0.5, 0.05, 0.0, 0.1, 0.1, 0.1, 0.1]])
   np.testing.assert_allclose(ev.malignant_probability(subtype, "subtype"), [0.4])
+
+
+def test_roc_plot_draws_the_roc_of_p_malignant_per_magnification(tmp_path, monkeypatch):
+  """Guards against roc.png's curves being drawn from P(benign) (the mirror image, AUC 1 - AUC) or
+  from the wrong magnification's rows: each curve's points are scikit-learn's ROC of the rows'
+  prob_malignant, and its legend carries that AUC."""
+  from sklearn import metrics as skm
+
+  from jattn import metrics
+
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 40)
+  p_malignant = np.clip(0.35 + 0.3 * labels + rng.normal(0, 0.2, 40), 0, 1).round(3)
+  mags = np.where(np.arange(40) < 15, "40X", "200X")
+  rows = [{"label": ("benign", "malignant")[y], "prob_malignant": f"{p:.6f}", "magnification": m}
+          for y, p, m in zip(labels, p_malignant, mags, strict=True)]
+  figures, roc_figure = [], metrics.roc_figure
+
+  def keep(*args):  # the figure write_roc_plot saves
+    figures.append(roc_figure(*args))
+    return figures[-1]
+
+  monkeypatch.setattr(metrics, "roc_figure", keep)
+  evaluate.write_roc_plot(str(tmp_path / "roc.png"), rows, "a run")
+  with open(tmp_path / "roc.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  lines = [line for line in figures[0].axes[0].get_lines() if line.get_label()[0] != "_"]
+  expected = {"40X": mags == "40X", "200X": mags == "200X", "all": np.ones(40, bool)}
+  assert [line.get_label().split()[0] for line in lines] == list(expected)
+  for line, sel in zip(lines, expected.values(), strict=True):
+    fpr, tpr, _ = skm.roc_curve(labels[sel], p_malignant[sel])
+    np.testing.assert_allclose(line.get_xdata(), fpr)
+    np.testing.assert_allclose(line.get_ydata(), tpr)
+    auc = skm.roc_auc_score(labels[sel], p_malignant[sel])
+    assert auc > 0.6 and line.get_label().endswith(f"(AUC {auc:.3f})")

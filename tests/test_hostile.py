@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -221,6 +222,38 @@ def test_predict_falls_back_when_the_latest_step_lost_its_items(trained_run, tmp
   assert f"checkpoint step {last} does not load (ValueError: Must provide" in err
   assert steps_of(workdir)[-1] == previous
   assert os.path.isdir(os.path.join(workdir, "checkpoints.unreadable", str(last)))
+
+
+def test_after_a_truncated_newest_of_three_checkpoints_the_next_newest_is_restored(
+    trained_run, tmp_path, capsys):
+  """Guards against a fallback that goes to the oldest readable step instead of the newest: three
+  checkpoints (steps 10, 20, 30, each with its own weights) of which 30 is cut short; the restore
+  must give step 20 with the weights saved as step 20, and leave 10 and 20 in place."""
+  _, state = runs.restore(trained_run)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  shutil.copy(os.path.join(trained_run, "config.json"), workdir)
+  saved = {step: jax.tree_util.tree_map(lambda x, s=step: x + s, state.params)
+           for step in (10, 20, 30)}
+  with checkpoints.manager(workdir, keep=3) as mngr:
+    for step, params in saved.items():
+      checkpoints.save(mngr, step, state.replace(step=step, params=params))
+      checkpoints.wait(mngr)
+  newest = glob.glob(os.path.join(workdir, "checkpoints", "30", "default", "ocdbt.process_0", "d",
+                                  "*"))
+  assert newest
+  for path in newest:
+    os.truncate(path, 10)
+  _, restored = runs.restore(workdir)
+  assert int(restored.step) == 20
+  for got, want in zip(jax.tree_util.tree_leaves(restored.params),
+                       jax.tree_util.tree_leaves(saved[20]), strict=True):
+    np.testing.assert_array_equal(got, want)
+  err = capsys.readouterr().err
+  aside = os.path.join(workdir, checkpoints.UNREADABLE_SUBDIR, "30")
+  assert err == (f"jattn: warning: checkpoint step 30 does not load ({line_reason(err)}); using "
+                 f"step 20 instead; the unreadable step is moved to {aside}\n")
+  assert steps_of(workdir) == [10, 20]
 
 
 def test_no_loadable_checkpoint_is_one_line_and_moves_nothing(trained_run, tmp_path, capsys):

@@ -57,7 +57,17 @@ def runs_dir(synthetic_tree, prepared_dir, tmp_path_factory):
     config = tiny_config(synthetic_tree[0], prepared_dir, fold=fold, folds=folds, **SETTINGS)
     train.train_and_evaluate(config, str(out / "separate" / f"fold{fold}"))
   config = tiny_config(synthetic_tree[0], prepared_dir, parallel_folds=2, folds=folds, **SETTINGS)
-  train.train_and_evaluate(config, str(out / "parallel" / "fold{fold}"))
+  stack = parallel.stack
+
+  def keep_steps_per_epoch(plan, states):  # of the stacked state the parallel run steps
+    stacked = stack(plan, states)
+    (out / "stacked_steps_per_epoch.json").write_text(
+        json.dumps(np.asarray(stacked.steps_per_epoch).tolist()))
+    return stacked
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(parallel, "stack", keep_steps_per_epoch)
+    train.train_and_evaluate(config, str(out / "parallel" / "fold{fold}"))
   return out
 
 
@@ -139,6 +149,23 @@ def test_parallel_folds_take_the_steps_of_separate_runs(runs_dir):
     assert sorted(os.listdir(runs_dir / "parallel" / f"fold{fold}" / "checkpoints")) == sorted(
         os.listdir(runs_dir / "separate" / f"fold{fold}" / "checkpoints"))
   assert lengths == {1: 14, 2: 12}  # 7 and 6 steps per epoch: the folds really differ
+
+
+def test_each_fold_decays_its_learning_rate_at_its_own_epoch_ends(runs_dir):
+  """Guards against the folds' stacked state holding one fold's steps_per_epoch for all (fold 2
+  would halve its learning rate a step late): the stacked state holds each fold's training images
+  (counted in Folds.csv) // 32, and the learning rate each step reports, read on the device from
+  the state the optimiser uses, is 1e-6 halved at each of that fold's epoch ends."""
+  with open(runs_dir / "Folds.csv") as f:
+    rows = list(csv.DictReader(f))
+  expected = [sum(r["fold"] == str(k) and r["grp"] == "train" for r in rows) // 32 for k in (1, 2)]
+  assert expected == [7, 6]
+  assert _json(runs_dir / "stacked_steps_per_epoch.json") == expected
+  for fold, steps_per_epoch in zip((1, 2), expected, strict=True):
+    for kind in ("parallel", "separate"):
+      logged = [(m["step"], m["learning_rate"]) for m in _metrics(runs_dir / kind / f"fold{fold}")]
+      assert logged == [(s, pytest.approx(1e-6 * 0.5 ** ((s - 1) // steps_per_epoch), rel=1e-6))
+                        for s in range(1, 2 * steps_per_epoch + 1)], (kind, fold)
 
 
 def test_parallel_predictions_are_those_of_the_checkpoint(runs_dir):

@@ -2,6 +2,7 @@
 folds, or preview the augmentation.
 
   python -m jattn.data download [--data-dir data] [--url URL] [--keep-archive] [--no-image-check]
+      [--forget-checksum]
   python -m jattn.data synthesize --out DIR [--images-per-patient 4 | --counts real]
       [--width 700 --height 460] [--seed 0] [--no-junk] [--odd-sizes 3] [--no-folds]
   python -m jattn.data describe --source DATA_DIR [--folds FOLDS_CSV_OR_MKFOLD] [--seed 0]
@@ -9,9 +10,10 @@ folds, or preview the augmentation.
   python -m jattn.data augment-preview --out GRID.png [--config configs/ours_stain.py]
       [--rows 4] [--samples 7] [--seed 0] [IMAGE...]
 
-`download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.fetch), records its SHA-256 in
-DATA_DIR/downloads.json, unpacks it into DATA_DIR, deletes the archive (unless --keep-archive) and
-then describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v1 is not touched.
+`download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.fetch), checks and unpacks it into
+DATA_DIR, records its SHA-256 in DATA_DIR/downloads.json (a later download must match it;
+--forget-checksum drops the record first), deletes the archive (unless --keep-archive) and then
+describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v1 is not touched.
 
 `describe` reads DATA_DIR (the folder that holds BreaKHis_v1; it writes nothing) and prints, per
 fold, split and magnification, image and patient counts by class, then every problem it found.
@@ -37,6 +39,11 @@ With --json it prints one JSON object with these keys:
   warnings      one line each: what does not make a fold unusable: magnifications without test
                 (or training) images in a fold (absent from its results), files a fold drops
                 or leaves out
+  release       how the copy compares with the full BreakHis release: {images, of_images (7,909),
+                patients (of the release's), of_patients (82), missing_patients: [ids of the
+                release's not found], other_patients: [ids found that are not the release's],
+                differing: {subtype: {magnification: [images found, images released]}} for the
+                cells that differ, complete: true when none is missing, other or differing}
 
 Errors are one line on stderr, exit status 2, no traceback.
 """
@@ -124,6 +131,24 @@ def describe(
     row["patients"] = len({r.patient_id for r in chosen_records})
     subtypes[code] = row
   overall = _tally(records)
+  release_ids = [p.patient_id for p in breakhis.patients()]
+  found_ids = {r.patient_id for r in records}
+  differing = {}
+  for code, released in breakhis.COUNTS.items():
+    cells = {m: [subtypes[code][m], n] for m, n in zip(breakhis.MAGNIFICATIONS, released,
+                                                        strict=True) if subtypes[code][m] != n}
+    if cells:
+      differing[code] = cells
+  release = {
+      "images": len(records),
+      "of_images": breakhis.NUM_IMAGES,
+      "patients": len(found_ids.intersection(release_ids)),
+      "of_patients": len(release_ids),
+      "missing_patients": [p for p in release_ids if p not in found_ids],
+      "other_patients": sorted(found_ids.difference(release_ids)),
+      "differing": differing,
+  }
+  release["complete"] = not (release["missing_patients"] or release["other_patients"] or differing)
   return {
       "source": source,
       "images": len(records),
@@ -149,13 +174,39 @@ def describe(
       "folds": folds_out,
       "problems": problems,
       "warnings": warnings,
+      "release": release,
   }
+
+
+def _some(items, shown: int = 3) -> str:
+  items = list(items)
+  more = f" and {len(items) - shown} more" if len(items) > shown else ""
+  return ", ".join(items[:shown]) + more
+
+
+def format_release(r: dict) -> str:
+  """One line: how `describe`'s copy compares with the full BreakHis release."""
+  if r["complete"]:
+    return (f"the full BreakHis release: all {r['of_images']:,} images of its {r['of_patients']} "
+            f"patients")
+  line = (f"not the full BreakHis release: {r['images']:,} of {r['of_images']:,} images, "
+          f"{r['patients']} of {r['of_patients']} patients")
+  if r["missing_patients"]:
+    line += f" ({len(r['missing_patients'])} missing: {_some(r['missing_patients'])})"
+  if r["other_patients"]:
+    line += f"; {len(r['other_patients'])} not in the release: {_some(r['other_patients'])}"
+  cells = [f"{code} {m}: {found} of {n}" for code, row in r["differing"].items()
+           for m, (found, n) in row.items()]
+  if cells and not r["missing_patients"]:  # with patients missing, the counts differ of course
+    line += f"; images per subtype and magnification differ: {_some(cells)}"
+  return line
 
 
 def format_description(d: dict) -> str:
   """The human-readable form of `describe`'s result."""
   mags = breakhis.MAGNIFICATIONS
-  lines = [f"BreakHis at {d['source']}: {d['images']} images of {d['patients']} patients"]
+  lines = [f"BreakHis at {d['source']}: {d['images']} images of {d['patients']} patients",
+           format_release(d["release"])]
   columns = "".join(f"{m:>7s}" for m in mags)
   lines.append(f"  {'':24s}{columns}{'total':>8s}{'patients':>10s}")
   for c in breakhis.CLASSES:
@@ -197,6 +248,9 @@ def _parser() -> argparse.ArgumentParser:
                   "official archive)")
   dl.add_argument("--keep-archive", action="store_true", help="keep BreaKHis_v1.tar.gz")
   dl.add_argument("--no-image-check", action="store_true", help="do not decode every image")
+  dl.add_argument("--forget-checksum", action="store_true",
+                  help="forget the SHA-256 recorded in DATA_DIR/downloads.json by an earlier "
+                  "download (when the archive served now is the right one)")
   preview = commands.add_parser("augment-preview", help="a PNG grid of augmented samples")
   preview.add_argument("--out", required=True, help="the PNG file to write")
   preview.add_argument("--config", default="configs/ours_stain.py",
@@ -234,7 +288,8 @@ def main(argv=None) -> None:
     if args.command == "download":
       from jattn.data import fetch
 
-      did = fetch.ensure_breakhis(args.data_dir, url=args.url, keep_archive=args.keep_archive)
+      did = fetch.ensure_breakhis(args.data_dir, url=args.url, keep_archive=args.keep_archive,
+                                  forget_checksum=args.forget_checksum)
       if did == "present":
         print(f"{os.path.abspath(args.data_dir)} already holds {breakhis.ROOT}: nothing "
               f"downloaded", flush=True)

@@ -119,13 +119,18 @@ def load_fold(config) -> FoldData:
   synthetic = config.synthetic.enabled and not (
       scan_lib.has_images_tree(data_dir) or scan_lib.has_archive(data_dir)
   )
-  if not synthetic:
-    scan_lib.check_data_dir(data_dir)  # before creating anything in a wrong folder
-  with files.locked(prepared_dir):
+  if synthetic:  # before creating anything in a wrong folder
+    from jattn.data import synthetic as synthetic_lib
+
+    synthetic_lib.check_target(data_dir, prepared_dir)
+  else:
+    scan_lib.check_data_dir(data_dir)
+  with (
+      prepare.reporting_worker_deaths(data_dir, prepared_dir, config.image_size, threads),
+      files.locked(prepared_dir),
+  ):
     prepare.remove_stale(prepared_dir)
     if synthetic and not scan_lib.has_images_tree(data_dir):
-      from jattn.data import synthetic as synthetic_lib
-
       log.warning("data_dir %s holds no BreakHis: generating a synthetic tree there", data_dir)
       synthetic_lib.synthesize(
           data_dir,
@@ -137,6 +142,8 @@ def load_fold(config) -> FoldData:
       )
     scan_lib.extract_archive(data_dir)
     fresh = scan_lib.scan(data_dir)
+    if not prepare.has_cache(prepared_dir, config.image_size):  # before TFDS writes anything
+      prepare.check_cache_space(prepared_dir, len(fresh.records), config.image_size)
     for problem in fresh.problems:
       log.warning("%s", problem)
     builder = prepare.prepare_tfds(

@@ -17,17 +17,21 @@ prepared dir built from a different tree, so a stale cache is never used silentl
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
+import traceback
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image, UnidentifiedImageError
+from tensorflow_datasets.core import shuffle
 
 from jattn import errors, files
 from jattn.data import breakhis, tfds_builder
@@ -72,6 +76,90 @@ def remove_stale(prepared_dir: str) -> list[str]:
   return removed
 
 
+# A worker of the preparation that died, as the parent sees it: a pool whose process was killed, an
+# allocation that failed, or the other end of a multiprocessing pipe gone (EOFError and
+# ConnectionError raised inside `multiprocessing`, e.g. by `Connection.recv_bytes`).
+WORKER_DEATHS = (concurrent.futures.BrokenExecutor, MemoryError)
+PIPE_ERRORS = (EOFError, ConnectionError)
+CHUNK = 64  # images decoded together into the cache
+
+
+def _bytes(n: int) -> str:
+  return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _worker_death(error: BaseException) -> BaseException | None:
+  """The worker death behind `error` (itself or one of its causes), or None."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, WORKER_DEATHS):
+      return e
+    if isinstance(e, PIPE_ERRORS) and any(
+        f"{os.sep}multiprocessing{os.sep}" in frame.filename
+        for frame in traceback.extract_tb(e.__traceback__)
+    ):
+      return e
+    todo += [e.__cause__, e.__context__]
+  return None
+
+
+def memory_needed(fresh: scan_lib.Scan, image_size: int, threads: int) -> int:
+  """Bytes of memory preparation needs at its peak, besides the process itself (an estimate).
+
+  The largest of its stages: TFDS' shuffle buffer (the PNGs, up to 1,000 MiB before it spills
+  to disk) while each thread checks one decoded image; then a chunk of PNGs, their decoded and
+  resized images and each thread's full-size image and RGB copy while the cache is written.
+  """
+  largest = max(fresh.sizes)
+  path = os.path.join(fresh.data_dir, *fresh.records[fresh.sizes.index(largest)].path.split("/"))
+  try:
+    with Image.open(path) as im:  # reads the header only
+      pixels = im.size[0] * im.size[1]
+  except Exception:  # noqa: BLE001 -- an unreadable file: assume BreakHis' 700 x 460
+    pixels = 700 * 460
+  decoded = 3 * pixels
+  tfds_stage = min(sum(fresh.sizes), shuffle.MAX_MEM_BUFFER_SIZE) + threads * 2 * decoded
+  cache_stage = CHUNK * (largest + 3 * image_size**2) + threads * 2 * decoded
+  return max(tfds_stage, cache_stage)
+
+
+@contextlib.contextmanager
+def reporting_worker_deaths(data_dir: str, prepared_dir: str, image_size: int, threads: int):
+  """Turns a worker of the preparation that died (or memory that ran out) into one line: what
+  happened, what preparation needs in memory, and to run again (the next start's `remove_stale`
+  clears what it left)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:
+    died = _worker_death(e)
+    if died is None:
+      raise
+    reason = " ".join(str(died).split())[:120]
+    what = type(died).__name__ + (f": {reason}" if reason else "")
+    try:
+      fresh = scan_lib.scan(data_dir)
+      need = (f"preparing {len(fresh.records):,} images ({_bytes(sum(fresh.sizes))} of PNGs) at "
+              f"{image_size}x{image_size} with {threads} thread(s) needs about "
+              f"{_bytes(memory_needed(fresh, image_size, threads))} of memory besides the process "
+              f"itself")
+    except UserError:  # no images yet to estimate from
+      need = "preparation needs memory for its images"
+    lead = (f"the preparation of {data_dir} into {prepared_dir} ran out of memory ({what})"
+            if isinstance(died, MemoryError) else
+            f"a worker of the preparation of {data_dir} into {prepared_dir} died ({what}), most "
+            f"likely for lack of memory")
+    raise UserError(
+        f"{lead}: {need}; free some memory (fewer jobs at once, or --config.loader_threads=1) and "
+        f"run the same command again: it goes on from what is already prepared"
+    ) from e
+
+
 def make_builder(prepared_dir: str, **kwargs) -> tfds_builder.Breakhis:
   """The `Breakhis` builder whose data lives in `<prepared_dir>/tfds`."""
   return tfds_builder.Breakhis(
@@ -112,6 +200,8 @@ def prepare_tfds(
     files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
     builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
   if not is_prepared(builder):
+    print(f"preparing {len(fresh.records):,} images from {data_dir} into {prepared_dir} (once: "
+          f"TFDS records, a decoded-image cache, normalisation statistics)", flush=True)
     with errors.writing(prepared_dir):
       builder.download_and_prepare(
           download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
@@ -187,6 +277,31 @@ def cache_dir(prepared_dir: str, image_size: int) -> str:
   return os.path.join(prepared_dir, "cache", str(image_size))
 
 
+def has_cache(prepared_dir: str, image_size: int) -> bool:
+  """Whether a decoded-image cache at `image_size` was written (it may still be stale)."""
+  return os.path.isfile(os.path.join(cache_dir(prepared_dir, image_size), "images.npy"))
+
+
+def check_cache_space(prepared_dir: str, num_images: int, image_size: int) -> None:
+  """Refuses, before anything is written, a decoded-image cache larger than its disk's free space.
+
+  The cache is N x S x S x 3 bytes (`image_size` S), written next to any older one it replaces.
+  """
+  folder = cache_dir(prepared_dir, image_size)
+  needed = num_images * image_size * image_size * 3
+  existing = folder
+  while not os.path.isdir(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  if needed > free:
+    raise UserError(
+        f"--config.image_size={image_size} needs a decoded-image cache of {_bytes(needed)} "
+        f"({num_images:,} images x {image_size} x {image_size} x 3 bytes) in {folder}, but its "
+        f"file system has {_bytes(free)} free: set --config.image_size lower (the paper's is 224), "
+        f"free some space, or set --config.prepared_dir to a folder on a larger disk"
+    )
+
+
 def _read_cache(folder: str, fingerprint: str) -> Cache | None:
   images_path = os.path.join(folder, "images.npy")
   records_path = os.path.join(folder, "records.json")
@@ -227,6 +342,7 @@ def build_cache(
       split=tfds_builder.SPLIT, decoders={"image": tfds.decode.SkipDecoding()}
   )
   n = len(source)
+  check_cache_space(prepared_dir, n, image_size)
   os.makedirs(folder, exist_ok=True)
   images_path = os.path.join(folder, "images.npy")
   table = {k: [] for k in ("file_names", "labels", "subtypes", "patient_ids", "magnifications")}
@@ -241,7 +357,7 @@ def build_cache(
       name = f"{example['file_name'].decode()} (in {builder.data_path})"
       return decode_resize(example["image"], image_size, name)
 
-    chunk = 64
+    chunk = CHUNK
     with (
         concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool,
         tqdm.tqdm(total=n, desc=f"Decoding images to {image_size}x{image_size}", unit="img") as bar,

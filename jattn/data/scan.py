@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
 
@@ -77,22 +78,79 @@ def check_data_dir(data_dir: str) -> None:
   raise UserError(f"data_dir {data_dir} holds no BreaKHis_v1 folder: {download_hint(data_dir)}")
 
 
+# More members than BreakHis' archive could hold (about 8,300: its 7,909 images and their folders):
+# an archive past this is not BreakHis, and is refused before it fills the disk with empty files.
+MAX_ARCHIVE_MEMBERS = 20_000
+
+
+def _not_breakhis(archive: str, why: str) -> UserError:
+  return UserError(f"{archive} is not the BreakHis archive ({why}): nothing was unpacked; download "
+                   f"it again from {breakhis.ARCHIVE_URL} (linked from {breakhis.DOWNLOAD_URL})")
+
+
+def _member_filter(archive: str, found_png: list[bool]):
+  """A tarfile extraction filter: tarfile's 'data' filter, after BreakHis' own checks.
+
+  Refuses absolute and `..` member names, links that replace a folder of BreakHis' image path or
+  point out of BreaKHis_v1, and more than `MAX_ARCHIVE_MEMBERS` members; skips members outside
+  BreaKHis_v1 (they would be discarded anyway). Sets `found_png[0]` once an image is seen.
+  """
+  count = 0
+  path_folders = {"/".join(breakhis.SLIDES.split("/")[:k]) for k in range(1, 4)}
+
+  def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    nonlocal count
+    count += 1
+    if count > MAX_ARCHIVE_MEMBERS:
+      raise _not_breakhis(archive, f"it holds more than {MAX_ARCHIVE_MEMBERS:,} members; "
+                                   f"BreakHis' has about 8,300")
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or os.path.isabs(member.name):
+      raise _not_breakhis(archive, f"member {member.name!r} has an absolute path")
+    if ".." in name.split("/"):
+      raise _not_breakhis(archive, f"member {member.name!r} climbs out with '..'")
+    norm = posixpath.normpath(name)
+    inside = norm == breakhis.ROOT or norm.startswith(breakhis.ROOT + "/")
+    if not inside:
+      return None
+    if member.issym() or member.islnk():
+      if norm in path_folders:
+        raise _not_breakhis(archive, f"member {norm} is a link, not the folder of BreakHis' "
+                                     f"images")
+      link = member.linkname.replace("\\", "/")
+      target = posixpath.normpath(
+          link if member.islnk() else posixpath.join(posixpath.dirname(norm), link)
+      )
+      if link.startswith("/") or not target.startswith(breakhis.ROOT + "/"):
+        raise _not_breakhis(archive, f"link {norm} -> {member.linkname} points out of "
+                                     f"{breakhis.ROOT}")
+    elif (member.isfile() and norm.startswith(breakhis.SLIDES + "/")
+          and not is_junk(posixpath.basename(norm))):
+      found_png[0] = True
+    return tarfile.data_filter(member, dest)
+
+  return check
+
+
 def extract_archive(data_dir: str) -> bool:
   """Unpacks `<data_dir>/BreaKHis_v1.tar.gz` once (when BreaKHis_v1 is absent); True if it did.
 
-  Uses tarfile's 'data' filter (no absolute paths, links out of the tree or devices), unpacks
-  into a temporary folder and renames BreaKHis_v1 into place, so a failed run leaves nothing behind.
-  Run it under a lock when several processes may share the data dir.
+  Each member is checked as it is read (`_member_filter`, then tarfile's 'data' filter: no
+  absolute paths, links out of the tree or devices) and unpacked into a temporary folder; only an
+  archive that gave a real `BreaKHis_v1/histology_slides/breast/` with images is renamed into
+  place, so a refused or failed one leaves nothing behind. Run it under a lock when several
+  processes may share the data dir.
   """
   archive = os.path.join(data_dir, breakhis.ARCHIVE)
   target = os.path.join(data_dir, breakhis.ROOT)
   if os.path.isdir(target) or not os.path.isfile(archive):
     return False
   tmp = tempfile.mkdtemp(prefix=".BreaKHis_v1.unpacking-", dir=data_dir)
+  found_png = [False]
   try:
     try:
       with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(tmp, filter="data")
+        tar.extractall(tmp, filter=_member_filter(archive, found_png))
     except OSError as e:
       if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise UserError(f"cannot unpack {archive} ({e}): download it again from "
@@ -104,11 +162,12 @@ def extract_archive(data_dir: str) -> bool:
           f"cannot unpack {archive} ({e}): download it again from {breakhis.DOWNLOAD_URL}"
       ) from e
     unpacked = os.path.join(tmp, breakhis.ROOT)
-    if not os.path.isdir(unpacked):
-      raise UserError(
-          f"{archive} holds no {breakhis.ROOT}/ folder: it is not the BreakHis archive "
-          f"({breakhis.DOWNLOAD_URL})"
-      )
+    if not os.path.isdir(unpacked) or os.path.islink(unpacked):
+      raise _not_breakhis(archive, f"it holds no {breakhis.ROOT}/ folder")
+    if not os.path.isdir(slides_dir(tmp)):
+      raise _not_breakhis(archive, f"it holds no {breakhis.SLIDES}/ folder")
+    if not found_png[0]:
+      raise _not_breakhis(archive, f"it holds no PNG image under {breakhis.SLIDES}/")
     os.replace(unpacked, target)
   finally:
     files.remove(tmp)

@@ -45,6 +45,49 @@ HEMATOXYLIN = np.array([0.56, 0.77, 0.31], np.float32)
 EOSIN = np.array([0.16, 0.85, 0.50], np.float32)
 # (dx, dy) of the few odd-sized images, like the handful of non-700x460 images of the release.
 ODD_SIZE_DELTAS = ((0, -4), (-8, 0), (6, 4), (-2, -10), (12, -6))
+# The demo's own data dir (configs/demo.py): a config with `synthetic.enabled` generates its tree
+# there, or into a new or empty folder, never beside other files (`check_target`).
+DEMO_DIR = "~/.cache/jattn/demo"
+
+
+def _leftover(name: str) -> bool:
+  """A file or folder that jattn itself leaves in a data dir whose preparation was interrupted."""
+  return (name == ".lock" or name.startswith(".BreaKHis_v1.synthesizing-")
+          or name.startswith(".BreaKHis_v1.unpacking-"))
+
+
+def _only_leftovers(folder: str) -> bool:
+  """True when `folder` (a prepared dir) holds nothing but locks and a killed run's temporaries."""
+  for _, dirnames, names in os.walk(folder):
+    if not all(n == ".lock" or n.startswith("incomplete.") or (n.startswith(".") and ".tmp-" in n)
+               for n in names):
+      return False
+    dirnames[:] = [d for d in dirnames if not (d.startswith("incomplete.") or ".tmp-" in d)]
+  return True
+
+
+def check_target(data_dir: str, prepared_dir: str) -> None:
+  """Refuses to generate a synthetic tree into `data_dir` unless it is the demo's own folder
+  (`DEMO_DIR`), absent, or empty but for what an interrupted run of jattn left there, so that a
+  mistyped `--config.data_dir` never fills a user's folder with fake BreakHis."""
+  data_dir = os.path.abspath(data_dir)
+  if os.path.realpath(data_dir) == os.path.realpath(os.path.expanduser(DEMO_DIR)):
+    return
+  if not os.path.isdir(data_dir):
+    return
+  prepared = os.path.relpath(os.path.abspath(prepared_dir), data_dir).split(os.sep)[0]
+  foreign = sorted(
+      name for name in os.listdir(data_dir)
+      if not _leftover(name)
+      and not (name == prepared and _only_leftovers(os.path.join(data_dir, name)))
+  )
+  if foreign:
+    raise UserError(
+        f"data_dir {data_dir} holds no BreaKHis_v1 but other files ({len(foreign)} entries, e.g. "
+        f"{foreign[0]}): a synthetic data set is generated only into {DEMO_DIR} or a new or empty "
+        f"folder, never beside other files; set --config.data_dir to such a folder, or to one "
+        f"that holds BreaKHis_v1 (and --config.synthetic.enabled=False for real data)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

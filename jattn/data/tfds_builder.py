@@ -112,6 +112,14 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
     with _shuffler_on_local_files():
       return super().download_and_prepare(*args, **kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." before and "... downloaded and
+  # prepared" after, though nothing is downloaded: `prepare.prepare_tfds` says what happens instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
