@@ -255,7 +255,8 @@ def _setting(results: dict) -> str:
   value = {"image_size": config.get("image_size"), "num_epochs": config.get("num_epochs"),
            "model.width": model.get("width"),
            "model.classifier_width": model.get("classifier_width")}
-  shown = {"image_size": lambda v: f"{v}x{v}", "num_epochs": lambda v: f"{v} epochs",
+  shown = {"image_size": lambda v: f"{v}x{v}",
+           "num_epochs": lambda v: f"{v} epoch{'' if v == 1 else 's'}",
            "model.width": lambda v: f"width {fractions.Fraction(v).limit_denominator(1000)}",
            "model.classifier_width": lambda v: f"classifier {v}"}
   differs += [shown[key](value[key]) for key, paper in PAPER_SETTING.items()
