@@ -8,6 +8,10 @@ A checkpoint the storage damaged after it was written (files cut short by a cras
 does not stop a run: `restore_latest` falls back to the newest step that loads, says which step it
 skipped and why, and moves the unreadable one to `WORKDIR/checkpoints.unreadable/<step>` (outside
 Orbax's folder, never deleted). A full disk or read-only storage while writing is one `UserError`.
+
+Each step also records the run's steps per epoch in Orbax's step metadata (`custom_metadata`), so
+that a tool reading an unfinished run can say how far it got (`recorded_steps_per_epoch`) without
+loading its data; steps written before this have none.
 """
 
 from __future__ import annotations
@@ -65,8 +69,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 
   A full disk or read-only storage (here or from the previous step's write) is a `UserError`.
   """
+  per_epoch = getattr(state, "steps_per_epoch", None)
+  metadata = {} if per_epoch is None else {"steps_per_epoch": int(per_epoch)}
   with errors.writing(os.fspath(mngr.directory)):
-    mngr.save(step, args=ocp.args.StandardSave(items(state)))
+    mngr.save(step, args=ocp.args.StandardSave(items(state)), custom_metadata=metadata)
+
+
+def recorded_steps_per_epoch(mngr: ocp.CheckpointManager, step: int) -> int | None:
+  """The steps per epoch that `save` recorded with checkpoint `step`; None if it has none."""
+  try:
+    value = (mngr.metadata(step).custom_metadata or {}).get("steps_per_epoch")
+  except Exception:  # noqa: BLE001 -- a step without (readable) metadata: nothing recorded
+    return None
+  return value if isinstance(value, int) and value > 0 else None
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
