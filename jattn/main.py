@@ -16,6 +16,7 @@ that has finished prints its results and stops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -40,12 +41,17 @@ def main(argv: list[str] | None = None) -> None:
                       help="discard a run with a different config in --workdir")
   args = parser.parse_args(rest)
   with exit_on_user_error("jattn.main"):
-    parallel.initialize_distributed()  # before anything touches the devices
+    # The config is read first (that touches no device), so that its coordinator_timeout_s bounds
+    # the wait for the other processes and they can check that they all run the same config;
+    # then the processes start JAX's runtime together, before anything touches the devices.
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    workdir = args.workdir or f"runs/{config.name}/fold{{fold}}"
+    parallel.initialize_distributed(config.get("coordinator_timeout_s", 300.0),
+                                    agree_on={"config": json.loads(config.to_json()),
+                                              "--workdir": workdir})
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   with exit_on_user_error("jattn.main"):
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
-    workdir = args.workdir or f"runs/{config.name}/fold{{fold}}"
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
 
 
