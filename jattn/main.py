@@ -22,7 +22,7 @@ import sys
 
 import jax
 
-from jattn import config_lib, parallel, train
+from jattn import config_lib, parallel
 from jattn.errors import exit_on_user_error
 
 # Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                                               "--workdir": workdir})
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
+  from jattn import train  # here: a launch that cannot start says so before this 2 s import
+
   with exit_on_user_error("jattn.main"):
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
 

@@ -447,8 +447,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains a fold (resuming from its latest checkpoint) and writes WORKDIR/results.json.
 
   With `config.parallel_folds` K > 1, folds fold..fold+K-1 are trained in one program, each into
-  `workdir` with `{fold}` replaced by its number, exactly as K separate runs; the result is then
-  the list of their results. How the step runs (vmapped over folds, sharded over the devices of
+  `workdir` with `{fold}` replaced by its number, with the steps of K separate runs (summed in
+  another order: equally valid runs, not bit-identical ones); the result is then the list of their
+  results. How the step runs (vmapped over folds, sharded over the devices of
   every process) is `jattn.parallel`'s business; this loop reads the same either way. Every work
   dir is locked for the whole run: a second run started on one of them is refused. Nothing is
   written into a work dir before every check that can fail has passed (the config, the weights,
