@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   from jattn import train  # here: a launch that cannot start says so before this 2 s import
 
-  with exit_on_user_error("jattn.main"):
+  with exit_on_user_error("jattn.main"), parallel.telling_peers():
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
 
 

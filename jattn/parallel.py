@@ -269,6 +269,72 @@ def _rendezvous_coordinator(address, num_processes, deadline, timeout_s, agree_o
       conn.close()
 
 
+# --------------------------------------------------------------------------------------------
+# After the start: barriers that carry a process's failure to the others.
+
+_FAILED = "jattn/failed"  # the key-value store key of the first process that stopped
+_syncs = [0]  # barriers passed: every process passes the same ones in the same order
+
+
+class PeerFailed(UserError):
+  """Another process of the run stopped; its message says which and why."""
+
+
+def _client():
+  from jax._src import distributed  # the runtime's key-value store: no public handle to it
+
+  return distributed.global_state.client
+
+
+def sync(name: str) -> None:
+  """Waits for every process at barrier `name` (nothing in a one-process run).
+
+  If a process stopped before reaching it (`telling_peers`), every waiting process stops with one
+  line naming that process and its error, instead of waiting in a collective until JAX's
+  heartbeat aborts them all with C++ traces.
+  """
+  if jax.process_count() == 1:
+    return
+  client = _client()
+  _syncs[0] += 1
+  prefix = f"jattn/sync/{_syncs[0]}"
+  client.key_value_set(f"{prefix}/{jax.process_index()}", name)
+  for index in range(jax.process_count()):
+    while True:
+      try:
+        client.blocking_key_value_get(f"{prefix}/{index}", 500)
+        break
+      except Exception:  # noqa: BLE001 -- the runtime's timeout: look for a failure, wait on
+        failure = _peer_failure(client)
+        if failure:
+          raise PeerFailed(failure) from None
+
+
+def _peer_failure(client) -> str | None:
+  try:
+    return client.key_value_try_get(_FAILED)
+  except Exception:  # noqa: BLE001 -- not found: nobody has stopped
+    return None
+
+
+@contextlib.contextmanager
+def telling_peers():
+  """Within this block, an exception that stops this process of a multi-process run is first
+  recorded for the other processes, whose next `sync` then stops them with one line."""
+  try:
+    yield
+  except PeerFailed:
+    raise
+  except BaseException as e:
+    if jax.process_count() > 1 and not isinstance(e, KeyboardInterrupt):
+      text = " ".join(str(e).split())[:500] or type(e).__name__
+      why = text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
+      with contextlib.suppress(Exception):  # the first failure is kept, later ones dropped
+        _client().key_value_set(_FAILED, f"process {jax.process_index()} of "
+                                         f"{jax.process_count()} stopped: {why}")
+    raise
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Where a run's steps execute: K folds in one program over a mesh of devices."""

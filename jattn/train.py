@@ -36,7 +36,6 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
-from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -498,6 +497,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       raise UserError(f"fold {f.config.fold} has {len(f.data.train_indices)} training images, "
                       f"fewer than one batch of --config.batch_size={config.batch_size}")
     f.total_steps = f.steps_per_epoch * config.num_epochs
+  _sync("data and weights checked")  # by every process: none writes before all could start
   if is_main:
     for f in folds:
       if f.results is None:
@@ -580,9 +580,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
 
 
 def _sync(name: str) -> None:
-  """Waits for every process (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  """Waits for every process (a no-op in a single-process run); stops, in one line, if another
+  process has stopped (`parallel.sync`)."""
+  parallel.sync(name)
 
 
 @contextlib.contextmanager

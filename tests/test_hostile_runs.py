@@ -156,48 +156,63 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _process(port: int, index: int, workdir, *args) -> subprocess.Popen:
+def _process(port: int, index: int, workdir, *args, cwd=REPO) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "jattn.main", "--config", DEMO, "--workdir", str(workdir), *args],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONPATH=REPO, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(index)))
 
 
-def test_a_peer_that_never_starts_or_another_config_is_one_line_on_every_process(tmp_path):
+def test_a_peer_that_never_starts_or_stops_is_one_line_on_every_process(synthetic_tree,
+                                                                        prepared_dir, tmp_path):
   """Bug: a process whose peer never started waited 300 s in jax.distributed.initialize, then
   aborted in C++ (exit 134); processes started with different configs stopped with one line on
   one process and a raw Gloo error on the other. Now a lone process 0, and a lone process 1, say
   in one line who they waited for where, within --config.coordinator_timeout_s=3; two processes
-  with different batch sizes both stop with the same line. Nothing is written."""
-  lone, mismatch = _free_port(), _free_port()
+  with different batch sizes both stop with the same line; and when one process stops (here its
+  relative data_dir names no folder from its working directory) the other stops too, with one
+  line naming it, instead of hanging until JAX's heartbeat aborts both. Nothing is written."""
+  lone, mismatch, stops = _free_port(), _free_port(), _free_port()
   bound = ["--config.coordinator_timeout_s=3"]
+  (tmp_path / "elsewhere").mkdir()
+  here, tree = os.path.split(synthetic_tree[0])  # the data dir as a path relative to `here`
+  tiny = train_args(tmp_path / "w3", tree, prepared_dir)[4:]
   procs = {"alone 0": _process(lone, 0, tmp_path / "w0", *bound),
            "alone 1": _process(_free_port(), 1, tmp_path / "w1", *bound),
-           "config 0": _process(mismatch, 0, tmp_path / "w"),
-           "config 1": _process(mismatch, 1, tmp_path / "w", "--config.batch_size=8")}
+           "config 0": _process(mismatch, 0, tmp_path / "w2"),
+           "config 1": _process(mismatch, 1, tmp_path / "w2", "--config.batch_size=8"),
+           "stops 0": _process(stops, 0, tmp_path / "w3", *tiny, cwd=here),
+           "stops 1": _process(stops, 1, tmp_path / "w3", *tiny, cwd=tmp_path / "elsewhere")}
   outputs = {}
   try:
     for name, p in procs.items():  # far below the 300 s that JAX's own timeout took
-      outputs[name] = p.communicate(timeout=90)
+      outputs[name] = p.communicate(timeout=120)
   finally:
     for p in procs.values():
       p.kill()
+  errors = {}
   for name, p in procs.items():
-    out, err = outputs[name]
-    assert p.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, (name, err)
-  assert outputs["alone 0"][1] == (
+    lines = outputs[name][1].splitlines()  # progress bars and warnings may come before the error
+    assert p.returncode == 2 and "Traceback" not in outputs[name][1], (name, lines)
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], (name, lines)
+    errors[name] = lines[-1] + "\n"
+  assert errors["alone 0"] == (
       f"jattn.main: error: process(es) 1 of 2 did not join process 0 (the coordinator) at "
       f"127.0.0.1:{lone} within 3 s (--config.coordinator_timeout_s); start every process with "
       f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{lone} JAX_NUM_PROCESSES=2 and its own JAX_PROCESS_ID\n")
   assert f"waiting up to 3 s at 127.0.0.1:{lone} for process(es) 1" in outputs["alone 0"][0]
   assert re.fullmatch(r"jattn.main: error: process 1 of 2: process 0 \(the coordinator\) did not "
                       r"answer at 127.0.0.1:\d+ within 3 s \(--config.coordinator_timeout_s\); "
-                      r".*\n", outputs["alone 1"][1])
+                      r".*\n", errors["alone 1"])
   line = ("jattn.main: error: process 1 was started with another config than process 0 (fields: "
           "batch_size); start every process with the same command\n")
-  assert outputs["config 0"][1] == outputs["config 1"][1] == line
-  assert not os.listdir(tmp_path)
+  assert errors["config 0"] == errors["config 1"] == line
+  missing = f"data_dir {tmp_path / 'elsewhere' / tree} does not exist: "
+  assert errors["stops 1"].startswith(f"jattn.main: error: {missing}")
+  assert errors["stops 0"].startswith(f"jattn.main: error: process 1 of 2 stopped: {missing}")
+  assert os.listdir(tmp_path) == ["elsewhere"]
+  assert os.listdir(tmp_path / "elsewhere") == []
 
 
 # ------------------------------------------------------------------------------------------------
