@@ -15,13 +15,17 @@ decides how they run:
   axis is not), the train state is replicated, and XLA inserts the reductions (no pmap).
 - Processes: after `initialize_distributed()`, the mesh spans every process' devices; each
   process loads only its rows of every global batch (`process_rows`) and the global array is
-  assembled with `jax.make_array_from_process_local_data`.
+  assembled with `jax.make_array_from_process_local_data`. The processes first meet in a
+  rendezvous of jattn's own (bounded, one line when it fails), and `sync` barriers carry a
+  process's failure (`telling_peers`) to the others, so that a launch that cannot run ends in
+  one line on every process rather than in JAX's aborts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import socket
@@ -273,7 +277,7 @@ def _rendezvous_coordinator(address, num_processes, deadline, timeout_s, agree_o
 # After the start: barriers that carry a process's failure to the others.
 
 _FAILED = "jattn/failed"  # the key-value store key of the first process that stopped
-_syncs = [0]  # barriers passed: every process passes the same ones in the same order
+_barriers = itertools.count(1)  # every process passes the same barriers in the same order
 
 
 class PeerFailed(UserError):
@@ -296,11 +300,11 @@ def sync(name: str) -> None:
   if jax.process_count() == 1:
     return
   client = _client()
-  _syncs[0] += 1
-  prefix = f"jattn/sync/{_syncs[0]}"
+  prefix = f"jattn/sync/{next(_barriers)}"
   client.key_value_set(f"{prefix}/{jax.process_index()}", name)
   for index in range(jax.process_count()):
     while True:
+      asked = time.monotonic()
       try:
         client.blocking_key_value_get(f"{prefix}/{index}", 500)
         break
@@ -308,6 +312,7 @@ def sync(name: str) -> None:
         failure = _peer_failure(client)
         if failure:
           raise PeerFailed(failure) from None
+        time.sleep(max(0.0, 0.5 - (time.monotonic() - asked)))  # no spinning on a dead service
 
 
 def _peer_failure(client) -> str | None:
