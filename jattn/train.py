@@ -179,21 +179,25 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_
                        steps_per_epoch: int) -> TrainState:
   """A fresh state: model initialised from `rng`, ImageNet weights merged per the config."""
   model, variables = initial_variables(config, rng)
+  warn_if_from_scratch(config)
   return make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
 
 
 def initial_variables(config: ml_collections.ConfigDict, rng: jax.Array):
   """(model, variables): the model initialised from `rng`, ImageNet weights merged per the config
-  (a missing or unfitting weights folder is a UserError; an empty `pretrained` a warning)."""
+  (a missing or unfitting weights folder is a UserError)."""
   model = models.build_model(config.model)
   variables = models.init_variables(model, rng, config.image_size)
   if config.pretrained:
     variables = merge_pretrained(variables, convert.load_weights(config.pretrained),
                                  config.pretrained_scope, config.pretrained)
-  else:
+  return model, variables
+
+
+def warn_if_from_scratch(config: ml_collections.ConfigDict) -> None:
+  if not config.pretrained:
     errors.warn("config.pretrained is empty: training from scratch, not fine-tuning ImageNet "
                 "weights as the paper does")
-  return model, variables
 
 
 def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
@@ -503,6 +507,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       if f.results is None:
         _claim_workdir(f.workdir, f.config, f.action)
   _sync("work dirs claimed")
+  warn_if_from_scratch(config)  # once the run starts: a start that fails shows its error alone
 
   dtype = models.resolve_dtype(config.model.dtype)
   states = []
