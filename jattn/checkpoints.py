@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jattn import errors
 
@@ -99,6 +100,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
   failure is a `UserError`.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
+  if steps:
+    mismatch = _model_mismatch(mngr, steps[0], state)
+    if mismatch:
+      raise errors.UserError(
+          f"the checkpoints in {mngr.directory} do not fit the model of this run's config "
+          f"({mismatch}): the config's model fields (model.width, model.batch_norm, ...) differ "
+          f"from those the checkpoints were trained with (was config.json edited?); run with the "
+          f"config they were trained with, or use another --workdir. Nothing was changed")
   failed = []
   for step in steps:
     try:  # a fresh manager per step: a failed restore leaves a manager unable to read others
@@ -120,6 +129,44 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
   return None
 
 
+MODEL_ITEMS = ("params", "batch_stats")  # the arrays whose shapes the config's model fields set
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/block1/conv1/kernel': shape} of the model arrays in `tree` (a state's items, or a
+  checkpoint's metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if keys and keys[0] in MODEL_ITEMS and hasattr(leaf, "shape"):
+      out["/".join(keys)] = tuple(leaf.shape)
+  return out
+
+
+def _model_mismatch(mngr: ocp.CheckpointManager, step: int, state) -> str | None:
+  """How the model arrays of checkpoint `step` differ from `state`'s, or None when they fit or
+  the checkpoint's metadata does not load (a damaged step: restoring it says so).
+
+  Checked from the metadata before restoring: Orbax restoring arrays of other shapes fails with
+  hundreds of lines of asynchronous tracebacks, and the cause is the config, not the files.
+  """
+  try:
+    stored = _shapes(ocp.StandardCheckpointHandler().metadata(
+        epath.Path(os.fspath(mngr.directory)) / str(step) / "default"))
+  except Exception:  # noqa: BLE001 -- damaged metadata: the restore below reports it
+    return None
+  wanted = _shapes(items(state))
+  if not stored:
+    return None
+  differ = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+  if not differ:
+    return None
+  key = differ[0]
+  shown = lambda shape: "absent" if shape is None else str(shape)  # noqa: E731
+  return (f"{key}: {shown(stored.get(key))} in step {step}, {shown(wanted.get(key))} from the "
+          f"config; {len(differ)} array(s) differ")
+
+
 def _first_line(e: BaseException) -> str:
   text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
   return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
@@ -137,5 +184,5 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, why: str, used: int) -> N
     where = f"moved to {aside}"
   except OSError as e:
     where = f"left in place ({e.strerror})"
-  print(f"jattn: warning: checkpoint step {step} does not load ({why}); using step {used} "
-        f"instead; the unreadable step is {where}", file=sys.stderr, flush=True)
+  errors.warn(f"checkpoint step {step} does not load ({why}); using step {used} instead; the "
+              f"unreadable step is {where}")
