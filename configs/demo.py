@@ -15,8 +15,13 @@ import importlib
 
 from jattn.data.breakhis import synthetic
 
+ROWS = ("vgg19", "vgg19_c", "vgg19_s", "ours")  # the paper's ablation, as configs/<row>.py
+
 
 def get_config(row="ours"):
+  if row not in ROWS:
+    raise ValueError(f"no row {row!r}; use one of "
+                     f"{', '.join(f'configs/demo.py:{r}' for r in ROWS)}")
   config = importlib.import_module(f"configs.{row}").get_config()  # the paper's row, full size
   config.name = f"demo_{row}"
 

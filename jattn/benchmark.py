@@ -380,15 +380,14 @@ def _int_list(text: str) -> list[int]:
   return values
 
 
-def parse_args(argv):
-  overrides, rest = config_lib.split_argv(argv)
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m jattn.benchmark",
-                                   description=__doc__.split("\n")[0],
+                                   description=" ".join(__doc__.split("\n\n")[0].split()),
                                    epilog="--config.FIELD=VALUE overrides apply to every config.")
   parser.add_argument("--configs", default="configs/ours.py",
                       help="comma-separated config files (default: configs/ours.py)")
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--image-size", type=int, default=224, help="image side (default 224)")
+  parser.add_argument("--batch-size", type=int, default=8, help="train batch (default 8)")
   parser.add_argument("--eval-batch-size", type=int, default=None,
                       help="default: --batch-size")
   parser.add_argument("--dtype", default="float32",
@@ -402,7 +401,12 @@ def parse_args(argv):
   parser.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the windows")
   parser.add_argument("--out", default=None, help="write the figures as JSON here")
-  args = parser.parse_args(rest)
+  return parser
+
+
+def parse_args(argv):
+  overrides, rest = config_lib.split_argv(argv)
+  args = make_parser().parse_args(rest)
   args.overrides = overrides
   args.eval_batch_size = args.eval_batch_size or args.batch_size
   args.parallel_folds = _int_list(args.parallel_folds)

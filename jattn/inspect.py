@@ -10,15 +10,19 @@ For each C-Attn module (eqs. 1-6) the channel affinity D' is C x C, each column 
 (eq. 4), and A_c = D'^T M_V is added to the features; shown are D' itself and the spatial map of
 the norm of A_c over channels (where the channel attention changes the features most).
 
-  python -m jattn.inspect --workdir runs/demo_ours/fold1 IMAGE... --out attention/ \
+  python -m jattn.inspect --workdir runs/demo_ours/fold1 IMAGE_OR_FOLDER... --out attention/ \
       [--position 0.5,0.5]
 
-writes one PNG per image with the input, the maps overlaid on it and the affinity matrices.
+writes one PNG per image with the input, the maps overlaid on it and the affinity matrices:
+OUT/<name>_attention.png, <name> the image's file name without its extension; images whose names
+would clash (the same name in different folders) get their parent folders in front, as many as
+tell them apart (`figure_names`). Folders are read as by `jattn.predict`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 from collections.abc import Sequence
 
@@ -138,14 +142,58 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
   return fig
 
 
+def figure_names(paths: Sequence[str]) -> list[str]:
+  """A distinct output file name per image path, never one for two images (compared ignoring
+  case, for file systems that do): `<stem>_attention.png`; images whose stems clash get the fewest
+  parent folders in front that tell them apart (`a_x_img`, `b_x_img`); images of one folder, their
+  extension (`img_jpg`); anything still clashing, a number in input order (`img-2`)."""
+  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  names = [""] * len(parts)
+
+  def label(i: int, depth: int, extension: bool = False) -> str:
+    *dirs, file = parts[i]
+    stem, suffix = os.path.splitext(file)
+    prefix = [d for d in dirs[max(len(dirs) - depth, 0):] if d]
+    return "_".join([*prefix, stem + (f"_{suffix.lstrip('.')}" if extension else "")])
+
+  def settle(group: list[int], depth: int) -> None:
+    for clash in _clashes({i: label(i, depth) for i in group}, keep_single=True):
+      if len(clash) == 1:
+        names[clash[0]] = label(clash[0], depth)
+      elif len({tuple(parts[i][:-1]) for i in clash}) > 1:  # different folders: one level up
+        settle(clash, depth + 1)
+      else:  # one folder: the extension tells them apart
+        for i in clash:
+          names[i] = label(i, depth, extension=True)
+
+  settle(list(range(len(parts))), 0)
+  for clash in _clashes(dict(enumerate(names))):  # the same name in one folder, or a prefixed
+    for k, i in enumerate(clash[1:], 2):          # name that another file has
+      names[i] = f"{names[i]}-{k}"
+  return [f"{n}_attention.png" for n in names]
+
+
+def _clashes(names: dict[int, str], keep_single: bool = False) -> list[list[int]]:
+  """The indices of `names` grouped by name (ignoring case), in order; groups of one only with
+  `keep_single`."""
+  groups = collections.defaultdict(list)
+  for i, name in names.items():
+    groups[name.casefold()].append(i)
+  return [g for g in groups.values() if keep_single or len(g) > 1]
+
+
 def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
                    position: tuple[float, float] = (0.5, 0.5)) -> list[str]:
-  """Writes one PNG per image into out_dir; returns their paths."""
+  """Writes one PNG per image (or per image in a folder) into out_dir; returns their paths."""
   from matplotlib import pyplot as plt
 
-  from jattn.predict import load_images
+  from jattn.predict import image_paths, load_images
 
   files.require_folder(out_dir, "--out")
+  unique = {}
+  for path in image_paths(list(paths)):  # an image given twice is drawn once
+    unique.setdefault(os.path.realpath(path), path)
+  paths = list(unique.values())
   config = runs.load_config(workdir)
   if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
@@ -155,10 +203,10 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
   os.makedirs(out_dir, exist_ok=True)
   written = []
   p_malignant = evaluate.malignant_probability(probs, config.get("task", "binary"))
-  for i, path in enumerate(paths):
+  for i, (path, name) in enumerate(zip(paths, figure_names(paths), strict=True)):
     fig = figure(images[i], maps, i, position,
                  f"{os.path.basename(path)}  P(malignant) = {p_malignant[i]:.3f}  ({config.name})")
-    target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+    target = os.path.join(out_dir, name)
     with files.atomic_path(target) as tmp:
       fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -183,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="folder for the PNGs")
   parser.add_argument("--position", type=_position, default=(0.5, 0.5),
                       help="query position for S-Attn maps, as row,col fractions (default 0.5,0.5)")
-  parser.add_argument("images", nargs="+")
+  parser.add_argument("images", nargs="+", help="image files, or folders of them (searched "
+                      "recursively)")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.inspect"):
     for path in inspect_images(args.workdir, args.images, args.out, args.position):

@@ -30,6 +30,9 @@ from sklearn import metrics as skm
 
 BINARY_METRICS = ("sensitivity", "specificity", "balanced_accuracy", "f1", "roc_auc")
 LEVEL = 0.95  # of the bootstrap intervals
+# The most resamples a bootstrap draws (config.bootstrap_resamples): the weights matrix is
+# resamples x patients float64 (100,000 x 82 patients: 66 MB, and a few seconds of arithmetic).
+MAX_RESAMPLES = 100_000
 
 
 def _none_if_nan(x) -> float | None:
@@ -124,9 +127,12 @@ def stratified_weights(strata: np.ndarray, resamples: int, seed: int) -> np.ndar
   weights = np.zeros((resamples, len(strata)))
   for c in np.unique(strata):
     members = np.flatnonzero(strata == c)
-    draws = rng.integers(0, len(members), (resamples, len(members)))
-    for b in range(resamples):
-      weights[b, members] = np.bincount(draws[b], minlength=len(members))
+    n = len(members)
+    draws = rng.integers(0, n, (resamples, n))
+    # Row b's counts: one bincount over all rows, each row's draws offset by b * n.
+    counts = np.bincount((draws + n * np.arange(resamples)[:, None]).ravel(),
+                         minlength=resamples * n)
+    weights[:, members] = counts.reshape(resamples, n)
   return weights
 
 

@@ -1,15 +1,21 @@
 """Predictions of a trained run for any images, with a patient vote when names allow one.
 
-  python -m jattn.predict --workdir runs/ours/fold1 IMAGE... [--out FILE.csv] [--tta dihedral]
+  python -m jattn.predict --workdir runs/ours/fold1 IMAGE_OR_FOLDER... [--out FILE.csv]
+      [--tta dihedral] [--batch-size 32]
+
+A folder stands for every image file under it (IMAGE_EXTENSIONS, any case, in sorted order,
+subfolders included); hidden files and folders (`.DS_Store`, `._*`) and anything else (`Thumbs.db`,
+text) are skipped, as the data set's scan skips them (`jattn.data.scan.is_junk`).
 
 Images are preprocessed exactly as in training (RGB, resized to the run's image_size with PIL's
 bilinear filter, normalised by the run's fold statistics). Each row gives the file, the probability
 of malignant and the prediction; when the file name follows BreakHis' convention, also the patient,
 the magnification and the majority vote of that patient's given images at that magnification
 (ties by the run's tie rule). With --tta dihedral (or a run trained with config.tta='dihedral')
-each probability is the mean over the image's 8 flips and right-angle turns.
-(ties by the run's tie rule). A run of the subtype task (config.task='subtype') also gives the
-predicted subtype, and its patient vote is the plurality subtype (`evaluate.plurality_vote`).
+each probability is the mean over the image's 8 flips and right-angle turns. A run of the subtype
+task (config.task='subtype') also gives the predicted subtype, and its patient vote is the
+plurality subtype (`evaluate.plurality_vote`). A run that has not finished (no results.json) is
+used from its latest checkpoint, with a warning saying how far it got.
 """
 
 from __future__ import annotations
@@ -27,8 +33,32 @@ from jattn.data.breakhis import CLASSES, TASKS, parse_file_name
 from jattn.data.prepare import decode_resize
 from jattn.errors import UserError, exit_on_user_error
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # the files of a folder read
 COLUMNS = ("file", "prob_malignant", "prediction", "patient_id", "magnification", "patient_vote")
 SUBTYPE_COLUMNS = (*COLUMNS, "subtype", "prob_subtype")  # the columns of a subtype run
+
+
+def image_paths(paths: list[str]) -> list[str]:
+  """The image files that `paths` name: a file as given, a folder as the image files under it."""
+  out = []
+  for path in paths:
+    if not os.path.isdir(path):
+      out.append(path)
+      continue
+    found, seen = [], set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+      if os.path.realpath(root) in seen:  # a link back to a folder already walked
+        dirs[:] = []
+        continue
+      seen.add(os.path.realpath(root))
+      dirs[:] = [d for d in dirs if not d.startswith(".")]
+      found += [os.path.join(root, n) for n in names
+                if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+      raise UserError(f"{path}: a folder without image files ({', '.join(IMAGE_EXTENSIONS)}, "
+                      f"subfolders included); give image files or a folder that holds some")
+    out += sorted(found, key=lambda p: os.path.relpath(p, path).split(os.sep))
+  return out
 
 
 def load_images(paths: list[str], image_size: int) -> np.ndarray:
@@ -45,9 +75,14 @@ def load_images(paths: list[str], image_size: int) -> np.ndarray:
 
 def predict(workdir: str, paths: list[str], batch_size: int = 32,
             tta: str | None = None) -> list[dict]:
-  """One row per image (see COLUMNS); `tta` None uses the run's config.tta."""
+  """One row per image (see COLUMNS); `paths` may name folders (`image_paths`); `tta` None uses
+  the run's config.tta."""
+  if batch_size < 1:
+    raise UserError(f"--batch-size {batch_size}: give a positive number of images per batch "
+                    f"(default 32)")
+  paths = image_paths(paths)
   if not paths:
-    raise UserError("give at least one image to predict")
+    raise UserError("give at least one image (or a folder of images) to predict")
   config, state = runs.restore(workdir)
   tta = tta or config.get("tta", "none")
   probs = runs.predict_probs(state, load_images(paths, config.image_size), batch_size, tta)
@@ -88,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a run's work dir (python -m jattn.main)")
   parser.add_argument("--out", help="CSV file to write (default: standard output)")
-  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
   parser.add_argument("--tta", choices=("none", "dihedral"),
                       help="test-time augmentation (default: the run's config.tta)")
-  parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...)")
+  parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP), or folders "
+                      "of them (searched recursively)")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.predict"):
+    if args.out and os.path.isdir(args.out):  # refused before any work, not after it
+      raise UserError(f"--out {args.out} is a folder: give the CSV file to write, e.g. "
+                      f"{os.path.join(args.out, 'predictions.csv')}")
     rows = predict(args.workdir, args.images, args.batch_size, args.tta)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SUBTYPE_COLUMNS if "subtype" in rows[0] else COLUMNS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,14 +40,35 @@ def abstract_state(config: ml_collections.ConfigDict) -> train.TrainState:
 
 
 def restore(workdir: str) -> tuple[ml_collections.ConfigDict, train.TrainState]:
-  """A run's config and its latest checkpointed state."""
+  """A run's config and its latest checkpointed state; warns (one line on stderr) when the run has
+  not finished, i.e. has no results.json."""
   config = load_config(workdir)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   with checkpoints.manager(workdir, create=False) as mngr:
     state = checkpoints.restore_latest(mngr, abstract_state(config))
-  if state is None:
-    raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
+    if state is None:
+      raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
+    if not os.path.exists(os.path.join(workdir, "results.json")):
+      step = int(state.step)
+      per_epoch = checkpoints.recorded_steps_per_epoch(mngr, step)
+      print(f"jattn: warning: {unfinished(config, step, per_epoch)}", file=sys.stderr, flush=True)
   return config, state
+
+
+def unfinished(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int | None) -> str:
+  """What a run without results.json is: the step its latest checkpoint reached, of how many."""
+  run = f"{config.name} fold {config.get('fold', '?')}"
+  if not steps_per_epoch:  # a checkpoint written before jattn recorded its steps per epoch
+    return (f"{run} has not finished (no results.json): its latest checkpoint is step {step}, of "
+            f"a run of {config.num_epochs} epochs whose steps per epoch were not recorded; using "
+            f"that checkpoint")
+  total = steps_per_epoch * config.num_epochs
+  if step >= total:
+    return (f"{run} has trained all {total} steps but not been evaluated (no results.json; run "
+            f"its command again to evaluate it); using its last checkpoint, step {step}")
+  return (f"{run} has not finished training (no results.json): its latest checkpoint is step "
+          f"{step} of {total} ({step // steps_per_epoch} of {config.num_epochs} epochs done); "
+          f"using that partly trained model")
 
 
 def predict_probs(state: train.TrainState, images: np.ndarray, batch_size: int = 32,

@@ -2,13 +2,18 @@
 
   python -m jattn.tables sweeps/paper
 
-A sweep folder holds one training run per config name and fold, `SWEEP/<name>/fold<k>/`, each
-finished run with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
-experiments/sweep.py (row order and expected folds). Every cell is the mean and sample standard
-deviation over the folds that finished and have the figure; a cell short of folds says so
-(`(3/5)`: e.g. a fold without test images at that magnification), one with none shows `—`. Each row
-that reproduces a row of the paper is followed by the paper's published figure (only for runs of
-the paper's setting: the binary task on all four magnifications). When the sweep holds binary runs
+A sweep folder holds one training run per row and fold, `SWEEP/<name>/fold<k>/`, each finished run
+with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
+experiments/sweep.py (row order and expected folds). The folder names the row; where its runs'
+config.name differs (a config run into a folder of another name), the row shows it, and all folds
+of a row must be runs of one config. Every cell is the mean and sample standard deviation over the
+folds that finished and have the figure; a cell short of folds says so (`(3/5)`: e.g. a fold
+without test images at that magnification), one with none shows `—`. Each row that reproduces a
+row of the paper is followed by the paper's published figure, but only for runs of the paper's
+setting (`_setting`); a row of another setting is labelled with what differs (`ours_100X (100X)`,
+`demo_ours (from scratch, 64x64, 6 epochs, width 1/16, classifier 64)`) and shown without the
+paper's figures. A figure the tables read must be a fraction in [0, 1] or null (undefined): NaN
+or infinity in a results.json is refused by name. When the sweep holds binary runs
 with clinical metrics, Tables 4-5 give sensitivity, specificity, balanced accuracy, F1 and ROC-AUC
 at image and patient level; when it holds subtype runs (config.task='subtype'), Table 6 gives their
 balanced accuracy, macro F1 and per-subtype F1. Results written before these figures existed are
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fractions
 import io
 import json
 import os
@@ -69,14 +75,27 @@ class Table:
   section: str = "paper"  # tables of one section are shown together ('paper' always)
   metric: str = ""  # the row's metric, for sections that put several tables in one
 
-  def value(self, results: dict, column: str) -> float | None:
-    """The figure in [0, 1] of one run at one column; None where the run has none."""
+  def keys(self, column: str) -> tuple[str, ...]:
+    """Where the figure of one column is in results.json."""
+    return tuple(column if part == "{col}" else part for part in self.path or (self.key, "{col}"))
+
+  def raw(self, results: dict, column: str):
+    """What results.json holds where the figure of one column goes; None where it has nothing."""
     node = results
-    for part in self.path or (self.key, "{col}"):
+    for part in self.keys(column):
       if not isinstance(node, dict):
         return None
-      node = node.get(column if part == "{col}" else part)
-    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+      node = node.get(part)
+    return node
+
+  def value(self, results: dict, column: str) -> float | None:
+    """The figure in [0, 1] of one run at one column; None where the run has none."""
+    node = self.raw(results, column)
+    return float(node) if _is_number(node) else None
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 CLINICAL_METRICS = {"sensitivity": "sensitivity", "specificity": "specificity",
@@ -123,7 +142,15 @@ class Sweep:
   results: dict[tuple[str, int], dict]  # (name, fold) -> results.json, finished runs only
   unfinished: list[tuple[str, int]]  # expected runs without finished results, in order
   settings: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> '' (the paper's
-  # setting: binary, all magnifications) or what differs, e.g. 'subtype', '100X'
+  # setting, `_setting`) or what differs, e.g. 'subtype', '100X', '100X, from scratch, 6 epochs'
+  config_names: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the config.name
+  # of its runs, where that differs from the row's name (its folder)
+
+  def label(self, name: str) -> str:
+    """The row's name as the tables show it, with its config's name and setting if they differ."""
+    details = [f"config {self.config_names[name]}"] if name in self.config_names else []
+    details += [self.settings[name]] if self.settings.get(name) else []
+    return f"{name} ({'; '.join(details)})" if details else name
 
   def sections(self) -> list[str]:
     """The sections of tables that some finished run has figures for, in TABLES order."""
@@ -179,21 +206,24 @@ def collect(sweep_dir: str) -> Sweep:
     raise UserError(f"{sweep_dir}: no runs found; expected SWEEP/<name>/fold<k>/results.json "
                     f"or a {MANIFEST}")
 
-  results, unfinished, paper_rows, settings = {}, [], {}, {}
+  results, unfinished, paper_rows, settings, config_names = {}, [], {}, {}, {}
   for name, fold, workdir in runs:
     path = os.path.join(sweep_dir, workdir, "results.json")
     r = _read_results(path) if os.path.exists(path) else None
     if r is None or r["finished"] is not True:
       unfinished.append((name, fold))
       continue
-    if (r["name"], r["fold"]) != (name, fold):
+    if r["fold"] != fold:
       raise UserError(f"{path}: holds name {r['name']!r} fold {r['fold']}, but the sweep expects "
-                      f"name {name!r} fold {fold} there; move it to its own folder")
+                      f"fold {fold} there; move it to its own folder")
+    if config_names.setdefault(name, r["name"]) != r["name"]:
+      raise UserError(f"{path}: a run of config {r['name']!r}, but other folds of {name!r} are "
+                      f"runs of {config_names[name]!r}; give each config its own folder")
     setting = _setting(r)
     if settings.setdefault(name, setting) != setting:
       raise UserError(f"{path}: a run of {setting or 'the paper setting'}, but other folds of "
                       f"{name!r} are of {settings[name] or 'the paper setting'}; give each "
-                      f"setting its own config.name")
+                      f"setting its own folder (config.name)")
     r = {**r, "paper_row": r["paper_row"] if not setting else ""}  # no paper figure to compare
     if paper_rows.setdefault(name, r["paper_row"]) != r["paper_row"]:
       raise UserError(f"{path}: paper_row {r['paper_row']!r}, but other folds of {name!r} say "
@@ -201,16 +231,37 @@ def collect(sweep_dir: str) -> Sweep:
     results[(name, fold)] = r
   return Sweep(sweep_dir=sweep_dir, names=names, folds=folds,
                paper_rows={n: paper_rows.get(n, "") for n in names}, results=results,
-               unfinished=unfinished, settings={n: settings.get(n, "") for n in names})
+               unfinished=unfinished, settings={n: settings.get(n, "") for n in names},
+               config_names={n: c for n, c in config_names.items() if c != n})
+
+
+# The paper's setting (section 3; configs/default.py holds the same values) for the config fields
+# that change what a figure means. A run that differs is labelled, and no paper figure is shown
+# beside it. Results without a config (written before it was recorded) count as the paper's.
+PAPER_SETTING = {"image_size": 224, "num_epochs": 130, "model.width": 1.0,
+                 "model.classifier_width": 4096}
 
 
 def _setting(results: dict) -> str:
-  """'' for the paper's setting (binary task, all four magnifications), else what differs."""
+  """'' for the paper's setting (binary task, all four magnifications, ImageNet weights, 224x224,
+  130 epochs, VGG19's widths), else what differs, e.g. '100X' or 'from scratch, 64x64, 6 epochs'."""
   task = results.get("task", "binary")
   selected = results.get("magnifications", {}).get("selected", list(MAGNIFICATIONS))
   parts = ([task] if task != "binary" else []) + (
       [",".join(selected)] if list(selected) != list(MAGNIFICATIONS) else [])
-  return " ".join(parts)
+  config = results.get("config") if isinstance(results.get("config"), dict) else {}
+  model = config.get("model") if isinstance(config.get("model"), dict) else {}
+  differs = ["from scratch"] if config.get("pretrained", "given") == "" else []
+  value = {"image_size": config.get("image_size"), "num_epochs": config.get("num_epochs"),
+           "model.width": model.get("width"),
+           "model.classifier_width": model.get("classifier_width")}
+  shown = {"image_size": lambda v: f"{v}x{v}",
+           "num_epochs": lambda v: f"{v} epoch{'' if v == 1 else 's'}",
+           "model.width": lambda v: f"width {fractions.Fraction(v).limit_denominator(1000)}",
+           "model.classifier_width": lambda v: f"classifier {v}"}
+  differs += [shown[key](value[key]) for key, paper in PAPER_SETTING.items()
+              if value[key] is not None and value[key] != paper]
+  return ", ".join(([" ".join(parts)] if parts else []) + differs)
 
 
 def _read_manifest(path: str) -> tuple[list[str], list[int], list[tuple[str, int, str]]]:
@@ -268,6 +319,14 @@ def _read_results(path: str) -> dict:
       if bad:
         raise UserError(f"{path}: {key} must map magnifications to fractions in [0, 1]; "
                         f"got {values!r}")
+    for table in TABLES:  # the further tables' figures: a fraction, or null where undefined
+      for column in table.columns:
+        value = table.raw(r, column)
+        if value is not None and not (_is_number(value) and 0 <= value <= 1):
+          where = ".".join(table.keys(column))
+          raise UserError(f"{path}: {where} is {json.dumps(value)[:60]}, not a fraction in [0, 1] "
+                          f"or null (undefined); delete results.json to evaluate that run again "
+                          f"from its last checkpoint")
   return r
 
 
@@ -301,8 +360,7 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
            f"a figure without ± comes from one fold. Rows in italics, `paper: <row>`, are the "
            f"figures published by Wu et al., ISBI 2019 (Tables 1 and 2), for the row of the paper "
            f"that the config above them reproduces.", ""]
-  label = {name: f"{name} ({sweep.settings[name]})" if sweep.settings.get(name) else name
-           for name in sweep.names}
+  label = {name: sweep.label(name) for name in sweep.names}
   for section in sweep.sections():
     tables = [t for t in TABLES if t.section == section]
     columns = tables[0].columns

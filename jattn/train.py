@@ -26,7 +26,6 @@ import io
 import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -37,22 +36,24 @@ import numpy as np
 import optax
 from flax import traverse_util
 from flax.training import train_state
-from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import jattn
-from jattn import checkpoints, convert, data, evaluate, files, models, parallel
+from jattn import checkpoints, convert, data, errors, evaluate, files, models, parallel
+from jattn import metrics as metrics_lib
 from jattn.data import augment as augment_lib
+from jattn.data import scan as scan_lib
 from jattn.errors import UserError
 
 RESULTS_SCHEMA = "jattn.results/1"
+LONG_BOOTSTRAP = 1_000_000  # resamples x test patients from which evaluation says it bootstraps
 TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
 # Fields that change how a run is logged, not what it computes: a resumed run may change them.
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",
-                      "num_devices")
+                      "num_devices", "coordinator_timeout_s")
 
 
 # Fields added to the config after runs were first written, with the value that reproduces what a
@@ -63,6 +64,7 @@ LATER_FIELDS = {
     "augment.hed_scale": 0.0, "augment.hed_shift": 0.0, "augment.brightness": 0.0,
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
     "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
+    "coordinator_timeout_s": 300.0,
 }
 
 
@@ -184,15 +186,26 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_mean, image_std,
                        steps_per_epoch: int) -> TrainState:
   """A fresh state: model initialised from `rng`, ImageNet weights merged per the config."""
+  model, variables = initial_variables(config, rng)
+  warn_if_from_scratch(config)
+  return make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
+
+
+def initial_variables(config: ml_collections.ConfigDict, rng: jax.Array):
+  """(model, variables): the model initialised from `rng`, ImageNet weights merged per the config
+  (a missing or unfitting weights folder is a UserError)."""
   model = models.build_model(config.model)
   variables = models.init_variables(model, rng, config.image_size)
   if config.pretrained:
     variables = merge_pretrained(variables, convert.load_weights(config.pretrained),
                                  config.pretrained_scope, config.pretrained)
-  else:
-    warnings.warn("config.pretrained is empty: training from scratch, not fine-tuning ImageNet "
-                  "weights as the paper does", stacklevel=2)
-  return make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
+  return model, variables
+
+
+def warn_if_from_scratch(config: ml_collections.ConfigDict) -> None:
+  if not config.pretrained:
+    errors.warn("config.pretrained is empty: training from scratch, not fine-tuning ImageNet "
+                "weights as the paper does")
 
 
 def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
@@ -245,7 +258,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   check(config.fold in (1, 2, 3, 4, 5), f"--config.fold={config.fold}: folds are numbered 1 to 5")
   parallel_folds, num_devices = config.get("parallel_folds", 1), config.get("num_devices", 0)
-  check(isinstance(parallel_folds, int) and 1 <= parallel_folds <= 6 - config.fold,
+  check(isinstance(parallel_folds, int) and parallel_folds >= 1,
+        f"--config.parallel_folds={parallel_folds!r}: the number of consecutive folds trained in "
+        f"one program, at least 1 (1: this fold alone)")
+  check(parallel_folds <= 6 - config.fold,
         f"--config.parallel_folds={parallel_folds!r} with --config.fold={config.fold}: folds "
         f"{config.fold}..{config.fold + parallel_folds - 1} do not exist (folds are numbered 1 to "
         f"5); use at most {6 - config.fold}")
@@ -281,6 +297,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"{len(classes)}")
   check(isinstance(config.bootstrap_resamples, int) and config.bootstrap_resamples >= 0,
         f"--config.bootstrap_resamples={config.bootstrap_resamples!r}: a count >= 0 (0: no CIs)")
+  check(config.bootstrap_resamples <= metrics_lib.MAX_RESAMPLES,
+        f"--config.bootstrap_resamples={config.bootstrap_resamples}: at most "
+        f"{metrics_lib.MAX_RESAMPLES:,} (the bootstrap holds a resamples x test patients matrix in "
+        f"memory; 1,000 to 10,000 give stable 95% intervals)")
+  timeout = config.get("coordinator_timeout_s", 300.0)
+  check(isinstance(timeout, (int, float)) and timeout > 0,
+        f"--config.coordinator_timeout_s={timeout!r}: a number of seconds > 0")
   check(isinstance(config.keep_checkpoints, int) and config.keep_checkpoints >= 1,
         f"--config.keep_checkpoints={config.keep_checkpoints!r}: must be at least 1 (the final "
         f"state of a run is a checkpoint)")
@@ -311,30 +334,46 @@ def _write_json(path: str, obj: Any) -> None:
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool,
                    write: bool = True) -> None:
-  """Refuses a work dir that holds a different run, unless asked to overwrite it.
-
-  Only the process that `write`s (process 0) deletes or writes anything; every process checks.
-  """
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(path):
-    stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
-                                   f"--workdir")
-    stored, now = _comparable(stored), _comparable(current)
-    if stored == now:
-      return  # nothing to write: a finished run on read-only storage just prints its results
-    differ = sorted(k for k in set(stored) | set(now)
-                    if k not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
-    if differ and not overwrite:
-      raise UserError(f"{workdir} holds a run with a different config (fields: "
-                      f"{', '.join(differ)}); use another --workdir, or --overwrite to discard it")
-    if differ and write:  # keep the lock this run holds on the work dir
-      for name in os.listdir(workdir):
-        if name != ".lock":
-          files.remove(os.path.join(workdir, name))
+  """Refuses a work dir that holds a different run, unless asked to overwrite it; then (if it
+  `write`s: process 0) discards that run and writes config.json. The training loop does these two
+  halves apart (`_workdir_action`, `_claim_workdir`), with every check that can fail between."""
+  action = _workdir_action(workdir, config, overwrite)
   if write:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(path, current)
+    _claim_workdir(workdir, config, action)
+
+
+def _workdir_action(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> str:
+  """What claiming the work dir for `config` will take, checked without writing anything:
+  'keep' (its config.json holds this config), 'write' (no config.json yet, or one that differs
+  only in BOOKKEEPING_FIELDS) or 'discard' (another run, and `overwrite`); another run without
+  `overwrite` is a UserError."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return "write"
+  stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
+                                 f"--workdir")
+  stored, now = _comparable(stored), _comparable(json.loads(config.to_json()))
+  if stored == now:
+    return "keep"  # nothing to write: a finished run on read-only storage just prints its results
+  differ = sorted(k for k in set(stored) | set(now)
+                  if k not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
+  if differ and not overwrite:
+    raise UserError(f"{workdir} holds a run with a different config (fields: "
+                    f"{', '.join(differ)}); use another --workdir, or --overwrite to discard it")
+  return "discard" if differ else "write"
+
+
+def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, action: str) -> None:
+  """Carries out `_workdir_action`'s answer: the other run discarded (the lock this run holds on
+  the work dir kept), config.json written."""
+  if action == "keep":
+    return
+  if action == "discard":
+    for name in os.listdir(workdir):
+      if name != ".lock":
+        files.remove(os.path.join(workdir, name))
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
 
 
 def _comparable(stored: dict) -> dict:
@@ -404,6 +443,10 @@ class _Fold:
   pending: list = dataclasses.field(default_factory=list)
   window_start: float = 0.0
   epoch_windows: list = dataclasses.field(default_factory=list)
+  print_windows: bool = False  # a line per logged window (no progress bar: not a terminal)
+  action: str = "write"  # what claiming the work dir takes (`_workdir_action`)
+  layout: dict | None = None  # `parallel.layout` of this session
+  layout_history: list | None = None  # layouts.json: [{from_step, layout}], on process 0
 
   @property
   def name(self) -> str:
@@ -415,10 +458,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains a fold (resuming from its latest checkpoint) and writes WORKDIR/results.json.
 
   With `config.parallel_folds` K > 1, folds fold..fold+K-1 are trained in one program, each into
-  `workdir` with `{fold}` replaced by its number, exactly as K separate runs; the result is then
-  the list of their results. How the step runs (vmapped over folds, sharded over the devices of
+  `workdir` with `{fold}` replaced by its number, with the steps of K separate runs (summed in
+  another order: equally valid runs, not bit-identical ones); the result is then the list of their
+  results. How the step runs (vmapped over folds, sharded over the devices of
   every process) is `jattn.parallel`'s business; this loop reads the same either way. Every work
-  dir is locked for the whole run: a second run started on one of them is refused.
+  dir is locked for the whole run: a second run started on one of them is refused. Nothing is
+  written into a work dir before every check that can fail has passed (the config, the weights,
+  the data): a failed start leaves a new work dir absent and an existing one as it was.
   """
   validate_config(config)
   workdirs = fold_workdirs(config, workdir)
@@ -426,7 +472,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with contextlib.ExitStack() as locks:
     if jax.process_index() == 0:  # the processes of a multi-host run share the work dirs
       for fold_workdir in workdirs.values():
-        locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir"))
+        locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir",
+                                                        remove_unused=True))
     return _train_and_evaluate(config, plan, workdirs, overwrite)
 
 
@@ -438,10 +485,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
     fold_config = config.copy_and_resolve_references()
     fold_config.fold = number
     folds.append(_Fold(fold_config, fold_workdir))
-  for f in folds:
-    _check_workdir(f.workdir, f.config, overwrite, write=is_main)
+  for f in folds:  # nothing is written into a work dir before every check that can fail passed
+    f.action = _workdir_action(f.workdir, f.config, overwrite)
     results_path = os.path.join(f.workdir, "results.json")
-    if os.path.exists(results_path):
+    if f.action != "discard" and os.path.exists(results_path):
       f.results = files.read_json(results_path, "delete it to evaluate the run again from its "
                                                 "last checkpoint")
       print(f"{f.workdir} has finished (results.json); not training again.\n"
@@ -451,7 +498,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
   _sync("work dirs checked")
 
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  states = []
+  # Quick checks first: a missing data dir or weights folder stops the run at once, before
+  # minutes of data preparation. Every fold starts from the same initialisation.
+  _check_data_dir(config)
+  model, variables = initial_variables(config, init_rng)
   for f in folds:
     f.data = data.load_fold(f.config)
     f.steps_per_epoch = data.steps_per_epoch(f.data, config.batch_size)
@@ -459,8 +509,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       raise UserError(f"fold {f.config.fold} has {len(f.data.train_indices)} training images, "
                       f"fewer than one batch of --config.batch_size={config.batch_size}")
     f.total_steps = f.steps_per_epoch * config.num_epochs
-    state = parallel.place(plan, create_train_state(f.config, init_rng, f.data.mean, f.data.std,
-                                                    f.steps_per_epoch))
+  _sync("data and weights checked")  # by every process: none writes before all could start
+  if is_main:
+    for f in folds:
+      if f.results is None:
+        _claim_workdir(f.workdir, f.config, f.action)
+  _sync("work dirs claimed")
+  warn_if_from_scratch(config)  # once the run starts: a start that fails shows its error alone
+
+  dtype = models.resolve_dtype(config.model.dtype)
+  states = []
+  for k, f in enumerate(folds):
+    state = parallel.place(plan, make_state(f.config, model, variables, f.data.mean, f.data.std,
+                                            f.steps_per_epoch))
     if f.results is None:
       f.manager = checkpoints.manager(f.workdir, config.keep_checkpoints)
       restored = checkpoints.restore_latest(f.manager, state)
@@ -468,11 +529,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
         state = restored
         print(f"resuming {f.workdir} from step {int(state.step)} of {f.total_steps}")
       f.step = f.start_step = int(state.step)
+      f.layout = parallel.layout(plan, k, config.get("num_devices", 0), dtype)
+      if is_main:
+        f.layout_history = _record_layout(f)
     else:
       f.step = f.start_step = f.total_steps  # finished: its (fresh) state is never stepped
     states.append(state)
   state = parallel.stack(plan, states)
-  del states
+  del states, variables
 
   train_rng = parallel.place(plan, train_rng)
   started = time.time()
@@ -482,6 +546,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
   remaining = np.array([f.total_steps - f.step for f in folds])
   bar = tqdm(total=int(remaining.max()), unit="step", dynamic_ncols=True, leave=False,
              desc=", ".join(f"fold {f.config.fold}" for f in folds), disable=None)
+  for f in folds:  # the bar draws only on a terminal; elsewhere (a log file) a line per window
+    f.print_windows = is_main and bar.disable
   try:  # pending asynchronous checkpoints are finished and files closed however the loop ends
     with contextlib.ExitStack() as stack:
       for f in folds:
@@ -509,6 +575,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
     f.results["train"] = {"epochs": config.num_epochs, "steps": f.step,
                           "steps_per_epoch": f.steps_per_epoch,
                           "wall_time_this_session_s": round(time.time() - started, 1)}
+    history = f.layout_history
+    f.results["layout"] = {
+        **f.layout, "history": history,
+        "one_layout": None if history is None or history[0]["layout"] is None else all(
+            not parallel.layout_changes(history[0]["layout"], h["layout"]) for h in history)}
     if is_main:
       _write_csv(os.path.join(f.workdir, "predictions.csv"), rows)
       evaluate.write_roc_plot(os.path.join(f.workdir, "roc.png"), rows, f.name)
@@ -523,9 +594,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
 
 
 def _sync(name: str) -> None:
-  """Waits for every process (a no-op in a single-process run)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  """Waits for every process (a no-op in a single-process run); stops, in one line, if another
+  process has stopped (`parallel.sync`)."""
+  parallel.sync(name)
 
 
 @contextlib.contextmanager
@@ -574,6 +645,11 @@ def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool) -> None:
     if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
       _stop_nonfinite("loss", f.step, f.workdir, f.manager)
     f.epoch_windows.append(summary)
+    if f.print_windows and f.step % config.log_every_steps == 0:
+      where = f"fold {config.fold}, " if plan.num_folds > 1 else ""
+      print(f"{where}step {f.step}/{f.total_steps}: training loss {summary['loss']:.4f}, training "
+            f"accuracy {summary['accuracy']:.3f}, {summary['images_per_second']:.0f} images/s",
+            flush=True)
     if is_main:
       f.metrics_file.write(json.dumps(summary) + "\n")
       f.metrics_file.flush()
@@ -594,6 +670,45 @@ def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool) -> None:
     print(f"{prefix}epoch {f.step // f.steps_per_epoch}/{config.num_epochs}: training loss "
           f"{mean['loss']:.4f}, training accuracy {mean['accuracy']:.3f}, "
           f"{mean['images_per_second']:.0f} images/s", flush=True)
+
+
+def _check_data_dir(config: ml_collections.ConfigDict) -> None:
+  """A quick look that data_dir holds BreakHis or its archive (`data.load_fold` checks it again,
+  and fetches or generates the data instead when the config says so)."""
+  if config.get("download", False) or config.synthetic.enabled:
+    return
+  path = os.path.abspath(os.path.expanduser(config.data_dir))
+  scan_lib.check_data_dir(scan_lib.resolve_data_dir(path))
+
+
+LAYOUTS_FILE = "layouts.json"  # in a work dir: the layout of each stretch of its training
+
+
+def _record_layout(f: _Fold) -> list[dict]:
+  """The fold's layout history with this session's layout, written to WORKDIR/layouts.json.
+
+  The history is a list of {from_step, layout}: the steps from `from_step` on were trained under
+  `layout` (None: before jattn recorded layouts). Entries of sessions whose steps were not kept
+  (killed before a checkpoint) are dropped. Resuming under another layout is correct but not
+  bit-identical to training under one (README, Reproducibility): a warning says so.
+  """
+  path = os.path.join(f.workdir, LAYOUTS_FILE)
+  history = files.read_json(path, f"delete it (it only records how {f.workdir} was laid out)"
+                            ) if os.path.exists(path) else []
+  history = [h for h in history if h["from_step"] < f.start_step]
+  if f.start_step and not history:
+    history = [{"from_step": 0, "layout": None}]
+  before = history[-1]["layout"] if history else None
+  changes = parallel.layout_changes(before, f.layout) if before is not None else []
+  if changes:
+    errors.warn(f"{f.workdir} was trained up to step {f.start_step} under another layout "
+                f"({'; '.join(changes)}); resuming under this one gives a different, equally valid "
+                f"run, not the bit-identical continuation of a resume under the same layout "
+                f"(results.json: layout.history)")
+  if before != f.layout:
+    history.append({"from_step": f.start_step, "layout": f.layout})
+  _write_json(path, history)
+  return history
 
 
 def _summarize_window(f: _Fold, plan) -> dict[str, float]:
@@ -645,6 +760,12 @@ def _evaluate_fold(config, state, fold_data, plan, p_eval) -> tuple[dict, list[d
            **({"subtype": names[fold_data.subtypes[i]], "predicted_subtype": names[k]}
               if task == "subtype" else {})}
           for i, k, pm in zip(index, predicted, p_malignant, strict=True)]
+  resamples = config.get("bootstrap_resamples", 0)
+  num_patients = len(np.unique(fold_data.patients[index]))
+  if task == "binary" and resamples * num_patients >= LONG_BOOTSTRAP:
+    print(f"fold {config.fold}: 95% intervals of the clinical metrics from {resamples:,} "
+          f"bootstrap resamples of the {num_patients} test patients, per magnification and "
+          f"level ...", flush=True)
   figures = evaluate.evaluate_predictions(
       probs=probs, labels=fold_data.labels[index], subtypes=fold_data.subtypes[index],
       patients=fold_data.patients[index], magnifications=fold_data.magnifications[index],

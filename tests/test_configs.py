@@ -102,5 +102,9 @@ def test_bad_config_gives_one_line_and_writes_nothing(args, message, tmp_path, c
 
 
 def test_bad_config_argument():
-  with pytest.raises(UserError, match="No module named 'configs.vgg20'"):
-    config_lib.load_config(os.path.join(REPO, "configs", "demo.py") + ":vgg20")
+  """An unknown row of the demo lists the valid ones (it was a ModuleNotFoundError)."""
+  spec = os.path.join(REPO, "configs", "demo.py") + ":vgg20"
+  with pytest.raises(UserError) as e:
+    config_lib.load_config(spec)
+  assert str(e.value) == (f"--config {spec}: no row 'vgg20'; use one of configs/demo.py:vgg19, "
+                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, configs/demo.py:ours")

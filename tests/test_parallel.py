@@ -240,36 +240,7 @@ def test_bad_parallel_settings_are_one_line(settings, workdir, message, syntheti
   assert not os.listdir(tmp_path)
 
 
-# Runs in a process that sees 4 CPU devices (the flag must be set before jax starts): the same
-# global batch of 16 on one device, sharded over four, and two parallel folds over four.
-_DEVICES_SCRIPT = """
-import sys
-from jattn import train
-from jattn.errors import UserError
-from tests.runs import tiny_config
-data_dir, prepared_dir, out = sys.argv[1:4]
-settings = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32)
-for name, extra in [("one", dict(num_devices=1)), ("four", dict(num_devices=4, eval_batch_size=10)),
-                    ("folds", dict(parallel_folds=2))]:
-  config = tiny_config(data_dir, prepared_dir, **settings, **extra)
-  train.train_and_evaluate(config, f"{out}/{name}/fold{{fold}}")
-try:
-  train.train_and_evaluate(tiny_config(data_dir, prepared_dir, batch_size=30), f"{out}/odd")
-except UserError as e:
-  print(e, file=open(f"{out}/odd.txt", "w"))
-"""
-
-
-@pytest.fixture(scope="module")
-def four_devices(synthetic_tree, prepared_dir, tmp_path_factory):
-  """The runs of _DEVICES_SCRIPT, in a process with 4 CPU devices."""
-  out = tmp_path_factory.mktemp("devices")
-  run = subprocess.run(
-      [sys.executable, "-c", _DEVICES_SCRIPT, synthetic_tree[0], prepared_dir, str(out)],
-      cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-  assert run.returncode == 0, run.stderr[-3000:]
-  return out
+# four_devices (tests/conftest.py): the runs of one process that sees 4 CPU devices.
 
 
 def test_batch_sharded_over_four_devices_gives_the_one_device_figures(four_devices):

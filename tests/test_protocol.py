@@ -98,7 +98,9 @@ def test_partial_tree_subtype_run_reports_the_absent_magnification(partial_tree,
   assert cells[("image_accuracy", "200X")].text().endswith("(1/2)")
   assert cells[("image_accuracy", "400X")].text() == "—"
   assert cells[("image_accuracy", "40X")].n_folds == 2
-  assert "| sub (subtype 40X,100X,200X) | F1 DC |" in markdown
+  # the tiny demo run's setting, after the task and magnifications (tests/runs.py, num_epochs=1)
+  assert ("| sub (subtype 40X,100X,200X, from scratch, 32x32, 1 epoch, width 1/16, classifier 16) "
+          "| F1 DC |") in markdown
   assert "Table 4." not in markdown  # no binary run: no clinical tables
 
 

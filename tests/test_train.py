@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import types
 
 import jax
@@ -80,8 +82,11 @@ def _tiny_state(batch_norm=False, **kw):
   config.model.update(dict(width=0.125, classifier_width=16, batch_norm=batch_norm,
                            c_attn_blocks=(1,), s_attn_blocks=(3,), pool_size=1, dropout_rate=0.0))
   config.update(kw)
-  with pytest.warns(UserWarning, match="training from scratch"):
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):  # the warning is one line on stderr, not a UserWarning
     state = train.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+  assert err.getvalue() == ("jattn: warning: config.pretrained is empty: training from scratch, "
+                            "not fine-tuning ImageNet weights as the paper does\n")
   return config, state
 
 
