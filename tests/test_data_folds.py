@@ -11,7 +11,9 @@ import shutil
 import pytest
 from conftest import data_config
 
-from jattn.data import breakhis, folds, load_fold, scan
+from jattn.data import load_fold
+from jattn.data import breakhis
+from jattn.data.breakhis import folds, scan
 from jattn.errors import UserError
 
 

@@ -9,17 +9,8 @@ import pytest
 from conftest import data_config, image_file
 from PIL import Image
 
-from jattn.data import (
-  MAGNIFICATIONS,
-  SUBTYPE_CODES,
-  FoldData,
-  load_fold,
-  prepare,
-  scan,
-  steps_per_epoch,
-  test_batches,
-  train_batches,
-)
+from jattn.data import FoldData, load_fold, prepare, steps_per_epoch, test_batches, train_batches
+from jattn.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES, scan
 from jattn.errors import UserError
 
 

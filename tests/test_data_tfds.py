@@ -15,7 +15,9 @@ from conftest import data_config, image_file, small_tree
 from PIL import Image
 from tensorflow_datasets.core import shuffle
 
-from jattn.data import breakhis, load_fold, prepare, scan, tfds_builder
+from jattn.data import load_fold, prepare
+from jattn.data import breakhis
+from jattn.data.breakhis import scan, tfds_builder
 from jattn.errors import UserError
 from tests.runs import REPO
 

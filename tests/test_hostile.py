@@ -28,8 +28,10 @@ from PIL import Image
 
 from experiments import sweep
 from jattn import checkpoints, convert, files, inspect, main, predict, runs
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, load_fold, prepare, scan
+from jattn.data.breakhis import cli as data_cli
+from jattn.data import load_fold, prepare
+from jattn.data import breakhis
+from jattn.data.breakhis import scan
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree
 from tests.runs import DEMO, tiny_overrides

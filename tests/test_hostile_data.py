@@ -30,8 +30,10 @@ import pytest
 from PIL import Image
 
 from jattn import main
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, fetch, load_fold, prepare, scan, synthetic
+from jattn.data.breakhis import cli as data_cli
+from jattn.data import load_fold, prepare
+from jattn.data import breakhis
+from jattn.data.breakhis import fetch, scan, synthetic
 from jattn.errors import UserError
 from tests.conftest import SMALL_PATIENTS, data_config, small_tree
 from tests.runs import DEMO, tiny_overrides

@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from jattn import evaluate, predict, runs, train
-from jattn.data import MAGNIFICATIONS
+from jattn import compat, evaluate, predict, results, runs, train
+from jattn.data.breakhis import MAGNIFICATIONS
 from jattn.data import augment as augment_lib
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
@@ -26,7 +26,7 @@ from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
   with open(os.path.join(trained_run, "results.json")) as f:
     results = json.load(f)
-  assert results["schema"] == train.RESULTS_SCHEMA and results["finished"] is True
+  assert results["schema"] == results.SCHEMA and results["finished"] is True
   assert (results["name"], results["paper_row"], results["fold"]) == ("demo_ours", "Ours", 1)
   for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate"):
     assert set(results[key]) == set(MAGNIFICATIONS)
@@ -241,7 +241,7 @@ def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, sy
   old = tmp_path / "old"
   old.mkdir()
   stored = json.loads(open(os.path.join(trained_run, "config.json")).read())
-  for key in train.LATER_FIELDS:
+  for key in compat.later_fields("breakhis"):
     *parents, field = key.split(".")
     node = stored
     for parent in parents:
@@ -263,7 +263,7 @@ def test_later_fields_hold_the_defaults():
   from configs import default
 
   defaults = json.loads(default.get_config().to_json())
-  for key, value in train.LATER_FIELDS.items():
+  for key, value in compat.later_fields("breakhis").items():
     node = defaults
     for part in key.split("."):
       node = node[part]

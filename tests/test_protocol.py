@@ -13,9 +13,11 @@ import pytest
 from conftest import image_file, small_tree
 
 from jattn import main, tables
-from jattn.data import breakhis, load_fold, scan
-from jattn.data import folds as folds_lib
-from jattn.data.__main__ import describe
+from jattn.data import load_fold
+from jattn.data import breakhis
+from jattn.data.breakhis import scan
+from jattn.data.breakhis import folds as folds_lib
+from jattn.data.breakhis.describe import describe
 from tests.runs import tiny_overrides
 
 SUBTYPE = {"task": "subtype", "model.num_classes": 8}

@@ -60,6 +60,19 @@ class ClassMap:
 
 
 @dataclasses.dataclass(frozen=True)
+class Outputs:
+  """What a model's outputs mean, known from a config without reading data: its classes, what a
+  class is called, their coarse labels (if any) and what a group is."""
+
+  classes: tuple[str, ...]
+  class_kind: str = "class"
+  binary: ClassMap | None = None
+  group_unit: str = "group"
+  strata: tuple[str, ...] = ()  # the names of the strata axes
+  decided_by: str = ""  # the config fields that decide the classes, for messages
+
+
+@dataclasses.dataclass(frozen=True)
 class Labelling:
   """A further labelling of the images, reported as accuracy per value (BreakHis: subtype)."""
 
@@ -93,6 +106,11 @@ class FoldData:
   selected: tuple[tuple[str, ...], ...] = ()  # per strata axis, the values the run selected
   skipped: tuple[str, ...] = ()  # unreadable images left out, paths
   problems: tuple[str, ...] = ()  # what the source's scan found (misnamed files, ...)
+
+  @property
+  def outputs(self) -> Outputs:
+    return Outputs(self.classes, self.class_kind, self.binary, self.group_unit,
+                   tuple(s.name for s in self.strata))
 
   @property
   def image_size(self) -> int:

@@ -6,8 +6,9 @@ provides:
 
   NAME, GROUP_UNIT
   check_config(config)            its own config fields (one UserError naming the field)
-  classes(config) -> names        the model's classes, without reading data
+  outputs(config) -> Outputs      the model's classes and their meaning, without reading data
   num_folds(config) -> int        folds are numbered 1..num_folds
+  check_data_dir(config)          a quick look that the data is there, before slower checks
   load_fold(config) -> FoldData   prepares what is missing, once, then maps the cache
   describe_file(path) -> dict | None   {group, strata} from a file's name, for predict
   published                       figures a paper reported on it (tables), or absent

@@ -7,6 +7,10 @@ comparable only with runs of the paper's setting (`jattn.tables` decides which).
 
 from __future__ import annotations
 
+import fractions
+
+from jattn.data.breakhis import naming
+
 PAPER = "Wu et al., ISBI 2019"
 # Table 1: image-level accuracy (%).
 TABLE1: dict[str, dict[str, tuple[float, float]]] = {
@@ -28,3 +32,35 @@ TABLE2: dict[str, dict[str, tuple[float, float]]] = {
 }
 # results.json key -> the published table holding it
 FIGURES = {"image_accuracy": TABLE1, "group_accuracy": TABLE2}
+# How the markdown tables introduce these figures.
+DESCRIPTION = "the figures published by Wu et al., ISBI 2019 (Tables 1 and 2)"
+
+# The paper's setting (section 3; configs/default.py holds the same values) for the config fields
+# that change what a figure means. A run that differs is labelled, and no paper figure is shown
+# beside it. Results without a config (written before it was recorded) count as the paper's.
+PAPER_SETTING = {"image_size": 224, "num_epochs": 130, "model.width": 1.0,
+                 "model.classifier_width": 4096}
+
+
+def setting(results: dict) -> str:
+  """'' for the paper's setting (binary task, all four magnifications, ImageNet weights, 224x224,
+  130 epochs, VGG19's widths), else what differs, e.g. '100X' or 'from scratch, 64x64, 6 epochs'.
+  `results` is in schema 2 (`jattn.results.read`)."""
+  config = results.get("config") if isinstance(results.get("config"), dict) else {}
+  model = config.get("model") if isinstance(config.get("model"), dict) else {}
+  task = "subtype" if results.get("class_kind") == "subtype" else "binary"
+  strata = results.get("strata", {}).get("magnification", {})
+  selected = strata.get("selected", list(naming.MAGNIFICATIONS))
+  parts = ([task] if task != "binary" else []) + (
+      [",".join(selected)] if list(selected) != list(naming.MAGNIFICATIONS) else [])
+  differs = ["from scratch"] if config.get("pretrained", "given") == "" else []
+  value = {"image_size": config.get("image_size"), "num_epochs": config.get("num_epochs"),
+           "model.width": model.get("width"),
+           "model.classifier_width": model.get("classifier_width")}
+  shown = {"image_size": lambda v: f"{v}x{v}",
+           "num_epochs": lambda v: f"{v} epoch{'' if v == 1 else 's'}",
+           "model.width": lambda v: f"width {fractions.Fraction(v).limit_denominator(1000)}",
+           "model.classifier_width": lambda v: f"classifier {v}"}
+  differs += [shown[key](value[key]) for key, paper in PAPER_SETTING.items()
+              if value[key] is not None and value[key] != paper]
+  return ", ".join(([" ".join(parts)] if parts else []) + differs)

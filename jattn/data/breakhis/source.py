@@ -15,22 +15,26 @@ import numpy as np
 
 from jattn import files
 from jattn.data import prepare
-from jattn.data.breakhis import fetch, naming
+from jattn.data.breakhis import fetch, naming, published
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import scan as scan_lib
 from jattn.data.breakhis import tfds_builder
-from jattn.data.fold import ClassMap, FoldData, Labelling, Strata
+from jattn.data.fold import ClassMap, FoldData, Labelling, Outputs, Strata
 from jattn.errors import UserError
 
 log = logging.getLogger(__name__)
 
 NAME = "breakhis"
+STRATA = {"magnification": naming.MAGNIFICATIONS}  # the strata axes it reports, with their values
 GROUP_UNIT = "patient"
 # Microns per pixel at each magnification, estimated from the published optics (Spanhol et al.,
 # 2016: objectives 4x, 10x, 20x and 40x behind a 3.3x relay lens, a camera of 6.5 um pixels):
 # 6.5 / (3.3 x objective). BreakHis publishes no calibration, so these are estimates.
 OBJECTIVES = (4, 10, 20, 40)
 MPP = tuple(round(6.5 / (3.3 * objective), 4) for objective in OBJECTIVES)
+# Config fields of this source added after runs were first written, with the value that reproduces
+# what an older run computed (jattn.compat).
+LATER_FIELDS = {"magnifications": list(naming.MAGNIFICATIONS), "task": "binary"}
 MPP_NOTE = ("estimated from the published optics (objectives 4x-40x behind a 3.3x relay lens, "
             "6.5 um camera pixels): 6.5 / (3.3 x objective); not a calibration")
 
@@ -52,9 +56,11 @@ def selection(config) -> tuple[tuple[str, ...], str]:
   return tuple(m for m in naming.MAGNIFICATIONS if m in chosen), task
 
 
-def classes(config) -> tuple[str, ...]:
-  """The model's classes for the config's task."""
-  return naming.TASKS[selection(config)[1]]
+def outputs(config) -> Outputs:
+  """The model's classes for the config's task, their benign/malignant map, the patient unit."""
+  task = selection(config)[1]
+  return Outputs(naming.TASKS[task], "subtype" if task == "subtype" else "class",
+                 binary_map(task), GROUP_UNIT, ("magnification",), f"--config.task={task}")
 
 
 def num_folds(config) -> int:
@@ -88,6 +94,15 @@ def describe_file(path: str) -> dict | None:
   except ValueError:
     return None
   return {"group": parsed.patient_id, "strata": {"magnification": parsed.magnification}}
+
+
+def check_data_dir(config) -> None:
+  """A quick look that data_dir holds BreakHis or its archive, before minutes of other work
+  (`load_fold` looks again, and fetches or generates the data instead when the config says so)."""
+  if config.get("download", False) or config.synthetic.enabled:
+    return
+  path = os.path.abspath(os.path.expanduser(config.data_dir))
+  scan_lib.check_data_dir(scan_lib.resolve_data_dir(path))
 
 
 def _check_selection(records, magnifications, data_dir) -> None:
@@ -191,6 +206,7 @@ def load_fold(config) -> FoldData:
         config.image_size,
     )
     mean, std = prepare.fold_stats(stats_file, cache.images, train_indices)
+  info = outputs(config)
   patient_ids = tuple(sorted(set(table["patient_ids"])))
   patient_index = {p: i for i, p in enumerate(patient_ids)}
   subtypes = np.asarray([naming.SUBTYPE_CODES.index(s) for s in table["subtypes"]], np.int32)
@@ -200,7 +216,7 @@ def load_fold(config) -> FoldData:
       images=cache.images,
       file_names=cache.file_names,
       targets=subtypes if task == "subtype" else labels,
-      classes=naming.TASKS[task],
+      classes=info.classes,
       groups=np.asarray([patient_index[p] for p in table["patient_ids"]], np.int32),
       group_ids=patient_ids,
       strata=(magnification_strata(
@@ -211,11 +227,53 @@ def load_fold(config) -> FoldData:
       std=std,
       fold=config.fold,
       folds_source=folds.source,
-      group_unit=GROUP_UNIT,
-      class_kind="subtype" if task == "subtype" else "class",
-      binary=binary_map(task),
+      group_unit=info.group_unit,
+      class_kind=info.class_kind,
+      binary=info.binary,
       subclasses=Labelling("subtype", naming.SUBTYPE_CODES, subtypes),
       selected=(magnifications,),
       skipped=skipped,
       problems=fresh.problems,
   )
+
+
+# Schema 1 results (written before data sources existed; all BreakHis) -> schema 2 keys.
+_V1_KEYS = {"patient_accuracy": "group_accuracy",
+            "patient_recognition_rate": "group_recognition_rate", "num_patients": "num_groups",
+            "patient_confusion_matrix": "group_confusion_matrix",
+            "subtype_accuracy": "subclass_accuracy", "patient_per_class": "group_per_class"}
+
+
+def upgrade_v1(r: dict) -> dict:
+  """A schema 1 results dict in schema 2's form (`jattn.results.read`); the figures unchanged."""
+  out = {}
+  for key, value in r.items():
+    if key in _V1_KEYS:
+      out[_V1_KEYS[key]] = value
+    elif key == "majority_baseline":
+      out[key] = {m: {"group" if k == "patient" else k: v for k, v in b.items()}
+                  for m, b in value.items()}
+    elif key == "multiclass":
+      out[key] = {m: {"group" if k == "patient" else k: v for k, v in b.items()}
+                  for m, b in value.items()}
+    elif key == "patients":
+      out["per_group"] = {m: [{"group" if k == "patient_id" else k: v for k, v in row.items()}
+                              for row in rows] for m, rows in value.items()}
+    elif key == "clinical":
+      out[key] = {"group" if k == "patient" else k: v for k, v in value.items()}
+    elif key not in ("magnifications", "task"):
+      out[key] = value
+  task = r.get("task", "binary")
+  selected = r.get("magnifications", {}).get("selected", list(naming.MAGNIFICATIONS))
+  out.update(
+      source=NAME, classes=list(naming.TASKS[task]),
+      class_kind="subtype" if task == "subtype" else "class",
+      binary=binary_map(task).to_json(naming.TASKS[task]), group_unit=GROUP_UNIT,
+      subclasses={"name": "subtype", "values": list(naming.SUBTYPE_CODES)},
+      group_figures={"reported": True},
+      strata={"magnification": {"values": list(naming.MAGNIFICATIONS), "selected": selected,
+                                "absent": r.get("magnifications", {}).get("absent", []),
+                                "mpp": dict(zip(naming.MAGNIFICATIONS, MPP, strict=True)),
+                                "mpp_note": MPP_NOTE}},
+      upgraded_from=r["schema"], schema="jattn.results/2")
+  return out
