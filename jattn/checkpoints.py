@@ -71,7 +71,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   A full disk or read-only storage (here or from the previous step's write) is a `UserError`.
   """
   per_epoch = getattr(state, "steps_per_epoch", None)
-  metadata = {} if per_epoch is None else {"steps_per_epoch": int(per_epoch)}
+  concrete = per_epoch is not None and not isinstance(per_epoch, jax.ShapeDtypeStruct)
+  metadata = {"steps_per_epoch": int(per_epoch)} if concrete else {}
   with errors.writing(os.fspath(mngr.directory)):
     mngr.save(step, args=ocp.args.StandardSave(items(state)), custom_metadata=metadata)
 

@@ -49,11 +49,13 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, state_lib.TrainSta
     state = checkpoints.restore_latest(mngr, state_lib.abstract_state(config))
     if state is None:
       raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
+    step = int(state.step)
+    per_epoch = checkpoints.recorded_steps_per_epoch(mngr, step)
     if not os.path.exists(os.path.join(workdir, "results.json")):
-      step = int(state.step)
-      per_epoch = checkpoints.recorded_steps_per_epoch(mngr, step)
       print(f"jattn: warning: {unfinished(config, step, per_epoch)}", file=sys.stderr, flush=True)
-  return config, state
+  # A checkpoint holds no steps per epoch (a state's constant): the one recorded beside it, if any.
+  return config, state.replace(steps_per_epoch=None if per_epoch is None else
+                               jnp.asarray(per_epoch, jnp.int32))
 
 
 def unfinished(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int | None) -> str:

@@ -100,14 +100,21 @@ def without_attention(model_config: ml_collections.ConfigDict) -> ml_collections
   return of(model_config).without_attention(model_config)
 
 
+INIT_SIZE = 64  # the input side the variables are initialised at (`init_variables`)
+
+
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
   """The model's initial variables for image_size x image_size inputs.
 
-  On CPU, XLA spends most of a minute optimising the ~40 random-number generators of an
-  initialisation that runs once; compiling it without backend optimisation gives the same values
-  in a few seconds.
+  The variables do not depend on the input's size (an adaptive pool precedes the classifier) and
+  Flax draws each from its module's path, so they are initialised at INIT_SIZE pixels (or less):
+  the same values, without allocating a huge input (an absurd --config.image_size is then refused
+  by the data checks, not by an out-of-memory). On CPU, XLA spends most of a minute optimising the
+  ~40 random-number generators of an initialisation that runs once; compiling it without backend
+  optimisation gives the same values in a few seconds.
   """
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  size = min(image_size, INIT_SIZE)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(rng, x)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return lowered.compile(compiler_options=options)(rng, jnp.zeros(x.shape, x.dtype))
