@@ -79,10 +79,15 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 
 def recorded_steps_per_epoch(mngr: ocp.CheckpointManager, step: int) -> int | None:
   """The steps per epoch that `save` recorded with checkpoint `step`; None if it has none."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)  # Orbax warns that it cannot restore the item it does not read
   try:
     value = (mngr.metadata(step).custom_metadata or {}).get("steps_per_epoch")
   except Exception:  # noqa: BLE001 -- a step without (readable) metadata: nothing recorded
     return None
+  finally:
+    absl.setLevel(level)
   return value if isinstance(value, int) and value > 0 else None
 
 
