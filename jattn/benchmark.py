@@ -37,8 +37,8 @@ import numpy as np
 
 from jattn import config_lib, files, models, parallel, train
 from jattn import state as state_lib
-from jattn.models import vgg
 from jattn.errors import UserError, exit_on_user_error
+from jattn.models import vgg
 
 # Dense (no sparsity) peak TFLOP/s per compute dtype, matched in order against device_kind. The
 # float32 figure of tensor-core GPUs is their TF32 peak: XLA's default precision runs float32

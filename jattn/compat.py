@@ -14,7 +14,8 @@ from jattn import models
 from jattn.data import sources
 
 LATER_FIELDS = {
-    "download": False, "augment.hed_scale": 0.0, "augment.hed_shift": 0.0, "augment.brightness": 0.0,
+    "download": False, "augment.hed_scale": 0.0, "augment.hed_shift": 0.0,
+    "augment.brightness": 0.0,
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
     "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
     "coordinator_timeout_s": 300.0, "dataset": "breakhis", "model.name": "vgg19",

@@ -14,8 +14,8 @@ mean over test-time augmentations):
   replacement (their images are correlated, so resampling images would give intervals that are
   too narrow). Resampling is stratified by the group's class, so every resample holds both
   classes; a resample is the original data with each group weighted by how often it was drawn,
-  which is exactly the data set of the drawn groups with repeats. `WeightedBinaryMetrics` computes the
-  figures of all resamples at once (scikit-learn, called once per resample, takes ~20 s per
+  which is exactly the data set of the drawn groups with repeats. `WeightedBinaryMetrics` computes
+  the figures of all resamples at once (scikit-learn, called once per resample, takes ~20 s per
   thousand); tests check it equals scikit-learn's `sample_weight` figures. Seeded: the same
   seed, the same intervals.
 """

@@ -15,6 +15,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

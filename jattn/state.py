@@ -93,14 +93,6 @@ def make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
       steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array, image_mean, image_std,
-                       steps_per_epoch: int) -> TrainState:
-  """A fresh state: model initialised from `rng`, ImageNet weights merged per the config."""
-  model, variables = initial_variables(config, rng)
-  warn_if_from_scratch(config)
-  return make_state(config, model, variables, image_mean, image_std, steps_per_epoch)
-
-
 def abstract_state(config: ml_collections.ConfigDict) -> TrainState:
   """The shapes and dtypes of a run's train state, without computing anything."""
   model = models.build_model(config.model)

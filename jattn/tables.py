@@ -169,7 +169,8 @@ class Sweep:
   results: dict[tuple[str, int], dict]  # (name, fold) -> results.json, finished runs only
   unfinished: list[tuple[str, int]]  # expected runs without finished results, in order
   settings: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> '' (the paper's
-  # setting, the source's `setting`) or what differs, e.g. 'subtype', '100X', '100X, from scratch, 6 epochs'
+  # setting, the source's `setting`) or what differs, e.g. 'subtype', '100X',
+  # '100X, from scratch, 6 epochs'
   config_names: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the config.name
   # of its runs, where that differs from the row's name (its folder)
   layout: Layout = None  # what the tables show (`layout`)

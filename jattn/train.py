@@ -5,9 +5,9 @@ effects), run under `jax.jit`; everything with side effects (data, checkpoints, 
 bar) lives in `train_and_evaluate`, the one function that runs a fold from start (or from its
 latest checkpoint) to `results.json`. The train state is `jattn.state`'s, the optimiser
 `jattn.optim`'s, the config checks `jattn.validate`'s, the figures `jattn.evaluate`'s and the
-results' form `jattn.results`'. How the steps are mapped over several folds and sharded over devices and
-processes is decided by `jattn.parallel`; the loop reads the same for one fold on one CPU and five
-folds on eight GPUs.
+results' form `jattn.results`'. How the steps are mapped over several folds and sharded over
+devices and processes is decided by `jattn.parallel`; the loop reads the same for one fold on one
+CPU and five folds on eight GPUs.
 
 The recipe is section 3 of the paper and the authors' code: softmax cross-entropy; Adam with
 learning rate 5e-5 and an L2 weight decay of 1e-4 added to the gradient before the moments, as
@@ -38,22 +38,22 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from jattn import (
-    checkpoints,
-    compat,
-    data,
-    errors,
-    evaluate,
-    files,
-    models,
-    optim,
-    parallel,
-    results,
-    validate,
+  checkpoints,
+  compat,
+  data,
+  errors,
+  evaluate,
+  files,
+  models,
+  optim,
+  parallel,
+  results,
+  validate,
 )
+from jattn import state as state_lib
 from jattn.data import augment as augment_lib
 from jattn.data import sources
 from jattn.errors import UserError
-from jattn import state as state_lib
 from jattn.state import TrainState
 
 LONG_BOOTSTRAP = 1_000_000  # resamples x test groups from which evaluation says it bootstraps
@@ -265,7 +265,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       if f.results is None:
         _claim_workdir(f.workdir, f.config, f.action)
   _sync("work dirs claimed")
-  state_lib.warn_if_from_scratch(config)  # once the run starts: a start that fails shows its error alone
+  state_lib.warn_if_from_scratch(config)  # once the run starts (a failed start shows its error)
 
   dtype = models.resolve_dtype(config.model.dtype)
   states = []

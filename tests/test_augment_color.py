@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from jattn import config_lib, validate
-from jattn.data.breakhis import cli as data_cli
 from jattn.data import augment as augment_lib
+from jattn.data.breakhis import cli as data_cli
 from jattn.errors import UserError
 from tests.runs import REPO
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from jattn import convert, download
-from jattn.data.breakhis import cli as data_cli
 from jattn.data import breakhis
+from jattn.data.breakhis import cli as data_cli
 from jattn.data.breakhis import fetch
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree

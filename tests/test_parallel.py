@@ -82,7 +82,8 @@ def test_fold_train_step_steps_each_fold_as_its_own_run():
   tx = optim.make_optimizer(config)
 
   def make_state(w, steps_per_epoch):
-    return state_lib.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)}, tx=tx,
+    return state_lib.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)},
+                                       tx=tx,
                                    steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
   def step_fn(state, batch, rng):
@@ -216,7 +217,7 @@ def test_killed_parallel_run_resumes_to_the_same_figures(runs_dir, synthetic_tre
   resumed = train.train_and_evaluate(config, workdir)
   for fold, results in zip((1, 2), resumed, strict=True):
     straight = _json(runs_dir / "parallel" / f"fold{fold}" / "results.json")
-    for key in ("fold", "image_accuracy", "patient_accuracy", "confusion_matrix"):
+    for key in ("fold", "image_accuracy", "group_accuracy", "confusion_matrix"):
       assert results[key] == straight[key], key
     with open(runs_dir / "parallel" / f"fold{fold}" / "predictions.csv") as a, open(
         tmp_path / f"fold{fold}" / "predictions.csv") as b:

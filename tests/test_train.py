@@ -78,6 +78,13 @@ def test_preprocess_divides_by_the_std():
   np.testing.assert_allclose(out[2], -2.0)
 
 
+def _fresh_state(config):
+  """A fresh state as the training loop makes one: weights merged, then the fold's statistics."""
+  model, variables = state_lib.initial_variables(config, jax.random.key(0))
+  state_lib.warn_if_from_scratch(config)
+  return state_lib.make_state(config, model, variables, [120.0] * 3, [50.0] * 3, 10)
+
+
 def _tiny_state(batch_norm=False, **kw):
   config = _config(image_size=32, pretrained="")
   config.model.update(dict(width=0.125, classifier_width=16, batch_norm=batch_norm,
@@ -85,7 +92,7 @@ def _tiny_state(batch_norm=False, **kw):
   config.update(kw)
   err = io.StringIO()
   with contextlib.redirect_stderr(err):  # the warning is one line on stderr, not a UserWarning
-    state = state_lib.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+    state = _fresh_state(config)
   assert err.getvalue() == ("jattn: warning: config.pretrained is empty: training from scratch, "
                             "not fine-tuning ImageNet weights as the paper does\n")
   return config, state
@@ -147,7 +154,7 @@ def test_merge_pretrained_backbone_only():
     models.merge_pretrained(config.model, variables, pretrained, "backbone")
 
 
-def test_create_train_state_fine_tunes_converted_weights(tmp_path):
+def test_a_fresh_state_fine_tunes_converted_weights(tmp_path):
   """config.pretrained points at `jattn.convert` output: backbone from it, the rest from init."""
   from jattn import convert
 
@@ -157,7 +164,7 @@ def test_create_train_state_fine_tunes_converted_weights(tmp_path):
   del converted["params"]["block1"]["c_attn"]  # a torchvision file holds no attention
   convert.save_weights(converted, str(tmp_path / "w"), {"source": "test"})
   config.pretrained = str(tmp_path / "w")
-  state = state_lib.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+  state = _fresh_state(config)
   assert np.all(state.params["block4"]["conv3"]["kernel"] == 0.5)
   np.testing.assert_array_equal(state.params["block1"]["c_attn"]["m_v"]["kernel"],
                                 scratch.params["block1"]["c_attn"]["m_v"]["kernel"])

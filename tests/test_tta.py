@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jattn.errors import UserError
 from jattn import models, parallel, runs, train, validate
 from jattn import state as state_lib
+from jattn.errors import UserError
 from tests.runs import tiny_config
 
 

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import traceback
-
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -210,7 +209,8 @@ def check_cache_space(prepared_dir: str, num_images: int, image_size: int) -> No
     raise UserError(
         f"--config.image_size={image_size} needs a decoded-image cache of {size_text(needed)} "
         f"({num_images:,} images x {image_size} x {image_size} x 3 bytes) in {folder}, but its "
-        f"file system has {size_text(free)} free: set --config.image_size lower (the paper's is 224), "
+        f"file system has {size_text(free)} free: set --config.image_size lower (the paper's "
+        f"is 224), "
         f"free some space, or set --config.prepared_dir to a folder on a larger disk"
     )
 

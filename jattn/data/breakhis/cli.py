@@ -87,7 +87,8 @@ def main(argv=None) -> None:
       if did == "present":
         print(f"{os.path.abspath(args.data_dir)} already holds {naming.ROOT}: nothing "
               f"downloaded", flush=True)
-      print(describe.format_description(describe.describe(args.data_dir, check_images=not args.no_image_check)))
+      found = describe.describe(args.data_dir, check_images=not args.no_image_check)
+      print(describe.format_description(found))
     elif args.command == "augment-preview":
       from jattn import config_lib
       from jattn.data import preview

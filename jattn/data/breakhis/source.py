@@ -15,10 +15,10 @@ import numpy as np
 
 from jattn import files
 from jattn.data import prepare
-from jattn.data.breakhis import fetch, naming, published
+from jattn.data.breakhis import fetch, naming, tfds_builder
 from jattn.data.breakhis import folds as folds_lib
+from jattn.data.breakhis import published as published  # its published figures (jattn.tables)
 from jattn.data.breakhis import scan as scan_lib
-from jattn.data.breakhis import tfds_builder
 from jattn.data.fold import ClassMap, FoldData, Labelling, Outputs, Strata
 from jattn.errors import UserError
 
@@ -143,10 +143,10 @@ def load_fold(config) -> FoldData:
 
   def memory_needed() -> str:
     fresh = scan_lib.scan(data_dir)
+    need = tfds_builder.memory_needed(fresh, config.image_size, threads)
     return (f"preparing {len(fresh.records):,} images ({prepare.size_text(sum(fresh.sizes))} of "
             f"PNGs) at {config.image_size}x{config.image_size} with {threads} thread(s) needs "
-            f"about {prepare.size_text(tfds_builder.memory_needed(fresh, config.image_size, threads))}"
-            f" of memory besides the process itself")
+            f"about {prepare.size_text(need)} of memory besides the process itself")
 
   with (
       prepare.reporting_worker_deaths(data_dir, prepared_dir, memory_needed),

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from jattn import files
-from jattn.data.breakhis import naming
 from jattn.data.breakhis import folds as folds_lib
+from jattn.data.breakhis import naming
 from jattn.errors import UserError
 
 # How much larger a nucleus looks at each magnification than at 40X.
@@ -361,7 +361,8 @@ def synthesize(
   chosen = [p for p in naming.patients() if patients is None or p.patient_id in patients]
   if patients is not None and len(chosen) != len(set(patients)):
     unknown = sorted(set(patients) - {p.patient_id for p in chosen})
-    raise UserError(f"unknown patient id(s) {', '.join(unknown)}: see jattn/data/breakhis/patients.tsv")
+    raise UserError(f"unknown patient id(s) {', '.join(unknown)}: see "
+                    f"jattn/data/breakhis/patients.tsv")
   per_patient = real_counts(seed) if counts == "real" else None
 
   plan = []  # (patient index, patient, magnification, sequence)
