@@ -18,6 +18,7 @@ def get_config():
   config.paper_row = "Ours"  # the row of the paper's Tables 1-2 this reproduces ('' for none)
 
   # --- Data (jattn.data) ---
+  config.dataset = "breakhis"  # the data source (jattn/data/sources.py): 'breakhis'
   config.data_dir = "data"  # the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz)
   config.download = False  # True: download and unpack BreakHis into data_dir if it holds none
   config.prepared_dir = ""  # TFDS records, image cache, stats; '' means <data_dir>/jattn_prepared
@@ -53,6 +54,7 @@ def get_config():
 
   # --- Model (jattn.models) ---
   config.model = ml_collections.ConfigDict()
+  config.model.name = "vgg19"  # the backbone (jattn/models/__init__.py): 'vgg19'
   config.model.num_classes = 2  # benign, malignant
   config.model.batch_norm = False  # True: torchvision's vgg19_bn backbone (the authors' code)
   config.model.width = 1.0  # multiplies VGG19's conv widths 64-128-256-512-512 (tests, demo)

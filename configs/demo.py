@@ -13,7 +13,7 @@ the same data (this is what `python experiments/sweep.py --demo` runs):
 
 import importlib
 
-from jattn.data import synthetic
+from jattn.data.breakhis import synthetic
 
 ROWS = ("vgg19", "vgg19_c", "vgg19_s", "ours")  # the paper's ablation, as configs/<row>.py
 

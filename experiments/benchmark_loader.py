@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 from jattn.data import load_fold, steps_per_epoch, train_batches  # noqa: E402
-from jattn.data import scan as scan_lib  # noqa: E402
+from jattn.data.breakhis import scan as scan_lib  # noqa: E402
 
 
 def _config(args):
@@ -54,7 +54,7 @@ def _rss_now() -> str:
 def _prepare(args) -> None:
   """Child process: synthesize if needed, then load_fold once (prepares everything)."""
   if not scan_lib.has_images_tree(args.data_dir):
-    from jattn.data import synthesize
+    from jattn.data.breakhis.synthetic import synthesize
 
     start = time.time()
     summary = synthesize(args.data_dir, counts="real", seed=0, progress=True)

@@ -31,7 +31,7 @@ UNREADABLE_SUBDIR = "checkpoints.unreadable"  # beside SUBDIR, so Orbax never li
 
 
 def items(state) -> dict[str, Any]:
-  """The parts of a `train.TrainState` a checkpoint holds (not `apply_fn` or `tx`)."""
+  """The parts of a `state.TrainState` a checkpoint holds (not `apply_fn` or `tx`)."""
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "opt_state": state.opt_state, "image_mean": state.image_mean,
           "image_std": state.image_std}

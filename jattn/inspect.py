@@ -29,42 +29,51 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jattn import evaluate, files, runs, train
+from jattn import files, models, runs
+from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
 
 
 @jax.jit
-def _forward(state: train.TrainState, images: jax.Array):
+def _forward(state: state_lib.TrainState, images: jax.Array):
   """Class probabilities and the attention weights the modules sow."""
   logits, state_out = state.apply_fn(
       {"params": state.params, "batch_stats": state.batch_stats},
-      train.preprocess(state, images), train=False, mutable=["intermediates"])
+      state_lib.preprocess(state, images), train=False, mutable=["intermediates"])
   return jax.nn.softmax(logits), state_out["intermediates"]
 
 
-def attention_maps(state: train.TrainState,
-                   images: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
-  """Runs the model on uint8 images [B, S, S, 3]: class probabilities [B, 2] and every module's
-  attention.
+def attention_maps(state: state_lib.TrainState, images: np.ndarray,
+                   sites: Sequence[tuple[str, str, str]]
+                   ) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+  """Runs the model on uint8 images [B, S, S, 3]: class probabilities [B, classes] and the
+  attention of every module in `sites` (`models.attention_sites(config.model)`: module path, kind,
+  label), in that order.
 
-  The maps are keyed by module path ('block3/s_attn', 'block1/c_attn'); S-Attn entries hold
-  'e_prime' [B, N, N] and 'grid' (H, W); C-Attn entries hold 'd_prime' [B, C, C], 'a_c_norm'
-  [B, H, W] and 'grid'.
+  The maps are keyed by module path (VGG: 'block3/s_attn'); each holds its 'kind' ('s_attn' or
+  'c_attn'), its 'label' (where it sits, e.g. 'S-Attn after block 3') and 'grid' (H, W); S-Attn
+  entries hold 'e_prime' [B, N, N]; C-Attn entries hold 'd_prime' [B, C, C] and 'a_c_norm'
+  [B, H, W].
   """
   probs, inter = jax.device_get(_forward(state, images))
   out = {}
-  for block in sorted(inter, key=lambda b: int(b.removeprefix("block"))):
-    for module, values in inter[block].items():
-      if module == "s_attn":
-        e_prime = np.asarray(values["e_prime"][0])
-        side = _grid(e_prime.shape[-1], images.shape[1:3])
-        out[f"{block}/s_attn"] = {"e_prime": e_prime, "grid": side}
-      elif module == "c_attn":
-        a_c = np.asarray(values["a_c"][0], np.float32)
-        out[f"{block}/c_attn"] = {"d_prime": np.asarray(values["d_prime"][0]),
-                                  "a_c_norm": np.linalg.norm(a_c, axis=-1),
-                                  "grid": a_c.shape[1:3]}
+  for path, kind, where in sites:
+    values = inter
+    for part in path.split("/"):
+      values = values[part]
+    entry = {"kind": kind, "label": f"{KIND_NAMES[kind]} {where}"}
+    if kind == "s_attn":
+      e_prime = np.asarray(values["e_prime"][0])
+      entry.update(e_prime=e_prime, grid=_grid(e_prime.shape[-1], images.shape[1:3]))
+    else:
+      a_c = np.asarray(values["a_c"][0], np.float32)
+      entry.update(d_prime=np.asarray(values["d_prime"][0]),
+                   a_c_norm=np.linalg.norm(a_c, axis=-1), grid=a_c.shape[1:3])
+    out[path] = entry
   return np.asarray(probs), out
+
+
+KIND_NAMES = {"s_attn": "S-Attn", "c_attn": "C-Attn"}
 
 
 def _grid(n: int, image_hw: Sequence[int]) -> tuple[int, int]:
@@ -111,13 +120,14 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
   from matplotlib import pyplot as plt
 
   panels = [("input", image, None)]
-  for key, m in maps.items():
-    if key.endswith("s_attn"):
+  for m in maps.values():
+    key = m["label"]
+    if m["kind"] == "s_attn":
       panels.append((f"{key}: received", overlay(image, received(m["e_prime"][index], m["grid"])),
                      None))
       panels.append((f"{key}: query ({position[0]:.2f}, {position[1]:.2f})",
                      overlay(image, query_map(m["e_prime"][index], m["grid"], position)), position))
-    elif key.endswith("c_attn"):
+    else:
       panels.append((f"{key}: |A_c|", overlay(image, m["a_c_norm"][index]), None))
       panels.append((f"{key}: D'", m["d_prime"][index], "matrix"))
   cols = min(4, len(panels))
@@ -195,17 +205,24 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
     unique.setdefault(os.path.realpath(path), path)
   paths = list(unique.values())
   config = runs.load_config(workdir)
-  if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
+  sites = models.attention_sites(config.model)
+  if not sites:
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
   config, state = runs.restore(workdir)
   images = load_images(list(paths), config.image_size)
-  probs, maps = attention_maps(state, images)
+  probs, maps = attention_maps(state, images, sites)
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  p_malignant = evaluate.malignant_probability(probs, config.get("task", "binary"))
+  outputs = runs.outputs(config)
   for i, (path, name) in enumerate(zip(paths, figure_names(paths), strict=True)):
+    if outputs.binary is not None:
+      score = (f"P({outputs.binary.positive_name}) = "
+               f"{outputs.binary.positive_probability(probs[i]):.3f}")
+    else:
+      k = int(np.argmax(probs[i]))
+      score = f"{outputs.classes[k]} ({probs[i][k]:.3f})"
     fig = figure(images[i], maps, i, position,
-                 f"{os.path.basename(path)}  P(malignant) = {p_malignant[i]:.3f}  ({config.name})")
+                 f"{os.path.basename(path)}  {score}  ({config.name})")
     target = os.path.join(out_dir, name)
     with files.atomic_path(target) as tmp:
       fig.savefig(tmp, format="png", dpi=100)

@@ -1,6 +1,6 @@
 """How the step math is mapped over folds and spread over devices and processes.
 
-`train.train_step` and `train.eval_step` stay single-fold, single-device functions. This module
+`train.train_step` and `state.eval_step` stay single-fold, single-device functions. This module
 decides how they run:
 
   plan = parallel.make_plan(config)          # a mesh over the devices; K = config.parallel_folds

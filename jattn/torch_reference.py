@@ -100,7 +100,7 @@ class TorchVGG(nn.Module):
 def from_config(model_config, blocks) -> TorchVGG:
   """The torchvision-layout TorchVGG with the shapes of jattn's model for `config.model`.
 
-  `blocks` are the conv widths (jattn.models.block_widths(model_config.width)).
+  `blocks` are the conv widths (jattn.models.vgg.block_widths(model_config.width)).
   """
   mc = model_config
   return TorchVGG(blocks, batch_norm=mc.batch_norm, num_classes=mc.num_classes,

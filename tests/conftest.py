@@ -16,7 +16,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jatt
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from configs import default
-from jattn.data import breakhis, load_fold, synthesize
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis.synthetic import synthesize
 
 # Two patients of each subtype: a tree small enough to prepare again in a test that changes it.
 SMALL_PATIENTS = tuple(

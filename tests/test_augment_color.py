@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn import config_lib, train
-from jattn.data import __main__ as data_cli
+from jattn import config_lib, validate
 from jattn.data import augment as augment_lib
+from jattn.data.breakhis import cli as data_cli
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -81,11 +81,11 @@ def test_colour_fields_off_leave_the_paper_augmentation_unchanged():
 def test_out_of_range_strength_is_one_line_naming_the_field():
   """Guards validate_config: a stain strength outside its documented range is refused."""
   config = config_lib.load_config(f"{REPO}/configs/ours_stain.py")
-  train.validate_config(config)
+  validate.validate_config(config)
   config.augment.hed_scale = 0.9
   with pytest.raises(UserError, match=r"^--config.augment.hed_scale=0.9: between 0 \(off\) and "
                      r"0.5$"):
-    train.validate_config(config)
+    validate.validate_config(config)
 
 
 def test_augment_preview_writes_the_grid(tmp_path, capsys):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from jattn import config_lib, main, train
+from jattn import config_lib, main, validate
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -19,7 +19,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_validates_and_shows_its_command(path):
   config = config_lib.load_config(path)
-  train.validate_config(config)
+  validate.validate_config(config)
   with open(path) as f:
     source = f.read()
   if not path.endswith("default.py"):

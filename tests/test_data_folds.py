@@ -11,7 +11,8 @@ import shutil
 import pytest
 from conftest import data_config
 
-from jattn.data import breakhis, folds, load_fold, scan
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis import folds, scan
 from jattn.errors import UserError
 
 
@@ -211,7 +212,8 @@ def test_magnification_without_test_images_is_a_warning(
                          f"absent from its results")
   assert len(warnings) == 2 and "leaves out" in warnings[1]
   fold_data = load_fold(data_config(data_dir, prepared_dir, folds=path, fold=3))
-  test_mags = {breakhis.MAGNIFICATIONS[m] for m in fold_data.magnifications[fold_data.test_indices]}
+  mags = fold_data.strata[0]
+  test_mags = {mags.values[m] for m in mags.index[fold_data.test_indices]}
   assert test_mags == {"40X", "100X", "200X"}
   # A magnification-specific run of 400X has nothing to test in fold 3: that is an error.
   with pytest.raises(UserError, match=rf"^fold 3 of {path} has no test images;"):

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from jattn import convert, download
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, fetch
+from jattn.data import breakhis
+from jattn.data.breakhis import cli as data_cli
+from jattn.data.breakhis import fetch
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree
 

@@ -28,8 +28,10 @@ from PIL import Image
 
 from experiments import sweep
 from jattn import checkpoints, convert, files, inspect, main, predict, runs
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, load_fold, prepare, scan
+from jattn import state as state_lib
+from jattn.data import breakhis, load_fold, prepare
+from jattn.data.breakhis import cli as data_cli
+from jattn.data.breakhis import describe, scan
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
@@ -106,11 +108,11 @@ def test_a_linked_subtype_folder_is_scanned(linked_tree):
   """Bug: os.walk did not follow a linked folder, so its images (all ductal carcinoma) were left
   out without a word."""
   data_dir, _, expected, _, fold_data = linked_tree
-  described = data_cli.describe(data_dir, check_images=False)
+  described = describe.describe(data_dir, check_images=False)
   assert described["images"] == expected == 64
   assert described["subtypes"]["DC"]["total"] == 8 and described["problems"] == []
   assert fold_data.num_images == 64
-  assert sum(s == breakhis.SUBTYPE_CODES.index("DC") for s in fold_data.subtypes) == 8
+  assert sum(s == breakhis.SUBTYPE_CODES.index("DC") for s in fold_data.subclasses.index) == 8
 
 
 def test_a_link_cycle_is_one_line(tmp_path, capsys):
@@ -579,7 +581,7 @@ def test_sweep_checks_folds_and_results_before_saying_all_is_well(tmp_path, caps
   out = tmp_path / "sweep"
   one_line_error(lambda: sweep.main(["--configs", "configs/demo.py:ours", "--folds", "7",
                                      "--out", str(out)]), capsys, "sweep",
-                 r"--folds 7: folds are numbered 1 to 5")
+                 r"--folds 7: configs/demo.py:ours.s folds are numbered 1 to 5")
   assert not out.exists()
   results = out / "demo_ours" / "fold1" / "results.json"
   results.parent.mkdir(parents=True)
@@ -588,7 +590,7 @@ def test_sweep_checks_folds_and_results_before_saying_all_is_well(tmp_path, caps
     sweep.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--out", str(out)])
   printed = capsys.readouterr()
   assert e.value.code == 2 and "all 1 runs finished" not in printed.out
-  assert re.search(rf"sweep: error: {results}: not valid JSON", printed.err), printed.err
+  assert re.search(rf"sweep: error: {results} is not valid JSON", printed.err), printed.err
 
 
 def test_a_second_run_on_the_same_work_dir_is_refused(trained_run, synthetic_tree, prepared_dir,
@@ -608,7 +610,7 @@ def test_checkpoints_module_restores_the_newest_step(trained_run):
   """restore_latest with every step intact gives the last one and moves nothing."""
   config = runs.load_config(trained_run)
   with checkpoints.manager(trained_run, create=False) as mngr:
-    state = checkpoints.restore_latest(mngr, runs.abstract_state(config))
+    state = checkpoints.restore_latest(mngr, state_lib.abstract_state(config))
   assert int(state.step) == steps_of(trained_run)[-1]
   assert not os.path.exists(os.path.join(trained_run, checkpoints.UNREADABLE_SUBDIR))
   with open(os.path.join(trained_run, "predictions.csv")) as f:

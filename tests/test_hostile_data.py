@@ -30,8 +30,9 @@ import pytest
 from PIL import Image
 
 from jattn import main
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, fetch, load_fold, prepare, scan, synthetic
+from jattn.data import breakhis, load_fold, prepare
+from jattn.data.breakhis import cli as data_cli
+from jattn.data.breakhis import fetch, scan, synthetic
 from jattn.errors import UserError
 from tests.conftest import SMALL_PATIENTS, data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
@@ -389,7 +390,7 @@ def test_describe_says_how_the_copy_differs_from_the_full_release(tree, capsys):
   """Guards the comparison with the release: the 16-patient tree is 64 of 7,909 images and 16 of
   82 patients, the missing ones being the release's others (read from the package's patient list
   here, not from jattn), in the text and under `release` in --json."""
-  with open(os.path.join(os.path.dirname(breakhis.__file__), "breakhis_patients.tsv")) as f:
+  with open(os.path.join(os.path.dirname(breakhis.__file__), "patients.tsv")) as f:
     release = [row["patient_id"] for row in csv.DictReader(f, delimiter="\t")]
   missing = [p for p in release if p not in SMALL_PATIENTS]
   n = len(png_files(tree))

@@ -61,7 +61,7 @@ def test_results_record_the_layout_of_the_run(trained_run):
   assert layout["history"] == [{"from_step": 0, "layout": expected}]
   assert layout["one_layout"] is True
   assert _json(os.path.join(trained_run, "layouts.json")) == layout["history"]
-  assert results["schema"] == "jattn.results/1"
+  assert results["schema"] == "jattn.results/2"
 
 
 @pytest.mark.parametrize("run,changes", [
@@ -221,7 +221,7 @@ def test_a_peer_that_never_starts_or_stops_is_one_line_on_every_process(syntheti
 
 @pytest.mark.parametrize("override,message", [
     ("bootstrap_resamples=10000000", r"--config.bootstrap_resamples=10000000: at most 100,000 "
-                                     r"\(the bootstrap holds a resamples x test patients matrix"),
+                                     r"\(the bootstrap holds a resamples x test groups matrix"),
     ("parallel_folds=0", r"--config.parallel_folds=0: the number of consecutive folds trained in "
                          r"one program, at least 1"),
     ("coordinator_timeout_s=0", r"--config.coordinator_timeout_s=0.0: a number of seconds > 0"),

@@ -12,8 +12,9 @@ import pytest
 
 from configs import default
 from jattn import models
+from jattn import state as state_lib
 from jattn.errors import UserError
-from jattn.models import ChannelAttention, SpatialAttention
+from jattn.models.attention import ChannelAttention, SpatialAttention
 
 
 def conv2d_chw(x, w, stride=1, pad=0):
@@ -323,9 +324,9 @@ def test_bfloat16_stays_close_to_float32():
     config.model.dtype = dtype
     model = models.build_model(config.model)
     variables = models.init_variables(model, jax.random.key(1), 32)
-    state = train.make_state(config, model, variables, np.full(3, 120.0), np.full(3, 60.0), 10)
-    logits = train.eval_step(state, batch)["probs"]
-    raw = model.apply(variables, train.preprocess(state, images), train=False)
+    state = state_lib.make_state(config, model, variables, np.full(3, 120.0), np.full(3, 60.0), 10)
+    logits = state_lib.eval_step(state, batch)["probs"]
+    raw = model.apply(variables, state_lib.preprocess(state, images), train=False)
     losses = []
     for step in range(2):
       state, metrics = train.train_step(state, batch, jax.random.key(step),

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from jattn import parallel, runs, train
+from jattn import optim, parallel, runs, train
+from jattn import state as state_lib
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
@@ -78,10 +79,11 @@ def test_fold_train_step_steps_each_fold_as_its_own_run():
   fold) and the mask. Elementwise maths only, so vmapping cannot change the rounding."""
   config = default.get_config()
   config.update(learning_rate=0.1, lr_decay_every=1)
-  tx = train.make_optimizer(config)
+  tx = optim.make_optimizer(config)
 
   def make_state(w, steps_per_epoch):
-    return train.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)}, tx=tx,
+    return state_lib.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)},
+                                       tx=tx,
                                    steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
   def step_fn(state, batch, rng):
@@ -107,7 +109,7 @@ def test_fold_train_step_steps_each_fold_as_its_own_run():
                     strict=True):
       np.testing.assert_array_equal(a, b[k])
   assert stacked.step.tolist() == [6, 4]
-  lr = [train.learning_rate_schedule(config, n)(s) for n, s in ((2, 5), (3, 3))]
+  lr = [optim.learning_rate_schedule(config, n)(s) for n, s in ((2, 5), (3, 3))]
   assert [float(x) for x in lr] == [0.1 * 0.5 ** 2, 0.1 * 0.5]  # the folds' last LRs differ
 
 
@@ -215,7 +217,7 @@ def test_killed_parallel_run_resumes_to_the_same_figures(runs_dir, synthetic_tre
   resumed = train.train_and_evaluate(config, workdir)
   for fold, results in zip((1, 2), resumed, strict=True):
     straight = _json(runs_dir / "parallel" / f"fold{fold}" / "results.json")
-    for key in ("fold", "image_accuracy", "patient_accuracy", "confusion_matrix"):
+    for key in ("fold", "image_accuracy", "group_accuracy", "confusion_matrix"):
       assert results[key] == straight[key], key
     with open(runs_dir / "parallel" / f"fold{fold}" / "predictions.csv") as a, open(
         tmp_path / f"fold{fold}" / "predictions.csv") as b:

@@ -2,7 +2,7 @@
 
   python -m jattn.data download --data-dir data      # or config.download=True in a run
 
-The archive comes from `breakhis.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
+The archive comes from `naming.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
 `jattn.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which checks
 every member and the layout before anything is renamed into place; an archive it refuses is deleted
 and leaves no trace. Its publishers give no checksum, so the SHA-256 of the first download that
@@ -18,16 +18,16 @@ import errno
 import os
 
 from jattn import download, files
-from jattn.data import breakhis
-from jattn.data import scan as scan_lib
+from jattn.data.breakhis import naming
+from jattn.data.breakhis import scan as scan_lib
 from jattn.errors import UserError
 
-URL_ENV = "JATTN_BREAKHIS_URL"  # overrides breakhis.ARCHIVE_URL (a mirror, a local server)
+URL_ENV = "JATTN_BREAKHIS_URL"  # overrides naming.ARCHIVE_URL (a mirror, a local server)
 CHECKSUMS = "downloads.json"  # in the data dir: what was downloaded, its size and SHA-256
 
 
 def archive_url() -> str:
-  return os.environ.get(URL_ENV) or breakhis.ARCHIVE_URL
+  return os.environ.get(URL_ENV) or naming.ARCHIVE_URL
 
 
 def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool = False,
@@ -50,16 +50,16 @@ def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool
       _forget(checksums)
     if scan_lib.has_images_tree(data_dir):
       return "present"
-    archive = os.path.join(data_dir, breakhis.ARCHIVE)
+    archive = os.path.join(data_dir, naming.ARCHIVE)
     fetched = not os.path.isfile(archive)
-    known = download.recorded(checksums).get(breakhis.ARCHIVE, {}).get("sha256")
+    known = download.recorded(checksums).get(naming.ARCHIVE, {}).get("sha256")
     if fetched:
       url = url or archive_url()
       print(f"downloading {url} into {data_dir}", flush=True)
       forget = (f"The expected SHA-256 is that of the first download into {data_dir}, recorded "
                 f"in {checksums}; if the archive served now is the right one, forget the old one "
                 f"with `python -m jattn.data download --data-dir {data_dir} --forget-checksum`. ")
-      digest = download.fetch(url, archive, sha256=known, hint=hint, desc=breakhis.ARCHIVE,
+      digest = download.fetch(url, archive, sha256=known, hint=hint, desc=naming.ARCHIVE,
                               on_mismatch=forget)
     print(f"unpacking {archive}", flush=True)
     try:
@@ -70,7 +70,7 @@ def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool
         files.remove(archive)
       raise
     if fetched and known is None:  # only an archive that unpacked as BreakHis is vouched for
-      download.record(checksums, breakhis.ARCHIVE, url, archive, digest)
+      download.record(checksums, naming.ARCHIVE, url, archive, digest)
     if fetched and not keep_archive:
       files.remove(archive)
     return "downloaded" if fetched else "unpacked"
@@ -78,11 +78,11 @@ def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool
 
 def _forget(checksums: str) -> None:
   """Drops the recorded SHA-256 of the archive from `checksums`, saying what it did."""
-  entry = download.recorded(checksums).get(breakhis.ARCHIVE)
+  entry = download.recorded(checksums).get(naming.ARCHIVE)
   if entry is None:
-    print(f"no SHA-256 of {breakhis.ARCHIVE} recorded in {checksums}: nothing to forget",
+    print(f"no SHA-256 of {naming.ARCHIVE} recorded in {checksums}: nothing to forget",
           flush=True)
     return
-  download.forget(checksums, breakhis.ARCHIVE)
-  print(f"forgot the SHA-256 {str(entry.get('sha256'))[:16]}... of {breakhis.ARCHIVE} recorded "
+  download.forget(checksums, naming.ARCHIVE)
+  print(f"forgot the SHA-256 {str(entry.get('sha256'))[:16]}... of {naming.ARCHIVE} recorded "
         f"in {checksums}; the next download is recorded instead", flush=True)

@@ -22,7 +22,7 @@ import tempfile
 from PIL import Image
 
 from jattn import files
-from jattn.data import breakhis
+from jattn.data.breakhis import naming
 from jattn.errors import UserError
 
 
@@ -34,7 +34,7 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
   command = (f"; `python -m jattn.data download --data-dir {data_dir}` does both" if automatic
              else "")
   return (
-      f"download {breakhis.ARCHIVE_URL} (linked from {breakhis.DOWNLOAD_URL}) and unpack it into "
+      f"download {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL}) and unpack it into "
       f"{data_dir} so that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or "
       f"put the archive itself there{command}), or set --config.data_dir=DIR to the folder that "
       f"holds BreaKHis_v1"
@@ -42,24 +42,24 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
 
 
 def slides_dir(data_dir: str) -> str:
-  return os.path.join(data_dir, *breakhis.SLIDES.split("/"))
+  return os.path.join(data_dir, *naming.SLIDES.split("/"))
 
 
 def has_images_tree(data_dir: str) -> bool:
-  return os.path.isdir(os.path.join(data_dir, breakhis.ROOT))
+  return os.path.isdir(os.path.join(data_dir, naming.ROOT))
 
 
 def has_archive(data_dir: str) -> bool:
-  return os.path.isfile(os.path.join(data_dir, breakhis.ARCHIVE))
+  return os.path.isfile(os.path.join(data_dir, naming.ARCHIVE))
 
 
 def resolve_data_dir(path: str) -> str:
   """The data dir meant by `path`: its folder when `path` is the archive BreaKHis_v1.tar.gz."""
   if os.path.isfile(path):
-    if os.path.basename(path) == breakhis.ARCHIVE:
+    if os.path.basename(path) == naming.ARCHIVE:
       return os.path.dirname(os.path.abspath(path))
     raise UserError(f"data_dir {path} is a file: set it to the folder that holds BreaKHis_v1 (or "
-                    f"{breakhis.ARCHIVE})")
+                    f"{naming.ARCHIVE})")
   return path
 
 
@@ -85,7 +85,7 @@ MAX_ARCHIVE_MEMBERS = 20_000
 
 def _not_breakhis(archive: str, why: str) -> UserError:
   return UserError(f"{archive} is not the BreakHis archive ({why}): nothing was unpacked; download "
-                   f"it again from {breakhis.ARCHIVE_URL} (linked from {breakhis.DOWNLOAD_URL})")
+                   f"it again from {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL})")
 
 
 def _member_filter(archive: str, found_png: list[bool]):
@@ -96,7 +96,7 @@ def _member_filter(archive: str, found_png: list[bool]):
   BreaKHis_v1 (they would be discarded anyway). Sets `found_png[0]` once an image is seen.
   """
   count = 0
-  path_folders = {"/".join(breakhis.SLIDES.split("/")[:k]) for k in range(1, 4)}
+  path_folders = {"/".join(naming.SLIDES.split("/")[:k]) for k in range(1, 4)}
 
   def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     nonlocal count
@@ -110,7 +110,7 @@ def _member_filter(archive: str, found_png: list[bool]):
     if ".." in name.split("/"):
       raise _not_breakhis(archive, f"member {member.name!r} climbs out with '..'")
     norm = posixpath.normpath(name)
-    inside = norm == breakhis.ROOT or norm.startswith(breakhis.ROOT + "/")
+    inside = norm == naming.ROOT or norm.startswith(naming.ROOT + "/")
     if not inside:
       return None
     if member.issym() or member.islnk():
@@ -121,10 +121,10 @@ def _member_filter(archive: str, found_png: list[bool]):
       target = posixpath.normpath(
           link if member.islnk() else posixpath.join(posixpath.dirname(norm), link)
       )
-      if link.startswith("/") or not target.startswith(breakhis.ROOT + "/"):
+      if link.startswith("/") or not target.startswith(naming.ROOT + "/"):
         raise _not_breakhis(archive, f"link {norm} -> {member.linkname} points out of "
-                                     f"{breakhis.ROOT}")
-    elif (member.isfile() and norm.startswith(breakhis.SLIDES + "/")
+                                     f"{naming.ROOT}")
+    elif (member.isfile() and norm.startswith(naming.SLIDES + "/")
           and not is_junk(posixpath.basename(norm))):
       found_png[0] = True
     return tarfile.data_filter(member, dest)
@@ -141,8 +141,8 @@ def extract_archive(data_dir: str) -> bool:
   place, so a refused or failed one leaves nothing behind. Run it under a lock when several
   processes may share the data dir.
   """
-  archive = os.path.join(data_dir, breakhis.ARCHIVE)
-  target = os.path.join(data_dir, breakhis.ROOT)
+  archive = os.path.join(data_dir, naming.ARCHIVE)
+  target = os.path.join(data_dir, naming.ROOT)
   if os.path.isdir(target) or not os.path.isfile(archive):
     return False
   tmp = tempfile.mkdtemp(prefix=".BreaKHis_v1.unpacking-", dir=data_dir)
@@ -154,20 +154,20 @@ def extract_archive(data_dir: str) -> bool:
     except OSError as e:
       if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise UserError(f"cannot unpack {archive} ({e}): download it again from "
-                        f"{breakhis.ARCHIVE_URL}") from e
+                        f"{naming.ARCHIVE_URL}") from e
       raise UserError(f"disk full while unpacking {archive} into {data_dir}: free some space "
                       f"(BreakHis needs about as much as the archive again) and run again") from e
     except (tarfile.TarError, EOFError) as e:
       raise UserError(
-          f"cannot unpack {archive} ({e}): download it again from {breakhis.DOWNLOAD_URL}"
+          f"cannot unpack {archive} ({e}): download it again from {naming.DOWNLOAD_URL}"
       ) from e
-    unpacked = os.path.join(tmp, breakhis.ROOT)
+    unpacked = os.path.join(tmp, naming.ROOT)
     if not os.path.isdir(unpacked) or os.path.islink(unpacked):
-      raise _not_breakhis(archive, f"it holds no {breakhis.ROOT}/ folder")
+      raise _not_breakhis(archive, f"it holds no {naming.ROOT}/ folder")
     if not os.path.isdir(slides_dir(tmp)):
-      raise _not_breakhis(archive, f"it holds no {breakhis.SLIDES}/ folder")
+      raise _not_breakhis(archive, f"it holds no {naming.SLIDES}/ folder")
     if not found_png[0]:
-      raise _not_breakhis(archive, f"it holds no PNG image under {breakhis.SLIDES}/")
+      raise _not_breakhis(archive, f"it holds no PNG image under {naming.SLIDES}/")
     os.replace(unpacked, target)
   finally:
     files.remove(tmp)
@@ -184,7 +184,7 @@ class Scan:
   """What a walk of the image tree found."""
 
   data_dir: str
-  records: tuple[breakhis.Record, ...]  # sorted by path; file names are unique
+  records: tuple[naming.Record, ...]  # sorted by path; file names are unique
   sizes: tuple[int, ...]  # bytes of each record's file, in the same order
   problems: tuple[str, ...]  # one line each, naming the file
   ignored: tuple[str, ...]  # junk files (paths relative to data_dir)
@@ -214,10 +214,10 @@ def scan(data_dir: str) -> Scan:
   if not os.path.isdir(root):
     if has_archive(data_dir) and not has_images_tree(data_dir):
       raise UserError(
-          f"{os.path.join(data_dir, breakhis.ARCHIVE)} is not unpacked yet: unpack it with "
-          f"`tar -xzf {breakhis.ARCHIVE}` inside {data_dir} (training does this itself)"
+          f"{os.path.join(data_dir, naming.ARCHIVE)} is not unpacked yet: unpack it with "
+          f"`tar -xzf {naming.ARCHIVE}` inside {data_dir} (training does this itself)"
       )
-    raise UserError(f"{data_dir} has no {breakhis.SLIDES}/ folder: {download_hint(data_dir)}")
+    raise UserError(f"{data_dir} has no {naming.SLIDES}/ folder: {download_hint(data_dir)}")
   records, sizes, problems, ignored = [], [], [], []
   first_seen: dict[str, str] = {}
   reached: dict[str, str] = {}  # real path of each folder walked -> the path it was reached by
@@ -240,7 +240,7 @@ def scan(data_dir: str) -> Scan:
         problems.append(f"broken link: {path} points to a missing file; it is left out")
         continue
       try:
-        record = breakhis.record(path)
+        record = naming.record(path)
       except ValueError as e:
         problems.append(f"unparseable name: {path}: {e}")
         continue
@@ -251,7 +251,7 @@ def scan(data_dir: str) -> Scan:
         )
         continue
       first_seen[name] = path
-      expected = breakhis.image_path(record.patient_id, record.magnification, record.sequence)
+      expected = naming.image_path(record.patient_id, record.magnification, record.sequence)
       if path != expected:
         problems.append(
             f"folder disagrees with name: {path} should be at {expected} (the name decides "
