@@ -1,5 +1,7 @@
-"""Runs configs x folds (x seeds), one work dir each, then prints the paper's Tables 1 and 2 from
-them, and paired comparisons of the rows.
+"""Runs configs x folds x seeds, one work dir each, then prints the tables and comparisons.
+
+The tables are the paper's Tables 1 and 2 (and more) from those runs, the comparisons the rows'
+paired differences (jattn.compare).
 
   python experiments/sweep.py                        # the paper's four rows, folds 1-5
   python experiments/sweep.py --set num_epochs=130 --set data_dir=/data/breakhis
