@@ -1,4 +1,5 @@
-"""The sweep's SLURM launcher: unfinished runs as one submitit job array, one run per array task.
+"""The sweep's SLURM launcher: unfinished runs as one submitit job array, one run (a config, fold
+and seed) per array task.
 
 `experiments/sweep.py --launcher slurm --partition P [--gpus-per-run N] [--time HH:MM:SS]
 [--max-parallel K]` calls `submit_and_wait`. Each array task runs the same `python -m jattn.main`

@@ -1,16 +1,22 @@
-"""Runs configs x folds, one work dir each, then prints the paper's Tables 1 and 2 from them.
+"""Runs configs x folds x seeds, one work dir each, then prints the tables and comparisons.
+
+The tables are the paper's Tables 1 and 2 (and more) from those runs, the comparisons the rows'
+paired differences (jattn.compare).
 
   python experiments/sweep.py                        # the paper's four rows, folds 1-5
   python experiments/sweep.py --set num_epochs=130 --set data_dir=/data/breakhis
   python experiments/sweep.py --demo                 # the four rows on the demo data, folds 1-2
 
 Each run is `python -m jattn.main --config SPEC --workdir OUT/<name>/fold<k> --config.fold=k`
-plus the `--set` overrides, its output appended to its work dir's log.txt. A finished run
+plus the `--set` overrides, its output appended to its work dir's log.txt. `--seeds 0,1,2` trains
+every config and fold with each seed (`--config.seed=s`), seed 0 as above and seed s into
+OUT/<name>/seed<s>/fold<k>; sweep.json records the rows, folds, seeds and runs. A finished run
 (results.json present) is not repeated and an interrupted one resumes from its last checkpoint,
 so the same command can be run again after any interruption. With several GPUs
 (CUDA_VISIBLE_DEVICES, or all that nvidia-smi lists) one run goes to each GPU at a time;
-otherwise runs go one after another. The tables come from `python -m jattn.tables OUT`, which
-can also be run on its own, also while a sweep is still running.
+otherwise runs go one after another. The tables and paired comparisons come from
+`python -m jattn.tables OUT`, which can also be run on its own, also while a sweep is still
+running.
 
   python experiments/sweep.py --launcher slurm --partition gpu --gpus-per-run 1 --time 24:00:00
 
@@ -44,8 +50,14 @@ DEMO_ROWS = ["configs/demo.py:vgg19", "configs/demo.py:vgg19_c", "configs/demo.p
              "configs/demo.py:ours"]
 
 
-def plan(configs: list[str], folds: list[int], overrides: list[str]) -> list[dict]:
-  """One entry per run: its config, fold, name and work dir (configs are loaded to check them)."""
+def plan(configs: list[str], folds: list[int], overrides: list[str],
+         seeds: list[int] | None = None) -> list[dict]:
+  """One entry per run: its config, fold, seed, name and work dir (configs are loaded to check
+  them), seed by seed. Without `seeds`, each config's own seed (`config.seed`) in
+  `<name>/fold<k>`, as before seeds; with them, `config.seed` set to each, seed 0 in
+  `<name>/fold<k>` and seed s in `<name>/seed<s>/fold<k>` (tables.workdir)."""
+  if seeds is not None and any(o.split("=", 1)[0].strip() == "seed" for o in overrides):
+    raise UserError("--set seed=... and --seeds: give the seeds with --seeds alone")
   runs = []
   for spec in configs:
     config = config_lib.apply_overrides(config_lib.load_config(_repo_path(spec)), overrides)
@@ -53,13 +65,31 @@ def plan(configs: list[str], folds: list[int], overrides: list[str]) -> list[dic
     if not set(folds) <= set(folds_of):
       raise UserError(f"--folds {','.join(map(str, folds))}: {spec}'s folds are numbered 1 to "
                       f"{folds_of[-1]}")
-    for fold in folds:
-      runs.append({"config": spec, "name": config.name, "fold": fold,
-                   "workdir": os.path.join(config.name, f"fold{fold}")})
-  names = [r["name"] for r in runs]
-  if len(set(zip(names, [r["fold"] for r in runs], strict=True))) != len(runs):
+    for seed in (config.seed,) if seeds is None else seeds:
+      for fold in folds:
+        run = {"config": spec, "name": config.name, "fold": fold, "seed": seed,
+               "workdir": tables.workdir(config.name, fold, seed if seeds is not None else 0)}
+        if seeds is not None and seed != config.seed:
+          run["set_seed"] = True  # the command sets --config.seed
+        runs.append(run)
+  runs.sort(key=lambda r: r["seed"] if seeds is not None else 0)  # every row's seed 0 first
+  keys = {(r["name"], r["fold"], r["seed"]) for r in runs}
+  if len(keys) != len(runs):
     raise UserError("two configs in the sweep share a name; give each its own config.name")
   return runs
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+  """The seeds of `--seeds 0,1,2`: distinct integers >= 0, in the order given."""
+  if text is None:
+    return None
+  try:
+    seeds = [int(s) for s in text.split(",")]
+  except ValueError:
+    seeds = []
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise UserError(f"--seeds {text!r}: give distinct seeds >= 0 like 0,1,2")
+  return seeds
 
 
 def _repo_path(spec: str) -> str:
@@ -71,7 +101,9 @@ def _repo_path(spec: str) -> str:
 
 def write_manifest(out: str, runs: list[dict], folds: list[int], overrides: list[str]) -> None:
   names = list(dict.fromkeys(r["name"] for r in runs))
-  manifest = {"names": names, "folds": folds, "overrides": overrides, "runs": runs}
+  seeds = sorted({r["seed"] for r in runs})
+  manifest = {"names": names, "folds": folds, "seeds": seeds, "overrides": overrides,
+              "runs": [{k: v for k, v in r.items() if k != "set_seed"} for r in runs]}
   files.atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(manifest, indent=2))
 
 
@@ -96,12 +128,13 @@ def gpu_slots() -> list[str | None]:
 
 
 def group_folds(runs: list[dict], parallel_folds: int) -> list[list[dict]]:
-  """The runs each process trains: up to `parallel_folds` consecutive folds of one config."""
+  """The runs each process trains: up to `parallel_folds` consecutive folds of one config and
+  seed."""
   groups: list[list[dict]] = []
   for run in runs:
     last = groups[-1] if groups else None
     if (last and len(last) < parallel_folds and last[-1]["name"] == run["name"]
-        and run["fold"] == last[-1]["fold"] + 1):
+        and last[-1].get("seed") == run.get("seed") and run["fold"] == last[-1]["fold"] + 1):
       last.append(run)
     else:
       groups.append([run])
@@ -118,11 +151,12 @@ def build_command(out: str, group: list[dict], overrides: list[str], parallel_fo
   workdir = os.path.join(out, first["workdir"])
   cmd = [sys.executable, "-m", "jattn.main", "--config", _repo_path(first["config"])]
   if parallel_folds > 1:
-    cmd += ["--workdir", os.path.join(out, first["name"], "fold{fold}"),
+    cmd += ["--workdir", os.path.join(os.path.dirname(workdir), "fold{fold}"),
             f"--config.fold={first['fold']}", f"--config.parallel_folds={len(group)}"]
   else:
     cmd += ["--workdir", workdir, f"--config.fold={first['fold']}"]
-  return cmd + [f"--config.{o}" for o in overrides]
+  seed = [f"--config.seed={first['seed']}"] if first.get("set_seed") else []
+  return cmd + seed + [f"--config.{o}" for o in overrides]
 
 
 def run_command(cmd: list[str], workdir: str, gpu: str | None) -> int:
@@ -148,19 +182,21 @@ def _last_line(path: str) -> str:
 
 
 def _label(group: list[dict]) -> str:
+  seed = f" seed {group[0]['seed']}" if group[0].get("set_seed") else ""
   return f"{group[0]['name']} fold{'s' if len(group) > 1 else ''} " + ",".join(
-      str(r["fold"]) for r in group)
+      str(r["fold"]) for r in group) + seed
 
 
 def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
-          parallel_folds: int = 1, make_executor=None) -> str:
-  """Runs every unfinished run, then writes and returns the tables.
+          parallel_folds: int = 1, make_executor=None, seeds: list[int] | None = None) -> str:
+  """Runs every unfinished run (configs x seeds x folds, `plan`), then writes and returns the
+  tables (and the paired comparisons, SWEEP/compare.md).
 
   Runs go to the local GPUs, or, given `make_executor` (folder -> submitit executor), to one
   submitit job array (experiments/slurm.py).
   """
   out = os.path.abspath(out)
-  runs = plan(configs, folds, overrides)
+  runs = plan(configs, folds, overrides, seeds)
   write_manifest(out, runs, folds, overrides)
   todo = [r for r in runs if not is_finished(out, r)]
   print(f"sweep {out}: {len(runs)} runs, {len(runs) - len(todo)} finished before, "
@@ -198,9 +234,9 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
     log = os.path.join(task["workdir"], task["log"])
     raise UserError(f"{_label(task['runs'])} failed ({status}): {_last_line(log)} (full log: "
                     f"{log}); fix it and run the sweep again, finished runs are kept")
-  text = tables.write_tables(out)  # checks every results.json before saying all is well
+  text, comparisons = tables.write_all(out)  # checks every results.json before saying all is well
   print(f"all {len(runs)} runs finished in {(time.time() - started) / 60:.1f} min", flush=True)
-  return text
+  return text + "\n" + comparisons
 
 
 def _run_local(tasks: list[dict], slots: list[str | None], done) -> None:
@@ -235,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--configs", help="comma-separated config specs (default: the paper's rows)")
   parser.add_argument("--folds", default=None, help="comma-separated folds (default 1,2,3,4,5)")
+  parser.add_argument("--seeds", default=None,
+                      help="comma-separated seeds (config.seed), every row and fold trained with "
+                           "each; seed 0 in OUT/<name>/fold<k>, seed s in OUT/<name>/seed<s>/"
+                           "fold<k> (default: each config's own seed, in OUT/<name>/fold<k>)")
   parser.add_argument("--out", default=None,
                       help="sweep folder (default sweeps/paper or sweeps/demo)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -260,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
       folds = [int(f) for f in (args.folds or default_folds).split(",")]
     except ValueError:
       raise UserError(f"--folds {args.folds!r}: give fold numbers like 1,2,3") from None
+    seeds = parse_seeds(args.seeds)
     if args.parallel_folds < 1:
       raise UserError(f"--parallel-folds {args.parallel_folds}: give a number of folds >= 1")
     make_executor = None
@@ -269,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
       make_executor = slurm.slurm_executor(args.partition, args.gpus_per_run, args.time,
                                            args.max_parallel)
     out = args.out or os.path.join(REPO, "sweeps", "demo" if args.demo else "paper")
-    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor))
+    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor, seeds))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,21 @@
 """The paper's Tables 1 and 2 (and the group recognition rate) from a sweep folder.
 
-  python -m jattn.tables sweeps/paper
+  python -m jattn.tables sweeps/paper [--compare ours:vgg19]
 
-A sweep folder holds one training run per row and fold, `SWEEP/<name>/fold<k>/`, each finished run
-with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
-experiments/sweep.py (row order and expected folds). The folder names the row; where its runs'
-config.name differs (a config run into a folder of another name), the row shows it, and all folds
-of a row must be runs of one config. Every cell is the mean and sample standard deviation over the
-folds that finished and have the figure; a cell short of folds says so (`(3/5)`: e.g. a fold
-without test images in that stratum), one with none shows `—`. The columns are the strata the
-results report (BreakHis: the magnifications), the group level is the results' group unit
-(BreakHis: the patient), so nothing here knows a data set. Where the runs' data source has
-published figures (BreakHis: Wu et al., ISBI 2019), each row that reproduces a published row is
-followed by it, but only for runs of the published setting (the source's `setting`); a row of
+A sweep folder holds one training run per row, fold and seed, `SWEEP/<name>/fold<k>/` (seed 0)
+or `SWEEP/<name>/seed<s>/fold<k>/`, each finished run with its `results.json`, and usually the
+manifest `SWEEP/sweep.json` written by experiments/sweep.py (row order, expected folds, seeds and
+runs). The folder names the row; where its runs' config.name differs (a config run into a folder of
+another name), the row shows it, and all folds of a row must be runs of one config. Every cell is
+the mean and sample standard deviation over the folds that finished and have the figure; a cell
+short of folds says so (`(3/5)`: e.g. a fold without test images in that stratum), one with none
+shows `—`. With several seeds a fold's figure is the mean over its seeds, and each cell adds the
+seed-to-seed spread (the mean over folds of the standard deviation over a fold's seeds) and the
+runs behind it (`(seeds 0.8; 15/15)`); with one seed the tables are as before seeds. The columns
+are the strata the results report (BreakHis: the magnifications), the group level is the results'
+group unit (BreakHis: the patient), so nothing here knows a data set. Where the runs' data
+source has published figures (BreakHis: Wu et al., ISBI 2019), each row that reproduces a published
+row is followed by it, but only for runs of the published setting (the source's `setting`); a row of
 another setting is labelled with what differs (`ours_100X (100X)`, `demo_ours (from scratch,
 64x64, 6 epochs, width 1/16, classifier 64)`) and shown without them. A figure the tables read must
 be a fraction in [0, 1] or null (undefined): NaN or infinity in a results.json is refused by name.
@@ -21,7 +24,9 @@ balanced accuracy, F1 and ROC-AUC at image and group level; when it holds runs o
 classes (BreakHis' subtype task), Table 6 gives their balanced accuracy, macro F1 and per-class F1.
 Results written before these figures existed are read as they are (their cells in the new tables
 are missing); results of schema 1 are read as schema 2 (`jattn.results.read`).
-Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png.
+Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png, and the paired comparisons of
+jattn.compare (`--compare FIRST:SECOND`, else each row against its setting's baseline row),
+SWEEP/compare.md and SWEEP/compare.csv.
 """
 
 from __future__ import annotations
@@ -160,20 +165,36 @@ def layout(found: list[dict], source: str = "breakhis") -> Layout:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  """A sweep folder: its rows in order, the expected folds and each finished run's results."""
+  """A sweep folder: its rows in order, the expected folds and seeds and each finished run's
+  results."""
 
   sweep_dir: str
   names: list[str]  # one table row per config name, in order
   folds: list[int]  # the folds every row should have
   paper_rows: dict[str, str]  # name -> the paper's row it reproduces ('' for none)
-  results: dict[tuple[str, int], dict]  # (name, fold) -> results.json, finished runs only
-  unfinished: list[tuple[str, int]]  # expected runs without finished results, in order
+  results: dict[tuple[str, int, int], dict]  # (name, fold, seed) -> results.json, finished runs
+  unfinished: list[tuple]  # expected runs without finished results, in order: (name, fold), or
+  # (name, fold, seed) where a row has several seeds
   settings: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> '' (the paper's
   # setting, the source's `setting`) or what differs, e.g. 'subtype', '100X',
   # '100X, from scratch, 6 epochs'
   config_names: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the config.name
   # of its runs, where that differs from the row's name (its folder)
   layout: Layout = None  # what the tables show (`layout`)
+  seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # every seed of the sweep
+  expected: dict[str, list[tuple[int, int]]] = dataclasses.field(default_factory=dict)
+  # name -> its expected runs' (fold, seed)
+  reproduces: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the paper row
+  # its runs record, whatever their setting (`paper_rows` keeps it for the paper's setting only)
+
+  @property
+  def several_seeds(self) -> bool:
+    """Whether some row has runs of more than one seed (the tables then show both spreads)."""
+    return any(len({s for _, s in runs}) > 1 for runs in self.expected.values())
+
+  def runs_of(self, name: str) -> dict[tuple[int, int], dict]:
+    """The finished runs of one row: (fold, seed) -> results."""
+    return {(k, s): r for (n, k, s), r in self.results.items() if n == name}
 
   def label(self, name: str) -> str:
     """The row's name as the tables show it, with its config's name and setting if they differ."""
@@ -201,14 +222,27 @@ class Cell:
   name: str
   paper_row: str
   column: str
-  values: tuple[float, ...]  # percent, one per finished fold, in fold order
+  values: tuple[float, ...]  # percent, one per finished fold, in fold order (its mean over seeds)
   n_expected: int
   paper_mean: float | None = None
   paper_std: float | None = None
+  seed_values: tuple[tuple[float, ...], ...] = ()  # percent, per finished fold, one per seed
+  n_runs_expected: int = 0  # folds x seeds expected; 0: the sweep has one seed per row
 
   @property
   def n_folds(self) -> int:
     return len(self.values)
+
+  @property
+  def n_runs(self) -> int:
+    return sum(len(v) for v in self.seed_values)
+
+  @property
+  def seed_spread(self) -> float | None:
+    """The seed-to-seed spread: the mean over folds of the sample standard deviation (ddof=1)
+    over a fold's seeds; None where no fold has two."""
+    stds = [float(np.std(v, ddof=1)) for v in self.seed_values if len(v) > 1]
+    return float(np.mean(stds)) if stds else None
 
   @property
   def mean(self) -> float | None:
@@ -223,11 +257,15 @@ class Cell:
     if not self.values:
       return "—"
     out = f"{self.mean:.1f}" if self.std is None else f"{self.mean:.1f} ± {self.std:.1f}"
+    if self.n_runs_expected:  # several seeds: both spreads and the runs behind the cell
+      spread = "" if self.seed_spread is None else f"seeds {self.seed_spread:.1f}; "
+      return f"{out} ({spread}{self.n_runs}/{self.n_runs_expected})"
     return out if self.n_folds == self.n_expected else f"{out} ({self.n_folds}/{self.n_expected})"
 
 
 def collect(sweep_dir: str) -> Sweep:
-  """Reads every run of a sweep folder; rows and folds from sweep.json, else from the folders."""
+  """Reads every run of a sweep folder; rows, folds and seeds from sweep.json, else from the
+  folders (`<name>/fold<k>` seed 0, `<name>/seed<s>/fold<k>` seed s)."""
   if not os.path.isdir(sweep_dir):
     raise UserError(f"{sweep_dir}: no such folder; give the folder a sweep wrote "
                     f"(SWEEP/<name>/fold<k>/results.json)")
@@ -240,21 +278,28 @@ def collect(sweep_dir: str) -> Sweep:
     raise UserError(f"{sweep_dir}: no runs found; expected SWEEP/<name>/fold<k>/results.json "
                     f"or a {MANIFEST}")
 
-  read = {}
-  for name, fold, workdir in runs:
-    path = os.path.join(sweep_dir, workdir, "results.json")
-    read[(name, fold)] = (path, _read_results(path) if os.path.exists(path) else None)
-  found = [r for _, r in read.values() if r is not None and r["finished"] is True]
+  read, expected = {}, {}
+  for run in runs:
+    path = os.path.join(sweep_dir, run.workdir, "results.json")
+    read[(run.name, run.fold, run.seed)] = (path, run, _read_results(path)
+                                             if os.path.exists(path) else None)
+    expected.setdefault(run.name, []).append((run.fold, run.seed))
+  several = any(len({s for _, s in e}) > 1 for e in expected.values())
+  found = [r for _, _, r in read.values() if r is not None and r["finished"] is True]
   shape = layout(found)
-  results, unfinished, paper_rows, settings, config_names = {}, [], {}, {}, {}
-  for (name, fold), (path, r) in read.items():
+  results, unfinished, paper_rows, settings, config_names, reproduces = {}, [], {}, {}, {}, {}
+  for (name, fold, seed), (path, run, r) in read.items():
     if r is None or r["finished"] is not True:
-      unfinished.append((name, fold))
+      unfinished.append((name, fold, seed) if several else (name, fold))
       continue
     _check_figures(path, r, shape)
     if r["fold"] != fold:
       raise UserError(f"{path}: holds name {r['name']!r} fold {r['fold']}, but the sweep expects "
                       f"fold {fold} there; move it to its own folder")
+    recorded = r["config"].get("seed") if isinstance(r.get("config"), dict) else None
+    if run.seed_known and _is_number(recorded) and recorded != seed:
+      raise UserError(f"{path}: a run of seed {recorded}, but the sweep expects seed {seed} "
+                      f"there; move it to its own folder")
     if config_names.setdefault(name, r["name"]) != r["name"]:
       raise UserError(f"{path}: a run of config {r['name']!r}, but other folds of {name!r} are "
                       f"runs of {config_names[name]!r}; give each config its own folder")
@@ -263,45 +308,81 @@ def collect(sweep_dir: str) -> Sweep:
       raise UserError(f"{path}: a run of {setting or 'the paper setting'}, but other folds of "
                       f"{name!r} are of {settings[name] or 'the paper setting'}; give each "
                       f"setting its own folder (config.name)")
+    reproduces.setdefault(name, r["paper_row"])
     r = {**r, "paper_row": r["paper_row"] if not setting else ""}  # no paper figure to compare
     if paper_rows.setdefault(name, r["paper_row"]) != r["paper_row"]:
       raise UserError(f"{path}: paper_row {r['paper_row']!r}, but other folds of {name!r} say "
                       f"{paper_rows[name]!r}; rerun them with the same config")
-    results[(name, fold)] = r
+    results[(name, fold, seed)] = r
   return Sweep(sweep_dir=sweep_dir, names=names, folds=folds,
                paper_rows={n: paper_rows.get(n, "") for n in names}, results=results,
                unfinished=unfinished, settings={n: settings.get(n, "") for n in names},
-               config_names={n: c for n, c in config_names.items() if c != n}, layout=shape)
+               config_names={n: c for n, c in config_names.items() if c != n}, layout=shape,
+               seeds=sorted({seed for _, _, seed in read}),
+               expected={n: expected.get(n, []) for n in names},
+               reproduces={n: reproduces.get(n, "") for n in names})
 
 
-def _read_manifest(path: str) -> tuple[list[str], list[int], list[tuple[str, int, str]]]:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """An expected run of a sweep: its row, fold, seed and work dir (relative to the sweep)."""
+
+  name: str
+  fold: int
+  seed: int
+  workdir: str
+  seed_known: bool = True  # False: the seed is assumed (a folder fold<k>, an older manifest)
+
+
+def workdir(name: str, fold: int, seed: int = 0) -> str:
+  """Where a sweep puts a run: `<name>/fold<k>` for seed 0 (as before seeds), else
+  `<name>/seed<s>/fold<k>`."""
+  return os.path.join(name, f"fold{fold}") if seed == 0 else os.path.join(
+      name, f"seed{seed}", f"fold{fold}")
+
+
+def _read_manifest(path: str) -> tuple[list[str], list[int], list[_Run]]:
+  """Rows, folds and expected runs of sweep.json; a manifest without seeds (written before
+  them) is of seed 0."""
   try:
     with open(path) as f:
       manifest = json.load(f)
     names, folds = list(manifest["names"]), [int(k) for k in manifest["folds"]]
-    runs = [(r["name"], int(r["fold"]), r["workdir"]) for r in manifest.get("runs", ())] or [
-        (n, k, os.path.join(n, f"fold{k}")) for n in names for k in folds]
+    seeds = [int(s) for s in manifest.get("seeds", [0])]
+    runs = [_Run(r["name"], int(r["fold"]), int(r.get("seed", 0)), r["workdir"], "seed" in r)
+            for r in manifest.get("runs", ())] or [
+        _Run(n, k, s, workdir(n, k, s), "seeds" in manifest)
+        for n in names for s in seeds for k in folds]
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: not valid JSON ({e}); fix it or delete it") from None
   except KeyError as e:
     raise UserError(f"{path}: missing key {e}; fix it or delete it") from None
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, AttributeError) as e:
     raise UserError(f"{path}: malformed ({e}); fix it or delete it") from None
-  return names, folds, [r for r in runs if r[0] in names and r[1] in folds]
+  return names, folds, [r for r in runs if r.name in names and r.fold in folds]
 
 
-def _scan_folders(sweep_dir: str) -> tuple[list[str], list[int], list[tuple[str, int, str]]]:
-  runs = []
+def _scan_folders(sweep_dir: str) -> tuple[list[str], list[int], list[_Run]]:
+  """Rows, folds and seeds from the folders: every row is expected at every fold and seed."""
+  found = []
   for name in sorted(os.listdir(sweep_dir)):
     if not os.path.isdir(os.path.join(sweep_dir, name)):
       continue
     for sub in os.listdir(os.path.join(sweep_dir, name)):
       match = re.fullmatch(r"fold(\d+)", sub)
       if match and os.path.isdir(os.path.join(sweep_dir, name, sub)):
-        runs.append((name, int(match.group(1)), os.path.join(name, sub)))
-  names = list(dict.fromkeys(name for name, _, _ in runs))
-  folds = sorted({fold for _, fold, _ in runs})
-  return names, folds, [(n, k, os.path.join(n, f"fold{k}")) for n in names for k in folds]
+        found.append((name, int(match.group(1)), 0))
+      match = re.fullmatch(r"seed(\d+)", sub)
+      if match and os.path.isdir(os.path.join(sweep_dir, name, sub)):
+        for inner in os.listdir(os.path.join(sweep_dir, name, sub)):
+          fold = re.fullmatch(r"fold(\d+)", inner)
+          if fold and os.path.isdir(os.path.join(sweep_dir, name, sub, inner)):
+            found.append((name, int(fold.group(1)), int(match.group(1))))
+  names = list(dict.fromkeys(name for name, _, _ in found))
+  folds = sorted({fold for _, fold, _ in found})
+  seeds = sorted({seed for _, _, seed in found})
+  return names, folds, [_Run(n, k, s, workdir(n, k, s), s != 0)
+                        for n in names for s in seeds for k in folds]
 
 
 def _read_results(path: str) -> dict:
@@ -341,20 +422,28 @@ def _check_figures(path: str, r: dict, shape: Layout) -> None:
 
 
 def aggregate(sweep: Sweep) -> list[Cell]:
-  """Every cell of every table shown: per table, config (in row order) and column."""
+  """Every cell of every table shown: per table, config (in row order) and column; a fold's
+  figure is the mean over its finished seeds."""
   cells = []
   sections = sweep.sections()
+  several = sweep.several_seeds
   for table in sweep.tables:
     if table.section not in sections:
       continue
     for name in sweep.names:
       paper_row = sweep.paper_rows[name]
       for col in table.columns:
-        figures = [table.value(sweep.results[(name, k)], col) for k in sweep.folds
-                   if (name, k) in sweep.results]
-        values = tuple(100.0 * v for v in figures if v is not None)
+        per_fold = []
+        for k in sweep.folds:
+          figures = [table.value(sweep.results[(name, k, s)], col) for s in sweep.seeds
+                     if (name, k, s) in sweep.results]
+          if values := tuple(100.0 * v for v in figures if v is not None):
+            per_fold.append(values)
         paper = (table.paper or {}).get(paper_row, {}).get(col, (None, None))
-        cells.append(Cell(table.key, name, paper_row, col, values, len(sweep.folds), *paper))
+        cells.append(Cell(table.key, name, paper_row, col,
+                          tuple(v[0] if len(v) == 1 else float(np.mean(v)) for v in per_fold),
+                          len(sweep.folds), *paper, seed_values=tuple(per_fold),
+                          n_runs_expected=len(sweep.expected[name]) if several else 0))
   return cells
 
 
@@ -367,19 +456,32 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
   published = (f" Rows in italics, `paper: <row>`, are {shape.published.DESCRIPTION}, for the row "
                f"of the paper that the config above them reproduces."
                if shape.published is not None else "")
-  lines = [f"# Results of {sweep.sweep_dir}", "",
-           f"{n} folds expected per config (folds {', '.join(map(str, sweep.folds))}). "
-           f"`(n/{n})`: only n folds finished (or had test images at that {shape.stratum}), the "
-           f"figure is over those; `—`: no fold has the figure; "
-           f"a figure without ± comes from one fold.{published}", ""]
+  several = sweep.several_seeds
+  folds = f"{n} folds expected per config (folds {', '.join(map(str, sweep.folds))})"
+  if several:
+    over = ("Mean over folds of each fold's mean over its seeds ± the sample standard deviation "
+            "(ddof = 1) of those means over folds; seed-to-seed spread and runs in brackets")
+    intro = (f"{folds}, seeds {', '.join(map(str, sweep.seeds))}. A cell `m ± d (seeds s; r/R)`: "
+             f"m the mean over folds of each fold's mean over its seeds, d the sample standard "
+             f"deviation (ddof = 1) over folds of those per-fold means (fold to fold), s the "
+             f"seed-to-seed spread (the mean over folds of the sample standard deviation over a "
+             f"fold's seeds), r/R the runs behind the cell out of those expected (a run is "
+             f"missing when unfinished or without test images at that {shape.stratum}); `—`: no "
+             f"run has the figure; a figure without ± comes from one fold, one without `seeds` "
+             f"from one seed per fold.")
+  else:
+    over = "Mean ± sample standard deviation (ddof = 1) over the finished folds"
+    intro = (f"{folds}. `(n/{n})`: only n folds finished (or had test images at that "
+             f"{shape.stratum}), the figure is over those; `—`: no fold has the figure; "
+             f"a figure without ± comes from one fold.")
+  lines = [f"# Results of {sweep.sweep_dir}", "", intro + published, ""]
   label = {name: sweep.label(name) for name in sweep.names}
   for section in sweep.sections():
     tables = [t for t in sweep.tables if t.section == section]
     columns = tables[0].columns
     if section == "paper":
       for table in tables:
-        lines += [f"**{table.title}.** Mean ± sample standard deviation (ddof = 1) over the "
-                  f"finished folds.", "", "| Method | " + " | ".join(columns) + " |",
+        lines += [f"**{table.title}.** {over}.", "", "| Method | " + " | ".join(columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for name in sweep.names:
           lines.append(f"| {label[name]} | " + " | ".join(
@@ -390,8 +492,8 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
                 f"*{paper[m][0]:.1f} ± {paper[m][1]:.1f}*" for m in columns) + " |")
         lines.append("")
       continue
-    lines += [f"**{tables[0].title}.** Mean ± sample standard deviation (ddof = 1) over "
-              f"the finished folds; `{ALL}`: every tested {shape.stratum} together.", "",
+    lines += [f"**{tables[0].title}.** {over}; `{ALL}`: every tested {shape.stratum} together.",
+              "",
               "| Method | Metric | " + " | ".join(columns) + " |",
               "|---|---|" + "---|" * len(columns)]
     for name in sweep.names:
@@ -404,28 +506,34 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
     lines.append("")
   if sweep.unfinished:
     lines.append("Unfinished runs, counted as missing: " + ", ".join(
-        f"{name} fold {fold}" for name, fold in sweep.unfinished) + ".")
+        f"{run[0]} fold {run[1]}" + (f" seed {run[2]}" if several else "")
+        for run in sweep.unfinished) + ".")
   else:
-    lines.append(f"All {len(sweep.names) * n} runs finished.")
+    total = sum(map(len, sweep.expected.values())) if several else len(sweep.names) * n
+    lines.append(f"All {total} runs finished.")
   return "\n".join(lines) + "\n"
 
 
-def csv_fields(shape: Layout) -> tuple[str, ...]:
+def csv_fields(shape: Layout, several_seeds: bool = False) -> tuple[str, ...]:
   """The header of tables.csv: the column field is named as the columns are (BreakHis:
-  'magnification')."""
+  'magnification'); with several seeds, the seed-to-seed spread and the runs follow."""
   return ("table", "name", "paper_row", shape.stratum, "mean", "std", "n_folds", "n_expected",
-          "paper_mean", "paper_std")
+          "paper_mean", "paper_std") + (
+              ("seed_spread", "n_runs", "n_runs_expected") if several_seeds else ())
 
 
 def format_csv(cells: list[Cell], shape: Layout) -> str:
-  """Long format, one line per cell; an absent figure is an empty field."""
+  """Long format, one line per cell; an absent figure is an empty field. `mean` and `std` are
+  over folds, of each fold's mean over its seeds."""
+  several = any(c.n_runs_expected for c in cells)
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(csv_fields(shape))
+  writer.writerow(csv_fields(shape, several))
   blank = lambda x: "" if x is None else repr(x)
   for c in cells:
     writer.writerow([c.table, c.name, c.paper_row, c.column, blank(c.mean), blank(c.std),
-                     c.n_folds, c.n_expected, blank(c.paper_mean), blank(c.paper_std)])
+                     c.n_folds, c.n_expected, blank(c.paper_mean), blank(c.paper_std)] + (
+                         [blank(c.seed_spread), c.n_runs, c.n_runs_expected] if several else []))
   return out.getvalue()
 
 
@@ -463,8 +571,9 @@ def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
     ax.grid(axis="y", alpha=0.3)
   axes[0].set_ylabel("accuracy (%)")
   published = sweep.layout.published
-  fig.suptitle(f"{sweep.sweep_dir}: filled, this sweep (mean ± sample std over the finished "
-               f"folds, n/N where folds are missing)"
+  over = "the per-fold seed means" if sweep.several_seeds else "the finished folds"
+  fig.suptitle(f"{sweep.sweep_dir}: filled, this sweep (mean ± sample std over {over}, n/N "
+               f"where folds are missing)"
                + (f"; open, the paper ({published.PAPER})" if published is not None else ""),
                fontsize=9)
   fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
@@ -472,25 +581,42 @@ def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
     fig.savefig(tmp, format="png", dpi=120)
 
 
-def write_tables(sweep_dir: str) -> str:
-  """Writes tables.md, tables.csv and tables.png into the sweep folder; returns the Markdown."""
+def write_all(sweep_dir: str, compare: list[str] | None = None) -> tuple[str, str]:
+  """Writes tables.md, tables.csv, tables.png and the paired comparisons (jattn.compare: those of
+  `compare`, FIRST:SECOND, else the default ones), compare.md and compare.csv, into the sweep
+  folder, once everything has been read and checked; returns both Markdowns."""
+  from jattn import compare as comparing  # noqa: PLC0415 - it builds on this module
+
   sweep = collect(sweep_dir)
   cells = aggregate(sweep)
+  comparisons = comparing.compute(sweep, compare)
   markdown = format_markdown(sweep, cells)
   files.atomic_write_text(os.path.join(sweep_dir, "tables.md"), markdown)
   files.atomic_write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells, sweep.layout))
   plot(sweep, cells, os.path.join(sweep_dir, "tables.png"))
-  return markdown
+  return markdown, comparing.write(comparisons)
+
+
+def write_tables(sweep_dir: str, compare: list[str] | None = None) -> str:
+  """Writes the tables and comparisons (`write_all`); returns the tables' Markdown."""
+  return write_all(sweep_dir, compare)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m jattn.tables",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the folder a sweep wrote")
+  parser.add_argument("--compare", action="append", metavar="FIRST:SECOND",
+                      help="paired comparison of two rows (a row of another sweep as DIR/ROW) over "
+                           "the same folds and seeds (repeatable; default: each row against the "
+                           "baseline row of its setting)")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.tables"):
-    print(write_tables(args.sweep_dir))
-    print(f"wrote tables.md, tables.csv and tables.png in {args.sweep_dir}")
+    markdown, comparisons = write_all(args.sweep_dir, args.compare)
+    print(markdown)
+    print(comparisons)
+    print(f"wrote tables.md, tables.csv, tables.png, compare.md and compare.csv in "
+          f"{args.sweep_dir}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from experiments import sweep
@@ -186,3 +189,102 @@ def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared
 
   sweep.sweep(ROWS.split(","), [1], str(out), overrides, make_executor=local_executor)
   assert "2 finished before, 0 to run" in capsys.readouterr().out
+
+
+def test_seeds_plan_every_config_fold_and_seed_into_its_own_work_dir():
+  """Guards against seeds that overwrite each other's runs, a group of parallel folds that mixes
+  seeds, or a seed the command does not pass on: seed 0 in <name>/fold<k> (as before seeds),
+  seed s in <name>/seed<s>/fold<k>, every row's seed 0 first."""
+  runs = sweep.plan(["configs/demo.py:vgg19", "configs/demo.py:ours"], [1, 2], [], [0, 2])
+  assert [(r["name"], r["fold"], r["seed"], r["workdir"]) for r in runs] == [
+      ("demo_vgg19", 1, 0, "demo_vgg19/fold1"), ("demo_vgg19", 2, 0, "demo_vgg19/fold2"),
+      ("demo_ours", 1, 0, "demo_ours/fold1"), ("demo_ours", 2, 0, "demo_ours/fold2"),
+      ("demo_vgg19", 1, 2, "demo_vgg19/seed2/fold1"),
+      ("demo_vgg19", 2, 2, "demo_vgg19/seed2/fold2"),
+      ("demo_ours", 1, 2, "demo_ours/seed2/fold1"), ("demo_ours", 2, 2, "demo_ours/seed2/fold2")]
+  groups = sweep.group_folds(runs, 5)
+  assert [[(r["name"], r["fold"], r["seed"]) for r in g] for g in groups] == [
+      [("demo_vgg19", 1, 0), ("demo_vgg19", 2, 0)], [("demo_ours", 1, 0), ("demo_ours", 2, 0)],
+      [("demo_vgg19", 1, 2), ("demo_vgg19", 2, 2)], [("demo_ours", 1, 2), ("demo_ours", 2, 2)]]
+  assert sweep.build_command("/o", groups[2], ["num_epochs=3"], 2)[5:] == [
+      "--workdir", "/o/demo_vgg19/seed2/fold{fold}", "--config.fold=1",
+      "--config.parallel_folds=2", "--config.seed=2", "--config.num_epochs=3"]
+  assert sweep.build_command("/o", groups[0][:1], [])[5:] == [
+      "--workdir", "/o/demo_vgg19/fold1", "--config.fold=1"]  # seed 0 is the config's own
+  # Without --seeds: each config's own seed, as before (here set by --set), in <name>/fold<k>.
+  plain = sweep.plan(["configs/demo.py:ours"], [1], ["seed=7"])
+  assert [(r["seed"], r["workdir"]) for r in plain] == [(7, "demo_ours/fold1")]
+  assert sweep.build_command("/o", plain, ["seed=7"])[5:] == [
+      "--workdir", "/o/demo_ours/fold1", "--config.fold=1", "--config.seed=7"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seeds", "0,0"], "--seeds '0,0': give distinct seeds >= 0 like 0,1,2"),
+    (["--seeds", "one"], "--seeds 'one': give distinct seeds"),
+    (["--seeds", "-1"], "--seeds '-1': give distinct seeds"),
+    (["--seeds", "0,1", "--set", "seed=1"], "--set seed=... and --seeds: give the seeds with "
+     "--seeds alone"),
+])
+def test_bad_seeds_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
+  out = tmp_path / "sweep"
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["--configs", ROWS, "--out", str(out), *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+  assert not out.exists()
+
+
+def test_seeds_on_the_demo_train_each_seed_into_its_layout(trained_run, synthetic_tree,
+                                                           prepared_dir, tmp_path, capsys):
+  """`--seeds 0,1` with one fold: the suite's tiny demo run stands for seed 0 in
+  demo_ours/fold1 (finished, so not trained again); seed 1 is trained into
+  demo_ours/seed1/fold1 with config.seed 1, and the tables average the two."""
+  out = tmp_path / "sweep"
+  shutil.copytree(trained_run, out / "demo_ours" / "fold1")
+  first = out / "demo_ours" / "fold1" / "results.json"
+  stamp = os.path.getmtime(first)
+  sets = [a for o in tiny_overrides(synthetic_tree[0], prepared_dir) for a in ("--set", o)]
+  sweep.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--seeds", "0,1",
+              "--out", str(out), *sets])
+  printed = capsys.readouterr().out
+  assert "2 runs, 1 finished before, 1 to run" in printed and "demo_ours fold 1 seed 1 done" in (
+      printed)
+  assert os.path.getmtime(first) == stamp
+  second = out / "demo_ours" / "seed1" / "fold1"
+  assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "demo_ours",
+                                                  "sweep.json", "tables.csv", "tables.md",
+                                                  "tables.png"]
+  assert sorted(p.name for p in (out / "demo_ours").iterdir()) == ["fold1", "seed1"]
+  assert [json.loads((d / "config.json").read_text())["seed"] for d in (first.parent, second)
+          ] == [0, 1]
+  runs = [json.loads(p.read_text()) for p in (first, second / "results.json")]
+  assert [(r["fold"], r["config"]["seed"]) for r in runs] == [(1, 0), (1, 1)]
+  assert "--config.seed=1" in (second / "log.txt").read_text()
+  probs = [[row["prob_malignant"] for row in csv.DictReader(
+      (d / "predictions.csv").read_text().splitlines())] for d in (first.parent, second)]
+  assert probs[0] != probs[1]  # another initialisation and data order
+  with open(out / "sweep.json") as f:
+    manifest = json.load(f)
+  assert (manifest["folds"], manifest["seeds"]) == ([1], [0, 1])
+  assert [(r["seed"], r["workdir"]) for r in manifest["runs"]] == [
+      (0, "demo_ours/fold1"), (1, "demo_ours/seed1/fold1")]
+  table = (out / "tables.md").read_text()
+  values = [100 * r["image_accuracy"]["40X"] for r in runs]
+  spread = abs(values[0] - values[1]) / np.sqrt(2)  # the sample std of two values
+  label = "demo_ours (from scratch, 32x32, 2 epochs, width 1/16, classifier 16)"
+  assert f"| {label} | {np.mean(values):.1f} (seeds {spread:.1f}; 2/2) |" in table
+  assert "All 2 runs finished." in table
+
+
+def test_an_old_sweep_run_again_tabulates_byte_for_byte(tmp_path):
+  """A sweep written before seeds, run again through sweep.py (nothing left to train): its
+  manifest now records seed 0, and its tables are those written before."""
+  out = tmp_path / "sweep"
+  shutil.copytree(os.path.join(REPO, "tests", "data", "sweep_v1"), out)
+  want_md, want_csv = ((out / name).read_text() for name in ("tables.md", "tables.csv"))
+  sweep.sweep(["configs/demo.py:vgg19", "configs/demo.py:ours"], [1, 2], str(out), [])
+  assert (out / "tables.md").read_text().split("\n", 1)[1] == want_md.split("\n", 1)[1]
+  assert (out / "tables.csv").read_text() == want_csv
+  with open(out / "sweep.json") as f:
+    manifest = json.load(f)
+  assert manifest["seeds"] == [0] and {r["seed"] for r in manifest["runs"]} == {0}
