@@ -30,7 +30,7 @@ def get_config():
   # fold,split,path rows; tfds: also 'splits' (its own train and test splits, one fold).
   config.folds = "generated"
   config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
-  config.fold = 1  # which fold to train and test, 1..5
+  config.fold = 1  # which fold to train and test, 1..5 (BreakHis), 1..num_folds
   config.magnifications = ("40X", "100X", "200X", "400X")  # train and test on these (e.g. 100X)
   config.task = "binary"  # 'binary' (benign/malignant) or 'subtype' (8 classes; num_classes=8)
   config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)

@@ -7,8 +7,9 @@ model and recipe. Nothing to download; a minute on a laptop CPU:
   python -m jattn.main --config configs/demo_folder.py --workdir runs/demo_folder/fold1
 
 The folds are 5 stratified patient folds drawn by scikit-learn (seed 0), written to
-~/.cache/jattn/demo_folder/jattn_prepared/manifest/folds/; `--config.folds=~/.cache/jattn/
-demo_folder/folds.csv` uses the synthetic tree's own BreakHis-style folds instead.
+~/.cache/jattn/demo_folder/jattn_prepared/manifest-manifest.csv/folds/; with
+`--config.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
+folds instead.
 """
 
 from configs import demo
@@ -24,6 +25,7 @@ def get_config():
   config.dataset = "folder"
   config.data_dir = DEMO_DIR
   config.manifest = f"{DEMO_DIR}/manifest.csv"
+  config.classes = "benign,malignant"  # checked against the manifest's labels
   config.group = "patient"
   config.strata = "magnification"
   config.positive_class = "malignant"

@@ -13,7 +13,7 @@ Two ways to say what the images are:
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
 (ImageFolder: class, then path; manifest: its rows) under the prepared dir's lock
-(`DATA_DIR/jattn_prepared`, or `<csv folder>/jattn_prepared/<csv name>`); a prepared dir made from
+(`prepared_dir` below, or `--config.prepared_dir`); a prepared dir made from
 other images (added, removed, resized or reordered) is refused, never used stale. Folds:
 `jattn.data.labelled`.
 """
@@ -59,13 +59,16 @@ def _root(config) -> str:
 
 
 def prepared_dir(config) -> str:
+  """`--config.prepared_dir`, else `DATA_DIR/jattn_prepared/folder` for a folder per class and
+  `<its folder>/jattn_prepared/manifest-<its name>` for a manifest (side by side, never nested:
+  each preparation clears what a killed one left in its own folder)."""
   if config.prepared_dir:
     return os.path.abspath(os.path.expanduser(config.prepared_dir))
   manifest = _manifest(config)
   if manifest:
-    stem = os.path.splitext(os.path.basename(manifest))[0]
-    return os.path.join(prepare.default_prepared_dir(os.path.dirname(manifest)), stem)
-  return prepare.default_prepared_dir(_data_dir(config))
+    return os.path.join(prepare.default_prepared_dir(os.path.dirname(manifest)),
+                        f"manifest-{os.path.basename(manifest)}")
+  return os.path.join(prepare.default_prepared_dir(_data_dir(config)), "folder")
 
 
 def _is_image(name: str) -> bool:
@@ -88,7 +91,7 @@ def _class_folders(data_dir: str, config) -> list[str]:
   if not os.path.isdir(data_dir):
     raise UserError(f"--config.data_dir={data_dir} does not exist: give the folder that holds a "
                     f"folder of images per class (DIR/<class>/...), or --config.manifest=FILE.csv")
-  skip = {os.path.join(data_dir, PREPARED), prepared_dir(config)}  # jattn's own, not a class
+  skip = {os.path.join(data_dir, PREPARED), prepared_dir(config)}  # jattn's, not classes
   folders = sorted(e.name for e in os.scandir(data_dir)
                    if e.is_dir() and not e.name.startswith(".")
                    and os.path.join(data_dir, e.name) not in skip)

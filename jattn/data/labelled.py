@@ -237,7 +237,11 @@ def generate_folds(table: Table, num_folds: int, seed: int) -> Folds:
   splitter = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
   with warnings.catch_warnings():  # its warning counts images; `check_generatable` counts groups
     warnings.simplefilter("ignore", UserWarning)
-    parts = list(splitter.split(np.zeros(len(table.names)), table.labels, groups))
+    try:
+      parts = list(splitter.split(np.zeros(len(table.names)), table.labels, groups))
+    except ValueError as e:  # e.g. every class has fewer images than folds
+      raise UserError(f"{table.where}: cannot draw {num_folds} stratified group folds ({e}); "
+                      f"lower --config.num_folds or add data") from None
   splits = {}
   for fold, (_, test) in enumerate(parts, start=1):
     sides = np.full(len(table.names), "train", dtype=object)
