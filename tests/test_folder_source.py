@@ -361,3 +361,37 @@ def test_a_changed_tree_is_refused_not_used_stale(tmp_path, capsys):
                  r"added or resized, 1 removed or resized, e\.g\. adipose/adipose0_0\.png\): "
                  r"delete .* to prepare again")
   assert snapshot(tmp_path) == before
+
+
+def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
+  """`synthesize --format folder` writes what configs/demo_folder.py reads: a folder per class,
+  a manifest whose patients and magnifications are those the BreakHis file names say, and the
+  BreakHis-style folds, every patient on one side of each."""
+  from jattn import config_lib
+  from jattn.data.breakhis import cli, naming
+  from jattn.data.breakhis import source as breakhis_source
+
+  out = tmp_path / "demo"
+  cli.main(["synthesize", "--format", "folder", "--out", str(out), "--images-per-patient", "1",
+            "--width", "32", "--height", "24"])
+  assert json.loads(capsys.readouterr().out)["images"] == 328
+  assert sorted(os.listdir(out)) == ["benign", "folds.csv", "malignant", "manifest.csv"]
+  rows = _read_csv(out / "manifest.csv")
+  for r in rows:
+    parsed = naming.parse_file_name(os.path.basename(r["path"]))
+    assert (r["patient"], r["magnification"]) == (parsed.patient_id, parsed.magnification)
+    assert r["path"].split("/")[0] == r["label"] == naming.CLASSES[parsed.label]
+  config = config_lib.load_config(os.path.join(os.path.dirname(DEMO), "demo_folder.py"))
+  config = config_lib.apply_overrides(config, [
+      f"manifest={out / 'manifest.csv'}", f"prepared_dir={tmp_path / 'p'}", "image_size=16",
+      f"folds={out / 'folds.csv'}"])
+  d = load_fold(config)
+  assert d.classes == ("benign", "malignant") and d.binary.positive_name == "malignant"
+  assert d.group_unit == "patient" and len(d.group_ids) == 82
+  (strata,) = d.strata
+  assert strata.values == naming.MAGNIFICATIONS and strata.mpp == breakhis_source.MPP
+  sides = {r["path"]: r["split"] for r in _read_csv(out / "folds.csv") if r["fold"] == "1"}
+  assert {d.file_names[i] for i in d.test_indices} == {p for p, s in sides.items() if s == "test"}
+  patient_of = {r["path"]: r["patient"] for r in rows}
+  train = {patient_of[p] for p, s in sides.items() if s == "train"}
+  assert not train & {patient_of[p] for p, s in sides.items() if s == "test"}

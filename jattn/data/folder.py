@@ -12,14 +12,14 @@ Two ways to say what the images are:
   `--config.mpp`). Paths are relative to the CSV's folder. The images are cached in the row order.
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
-(ImageFolder: class, then path; manifest: its rows) under the prepared dir's lock
-(`prepared_dir` below, or `--config.prepared_dir`); a prepared dir made from
-other images (added, removed, resized or reordered) is refused, never used stale. Folds:
-`jattn.data.labelled`.
+(ImageFolder: class, then path; manifest: its rows) under the prepared dir's lock (`prepared_dir`
+below); a prepared dir made from other images (added, removed, resized or reordered) is refused,
+never used stale. Folds: `jattn.data.labelled`.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 
 import numpy as np
@@ -155,8 +155,6 @@ def _mpp(config) -> float | None:
 def read_manifest(config) -> tuple[labelled.Table, list[int]]:
   """The manifest's rows as a table (in row order), and each image's size in bytes. A missing
   column or file, a repeated path, an empty or unknown label is one line naming the row."""
-  import csv
-
   path = _manifest(config)
   if not os.path.isfile(path):
     raise UserError(f"--config.manifest={config.manifest}: {path} does not exist; give a CSV of "
@@ -170,16 +168,14 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
     reader = csv.DictReader(f)
     header = [c.strip() for c in reader.fieldnames or []]
     reader.fieldnames = header
-    wanted = [*COLUMNS, *strata, *([group_column] if config.get("group", "") else [])]
-    missing = [c for c in wanted if c not in header]
+    named = {**({group_column: "--config.group"} if config.get("group", "") else {}),
+             **dict.fromkeys(strata, "--config.strata")}
+    missing = [c for c in [*COLUMNS, *named] if c not in header]
     if missing:
-      field = ("--config.strata" if missing[0] in strata else
-               "--config.group" if missing[0] == group_column and missing[0] not in COLUMNS
-               else "")
-      raise UserError(f"{path} has no column {missing[0]!r}" + (f" (named by {field})" if field
-                                                                 else "") +
-                      f": its columns are {','.join(header) or 'none'}; a manifest has the "
-                      f"columns {','.join(COLUMNS)}, optionally group, strata and mpp")
+      by = f" (named by {named[missing[0]]})" if missing[0] in named else ""
+      raise UserError(f"{path} has no column {missing[0]!r}{by}: its columns are "
+                      f"{','.join(header) or 'none'}; a manifest has the columns "
+                      f"{','.join(COLUMNS)}, optionally a group, strata and mpp")
     has_group = group_column in header
     names, labels, groups, sizes, mpps, first = [], [], [], [], [], {}
     axes = {s: [] for s in strata}
