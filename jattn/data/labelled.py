@@ -340,8 +340,8 @@ def folds_path(spec: str, root: str) -> str:
 
 def check_unchanged(prepared_dir: str, fingerprint: str, entries: Sequence, where: str) -> None:
   """Refuses a prepared dir made from other data than `entries` (what `fingerprint` digests, e.g.
-  [name, size] per image, in order), naming what changed; records them in `source.json` of a
-  prepared dir that has none yet."""
+  [name, size] per image, in order), naming what changed, as its `source.json` (`record_source`)
+  recorded them; a prepared dir without one passes."""
   path = os.path.join(prepared_dir, "source.json")
   if not os.path.isfile(path):
     return

@@ -1,4 +1,5 @@
-"""The data sources jattn can train and evaluate on, by `config.dataset`.
+"""The data sources jattn can train and evaluate on, by `config.dataset`: `breakhis` (the paper's),
+`folder` (a folder per class, or a manifest) and `tfds:NAME` (a prepared TFDS data set).
 
 A source is a module that knows one kind of data set and turns it into the generic `FoldData`
 (jattn/data/fold.py); nothing else in jattn knows a source's name, classes or strata. Each
