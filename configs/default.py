@@ -18,18 +18,33 @@ def get_config():
   config.paper_row = "Ours"  # the row of the paper's Tables 1-2 this reproduces ('' for none)
 
   # --- Data (jattn.data) ---
-  config.dataset = "breakhis"  # the data source (jattn/data/sources.py): 'breakhis'
-  config.data_dir = "data"  # the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz)
+  # The data source (jattn/data/sources.py): 'breakhis', 'folder' (a folder of images per class,
+  # or a manifest) or 'tfds:NAME' (a prepared TFDS data set, e.g. tfds:colorectal_histology).
+  config.dataset = "breakhis"
+  # BreakHis: the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz); folder: DIR/<class>/...;
+  # tfds: the TFDS data dir (e.g. ~/tensorflow_datasets).
+  config.data_dir = "data"
   config.download = False  # True: download and unpack BreakHis into data_dir if it holds none
   config.prepared_dir = ""  # TFDS records, image cache, stats; '' means <data_dir>/jattn_prepared
-  config.folds = "generated"  # 'generated', a Folds.csv file, or an mkfold/ folder
+  # 'generated'; BreakHis: a Folds.csv file or an mkfold/ folder; folder and tfds: a CSV of
+  # fold,split,path rows; tfds: also 'splits' (its own train and test splits, one fold).
+  config.folds = "generated"
   config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
-  config.fold = 1  # which fold to train and test, 1..5
+  config.fold = 1  # which fold to train and test, 1..5 (BreakHis), 1..num_folds
   config.magnifications = ("40X", "100X", "200X", "400X")  # train and test on these (e.g. 100X)
   config.task = "binary"  # 'binary' (benign/malignant) or 'subtype' (8 classes; num_classes=8)
   config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)
   config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
+
+  # The folder and TFDS sources (jattn/data/folder.py, tfds_source.py; BreakHis ignores these).
+  config.manifest = ""  # folder: a CSV of path,label[,group,<strata>,mpp] rows ('': DIR/<class>)
+  config.classes = ""  # the classes in output order, e.g. 'normal,tumour' ('': the data's, sorted)
+  config.group = ""  # the column (feature) of each image's group ('': 'group' where there is one)
+  config.strata = ""  # columns (features) reported separately, e.g. 'centre,scanner' ('': none)
+  config.mpp = 0.0  # microns per pixel of the images (0: unknown; a manifest's mpp column wins)
+  config.num_folds = 5  # folds drawn when folds == 'generated' (StratifiedGroupKFold's K)
+  config.positive_class = ""  # two classes: the positive one (sensitivity, ROC); '' for none
 
   # A synthetic BreakHis-format tree generated into data_dir when it holds no BreaKHis_v1 (demo):
   # only into the demo's ~/.cache/jattn/demo or a new or empty folder, never beside other files.

@@ -86,8 +86,9 @@ def columns(fold_data: FoldData, indices: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def tie_class(fold_data: FoldData, tie_rule: str) -> int | None:
-  """The class a tied binary vote goes to (`config.tie_rule` names it), or None."""
-  if len(fold_data.classes) != 2:
+  """The class a tied binary vote goes to (`config.tie_rule` names it), or None (more classes, or
+  tie_rule '': the tied class with the higher mean probability, as with more classes)."""
+  if len(fold_data.classes) != 2 or not tie_rule:
     return None
   if tie_rule not in fold_data.classes:
     raise ValueError(f"tie_rule={tie_rule!r}: use one of {fold_data.classes}")

@@ -116,7 +116,7 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32,
     group = np.array([order.index(keys[i]) for i in named])
     votes = evaluate.vote(group, np.argmax(probs[named], -1), len(outputs.classes),
                           tie_class=(outputs.classes.index(config.tie_rule)
-                                     if len(outputs.classes) == 2 else None),
+                                     if len(outputs.classes) == 2 and config.tie_rule else None),
                           probs=probs[named])
     for i, g in zip(named, group, strict=True):
       rows[i][f"{unit}_vote"] = outputs.classes[votes[int(g)]]

@@ -44,9 +44,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config.lr_decay_every > 0, "--config.lr_decay_every must be positive")
   outputs = source.outputs(config)
   classes = outputs.classes
-  _check(len(classes) != 2 or config.tie_rule in classes,
+  _check(len(classes) != 2 or config.tie_rule in ("", *classes),
          f"--config.tie_rule={config.tie_rule!r}: the class a tied vote goes to, one of "
-         f"{', '.join(classes)}")
+         f"{', '.join(classes)}, or '' (the tied class with the higher mean probability)")
   _check(config.pretrained_scope in models.PRETRAINED_SCOPES,
          f"--config.pretrained_scope={config.pretrained_scope!r}: use one of "
          f"{models.PRETRAINED_SCOPES}")

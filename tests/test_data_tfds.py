@@ -28,7 +28,8 @@ def test_jattn_does_not_import_tensorflow():
       "main", "train", "predict", "inspect", "tables", "convert", "runs", "models",
       "models.__main__", "data", "data.__main__", "data.prepare", "data.breakhis.tfds_builder",
       "data.pipeline", "data.breakhis.scan", "data.breakhis.folds", "data.breakhis.synthetic",
-      "data.breakhis.source", "data.augment", "state", "results", "evaluate")]
+      "data.breakhis.source", "data.augment", "state", "results", "evaluate", "data.folder",
+      "data.tfds_source", "data.labelled", "data.breakhis.export")]
   code = ("import importlib, sys\n"
           f"for m in {modules!r}: importlib.import_module(m)\n"
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")

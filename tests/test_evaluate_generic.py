@@ -134,3 +134,11 @@ def test_binary_tie_goes_to_the_tie_rule_class():
   assert to_pos["group_accuracy"]["centre1"] == 1.0
   with pytest.raises(ValueError, match="tie_rule='coin'"):
     evaluate.evaluate(probs, d, d.test_indices, tie_rule="coin")
+  # tie_rule '' (a source without a negative class): the tied class of higher mean probability.
+  # Slide 0's images: P = (0.9, 0.1) and (0.3, 0.7): means 0.6 (neg) and 0.4 (pos) -> neg.
+  probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2]])
+  assert evaluate.evaluate(probs, d, d.test_indices, tie_rule="")["per_group"]["centre1"][0][
+      "vote"] == "neg"
+  probs[0] = [0.6, 0.4]  # means 0.45 and 0.55 -> pos
+  assert evaluate.evaluate(probs, d, d.test_indices, tie_rule="")["per_group"]["centre1"][0][
+      "vote"] == "pos"

@@ -1,4 +1,5 @@
-"""The data sources jattn can train and evaluate on, by `config.dataset`.
+"""The data sources jattn can train and evaluate on, by `config.dataset`: `breakhis` (the paper's),
+`folder` (a folder per class, or a manifest) and `tfds:NAME` (a prepared TFDS data set).
 
 A source is a module that knows one kind of data set and turns it into the generic `FoldData`
 (jattn/data/fold.py); nothing else in jattn knows a source's name, classes or strata. Each
@@ -22,16 +23,22 @@ from types import ModuleType
 
 from jattn.errors import UserError
 
-SOURCES = {"breakhis": "jattn.data.breakhis.source"}
+SOURCES = {"breakhis": "jattn.data.breakhis.source", "folder": "jattn.data.folder"}
+# Families of sources named `<prefix>NAME`: `tfds:colorectal_histology` is the TFDS source.
+PREFIXED = {"tfds:": "jattn.data.tfds_source"}
 
 
 def get(name: str) -> ModuleType:
   """The source module of `config.dataset`; an unknown name is one line naming the choices."""
+  for prefix, module in PREFIXED.items():
+    if str(name).startswith(prefix):
+      return importlib.import_module(module)
   if name not in SOURCES:
     close = difflib.get_close_matches(str(name), SOURCES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
+    choices = [*SOURCES, *(f"{prefix}NAME (a prepared TFDS data set)" for prefix in PREFIXED)]
     raise UserError(f"--config.dataset={name!r} is not a data source: use one of "
-                    f"{', '.join(SOURCES)}{hint}")
+                    f"{', '.join(choices)}{hint}")
   return importlib.import_module(SOURCES[name])
 
 

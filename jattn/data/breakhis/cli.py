@@ -5,6 +5,7 @@ folds, or preview the augmentation.
       [--forget-checksum]
   python -m jattn.data synthesize --out DIR [--images-per-patient 4 | --counts real]
       [--width 700 --height 460] [--seed 0] [--no-junk] [--odd-sizes 3] [--no-folds]
+      [--format breakhis|folder]
   python -m jattn.data describe --source DATA_DIR [--folds FOLDS_CSV_OR_MKFOLD] [--seed 0]
       [--json] [--no-image-check] [--threads 2]
   python -m jattn.data augment-preview --out GRID.png [--config configs/ours_stain.py]
@@ -14,6 +15,9 @@ folds, or preview the augmentation.
 DATA_DIR, records its SHA-256 in DATA_DIR/downloads.json (a later download must match it;
 --forget-checksum drops the record first), deletes the archive (unless --keep-archive) and then
 describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v1 is not touched.
+
+`synthesize --format folder` writes the same synthetic images as a folder per class with a
+manifest and the generated folds (`jattn.data.breakhis.export`), the folder source's demo data.
 
 `describe`: see `jattn.data.breakhis.describe`, whose docstring lists its --json keys.
 
@@ -66,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
   syn.add_argument("--odd-sizes", type=int, default=3, help="images a few pixels off the size")
   syn.add_argument("--no-folds", action="store_true", help="no Folds.csv and mkfold/")
   syn.add_argument("--threads", type=int, default=None)
+  syn.add_argument("--format", choices=["breakhis", "folder"], default="breakhis",
+                   help="'folder': OUT/<class>/*.png with manifest.csv and folds.csv (the folder "
+                   "source's form) instead of BreaKHis_v1")
   desc = commands.add_parser("describe", help="counts and problems of a tree and its folds")
   desc.add_argument("--source", required=True, help="the folder that holds BreaKHis_v1")
   desc.add_argument("--folds", help="'generated' (the default), a Folds.csv or an mkfold folder")
@@ -74,6 +81,31 @@ def _parser() -> argparse.ArgumentParser:
   desc.add_argument("--no-image-check", action="store_true", help="do not decode every image")
   desc.add_argument("--threads", type=int, default=2)
   return parser
+
+
+def _synthesize_folder(out: str, options: dict) -> dict:
+  """A synthetic BreakHis written as a folder per class with a manifest and its generated folds
+  (into the new or empty folder `out`)."""
+  import tempfile
+
+  from jattn import files
+  from jattn.data.breakhis import export, synthetic
+  from jattn.data.breakhis import folds as folds_lib
+  from jattn.errors import UserError
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise UserError(f"{out} exists and is not an empty folder: choose a new folder")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tree = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.synthesizing-", dir=parent)
+  try:
+    summary = synthetic.synthesize(tree, folds_csv=True, mkfold=False, **options)
+    folds = folds_lib.read_folds_csv(summary["folds_csv"])
+    return {**export.to_folder(tree, out, folds=folds),
+            **{k: summary[k] for k in ("patients", "size", "seed")}}
+  finally:
+    files.remove(tree)
 
 
 def main(argv=None) -> None:
@@ -101,21 +133,16 @@ def main(argv=None) -> None:
     elif args.command == "synthesize":
       from jattn.data.breakhis import synthetic
 
-      summary = synthetic.synthesize(
-          args.out,
-          images_per_patient=args.images_per_patient,
-          counts=args.counts,
-          width=args.width,
-          height=args.height,
-          seed=args.seed,
-          junk=not args.no_junk,
-          odd_sizes=args.odd_sizes,
-          folds_csv=not args.no_folds,
-          mkfold=not args.no_folds,
-          threads=args.threads,
-          progress=True,
-      )
-      print(json.dumps(summary, indent=1))
+      options = dict(
+          images_per_patient=args.images_per_patient, counts=args.counts, width=args.width,
+          height=args.height, seed=args.seed, junk=not args.no_junk, odd_sizes=args.odd_sizes,
+          threads=args.threads, progress=True)
+      if args.format == "folder":
+        print(json.dumps(_synthesize_folder(args.out, options), indent=1))
+      else:
+        summary = synthetic.synthesize(
+            args.out, folds_csv=not args.no_folds, mkfold=not args.no_folds, **options)
+        print(json.dumps(summary, indent=1))
     else:
       d = describe.describe(
           args.source,
