@@ -11,8 +11,8 @@ folds, or preview the augmentation.
   python -m jattn.data augment-preview --out GRID.png [--config configs/ours_stain.py]
       [--rows 4] [--samples 7] [--seed 0] [IMAGE...]
 
-`download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.breakhis.fetch), checks and unpacks it into
-DATA_DIR, records its SHA-256 in DATA_DIR/downloads.json (a later download must match it;
+`download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.breakhis.fetch), checks and unpacks
+it into DATA_DIR, records its SHA-256 in DATA_DIR/downloads.json (a later download must match it;
 --forget-checksum drops the record first), deletes the archive (unless --keep-archive) and then
 describes the data set as `describe` does. A DATA_DIR that holds BreaKHis_v1 is not touched.
 
