@@ -185,8 +185,8 @@ def _predict(workdir: str, paths: list[str], batch_size: int, tta: str | None,
     found = image_paths(paths)
   if not found:
     raise UserError("give at least one image (or a folder of images) to predict")
-  images = load_images(found, config.image_size)
   config, run_state = runs.restore(workdir)
+  images = load_images(found, config.image_size)
   tta = tta or config.get("tta", "none")
   probs = runs.predict_probs(run_state, images, batch_size, tta)
   source = sources.of(config)
@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> None:
   with exit_on_user_error("jattn.predict"):
     for flag, path in (("--out", args.out), ("--results", args.results)):
       if path and os.path.isdir(path):  # refused before any work, not after it
-        name = "predictions.csv" if flag == "--out" else "results.json"
-        raise UserError(f"{flag} {path} is a folder: give the file to write, e.g. "
+        kind, name = ("CSV", "predictions.csv") if flag == "--out" else ("JSON", "results.json")
+        raise UserError(f"{flag} {path} is a folder: give the {kind} file to write, e.g. "
                         f"{os.path.join(path, name)}")
     if args.results and not args.manifest:
       raise UserError("--results needs --manifest: only images with labels have figures")

@@ -263,10 +263,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       raise UserError(f"fold {f.config.fold} has {len(f.data.train_indices)} training images, "
                       f"fewer than one batch of --config.batch_size={config.batch_size}")
     f.total_steps = f.steps_per_epoch * config.num_epochs
-    if config.get("stain_norm", "none") != "none":  # a finished fold's state is never stepped
-      f.stain = stain.fit_reference(
-          f.data.images, f.data.train_indices, what=f"the training images of fold "
-          f"{f.config.fold}") if f.results is None else stain.placeholder_reference()
+    # The fold's stain reference, from its training images (a finished fold's state is never
+    # stepped: make_state gives it a placeholder).
+    if config.get("stain_norm", "none") != "none" and f.results is None:
+      f.stain = stain.fit_reference(f.data.images, f.data.train_indices,
+                                    what=f"the training images of fold {f.config.fold}")
   _sync("data and weights checked")  # by every process: none writes before all could start
   if is_main:
     for f in folds:

@@ -101,7 +101,7 @@ def test_external_validation_equals_predict_and_the_evaluator_by_hand(trained_ru
 def test_a_class_mismatch_is_one_line_and_writes_nothing(trained_run, other_tree, tmp_path,
                                                          capsys):
   before = snapshot(os.path.dirname(other_tree)), snapshot(trained_run)
-  one_line_error(lambda: external.main(
+  one_line_error(lambda: evaluate.main(  # python -m jattn.evaluate
       ["--workdir", trained_run, f"--config.data_dir={other_tree}", "--config.task=subtype",
        "--out", str(tmp_path / "out")]), capsys, "jattn.evaluate",
       r"has the classes A, F, PT, TA, DC, LC, MC, PC, but the run was trained on benign, "
