@@ -79,7 +79,7 @@ def test_another_staining_is_mapped_onto_the_reference():
 
 
 def test_an_image_without_tissue_is_left_as_it_is():
-  white = np.full((1, 16, 16, 3), 250, np.uint8)
+  white = np.full((1, 64, 64, 3), 250, np.uint8)  # the size above: programs compiled once
   ref = stain.fit_reference(two_stain_image()[0][None])
   out = np.asarray(stain.normalize(white, ref["stain_matrix"], ref["max_concentrations"]))
   np.testing.assert_array_equal(out, white.astype(np.float32))
