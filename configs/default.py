@@ -36,6 +36,9 @@ def get_config():
   config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)
   config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
+  # 'macenko': every image's stains normalised to a reference fitted on the fold's training
+  # images (Macenko et al., 2009; jattn.stain), in training, evaluation and predict; 'none'.
+  config.stain_norm = "none"
 
   # The folder and TFDS sources (jattn/data/folder.py, tfds_source.py; BreakHis ignores these).
   config.manifest = ""  # folder: a CSV of path,label[,group,<strata>,mpp] rows ('': DIR/<class>)

@@ -31,10 +31,14 @@ UNREADABLE_SUBDIR = "checkpoints.unreadable"  # beside SUBDIR, so Orbax never li
 
 
 def items(state) -> dict[str, Any]:
-  """The parts of a `state.TrainState` a checkpoint holds (not `apply_fn` or `tx`)."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state, "image_mean": state.image_mean,
-          "image_std": state.image_std}
+  """The parts of a `state.TrainState` a checkpoint holds (not `apply_fn` or `tx`); the stain
+  reference only in runs that have one, so checkpoints written before it restore unchanged."""
+  out = {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
+         "opt_state": state.opt_state, "image_mean": state.image_mean,
+         "image_std": state.image_std}
+  if getattr(state, "stain_matrix", None) is not None:
+    out.update(stain_matrix=state.stain_matrix, stain_max=state.stain_max)
+  return out
 
 
 def manager(workdir: str, keep: int | None = None, *, create: bool = True) -> ocp.CheckpointManager:

@@ -19,9 +19,9 @@ LATER_FIELDS = {
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
     "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
     "coordinator_timeout_s": 300.0, "dataset": "breakhis", "model.name": "vgg19",
-    # The folder and TFDS sources' fields (issue 20).
+    # The folder and TFDS sources' fields and stain normalisation (issue 20).
     "manifest": "", "classes": "", "group": "", "strata": "", "mpp": 0.0, "num_folds": 5,
-    "positive_class": "",
+    "positive_class": "", "stain_norm": "none",
 }
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",

@@ -15,6 +15,9 @@ add per-class precision, recall and F1 and k x k confusion matrices.
 Every figure is computed from the probabilities passed in, so any way of producing them (one pass,
 the mean over test-time flips) is evaluated the same way. A stratum value without test images is
 absent from every per-stratum map.
+
+As a command, `python -m jattn.evaluate --workdir RUN --config.data_dir=OTHER ...` scores a
+finished run on every image of another labelled set (external validation: `jattn.external`).
 """
 
 from __future__ import annotations
@@ -252,3 +255,14 @@ def _report_columns(results: dict) -> list[str]:
   if len(strata) == 1:
     return list(next(iter(strata.values()))["values"])
   return [f"{name}={v}" for name, s in strata.items() for v in s["values"]]
+
+
+def main(argv: list[str] | None = None) -> None:
+  """External validation (`jattn.external.main`); this module stays NumPy only until called."""
+  from jattn import external
+
+  external.main(argv)
+
+
+if __name__ == "__main__":
+  main()

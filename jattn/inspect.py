@@ -39,7 +39,8 @@ def _forward(state: state_lib.TrainState, images: jax.Array):
   """Class probabilities and the attention weights the modules sow."""
   logits, state_out = state.apply_fn(
       {"params": state.params, "batch_stats": state.batch_stats},
-      state_lib.preprocess(state, images), train=False, mutable=["intermediates"])
+      state_lib.preprocess(state, state_lib.normalize_stains(state, images)), train=False,
+      mutable=["intermediates"])
   return jax.nn.softmax(logits), state_out["intermediates"]
 
 

@@ -4,9 +4,9 @@ Schema `jattn.results/2` (this module is its one home): the evaluator's figures
 (`jattn.evaluate.evaluate`: per-stratum maps, `clinical`, `per_class`, `group_figures`, `strata`)
 and what they are figures of: `source`, `classes`, `class_kind`, `binary` (the classes' coarse
 labels and the positive one), `group_unit`, `subclasses`, the run's `layout`, `normalization`,
-`data`, `config`, `versions`, `train`. Runs written under schema 1 (BreakHis only, with
-patient-named keys) are read as schema 2 (`read`), so old runs and sweeps keep printing and
-tabulating.
+`stain_normalization`, `data`, `config`, `versions`, `train`. Runs written under schema 1
+(BreakHis only, with patient-named keys) are read as schema 2 (`read`), so old runs and sweeps
+keep printing and tabulating.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ SCHEMAS = (V1, SCHEMA)
 REQUIRED = ("schema", "name", "paper_row", "fold", "finished")
 
 
-def build(config: ml_collections.ConfigDict, fold_data: FoldData, figures: dict) -> dict:
-  """A finished fold's results: the evaluator's `figures` with what they are figures of."""
+def build(config: ml_collections.ConfigDict, fold_data: FoldData, figures: dict, *,
+          stain_normalization: dict | None = None) -> dict:
+  """A finished fold's results: the evaluator's `figures` with what they are figures of (and the
+  run's stain reference, `jattn.stain.describe`'s record, when it normalises stains)."""
   d = fold_data
   return {
       "schema": SCHEMA, "name": config.name, "paper_row": config.paper_row,
@@ -49,6 +51,7 @@ def build(config: ml_collections.ConfigDict, fold_data: FoldData, figures: dict)
                         "computed_on": f"the {len(d.train_indices)} training images of "
                                        f"fold {config.fold}, at {config.image_size}x"
                                        f"{config.image_size}, 0-255 scale"},
+      "stain_normalization": stain_normalization,
       "data": {"data_dir": config.data_dir, "folds": d.folds_source,
                "num_train_images": len(d.train_indices),
                "num_test_images": len(d.test_indices),

@@ -75,13 +75,19 @@ def unfinished(config: ml_collections.ConfigDict, step: int, steps_per_epoch: in
           f"using that partly trained model")
 
 
+@functools.cache
+def _jitted_eval(tta: str):
+  """One jitted eval step per TTA mode, so that calls in chunks reuse its compiled programs."""
+  return jax.jit(functools.partial(state_lib.eval_step, tta=tta))
+
+
 def predict_probs(state: state_lib.TrainState, images: np.ndarray, batch_size: int = 32,
                   tta: str = "none") -> np.ndarray:
   """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded).
 
   tta: 'none', or 'dihedral' (the mean over the 8 flips and right-angle turns; `state.eval_step`).
   """
-  p_eval = jax.jit(functools.partial(state_lib.eval_step, tta=tta))
+  p_eval = _jitted_eval(tta)
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

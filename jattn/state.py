@@ -1,5 +1,6 @@
-"""A model's train state and what every user of a trained model needs: preprocessing, the
-evaluation step, a fresh state from a config (ImageNet weights merged) and its abstract shape.
+"""A model's train state and what every user of a trained model needs: preprocessing (stain
+normalisation, then the fold's channel statistics), the evaluation step, a fresh state from a
+config (ImageNet weights merged) and its abstract shape.
 
 Training (`jattn.train`), reading a run (`jattn.runs`), `predict`, `inspect` and slide inference
 import this, never the training loop.
@@ -17,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jattn import convert, errors, models, optim
+from jattn import convert, errors, models, optim, stain
 from jattn.data import augment as augment_lib
 
 TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
@@ -32,6 +33,10 @@ class TrainState(train_state.TrainState):
   # int32 []: the fold's steps per epoch, as data rather than a Python constant so that states of
   # folds with different training-set sizes can be stacked and stepped in one program.
   steps_per_epoch: jax.Array = None
+  # config.stain_norm='macenko': the reference fitted on the fold's training images
+  # (`jattn.stain.fit_reference`); None (no stain normalisation) in every other run.
+  stain_matrix: jax.Array = None  # [2, 3]: unit haematoxylin and eosin OD vectors
+  stain_max: jax.Array = None  # [2]: their maximum concentrations
 
   def apply_gradients(self, *, grads, **kwargs):
     """One optimiser step; the learning rate follows this state's own `steps_per_epoch`."""
@@ -39,6 +44,16 @@ class TrainState(train_state.TrainState):
                                         steps_per_epoch=self.steps_per_epoch)
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         opt_state=opt_state, **kwargs)
+
+
+def normalize_stains(state: TrainState, images: jax.Array) -> jax.Array:
+  """Images [B, H, W, 3] (0-255) normalised to the run's stain reference, per image, in float32
+  (Macenko: `jattn.stain.normalize`); returned as they are when the run has none. The train step
+  applies it before augmentation, the eval step before test-time flips: every image a model sees
+  has been through it."""
+  if state.stain_matrix is None:
+    return images
+  return stain.normalize(images, state.stain_matrix, state.stain_max)
 
 
 def preprocess(state: TrainState, images: jax.Array) -> jax.Array:
@@ -51,18 +66,20 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *,
   """Class probabilities of a batch of uint8 images (padding rows are dropped by the caller).
 
   tta='dihedral' averages the probabilities of the 8 flips and right-angle turns of each image,
-  one view after the other (`lax.map`: the memory of one view, not eight).
+  one view after the other (`lax.map`: the memory of one view, not eight). Stains are normalised
+  first (`normalize_stains`), once per image: Macenko's estimate ignores where pixels are.
   """
   def probs(images):
     logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
                             preprocess(state, images), train=False)
     return jax.nn.softmax(logits)
 
-  if tta == "dihedral":
-    return {"probs": jnp.mean(jax.lax.map(probs, augment_lib.dihedral_stack(batch["image"])), 0)}
-  if tta != "none":
+  if tta not in TTA_MODES:
     raise ValueError(f"tta={tta!r}: use one of {TTA_MODES}")
-  return {"probs": probs(batch["image"])}
+  images = normalize_stains(state, batch["image"])
+  if tta == "dihedral":
+    return {"probs": jnp.mean(jax.lax.map(probs, augment_lib.dihedral_stack(images)), 0)}
+  return {"probs": probs(images)}
 
 
 def initial_variables(config: ml_collections.ConfigDict, rng: jax.Array):
@@ -83,14 +100,23 @@ def warn_if_from_scratch(config: ml_collections.ConfigDict) -> None:
                 "weights as the paper does")
 
 
-def make_state(config, model, variables, image_mean, image_std, steps_per_epoch) -> TrainState:
-  """A TrainState of `variables` with the config's optimiser and the fold's image statistics."""
+def make_state(config, model, variables, image_mean, image_std, steps_per_epoch,
+               stain_reference=None) -> TrainState:
+  """A TrainState of `variables` with the config's optimiser and the fold's image statistics (and
+  stain reference, `jattn.stain.fit_reference`'s, with config.stain_norm='macenko'; without one, a
+  placeholder of its shapes: for abstract shapes and benchmarks, never for training)."""
+  wants = config.get("stain_norm", "none") != "none"
+  if not wants and stain_reference is not None:
+    raise ValueError("a stain reference for a config with stain_norm='none'")
+  ref = (stain_reference or stain.placeholder_reference()) if wants else {}
   return TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=optim.make_optimizer(config),
       batch_stats=variables.get("batch_stats", {}),
       image_mean=jnp.asarray(image_mean, jnp.float32),
       image_std=jnp.asarray(image_std, jnp.float32),
-      steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
+      steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
+      stain_matrix=jnp.asarray(ref["stain_matrix"], jnp.float32) if ref else None,
+      stain_max=jnp.asarray(ref["max_concentrations"], jnp.float32) if ref else None)
 
 
 def abstract_state(config: ml_collections.ConfigDict) -> TrainState:

@@ -48,6 +48,7 @@ from jattn import (
   optim,
   parallel,
   results,
+  stain,
   validate,
 )
 from jattn import state as state_lib
@@ -62,7 +63,8 @@ LONG_BOOTSTRAP = 1_000_000  # resamples x test groups from which evaluation says
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array, *,
                augment: Mapping[str, Any], learning_rate_fn: Callable | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One Adam step on a batch of uint8 images; augmentation and normalisation run on device.
+  """One Adam step on a batch of uint8 images; stain normalisation (if the run has a reference),
+  augmentation and normalisation run on device, in that order.
 
   With `learning_rate_fn` (`functools.partial(optim.learning_rate_schedule, config)`) the metrics
   hold
@@ -70,7 +72,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array
   state's own `steps_per_epoch`, as `TrainState.apply_gradients` gives them to the optimiser.
   """
   aug_rng, dropout_rng = jax.random.split(rng)
-  images = state_lib.preprocess(state, augment_lib.augment(aug_rng, batch["image"], **augment))
+  images = state_lib.preprocess(state, augment_lib.augment(
+      aug_rng, state_lib.normalize_stains(state, batch["image"]), **augment))
   labels = batch["label"]
 
   def loss_fn(params):
@@ -187,6 +190,7 @@ class _Fold:
   step: int = 0  # a Python copy of the fold's state.step: reading the device's would wait
   start_step: int = 0
   results: dict | None = None  # read from results.json when the fold had finished
+  stain: dict | None = None  # its stain reference (config.stain_norm), fitted on its training set
   manager: Any = None
   metrics_file: Any = None
   writer: Any = None
@@ -259,6 +263,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       raise UserError(f"fold {f.config.fold} has {len(f.data.train_indices)} training images, "
                       f"fewer than one batch of --config.batch_size={config.batch_size}")
     f.total_steps = f.steps_per_epoch * config.num_epochs
+    # The fold's stain reference, from its training images (a finished fold's state is never
+    # stepped: make_state gives it a placeholder).
+    if config.get("stain_norm", "none") != "none" and f.results is None:
+      f.stain = stain.fit_reference(f.data.images, f.data.train_indices,
+                                    what=f"the training images of fold {f.config.fold}")
   _sync("data and weights checked")  # by every process: none writes before all could start
   if is_main:
     for f in folds:
@@ -271,7 +280,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
   states = []
   for k, f in enumerate(folds):
     state = parallel.place(plan, state_lib.make_state(f.config, model, variables, f.data.mean,
-                                                      f.data.std, f.steps_per_epoch))
+                                                      f.data.std, f.steps_per_epoch, f.stain))
     if f.results is None:
       f.manager = checkpoints.manager(f.workdir, config.keep_checkpoints)
       restored = checkpoints.restore_latest(f.manager, state)
@@ -502,5 +511,12 @@ def _evaluate_fold(config, state, fold_data, plan, p_eval) -> tuple[dict, list[d
   figures = evaluate.evaluate(probs, fold_data, index, tie_rule=config.tie_rule,
                               bootstrap_resamples=resamples,
                               bootstrap_seed=config.get("bootstrap_seed", 0))
-  return (results.build(config, fold_data, figures),
+  reference = None
+  if state.stain_matrix is not None:
+    reference = stain.describe(
+        state.stain_matrix, state.stain_max,
+        f"the median of the estimates of the {len(fold_data.train_indices)} training images of "
+        f"fold {config.fold} (at most {stain.REFERENCE_PIXELS} pixels each), at "
+        f"{config.image_size}x{config.image_size}")
+  return (results.build(config, fold_data, figures, stain_normalization=reference),
           results.prediction_rows(fold_data, index, probs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jattn import metrics, models, state
+from jattn import metrics, models, stain, state
 from jattn.data import augment, sources
 from jattn.errors import UserError
 
@@ -60,6 +60,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for name, high in augment.COLOR_RANGES.items():
     _check(0 <= config.augment[name] <= high,
            f"--config.augment.{name}={config.augment[name]}: between 0 (off) and {high}")
+  _check(config.get("stain_norm", "none") in stain.METHODS,
+         f"--config.stain_norm={config.get('stain_norm')!r}: use one of {stain.METHODS} (Macenko "
+         f"stain normalisation, fitted on the fold's training images, or none)")
   _check(config.tta in state.TTA_MODES,
          f"--config.tta={config.tta!r}: use one of {state.TTA_MODES}")
   _check(config.model.num_classes == len(classes),

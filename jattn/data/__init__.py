@@ -21,6 +21,7 @@ _LAZY = {
     "FoldData": "jattn.data.fold",
     "Labelling": "jattn.data.fold",
     "Strata": "jattn.data.fold",
+    "load_all": "jattn.data.pipeline",
     "load_fold": "jattn.data.pipeline",
     "steps_per_epoch": "jattn.data.pipeline",
     "test_batches": "jattn.data.pipeline",

@@ -333,13 +333,24 @@ def load_fold(config) -> FoldData:
   """Fold `config.fold` of the folder or manifest: checked first (nothing written on a problem),
   then, under the prepared dir's lock and each only once, the decoded-image cache, the generated
   folds and the fold's normalisation statistics."""
+  return _load(config, every_image=False)
+
+
+def load_all(config) -> FoldData:
+  """Every image of the folder or manifest as a test image, no folds read or generated and no
+  statistics computed (external validation, `jattn.data.sources`)."""
+  return _load(config, every_image=True)
+
+
+def _load(config, every_image: bool) -> FoldData:
   table, sizes = read_table(config)
   binary = labelled.class_map(config.get("positive_class", ""), table.classes)
   root, prepared = _root(config), prepared_dir(config)
   entries = [[n, s] for n, s in zip(table.names, sizes, strict=True)]
   fingerprint = labelled.fingerprint_of(entries)
   labelled.check_unchanged(prepared, fingerprint, entries, table.where)
-  folds, notes = labelled.resolve_folds(config, table, prepared, root=root)  # before writing
+  folds, notes = (None, []) if every_image else labelled.resolve_folds(
+      config, table, prepared, root=root)  # before writing
   threads = max(1, int(config.loader_threads))
   with (
       prepare.reporting_worker_deaths(
@@ -356,7 +367,8 @@ def load_fold(config) -> FoldData:
                                 record_of=lambda e: {"file_names": e["name"]},
                                 where=table.where, threads=threads)
     labelled.record_source(prepared, fingerprint, entries)
-    folds = labelled.save_generated(config, table, prepared, folds)
+    if folds is not None:
+      folds = labelled.save_generated(config, table, prepared, folds)
     data = labelled.fold_data(config, source=NAME, table=table, cache=cache, folds=folds,
                               prepared_dir=prepared, binary=binary)
   labelled.warn_all(_warnings(table) + notes)

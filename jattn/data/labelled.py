@@ -379,23 +379,32 @@ def warn_all(messages: Sequence[str]) -> None:
     errors.warn(message)
 
 
-def fold_data(config, *, source: str, table: Table, cache: prepare.Cache, folds: Folds,
+def fold_data(config, *, source: str, table: Table, cache: prepare.Cache, folds: Folds | None,
               prepared_dir: str, binary: ClassMap | None) -> FoldData:
   """Fold `config.fold` of `table` (whose images `cache` holds, in the same order) as a FoldData,
-  with the normalisation statistics of its training images (computed once, stored)."""
+  with the normalisation statistics of its training images (computed once, stored); with
+  `folds=None`, every image as a test image and no statistics (`mean`, `std` NaN: external
+  validation, where the run brings its own)."""
   if tuple(cache.file_names) != table.names:
     raise AssertionError("the decoded-image cache does not hold the table's images in its order")
-  split = folds.splits[config.fold]
-  sides = np.array([split.get(n, "") for n in table.names])
-  train = np.flatnonzero(sides == "train").astype(np.int64)
-  test = np.flatnonzero(sides == "test").astype(np.int64)
-  stats = prepare.stats_path(prepared_dir,
-                             prepare.folds_id(folds.source, [table.names[i] for i in train]),
-                             config.fold, config.image_size)
-  mean, std = prepare.fold_stats(stats, cache.images, train)
+  if folds is None:
+    train = np.zeros(0, np.int64)
+    test = np.arange(len(table.names), dtype=np.int64)
+    mean = std = np.full(3, np.nan, np.float32)
+    fold, folds_source = 0, f"every image of {table.where} (no folds)"
+  else:
+    split = folds.splits[config.fold]
+    sides = np.array([split.get(n, "") for n in table.names])
+    train = np.flatnonzero(sides == "train").astype(np.int64)
+    test = np.flatnonzero(sides == "test").astype(np.int64)
+    stats = prepare.stats_path(prepared_dir,
+                               prepare.folds_id(folds.source, [table.names[i] for i in train]),
+                               config.fold, config.image_size)
+    mean, std = prepare.fold_stats(stats, cache.images, train)
+    fold, folds_source = config.fold, folds.source
   group_ids, groups = group_index(table)
   return FoldData(
       source=source, images=cache.images, file_names=table.names, targets=table.labels,
       classes=table.classes, groups=groups, group_ids=group_ids, strata=table.strata,
-      train_indices=train, test_indices=test, mean=mean, std=std, fold=config.fold,
-      folds_source=folds.source, group_unit=table.group_unit, binary=binary)
+      train_indices=train, test_indices=test, mean=mean, std=std, fold=fold,
+      folds_source=folds_source, group_unit=table.group_unit, binary=binary)

@@ -2,6 +2,7 @@
 batches.
 
   fold_data = load_fold(config)                       # the config's source prepares it, once
+  every = load_all(config)                            # every image as test images (no folds)
   for batch in train_batches(fold_data, 8, seed=0, epoch=e):   # {'image', 'label'}
   for batch in test_batches(fold_data, 32):           # + 'group', 'index', 'mask'
 
@@ -34,6 +35,19 @@ def load_fold(config) -> FoldData:
   if not isinstance(config.image_size, int) or config.image_size < 1:
     raise UserError(f"config.image_size must be a positive integer, got {config.image_size!r}")
   return source.load_fold(config)
+
+
+def load_all(config) -> FoldData:
+  """Every image of the data set `config.dataset` names that the config selects, all as test
+  images and no training split (its source's `load_all`; external validation)."""
+  source = sources.of(config)
+  source.check_config(config)
+  if not hasattr(source, "load_all"):
+    raise UserError(f"--config.dataset={source.NAME!r} cannot give all its images at once (its "
+                    f"source has no load_all), so a run cannot be evaluated on it")
+  if not isinstance(config.image_size, int) or config.image_size < 1:
+    raise UserError(f"config.image_size must be a positive integer, got {config.image_size!r}")
+  return source.load_all(config)
 
 
 def steps_per_epoch(fold_data: FoldData, batch_size: int) -> int:

@@ -11,8 +11,18 @@ provides:
   num_folds(config) -> int        folds are numbered 1..num_folds
   check_data_dir(config)          a quick look that the data is there, before slower checks
   load_fold(config) -> FoldData   prepares what is missing, once, then maps the cache
+  load_all(config) -> FoldData    (optional) every image the config selects, for external
+                                  validation (below)
   describe_file(path) -> dict | None   {group, strata} from a file's name, for predict
   published                       figures a paper reported on it (tables), or absent
+
+`load_all` is the fold-free mode that external validation (`python -m jattn.evaluate`,
+`jattn.external`) scores a finished run with: the data set prepared as `load_fold` prepares it
+(same cache, at `config.image_size`), as one `FoldData` whose `test_indices` are every image the
+config selects (sorted), `train_indices` empty, `fold` 0, `mean` and `std` NaN (no statistics are
+computed: the run brings its own), `folds_source` saying that no folds were used, and nothing
+about folds read, generated or written. A source without it cannot be used for external
+validation (one line says so).
 """
 
 from __future__ import annotations

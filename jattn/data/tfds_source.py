@@ -273,6 +273,16 @@ def load_fold(config) -> FoldData:
   """Fold `config.fold`: under the prepared dir's lock and each only once, the decoded-image cache
   of the splits read (with every scalar feature), the generated folds and the fold's
   normalisation statistics."""
+  return _load(config, every_image=False)
+
+
+def load_all(config) -> FoldData:
+  """Every image of the splits read as a test image, no folds and no statistics (external
+  validation, `jattn.data.sources`)."""
+  return _load(config, every_image=True)
+
+
+def _load(config, every_image: bool) -> FoldData:
   b = builder(config)
   names = classes(b.info, config)
   binary = labelled.class_map(config.get("positive_class", ""), names)
@@ -303,7 +313,9 @@ def load_fold(config) -> FoldData:
         record_of=_record_of, where=where, threads=threads)
     labelled.record_source(prepared, fingerprint, entries)
     table = _table(b, config, cache, names)
-    if config.folds == "splits":
+    if every_image:
+      folds, notes = None, []
+    elif config.folds == "splits":
       folds = labelled.Folds(f"the train and test splits of tfds:{dataset_name(config)}",
                              {1: {n: n.split("/", 1)[0] for n in table.names}})
       notes = labelled.validate_fold(folds, 1, table)

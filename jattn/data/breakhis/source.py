@@ -123,6 +123,17 @@ def load_fold(config) -> FoldData:
   the TFDS data set, the decoded-image cache at `config.image_size`, the folds (`config.folds`),
   and the fold's normalisation stats. A later call only checks and maps.
   """
+  return _load(config, every_image=False)
+
+
+def load_all(config) -> FoldData:
+  """Every image of the selected magnifications in `config.data_dir`, all of them test images
+  (external validation, `jattn.data.sources`): prepared as for `load_fold`, but no folds are read
+  or generated and no statistics computed (`mean` and `std` are NaN: a run brings its own)."""
+  return _load(config, every_image=True)
+
+
+def _load(config, every_image: bool) -> FoldData:
   magnifications, task = selection(config)
   data_dir = scan_lib.resolve_data_dir(os.path.abspath(os.path.expanduser(config.data_dir)))
   prepared_dir = os.path.abspath(
@@ -178,34 +189,15 @@ def load_fold(config) -> FoldData:
     cache = tfds_builder.build_cache(builder, prepared_dir, config.image_size, threads=threads)
     records = [r for r in fresh.records if r.path not in frozenset(skipped)]
     _check_selection(records, magnifications, data_dir)
-    folds = folds_lib.resolve_folds(
-        config.folds,
-        records=records,
-        data_dir=data_dir,
-        prepared_dir=prepared_dir,
-        seed=config.folds_seed,
-    )
-    for warning in folds_lib.validate_folds(
-        folds, records, fold=config.fold, skipped=skipped, magnifications=magnifications,
-        task=task,
-    ):
-      log.warning("%s", warning)
     table = cache.table
-    split = folds.splits[config.fold]
-    sides = np.array([
-        split.get(name, "") if mag in magnifications else ""
-        for name, mag in zip(table["file_names"], table["magnifications"], strict=True)
-    ])
-    train_indices = np.flatnonzero(sides == "train").astype(np.int64)
-    test_indices = np.flatnonzero(sides == "test").astype(np.int64)
-    train_names = [table["file_names"][i] for i in train_indices]
-    stats_file = prepare.stats_path(
-        prepared_dir,
-        prepare.folds_id(folds.source, train_names),
-        config.fold,
-        config.image_size,
-    )
-    mean, std = prepare.fold_stats(stats_file, cache.images, train_indices)
+    if every_image:
+      train_indices = np.zeros(0, np.int64)
+      test_indices = np.flatnonzero(np.isin(table["magnifications"], magnifications))
+      mean = std = np.full(3, np.nan, np.float32)
+      folds_source = f"every image of {data_dir} (no folds)"
+    else:
+      train_indices, test_indices, mean, std, folds_source = _fold_split(
+          config, records, skipped, magnifications, task, table, cache, data_dir, prepared_dir)
   info = outputs(config)
   patient_ids = tuple(sorted(set(table["patient_ids"])))
   patient_index = {p: i for i, p in enumerate(patient_ids)}
@@ -222,11 +214,11 @@ def load_fold(config) -> FoldData:
       strata=(magnification_strata(
           [naming.MAGNIFICATIONS.index(m) for m in table["magnifications"]]),),
       train_indices=train_indices,
-      test_indices=test_indices,
+      test_indices=test_indices.astype(np.int64),
       mean=mean,
       std=std,
-      fold=config.fold,
-      folds_source=folds.source,
+      fold=0 if every_image else config.fold,
+      folds_source=folds_source,
       group_unit=info.group_unit,
       class_kind=info.class_kind,
       binary=info.binary,
@@ -235,6 +227,40 @@ def load_fold(config) -> FoldData:
       skipped=skipped,
       problems=fresh.problems,
   )
+
+
+def _fold_split(config, records, skipped, magnifications, task, table, cache, data_dir,
+                prepared_dir):
+  """(train indices, test indices, mean, std, folds source) of fold `config.fold` (under the
+  prepared dir's lock): its folds resolved (and generated, once) and checked, its stats."""
+  folds = folds_lib.resolve_folds(
+      config.folds,
+      records=records,
+      data_dir=data_dir,
+      prepared_dir=prepared_dir,
+      seed=config.folds_seed,
+  )
+  for warning in folds_lib.validate_folds(
+      folds, records, fold=config.fold, skipped=skipped, magnifications=magnifications,
+      task=task,
+  ):
+    log.warning("%s", warning)
+  split = folds.splits[config.fold]
+  sides = np.array([
+      split.get(name, "") if mag in magnifications else ""
+      for name, mag in zip(table["file_names"], table["magnifications"], strict=True)
+  ])
+  train_indices = np.flatnonzero(sides == "train").astype(np.int64)
+  test_indices = np.flatnonzero(sides == "test").astype(np.int64)
+  train_names = [table["file_names"][i] for i in train_indices]
+  stats_file = prepare.stats_path(
+      prepared_dir,
+      prepare.folds_id(folds.source, train_names),
+      config.fold,
+      config.image_size,
+  )
+  mean, std = prepare.fold_stats(stats_file, cache.images, train_indices)
+  return train_indices, test_indices, mean, std, folds.source
 
 
 # Schema 1 results (written before data sources existed; all BreakHis) -> schema 2 keys.
