@@ -71,6 +71,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       pool_size=mc.pool_size,
       dropout_rate=mc.dropout_rate,
       dtype=_DTYPES[resolve_dtype(mc.dtype)],
+      # Absent from configs written before it: those runs kept Flax's biased running variance.
+      bn_torch_running_var=mc.get("bn_unbiased_running_var", False),
   )
 
 

@@ -10,6 +10,10 @@ in the authors' code.
 Parameter names: `block{b}/conv{i}`, `block{b}/bn{i}` (batch-norm variant), `block{b}/c_attn`,
 `block{b}/s_attn`, `classifier/fc1`, `classifier/fc2`, `classifier/head`.
 
+Batch norm (`jattn.models.norm.BatchNorm`) keeps PyTorch's unbiased running variance when
+`bn_torch_running_var` is set (config.model.bn_unbiased_running_var), Flax's biased one otherwise
+(exactly the runs written before that field).
+
 Initialisation (used for whatever is not loaded from ImageNet weights): convs He-normal with
 fan-out and zero bias, linear layers N(0, 0.01) with zero bias, batch norm scale 1 and bias 0, as
 torchvision and the authors' code.
@@ -28,6 +32,7 @@ from flax import linen as nn
 
 from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
+from jattn.models.norm import BatchNorm
 from jattn.models.pooling import max_pool_2x2
 
 VGG19_BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512,) * 4, (512,) * 4)
@@ -67,6 +72,7 @@ class Block(nn.Module):
   s_attn: nn.Module | None = None
   c_attn: nn.Module | None = None
   dtype: Any = jnp.float32
+  bn_torch_running_var: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -75,8 +81,9 @@ class Block(nn.Module):
                   dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated,
                   name=f"conv{i}")(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, name=f"bn{i}")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5,
+                      torch_running_var=self.bn_torch_running_var, dtype=self.dtype,
+                      name=f"bn{i}")(x)
       x = nn.relu(x)
     for attention in (self.s_attn, self.c_attn):
       if attention is not None:
@@ -119,6 +126,7 @@ class VGG(nn.Module):
   pool_size: int = 7
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  bn_torch_running_var: bool = False  # batch norm keeps PyTorch's unbiased running variance
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -129,7 +137,8 @@ class VGG(nn.Module):
       c_attn = (ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
                                  dtype=self.dtype, parent=None)
                 if b in self.c_attn_blocks else None)
-      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, name=f"block{b}")(x, train)
+      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, self.bn_torch_running_var,
+                name=f"block{b}")(x, train)
     x = adaptive_avg_pool(x, self.pool_size)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order; the converter permutes torch's (c, h, w)
     x = Classifier(self.num_classes, self.classifier_width, self.dropout_rate, self.dtype,

@@ -1,0 +1,554 @@
+"""ResNet-18/50 against PyTorch: torchvision's layout and parameter counts, converted weights give
+torch's logits, attention placement, one training step, batch norm as PyTorch trains it."""
+
+from __future__ import annotations
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import linen as nn
+from flax import traverse_util
+
+from configs import default
+from jattn import convert, models, train
+from jattn.errors import UserError
+from jattn.models import norm, resnet
+from tests.torch_models import (
+    RefCAttn,
+    RefSAttn,
+    TorchResNet,
+    TorchVGG,
+    randomize_,
+    resnet_from_config,
+)
+
+# torchvision's published parameter counts (1000 classes), ResNet18/50_Weights meta "num_params".
+PUBLISHED = {"resnet18": 11_689_512, "resnet50": 25_557_032}
+NARROW = 0.125  # width of the narrow models: planes 8-16-32-64
+NO_AUGMENT = dict(flip="none", rotation="none")
+
+
+def _mc(arch, num_classes=1000, width=1.0, c=(), s=(), **kw):
+  mc = resnet.torchvision_model_config(arch, num_classes)
+  mc.update(width=width, c_attn_stages=c, s_attn_stages=s, **kw)
+  return mc
+
+
+def _torch(mc, seed=0):
+  return randomize_(resnet_from_config(mc, resnet.stage_planes(mc.width)), seed)
+
+
+def _soften_attention_(model, x, train=False, target=2.0):
+  """Scales each attention module's query and key weights so that its logits have standard
+  deviation `target` on `x`. In a randomised network the activations grow with depth, so one
+  fixed scale leaves the softmax of deep sites saturated (where float rounding alone moves the
+  output) and of shallow ones uniform (where a softmax over the wrong axis goes unseen)."""
+  def calibrate(module, args):
+    f = args[0]
+    q, k = module.conv1(f).flatten(2), module.conv2(f).flatten(2)
+    logits = q @ k.transpose(1, 2) if isinstance(module, RefCAttn) else q.transpose(1, 2) @ k
+    a = (target / logits.std()) ** 0.5
+    module.conv1.weight.mul_(a)
+    module.conv2.weight.mul_(a)
+
+  kept = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
+  hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules()
+           if isinstance(m, (RefCAttn, RefSAttn))]
+  with torch.no_grad():
+    model.train(train)(x)
+  for hook in hooks:
+    hook.remove()
+  model.load_state_dict({**model.state_dict(), **kept})  # the forward pass changed nothing else
+  return model.eval()
+
+
+def _assert_soft(intermediates, sites):
+  """Each attention's weights are far from uniform and from one-hot (mean largest weight of a
+  column between 1.5 / N and 0.9)."""
+  for site, kind, _ in sites:
+    node = intermediates
+    for part in site if isinstance(site, tuple) else (site,):  # a module path
+      node = node[part]
+    w = np.asarray(node["d_prime" if kind == "c_attn" else "e_prime"][0])
+    top = w.max(axis=1).mean()
+    assert 1.5 / w.shape[1] < top < 0.9, (site, top, w.shape)
+
+
+def _max_pool_margin(model, x):
+  """The smallest gap, over every max-pool window of `model` (in training mode, on `x`) whose
+  maximum is positive, between its largest and second-largest input, relative to the largest
+  input of that pool. Where two inputs tie to float rounding, which one receives the gradient
+  is decided by rounding alone, in either framework, and the weight gradients then differ by a
+  whole position's contribution; a training-step comparison needs a batch without such ties."""
+  gaps = []
+
+  def hook(pool, args, _):
+    f = args[0].detach().double()
+    k, stride, pad = (v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride,
+                                                                  pool.padding))
+    f = F.pad(f, (pad,) * 4, value=-np.inf)
+    windows = F.unfold(f.flatten(0, 1)[:, None], k, stride=stride)  # [B*C, k*k, L]
+    top2 = windows.topk(2, dim=1).values
+    live = top2[:, 0] > 0  # not an all-zero window after a ReLU (its gradient is 0 anyway)
+    gaps.append(float((top2[:, 0] - top2[:, 1])[live].min() / f[f.isfinite()].abs().max()))
+
+  model = copy.deepcopy(model).train()
+  hooks = [m.register_forward_hook(hook) for m in model.modules()
+           if isinstance(m, torch.nn.MaxPool2d)]
+  with torch.no_grad():
+    model(x)
+  for h in hooks:
+    h.remove()
+  return min(gaps)
+
+
+def _close(got, want, rel=1e-5, what=""):
+  """|got - want| <= rel * max|want| everywhere: equal to `rel` relative to the array's scale."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape, what
+  err, scale = np.abs(got - want).max(), np.abs(want).max()
+  assert err <= rel * scale, f"{what}: max error {err:.3g} is {err / scale:.3g} of the scale"
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _shapes(model, size=224):
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+
+
+def _torchvision_keys(arch):
+  """torchvision's state-dict keys, written from its documented layout: conv1, bn1, layer1-4 of
+  BasicBlock (conv1-2, bn1-2) or Bottleneck (conv1-3, bn1-3) blocks, the first block of a stage
+  with `downsample` (0: 1x1 conv, 1: batch norm) where the stride or width changes (stages 2-4;
+  ResNet-50's stage 1 too, 64 -> 256 channels), fc."""
+  convs, sizes = {"resnet18": (2, (2, 2, 2, 2)), "resnet50": (3, (3, 4, 6, 3))}[arch]
+  bn = lambda p: [f"{p}.{k}" for k in ("weight", "bias", "running_mean", "running_var",  # noqa: E731
+                                       "num_batches_tracked")]
+  keys = ["conv1.weight", *bn("bn1")]
+  for stage, n in enumerate(sizes, start=1):
+    for i in range(n):
+      for c in range(1, convs + 1):
+        keys += [f"layer{stage}.{i}.conv{c}.weight", *bn(f"layer{stage}.{i}.bn{c}")]
+      if i == 0 and (stage > 1 or arch == "resnet50"):
+        keys += [f"layer{stage}.{i}.downsample.0.weight", *bn(f"layer{stage}.{i}.downsample.1")]
+  return keys + ["fc.weight", "fc.bias"]
+
+
+@pytest.mark.parametrize("arch,num_keys", [("resnet18", 122), ("resnet50", 320)])
+def test_torch_transcription_has_torchvision_layout(arch, num_keys):
+  """The PyTorch transcription the other tests compare against is torchvision's model: its
+  published parameter count, its key list (in order), the v1.5 stride on the 3x3 conv."""
+  tm = TorchResNet(arch)
+  sd = tm.state_dict()
+  assert list(sd) == _torchvision_keys(arch) and len(sd) == num_keys
+  assert sum(p.numel() for p in tm.parameters()) == PUBLISHED[arch]
+  assert tuple(sd["fc.weight"].shape) == ((1000, 512) if arch == "resnet18" else (1000, 2048))
+  if arch == "resnet50":
+    assert tuple(sd["layer1.0.downsample.0.weight"].shape) == (256, 64, 1, 1)
+    assert tuple(sd["layer4.2.conv3.weight"].shape) == (2048, 512, 1, 1)
+    assert (tm.layer2[0].conv1.stride, tm.layer2[0].conv2.stride) == ((1, 1), (2, 2))
+  else:
+    assert tuple(sd["layer2.0.conv1.weight"].shape) == (128, 64, 3, 3)
+    assert tm.layer2[0].conv1.stride == tm.layer2[0].downsample[0].stride == (2, 2)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_flax_model_has_torchvision_parameters_and_the_key_map_covers_them(arch):
+  mc = _mc(arch)
+  variables = traverse_util.flatten_dict(_shapes(resnet.build(mc)))
+  assert _count([variables[k] for k in variables if k[0] == "params"]) == PUBLISHED[arch]
+  key_map = resnet.torch_key_map(mc)
+  assert [k for k, _, _ in key_map] == [k for k in _torchvision_keys(arch)
+                                        if not k.endswith("num_batches_tracked")]
+  assert sorted(path for _, path, _ in key_map) == sorted(variables)  # each variable once
+  # ImageNet provides everything but the head.
+  pretrained = [k for k in variables if k[0] == "params" and resnet.is_pretrained(k)]
+  fc = 512 * 1000 + 1000 if arch == "resnet18" else 2048 * 1000 + 1000
+  assert _count([variables[k] for k in pretrained]) == PUBLISHED[arch] - fc
+
+
+# Attention parameters, from jattn/models/attention.py (bias-free convs, C channels in and out):
+#   C-Attn, kernel k: M_Q, M_K k x k C -> C; M_V 1 x 1 C -> C:        2 k^2 C^2 + C^2 (33 C^2, k=4)
+#   S-Attn, reduction r: S_Q, S_K 1 x 1 C -> C/r; S_V 1 x 1 C -> C:   2 C^2 / r + C^2 (5/4 C^2, r=8)
+# Channels at the sites (stem, stages 1-4): ResNet-18 64, 64, 128, 256, 512;
+#                                            ResNet-50 64, 256, 512, 1024, 2048.
+#   ResNet-18: stem C 33*64^2 = 135,168; stage 1 C 135,168; stage 2 S 5/4*128^2 = 20,480;
+#              stage 3 S 81,920; stage 4 S 327,680                          -> 700,416
+#   ResNet-50: stem C 135,168; stage 1 C 33*256^2 = 2,162,688; stage 2 S 5/4*512^2 = 327,680;
+#              stage 3 S 1,310,720; stage 4 S 5/4*2048^2 = 5,242,880           -> 9,179,136
+#   C-Attn of the authors' code (kernel 7) after stage 4 of ResNet-18: 99*512^2 = 25,952,256
+# With 2 classes the head is 512*2+2 = 1,026 (ResNet-18) or 2048*2+2 = 4,098 (ResNet-50).
+@pytest.mark.parametrize("arch,c,s,kernel,sites,total", [
+    ("resnet18", (), (), 4, {}, 11_689_512 - 513_000 + 1_026),
+    ("resnet18", (0, 1), (2, 3, 4), 4,
+     {"stem_c_attn": 135_168, "layer1_c_attn": 135_168, "layer2_s_attn": 20_480,
+      "layer3_s_attn": 81_920, "layer4_s_attn": 327_680}, 11_177_538 + 700_416),
+    ("resnet18", (4,), (), 7, {"layer4_c_attn": 25_952_256}, 11_177_538 + 25_952_256),
+    ("resnet50", (0, 1), (2, 3, 4), 4,
+     {"stem_c_attn": 135_168, "layer1_c_attn": 2_162_688, "layer2_s_attn": 327_680,
+      "layer3_s_attn": 1_310_720, "layer4_s_attn": 5_242_880},
+     25_557_032 - 2_049_000 + 4_098 + 9_179_136),
+])
+def test_attention_parameter_counts(arch, c, s, kernel, sites, total):
+  mc = _mc(arch, 2, c=c, s=s, c_attn_kernel=kernel)
+  params = _shapes(resnet.build(mc))["params"]
+  assert {k: _count(v) for k, v in params.items() if k.endswith("_attn")} == sites
+  assert _count(params) == total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_full_size_converted_state_dict_gives_torch_logits(arch):
+  """The suite's one full-size forward pass of each: torchvision's layout with random weights and
+  batch-norm statistics, 1000 classes, 224x224, eval mode; logits equal to 1e-5 of their scale."""
+  mc = _mc(arch)
+  tm = _torch(mc)
+  x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = tm(x).numpy()
+  variables = resnet.torch_to_flax(tm.state_dict(), mc)
+  got = jax.jit(resnet.build(mc).apply)(variables, x.numpy().transpose(0, 2, 3, 1))
+  _close(got, want)
+  assert np.abs(want[0] - want[1]).max() > 1e-3 * np.abs(want).max()  # inputs are told apart
+
+
+@pytest.mark.parametrize("arch,c,s,c_attn", [
+    ("resnet18", (0, 1), (2, 3, 4), (4, 4, 0)),  # the default placement
+    ("resnet50", (0, 1), (2, 3, 4), (4, 4, 0)),
+    ("resnet50", (2,), (0, 2), (7, 4, 3)),  # both on one stage, S-Attn on the stem; the code's
+    ("resnet18", (), (), (4, 4, 0)),
+])
+def test_narrow_models_with_attention_give_torch_logits_where_pooling_is_not_exact(arch, c, s,
+                                                                                     c_attn):
+  """At 200x176 the strided convs and the stem's max-pool meet odd sides (stage 2 is 25x22,
+  stage 3 13x11) and the pool pads; the TorchResNet with RefCAttn/RefSAttn, converted with its
+  attention weights, gives jattn's logits to 1e-5 of their scale."""
+  k, stride, pad = c_attn
+  mc = _mc(arch, 5, NARROW, c, s, c_attn_kernel=k, c_attn_stride=stride, c_attn_padding=pad)
+  x = torch.randn(2, 3, 200, 176, generator=torch.Generator().manual_seed(3))
+  tm = _soften_attention_(_torch(mc, seed=2), x)
+  with torch.no_grad():
+    want = tm(x).numpy()
+  variables = resnet.torch_to_flax(tm.state_dict(), mc, attention=True)
+  sites = resnet.attention_sites(mc)
+  assert {k for k in variables["params"] if k.endswith("_attn")} == {site for site, _, _ in sites}
+  got, state = jax.jit(lambda v, x: resnet.build(mc).apply(v, x, mutable=["intermediates"]))(
+      variables, x.numpy().transpose(0, 2, 3, 1))
+  _close(got, want)
+  _assert_soft(state.get("intermediates", {}), sites)
+
+
+def test_attention_sits_by_resolution_after_the_last_residual_addition():
+  """Default placement at 224x224: C-Attn after the stem (56x56) and stage 1 (56x56), S-Attn
+  after stages 2-4 (28, 14, 7), in that order; each module sees its stage's output, the ReLU'd
+  sum of the last block (non-negative), with the stage's channels."""
+  mc = _mc("resnet50", 2, NARROW, (0, 1), (2, 3, 4))
+  assert resnet.attention_sites(mc) == [
+      ("stem_c_attn", "c_attn", "after the stem"), ("layer1_c_attn", "c_attn", "after stage 1"),
+      ("layer2_s_attn", "s_attn", "after stage 2"), ("layer3_s_attn", "s_attn", "after stage 3"),
+      ("layer4_s_attn", "s_attn", "after stage 4")]
+  model = resnet.build(mc)
+  variables = models.init_variables(model, jax.random.key(0), 224)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and (context.module.name or "").endswith("_attn"):
+      seen[context.module.name] = args[0]
+    return next_fun(*args, **kwargs)
+
+  x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
+  with nn.intercept_methods(record):
+    _, state = model.apply(variables, x, mutable=["intermediates"])
+  assert {k: v.shape for k, v in seen.items()} == {
+      "stem_c_attn": (1, 56, 56, 8), "layer1_c_attn": (1, 56, 56, 32),
+      "layer2_s_attn": (1, 28, 28, 64), "layer3_s_attn": (1, 14, 14, 128),
+      "layer4_s_attn": (1, 7, 7, 256)}
+  assert all(float(v.min()) >= 0 for v in seen.values())  # after the ReLU
+  inter = state["intermediates"]
+  assert inter["stem_c_attn"]["d_prime"][0].shape == (1, 8, 8)  # C x C
+  assert inter["layer2_s_attn"]["e_prime"][0].shape == (1, 784, 784)  # N x N
+  assert resnet.stage_sizes_at(224) == (56, 56, 28, 14, 7)
+  assert resnet.stage_sizes_at(200) == (50, 50, 25, 13, 7)
+
+
+def _torch_step(tm, x, labels, make_optimizer):
+  """One PyTorch training step: (loss, state dict after it, gradients)."""
+  tm = copy.deepcopy(tm).train()
+  optimizer = make_optimizer(tm.parameters())
+  loss = F.cross_entropy(tm(x), torch.as_tensor(labels, dtype=torch.long))
+  optimizer.zero_grad()
+  loss.backward()
+  grads = {name: p.grad.clone() for name, p in tm.named_parameters()}
+  optimizer.step()
+  return loss.item(), {k: v.clone() for k, v in tm.state_dict().items()}, grads
+
+
+def _compare_train_steps(tm, mc, model, to_flax, sites, size, seed, lr_sgd=1e-3, lr_adam=1e-3,
+                         weight_decay=0.1):
+  """jattn's train step (train.train_step, uint8 images normalised on device) with SGD and with
+  the run's Adam (train.make_optimizer: L2 added to the gradient, as torch.optim.Adam's
+  weight_decay), against PyTorch's from the same weights on the same batch."""
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+  labels = rng.integers(0, mc.num_classes, 8).astype(np.int32)
+  mean, std = np.array([120.0, 110.0, 100.0]), np.array([50.0, 60.0, 55.0])
+  x = torch.tensor(((images - mean) / std).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+  tm = _soften_attention_(tm, x, train=True)
+  assert _max_pool_margin(tm, x) > 1e-5  # a batch (seed) without near-ties in the max-pools
+  torch_sgd = _torch_step(tm, x, labels, lambda p: torch.optim.SGD(p, lr=lr_sgd))
+  torch_adam = _torch_step(tm, x, labels, lambda p: torch.optim.Adam(
+      p, lr=lr_adam, weight_decay=weight_decay))
+
+  config = default.get_config()
+  config.update(learning_rate=lr_adam, weight_decay=weight_decay)
+  start = jax.tree_util.tree_map(np.array, to_flax(tm.state_dict()))
+  adam = train.make_state(config, model, start, mean, std, steps_per_epoch=10)
+  sgd = adam.replace(tx=optax.with_extra_args_support(optax.sgd(lr_sgd)),
+                     opt_state=optax.sgd(lr_sgd).init(adam.params))
+  step = jax.jit(lambda a, b, batch: tuple(
+      train.train_step(s, batch, jax.random.key(0), augment=NO_AUGMENT) for s in (a, b)))
+  (sgd, sgd_metrics), (adam, adam_metrics) = step(sgd, adam, {"image": images, "label": labels})
+  _, state = model.apply(start, jnp.asarray((images - mean) / std, jnp.float32), train=True,
+                         mutable=["intermediates", "batch_stats"])
+  _assert_soft(state["intermediates"], sites)
+
+  initial = traverse_util.flatten_dict(start)
+  # The gradient Adam sees, torch's loss gradient plus the L2 term, in jattn's layout.
+  grads = torch_adam[2]
+  total_grad = traverse_util.flatten_dict(to_flax({
+      k: grads[k] + weight_decay * v if k in grads else v for k, v in tm.state_dict().items()}))
+  for name, (loss, want_sd, _), state, metrics in (("sgd", torch_sgd, sgd, sgd_metrics),
+                                                  ("adam", torch_adam, adam, adam_metrics)):
+    assert float(metrics["loss"]) == pytest.approx(loss, rel=1e-5), name
+    want = traverse_util.flatten_dict(to_flax(want_sd))
+    got = traverse_util.flatten_dict({"params": state.params, "batch_stats": state.batch_stats})
+    assert set(got) == set(want)
+    resolved_count = []
+    for path in want:
+      what = f"{name} {'/'.join(path)}"
+      g, w, w0 = (np.asarray(d[path], np.float64) for d in (got, want, initial))
+      if path[0] == "params" and not (name == "sgd" and path[-2].startswith("conv")
+                                      and path[-1] == "bias"):  # before a batch norm: grad 0
+        # The step moved every tensor by several times the tolerance.
+        assert np.abs(w - w0).max() > 5 * 1e-5 * np.abs(w).max(), what
+      if name == "adam" and path[0] == "params":
+        # Adam's first step moves each weight by lr * g / (|g| + eps), about lr * sign(g): a
+        # weight whose gradient is within float32's accuracy of 0 (both frameworks compute
+        # gradients to some 5e-5 of a tensor's largest) moves by +-lr at random in either. Those
+        # (below 1e-4 of the largest) are left out: under 1% of all.
+        grad = np.abs(np.asarray(total_grad[path]))
+        resolved = grad > 1e-4 * grad.max()
+        resolved_count.append((resolved.sum(), resolved.size))
+        g, w, w0 = g[resolved], w[resolved], w0[resolved]
+      if path[0] == "params":
+        # Weights to 1e-5 of their scale, plus the update to 1e-3 of its own: both frameworks'
+        # float32 gradients are some 1e-4 of a tensor's largest from float64's (measured), and
+        # a step of SGD carries that error into the weights.
+        err, allowed = np.abs(g - w).max(), 1e-5 * np.abs(w).max() + 1e-3 * np.abs(w - w0).max()
+        assert err <= allowed, f"{what}: max error {err:.3g}, allowed {allowed:.3g}"
+      else:
+        _close(g, w, what=what)  # batch stats: mean and PyTorch's unbiased running variance
+    if name == "adam":
+      kept, total = np.sum(resolved_count, axis=0)
+      assert kept > 0.99 * total, (kept, total)
+
+
+def test_resnet18_train_step_equals_torch():
+  """Narrow ResNet-18 with the default attention, 48x48 (stage 4 is 2x2: n = 8 x 2 x 2 = 32
+  values per channel, so the unbiased variance is 32/31 of the biased one there)."""
+  mc = _mc("resnet18", 3, 0.25, (0, 1), (2, 3, 4))
+  _compare_train_steps(_torch(mc, seed=4), mc, resnet.build(mc),
+                       lambda sd: resnet.torch_to_flax(sd, mc, attention=True),
+                       resnet.attention_sites(mc), 48, seed=17)
+
+
+def test_vgg19_bn_train_step_equals_torch():
+  """Narrow VGG19-BN with C-Attn on blocks 1-2 and S-Attn on 3-5 (the authors' layout, whose
+  head ends in log_softmax: the same cross-entropy), batch norm keeping PyTorch's statistics;
+  32x32 (block 5 is 2x2: n = 32 values per channel)."""
+  mc = default.get_config().model
+  mc.update(width=0.125, classifier_width=32, pool_size=1, batch_norm=True, dropout_rate=0.0,
+            dtype="float32")
+  mc.bn_unbiased_running_var = True
+  narrow = ((8, 8), (16, 16), (32,) * 4, (64,) * 4, (64,) * 4)
+  tm = randomize_(TorchVGG(narrow, batch_norm=True, num_classes=2, hidden=32, layout="reference",
+                           c_attn_blocks=(1, 2), s_attn_blocks=(3, 4, 5), c_attn_kernel=4,
+                           c_attn_stride=4, c_attn_padding=0, pool_size=1, dropout_rate=0.0),
+                  seed=5)
+  model = models.build_model(mc)
+  assert model.bn_torch_running_var
+  sites = [(f"block{b}", kind) for b in range(1, 6)
+           for kind, blocks in (("s_attn", (3, 4, 5)), ("c_attn", (1, 2))) if b in blocks]
+  _compare_train_steps(tm, mc, model, lambda sd: convert.torch_to_flax(sd, mc, "reference"),
+                       [((block, kind), kind, "") for block, kind in sites], 32, seed=9)
+
+
+def test_vgg_keeps_flax_running_variance_unless_asked():
+  """Configs written before `model.bn_unbiased_running_var` keep Flax's batch norm."""
+  mc = default.get_config().model
+  assert not models.build_model(mc).bn_torch_running_var
+  mc.bn_unbiased_running_var = True
+  assert models.build_model(mc).bn_torch_running_var
+  assert resnet.build(_mc("resnet18")).bn_torch_running_var  # ResNets: PyTorch's by default
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batch_norm_keeps_torch_statistics_or_exactly_flaxs(dtype):
+  """norm.BatchNorm(torch_running_var=True) normalises and updates its statistics as
+  torch.nn.BatchNorm2d (momentum 0.1, unbiased running variance); with False it is
+  flax.linen.BatchNorm(momentum=0.9) bit for bit (old runs compute what they computed)."""
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(4, 5, 3, 6)) * 3 + rng.normal(size=6) * 5).astype(np.float32)
+  mean0, var0 = rng.normal(size=6).astype(np.float32), rng.uniform(0.5, 2, 6).astype(np.float32)
+  scale, bias = rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+  variables = {"params": {"scale": scale, "bias": bias},
+               "batch_stats": {"mean": mean0, "var": var0}}
+  xj = jnp.asarray(x, dtype)
+  bn = torch.nn.BatchNorm2d(6)
+  with torch.no_grad():
+    bn.weight.copy_(torch.tensor(scale))
+    bn.bias.copy_(torch.tensor(bias))
+    bn.running_mean.copy_(torch.tensor(mean0))
+    bn.running_var.copy_(torch.tensor(var0))
+    want = bn.train()(torch.tensor(np.asarray(xj, np.float32)).permute(0, 3, 1, 2))
+  ours = norm.BatchNorm(torch_running_var=True, dtype=dtype)
+  y, stats = jax.jit(lambda v, x: ours.apply(v, x, use_running_average=False,
+                                             mutable=["batch_stats"]))(variables, xj)
+  assert y.dtype == dtype and stats["batch_stats"]["var"].dtype == jnp.float32
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  _close(y, want.permute(0, 2, 3, 1).numpy(), tol)
+  _close(stats["batch_stats"]["mean"], bn.running_mean.numpy(), 1e-6)
+  _close(stats["batch_stats"]["var"], bn.running_var.numpy(), 1e-6)
+  n = 4 * 5 * 3
+  biased = np.asarray(xj, np.float64).var(axis=(0, 1, 2))
+  np.testing.assert_allclose(stats["batch_stats"]["var"], 0.9 * var0 + 0.1 * biased * n / (n - 1),
+                             rtol=1e-5)
+
+  flax_bn = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  old = norm.BatchNorm(torch_running_var=False, dtype=dtype)
+
+  def run(m, train_mode):
+    return jax.jit(lambda v, x: m.apply(v, x, use_running_average=not train_mode,
+                                        mutable=["batch_stats"]))(variables, xj)
+
+  for train_mode in (True, False):
+    (a, sa), (b, sb) = run(old, train_mode), run(flax_bn, train_mode)
+    np.testing.assert_array_equal(a, b)
+    for key in ("mean", "var"):
+      np.testing.assert_array_equal(sa["batch_stats"][key], sb["batch_stats"][key])
+  # Flax's running variance (biased) is not PyTorch's.
+  assert not np.allclose(run(old, True)[1]["batch_stats"]["var"], stats["batch_stats"]["var"])
+  init = lambda m: m.init(jax.random.key(0), xj, use_running_average=False)  # noqa: E731
+  assert jax.tree_util.tree_structure(init(old)) == jax.tree_util.tree_structure(
+      init(flax_bn))  # the same names: checkpoints restore either way
+
+
+def test_initialisation_is_torchvisions():
+  """Guards against a wrong initialisation of what ImageNet weights do not provide: convs
+  N(0, 2 / (k^2 C_out)) (He, fan-out, untruncated), batch norm scale 1 and bias 0, fc weights and
+  bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch.nn.Linear. Moments within ~10 standard errors;
+  kurtosis 3 for a normal draw (2.4 truncated at 2 std), 1.8 for a uniform one."""
+  mc = _mc("resnet18", 1000)
+  variables = models.init_variables(resnet.build(mc), jax.random.key(0), 64)
+  p = traverse_util.flatten_dict(variables["params"])
+  kernels = [v for k, v in p.items() if k[-1] == "kernel" and k[0] != "fc"]
+  z = np.concatenate([np.ravel(v) / np.sqrt(2 / (v.shape[0] * v.shape[1] * v.shape[3]))
+                      for v in kernels])
+  assert len(kernels) == 20 and z.size == 11_176_512 - 2 * 4_800  # 20 convs; bn: 4,800 channels
+  assert abs(z.mean()) < 0.01 and z.std() == pytest.approx(1, rel=0.01)
+  assert np.mean(z ** 4) / z.var() ** 2 == pytest.approx(3.0, abs=0.05)
+  bn = [k for k in p if k[-1] in ("scale", "bias") and k[0] != "fc"]
+  assert all(np.all(p[k] == (1.0 if k[-1] == "scale" else 0.0)) for k in bn)
+  assert _count([p[k] for k in bn]) == 2 * 4_800
+  bound = 1 / np.sqrt(512)
+  for w, size in ((p["fc", "kernel"], 512_000), (p["fc", "bias"], 1000)):
+    w = np.asarray(w, np.float64).ravel()
+    assert w.size == size and np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    assert w.std() == pytest.approx(bound / np.sqrt(3), rel=0.1 if size == 1000 else 0.01)
+  fc = np.asarray(p["fc", "kernel"], np.float64).ravel()
+  assert np.mean((fc / fc.std()) ** 4) == pytest.approx(1.8, abs=0.02)
+  stats = traverse_util.flatten_dict(variables["batch_stats"])
+  assert all(np.all(v == (0.0 if k[-1] == "mean" else 1.0)) for k, v in stats.items())
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_logits_and_statistics():
+  """With model.dtype bfloat16 the convs, batch norms and residual sums run in bfloat16, the
+  attention softmax and the logits in float32; parameters and running statistics stay float32
+  (as VGG). Guards against a module left in float32 or parameters cast."""
+  mc = _mc("resnet18", 2, NARROW, (0, 1), (2, 3, 4), dtype="bfloat16")
+  model = resnet.build(mc)
+  variables = models.init_variables(model, jax.random.key(0), 64)
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  logits, state = model.apply(variables, x, train=True, capture_intermediates=True,
+                              mutable=["intermediates", "batch_stats"])
+  outputs = traverse_util.flatten_dict(state["intermediates"])
+  by_kind = {}
+  for path, value in outputs.items():
+    kind = ("softmax" if path[-1] in ("d_prime", "e_prime") else
+            "logits" if path == ("__call__",) else
+            "fc" if path[0] == "fc" else "attention" if path[0].endswith("_attn") else "backbone")
+    by_kind.setdefault(kind, set()).add(jnp.dtype(value[0].dtype))
+  assert by_kind == {"backbone": {jnp.dtype(jnp.bfloat16)}, "attention": {jnp.dtype(jnp.bfloat16)},
+                     "softmax": {jnp.dtype(jnp.float32)}, "fc": {jnp.dtype(jnp.bfloat16)},
+                     "logits": {jnp.dtype(jnp.float32)}}
+  assert logits.dtype == jnp.float32 and np.isfinite(logits).all()
+  dtypes = {v.dtype for v in jax.tree_util.tree_leaves((variables, state["batch_stats"]))}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("s_attn_stages", (2, 5), r"^config\.model\.s_attn_stages=\(2, 5\): resnet18 has no stage 5; "
+                              r"stages are numbered 0 \(the stem\) to 4$"),
+    ("c_attn_stages", (-1,), r"c_attn_stages=\(-1,\): resnet18 has no stage -1"),
+    ("name", "resnet34", r"config\.model\.name='resnet34': the ResNets are resnet18, resnet50"),
+    ("s_attn_reduction", 16, r"s_attn_reduction=16 does not divide the 8 channels after the stem"),
+    ("dtype", "float64", r"config\.model\.dtype='float64'"),
+    ("width", 0.0, r"config\.model\.width and config\.model\.num_classes must be positive"),
+])
+def test_bad_model_config_is_one_line(field, value, match):
+  mc = _mc("resnet18", 2, NARROW, c=(), s=(0,))
+  mc[field] = value
+  with pytest.raises(UserError, match=match) as info:
+    resnet.build(mc)
+  assert "\n" not in str(info.value)
+
+
+def test_c_attn_kernel_larger_than_the_map_is_refused():
+  mc = _mc("resnet18", 2, NARROW, c=(0, 1), s=(), c_attn_kernel=7)
+  resnet.check(mc, 64)  # 16x16 maps after the stem and stage 1
+  with pytest.raises(UserError, match=r"config\.image_size=16: the 4x4 map after the stem is "
+                                      r"smaller than C-Attn's 7x7 kernel"):
+    resnet.check(mc, 16)
+
+
+def test_conversion_errors_name_the_key_or_the_architecture():
+  mc18 = _mc("resnet18", 10, NARROW)
+  sd = _torch(mc18).state_dict()
+  with pytest.raises(UserError, match=r"no key 'layer3\.1\.bn2\.running_var'"):
+    resnet.torch_to_flax({k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}, mc18)
+  with pytest.raises(UserError, match=r"'fc\.weight' has shape \(10, 64\), which gives \(64, 10\) "
+                                      r"for params/fc/kernel, but the config expects \(64, 2\)"):
+    resnet.torch_to_flax(sd, _mc("resnet18", 2, NARROW))
+  with pytest.raises(UserError, match=r"keys this config does not use: layer2_s_attn\.conv1\."):
+    resnet.torch_to_flax(_torch(_mc("resnet18", 10, NARROW, s=(2,))).state_dict(), mc18)
+  with pytest.raises(UserError, match=r"the state dict is a resnet50 but "
+                                      r"config\.model\.name='resnet18'; convert it with --arch"):
+    resnet.torch_to_flax(_torch(_mc("resnet50", 10, NARROW)).state_dict(), mc18)
+  vgg = TorchVGG(((8,),) * 5, num_classes=10, hidden=8).state_dict()
+  with pytest.raises(UserError, match=r"the state dict is a VGG \(features\.\*\), not a ResNet"):
+    resnet.torch_to_flax(vgg, mc18)
+  bad = dict(sd, **{"layer1.0.conv1.weight": torch.full_like(sd["layer1.0.conv1.weight"], np.inf)})
+  with pytest.raises(UserError, match=r"'layer1\.0\.conv1\.weight' holds NaN or infinite values"):
+    resnet.torch_to_flax(bad, mc18)
+  prefixed = {f"module.{k}": v for k, v in sd.items()}  # DataParallel's prefix is accepted
+  np.testing.assert_array_equal(resnet.torch_to_flax(prefixed, mc18)["params"]["fc"]["bias"],
+                                sd["fc.bias"].numpy())
