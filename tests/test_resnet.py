@@ -268,6 +268,7 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
   x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
   with nn.intercept_methods(record):
     _, state = model.apply(variables, x, mutable=["intermediates"])
+  assert list(seen) == [site for site, _, _ in resnet.attention_sites(mc)]  # the order they run
   assert {k: v.shape for k, v in seen.items()} == {
       "stem_c_attn": (1, 56, 56, 8), "layer1_c_attn": (1, 56, 56, 32),
       "layer2_s_attn": (1, 28, 28, 64), "layer3_s_attn": (1, 14, 14, 128),
@@ -276,6 +277,16 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
   inter = state["intermediates"]
   assert inter["stem_c_attn"]["d_prime"][0].shape == (1, 8, 8)  # C x C
   assert inter["layer2_s_attn"]["e_prime"][0].shape == (1, 784, 784)  # N x N
+  # Both on one stage: S-Attn first, as on VGG.
+  both = _mc("resnet50", 2, NARROW, (2,), (0, 2))
+  assert resnet.attention_sites(both) == [
+      ("stem_s_attn", "s_attn", "after the stem"), ("layer2_s_attn", "s_attn", "after stage 2"),
+      ("layer2_c_attn", "c_attn", "after stage 2")]
+  seen.clear()
+  model = resnet.build(both)
+  with nn.intercept_methods(record):
+    model.apply(models.init_variables(model, jax.random.key(0), 64), x[:, :64, :64])
+  assert list(seen) == [site for site, _, _ in resnet.attention_sites(both)]
   assert resnet.stage_sizes_at(224) == (56, 56, 28, 14, 7)
   assert resnet.stage_sizes_at(200) == (50, 50, 25, 13, 7)
 
@@ -440,11 +451,24 @@ def test_batch_norm_keeps_torch_statistics_or_exactly_flaxs(dtype):
     return jax.jit(lambda v, x: m.apply(v, x, use_running_average=not train_mode,
                                         mutable=["batch_stats"]))(variables, xj)
 
+  def grads(m):  # the order of the operations decides the gradient's bits
+    cotangent = jnp.asarray(rng.normal(size=x.shape), dtype)
+    loss = lambda p, x: jnp.sum(m.apply(  # noqa: E731
+        {"params": p, "batch_stats": variables["batch_stats"]}, x, use_running_average=False,
+        mutable=["batch_stats"])[0] * cotangent)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], xj)
+
   for train_mode in (True, False):
     (a, sa), (b, sb) = run(old, train_mode), run(flax_bn, train_mode)
     np.testing.assert_array_equal(a, b)
     for key in ("mean", "var"):
       np.testing.assert_array_equal(sa["batch_stats"][key], sb["batch_stats"][key])
+  rng = np.random.default_rng(1)
+  ours_grads = grads(old)
+  rng = np.random.default_rng(1)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_grads), jax.tree_util.tree_leaves(grads(flax_bn)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
   # Flax's running variance (biased) is not PyTorch's.
   assert not np.allclose(run(old, True)[1]["batch_stats"]["var"], stats["batch_stats"]["var"])
   init = lambda m: m.init(jax.random.key(0), xj, use_running_average=False)  # noqa: E731

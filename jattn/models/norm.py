@@ -51,11 +51,13 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       xf = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
-      mean = xf.mean(axes)
       if self.torch_running_var:  # biased, E[(x - E[x])^2]: no cancellation (PyTorch's value)
+        mean = xf.mean(axes)
         var = lax.square(xf - jnp.expand_dims(mean, axes)).mean(axes)
-      else:  # biased, E[x^2] - E[x]^2 (Flax's fast variance)
-        var = jnp.maximum(0.0, lax.square(xf).mean(axes) - lax.square(mean))
+      else:  # biased, E[x^2] - E[x]^2, in flax.linen.BatchNorm's order of operations
+        square = lax.square(xf)
+        mean, mean2 = xf.mean(axes), square.mean(axes)
+        var = jnp.maximum(0.0, mean2 - lax.square(mean))
       if not self.is_initializing():
         n = math.prod(x.shape[:-1])
         if self.torch_running_var and n < 2:
@@ -64,9 +66,11 @@ class BatchNorm(nn.Module):
         decay = 1.0 - self.momentum  # Flax's momentum: the same constants, the same order
         ra_mean.value = decay * ra_mean.value + (1 - decay) * mean
         ra_var.value = decay * ra_var.value + (1 - decay) * kept
-    # The normalisation as flax.linen.normalization._normalize writes it.
-    y = x - jnp.expand_dims(mean, axes)
-    mul = lax.rsqrt(jnp.expand_dims(var, axes) + self.epsilon)
+    # The normalisation as flax.linen.normalization._normalize writes it (the order of the
+    # operations fixes the order in which the gradient's terms are summed, hence its bits).
+    mean, var = jnp.expand_dims(mean, axes), jnp.expand_dims(var, axes)
+    y = x - mean
+    mul = lax.rsqrt(var + self.epsilon)
     scale = self.param("scale", nn.initializers.ones, features, jnp.float32).reshape(
         (1,) * len(axes) + features)
     mul *= scale
