@@ -9,8 +9,9 @@ shortcut is a 1x1 conv and batch norm (`downsample`) where the stride or the wid
 
 Attention sites are numbered by stage, 0 being the stem: a module sits after the stem's
 max-pool, or after a stage's last block (its residual addition and ReLU). By resolution, as the
-paper places them on VGG19 (C-Attn on the 224- and 112-pixel blocks, S-Attn on 56 to 14): C-Attn
-after the stem and stage 1 (56x56 at 224), S-Attn after stages 2, 3 and 4 (28, 14, 7). Config
+paper places them on VGG19 (C-Attn on the two finest maps, 224 and 112 px; S-Attn, whose N x N
+weights grow with the map, on the coarser 56 to 14): C-Attn after the stem and stage 1 (56x56 at
+224), S-Attn after stages 2, 3 and 4 (28, 14, 7). Config
 fields `model.c_attn_stages`, `model.s_attn_stages`; when a stage has both, S-Attn runs first,
 as on VGG. The modules are `jattn.models.attention`'s, unchanged.
 
@@ -59,7 +60,7 @@ STAGE_LABELS = {0: "after the stem", 1: "after stage 1", 2: "after stage 2", 3: 
 
 # torchvision's ImageNet checkpoints of these layouts, under jattn.convert.TORCHVISION_URL
 # (https://download.pytorch.org/models/); the digits after '-' in a file's name start its
-# SHA-256. ResNet-50's is IMAGENET1K_V2 (torchvision's default since 0.13); ResNet-18 has only V1.
+# SHA-256. ResNet-50's is IMAGENET1K_V2 (ResNet50_Weights.DEFAULT); ResNet-18 has only V1.
 TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
 TORCHVISION_WEIGHTS = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
 
@@ -109,7 +110,7 @@ def stage_channels(block: str, planes: Sequence[int]) -> tuple[int, ...]:
 
 def stage_sizes_at(image_size: int) -> tuple[int, ...]:
   """Feature-map side at each attention site for image_size x image_size inputs."""
-  half = lambda s: (s - 1) // 2 + 1  # noqa: E731 -- a stride-2 conv or pool with "same" padding
+  half = lambda s: (s - 1) // 2 + 1  # noqa: E731 -- ceil(s / 2): a stride-2 conv or the pool
   sides = [half(half(image_size))]  # 7x7/2 conv, 3x3/2 max-pool
   for stage in range(1, 5):
     sides.append(sides[-1] if stage == 1 else half(sides[-1]))
