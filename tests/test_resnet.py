@@ -247,6 +247,33 @@ def test_narrow_models_with_attention_give_torch_logits_where_pooling_is_not_exa
   _assert_soft(state.get("intermediates", {}), sites)
 
 
+def _attention_inputs(model, size):
+  """(attention modules in the order they run, the input each receives, the 'intermediates'
+  they sow) for one random image through `model`'s initialisation (one forward pass), compiled
+  without backend optimisation as models.init_variables."""
+  order = []
+
+  def run(key, x):
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+      name = context.module.name or ""
+      if context.method_name == "__call__" and name.endswith("_attn"):
+        order.append(name)
+        seen[name] = args[0]
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+      variables = model.init(key, x, mutable=True)
+    return seen, variables["intermediates"]
+
+  x = jax.random.normal(jax.random.key(1), (1, size, size, 3))
+  options = {"xla_backend_optimization_level": 0}
+  seen, state = jax.jit(run).lower(jax.random.key(0), x).compile(compiler_options=options)(
+      jax.random.key(0), x)
+  return order, seen, state
+
+
 def test_attention_sits_by_resolution_after_the_last_residual_addition():
   """Default placement at 224x224: C-Attn after the stem (56x56) and stage 1 (56x56), S-Attn
   after stages 2-4 (28, 14, 7), in that order; each module sees its stage's output, the ReLU'd
@@ -256,37 +283,22 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
       ("stem_c_attn", "c_attn", "after the stem"), ("layer1_c_attn", "c_attn", "after stage 1"),
       ("layer2_s_attn", "s_attn", "after stage 2"), ("layer3_s_attn", "s_attn", "after stage 3"),
       ("layer4_s_attn", "s_attn", "after stage 4")]
-  model = resnet.build(mc)
-  variables = models.init_variables(model, jax.random.key(0), 224)
-  seen = {}
-
-  def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and (context.module.name or "").endswith("_attn"):
-      seen[context.module.name] = args[0]
-    return next_fun(*args, **kwargs)
-
-  x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
-  with nn.intercept_methods(record):
-    _, state = model.apply(variables, x, mutable=["intermediates"])
-  assert list(seen) == [site for site, _, _ in resnet.attention_sites(mc)]  # the order they run
+  order, seen, state = _attention_inputs(resnet.build(mc), 224)
+  assert order == [site for site, _, _ in resnet.attention_sites(mc)]  # the order they run
   assert {k: v.shape for k, v in seen.items()} == {
       "stem_c_attn": (1, 56, 56, 8), "layer1_c_attn": (1, 56, 56, 32),
       "layer2_s_attn": (1, 28, 28, 64), "layer3_s_attn": (1, 14, 14, 128),
       "layer4_s_attn": (1, 7, 7, 256)}
   assert all(float(v.min()) >= 0 for v in seen.values())  # after the ReLU
-  inter = state["intermediates"]
-  assert inter["stem_c_attn"]["d_prime"][0].shape == (1, 8, 8)  # C x C
-  assert inter["layer2_s_attn"]["e_prime"][0].shape == (1, 784, 784)  # N x N
+  assert state["stem_c_attn"]["d_prime"][0].shape == (1, 8, 8)  # C x C
+  assert state["layer2_s_attn"]["e_prime"][0].shape == (1, 784, 784)  # N x N
   # Both on one stage: S-Attn first, as on VGG.
   both = _mc("resnet50", 2, NARROW, (2,), (0, 2))
   assert resnet.attention_sites(both) == [
       ("stem_s_attn", "s_attn", "after the stem"), ("layer2_s_attn", "s_attn", "after stage 2"),
       ("layer2_c_attn", "c_attn", "after stage 2")]
-  seen.clear()
-  model = resnet.build(both)
-  with nn.intercept_methods(record):
-    model.apply(models.init_variables(model, jax.random.key(0), 64), x[:, :64, :64])
-  assert list(seen) == [site for site, _, _ in resnet.attention_sites(both)]
+  assert _attention_inputs(resnet.build(both), 64)[0] == [
+      site for site, _, _ in resnet.attention_sites(both)]
   assert resnet.stage_sizes_at(224) == (56, 56, 28, 14, 7)
   assert resnet.stage_sizes_at(200) == (50, 50, 25, 13, 7)
 
