@@ -19,7 +19,8 @@ SETTINGS = ("40X", "100X", "200X", "400X", "subtype")
 
 def get_config(setting="100X"):
   if setting not in SETTINGS:
-    raise ValueError(f"configs/beyond.py:{setting}: use one of {', '.join(SETTINGS)}")
+    raise ValueError(f"no setting {setting!r}; use one of "
+                     f"{', '.join(f'configs/beyond.py:{s}' for s in SETTINGS)}")
   config = ours.get_config()
   config.name = f"ours_{setting}"
   config.paper_row = ""  # the paper reports neither setting

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # noqa: E402
 from jattn.data import load_fold, steps_per_epoch, train_batches  # noqa: E402
-from jattn.data import scan as scan_lib  # noqa: E402
+from jattn.data.breakhis import scan as scan_lib  # noqa: E402
 
 
 def _config(args):
@@ -54,7 +54,7 @@ def _rss_now() -> str:
 def _prepare(args) -> None:
   """Child process: synthesize if needed, then load_fold once (prepares everything)."""
   if not scan_lib.has_images_tree(args.data_dir):
-    from jattn.data import synthesize
+    from jattn.data.breakhis.synthetic import synthesize
 
     start = time.time()
     summary = synthesize(args.data_dir, counts="real", seed=0, progress=True)
@@ -65,16 +65,28 @@ def _prepare(args) -> None:
   print(f"peak memory of preparation: {_peak_mib():.0f} MiB", flush=True)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "breakhis_full"))
-  parser.add_argument("--prepared-dir", default="")
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--batch-sizes", default="8,32,64")
-  parser.add_argument("--threads", default="1,2")
-  parser.add_argument("--epochs", type=int, default=2)
+def make_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python experiments/benchmark_loader.py",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "breakhis_full"),
+                      help="the data set (generated there at full size if it holds no "
+                           "BreaKHis_v1; default: %(default)s)")
+  parser.add_argument("--prepared-dir", default="",
+                      help="where preparation goes (default: DATA_DIR/jattn_prepared)")
+  parser.add_argument("--image-size", type=int, default=224,
+                      help="side of the cached images (default 224)")
+  parser.add_argument("--batch-sizes", default="8,32,64",
+                      help="comma-separated batch sizes to time (default 8,32,64)")
+  parser.add_argument("--threads", default="1,2",
+                      help="comma-separated numbers of loader threads to time (default 1,2)")
+  parser.add_argument("--epochs", type=int, default=2,
+                      help="timed epochs per case, after one warm-up epoch (default 2)")
   parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  return parser
+
+
+def main() -> None:
+  args = make_parser().parse_args()
   if args.prepare_only:
     _prepare(args)
     return

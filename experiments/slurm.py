@@ -8,6 +8,11 @@ command: jattn resumes the run from its last checkpoint. submitit's own files fo
 sbatch log, the pickled call) are in SWEEP/submitit/<job id>/, which the run's work dir links to
 as `submitit`. Jobs outlive the sweep command: stopping it stops the waiting, not the runs.
 
+The command learns when a task ends from its result file or from `sacct` (through submitit). If
+sacct lists none of the jobs in SACCT_SILENT_CALLS calls in a row (accounting off, or the jobs
+unknown to it), it stops waiting with one line: the jobs keep running, and the same command, once
+they have ended, resubmits what did not finish.
+
 The executor is a function of that folder, so tests pass submitit's local executor: real
 subprocesses through the same code path as SLURM, sbatch aside.
 """
@@ -15,12 +20,14 @@ subprocesses through the same code path as SLURM, sbatch aside.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 from jattn.errors import UserError
@@ -47,6 +54,11 @@ submitit = _import_submitit()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A run may need many time slots (130 epochs at 224x224): requeue it this often on a time limit.
 MAX_TIMEOUTS = 50
+# Consecutive sacct calls that list none of the jobs before the sweep stops waiting. submitit calls
+# sacct 4 s after the submission, then at doubling intervals up to one every 10 min: 8 silent calls
+# from the submission take about 6 minutes.
+SACCT_SILENT_CALLS = 8
+POLL_S = 2.0  # how often the sweep looks for ended tasks (submitit calls sacct less often)
 
 
 def parse_time(value: str) -> int:
@@ -64,7 +76,7 @@ def parse_time(value: str) -> int:
 def slurm_executor(partition: str | None, gpus_per_run: int, time: str,
                    max_parallel: int | None) -> Callable[[str], submitit.Executor]:
   """Checks the SLURM options (before the sweep writes anything) and returns the executor maker."""
-  for command in ("sbatch", "srun"):
+  for command in ("sbatch", "srun", "sacct"):  # sacct: how the sweep learns that jobs ended
     if shutil.which(command) is None:
       raise UserError(f"--launcher slurm: no {command} on PATH; run the sweep on a SLURM login "
                       f"node, or use --launcher local")
@@ -146,20 +158,32 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
   executor = make_executor(folder)
   for task in tasks:
     os.makedirs(task["workdir"], exist_ok=True)
+  said = io.StringIO()  # what submitit prints while submitting (a refusing sbatch's stderr)
   with _repo_importable():
     try:
-      jobs = executor.map_array(RunTask(), [t["cmd"] for t in tasks],
-                                [t["workdir"] for t in tasks], [t["log"] for t in tasks])
-    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
-      lines = [line for line in str(e).splitlines() if line.strip()]
-      raise UserError(f"sbatch refused the job array: {lines[-1] if lines else e}; check "
-                      f"--partition, --gpus-per-run and --time against `sinfo`") from None
+      with contextlib.redirect_stderr(said):
+        jobs = executor.map_array(RunTask(), [t["cmd"] for t in tasks],
+                                  [t["workdir"] for t in tasks], [t["log"] for t in tasks])
+    except submitit.core.utils.FailedSubmissionError as e:
+      printed = re.search(r'sbatch output "(.*)"\nJob instance', str(e), re.DOTALL)
+      raise UserError(f"sbatch printed {(printed.group(1) if printed else str(e)).strip()!r}, "
+                      f"not 'Submitted batch job <id>': the array may have been submitted "
+                      f"without its id; check `squeue --me` (scancel it) before running the sweep "
+                      f"again") from None
+    except submitit.core.utils.FailedJobError as e:
+      lines = [line for line in (str(e) or said.getvalue()).splitlines() if line.strip()]
+      raise UserError(f"sbatch refused the job array: {lines[-1] if lines else 'no message'}; "
+                      f"check --partition, --gpus-per-run and --time against `sinfo`") from None
+  sys.stderr.write(said.getvalue())
   ids = jobs[0].job_id + ("" if len(jobs) == 1 else f" to {jobs[-1].job_id}")
   print(f"submitted {len(jobs)} job(s), {ids}; their submitit files are in {out}/submitit/<job "
         f"id>/, linked from each run's work dir as 'submitit'", flush=True)
   by_job = {job.job_id: task for job, task in zip(jobs, tasks, strict=True)}
+  later = (f"the jobs keep running (squeue --me). Run the same command when they have ended to "
+           f"resubmit what did not finish, or `{sys.executable} -m jattn.tables {out}` for the "
+           f"tables so far.")
   try:
-    for job in submitit.helpers.as_completed(jobs, poll_frequency=2):
+    for job in _as_completed(jobs, ids, later):
       try:
         job.result()
         on_done(by_job[job.job_id], None)
@@ -168,7 +192,51 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
     with contextlib.suppress(OSError):
       os.rmdir(folder)  # submitit's local executor also makes the folder as named, empty
   except KeyboardInterrupt:
-    print(f"stopped waiting; the jobs keep running (squeue --me). Run the same command when they "
-          f"have ended to resubmit what did not finish, or `{sys.executable} -m jattn.tables "
-          f"{out}` for the tables so far.", flush=True)
+    print(f"stopped waiting; {later}", flush=True)
     raise SystemExit(130) from None
+
+
+class _SacctWatcher(submitit.slurm.slurm.SlurmInfoWatcher):
+  """submitit's sacct poller, counting the calls in a row in which sacct listed none of the jobs
+  (it failed, printed nothing, or only other jobs)."""
+
+  def __init__(self, job_ids: list[str]):
+    super().__init__(delay_s=600)  # as submitit's own SLURM watcher
+    self.silent_calls = 0
+    self.job_ids = set(job_ids)
+    for job_id in job_ids:
+      self.register_job(job_id)
+
+  def update(self) -> None:
+    self.silent_calls += 1  # reset by read_info when sacct lists a job
+    super().update()
+
+  def read_info(self, string):
+    info = super().read_info(string)
+    if any(job_id in info for job_id in self.job_ids):
+      self.silent_calls = 0
+    return info
+
+
+def _as_completed(jobs: list, ids: str, later: str) -> Iterator:
+  """The jobs as they end (submitit's `as_completed`), or a `UserError` when sacct has stayed
+  silent about all of them for SACCT_SILENT_CALLS calls (SLURM jobs only)."""
+  watcher = None
+  if isinstance(jobs[0], submitit.SlurmJob):
+    watcher = _SacctWatcher([job.job_id for job in jobs])
+    for job in jobs:
+      job.watcher = watcher  # this wait's own poller (submitit's is shared by every job)
+  started, pending = time.monotonic(), list(jobs)
+  while pending:
+    for job in [j for j in pending if j.done()]:
+      pending.remove(job)
+      yield job
+    if pending and watcher is not None and watcher.silent_calls >= SACCT_SILENT_CALLS:
+      seconds = time.monotonic() - started
+      waited = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+      what = f"job {ids}" if len(jobs) == 1 else f"jobs {ids}"
+      raise UserError(f"sacct has listed none of {what} in {watcher.silent_calls} calls in a row "
+                      f"({waited} of waiting), so this command cannot tell when they end and "
+                      f"stops waiting; {later}")
+    if pending:
+      time.sleep(POLL_S)

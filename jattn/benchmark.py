@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn import config_lib, files, models, parallel, train
+from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
 
 # Dense (no sparsity) peak TFLOP/s per compute dtype, matched in order against device_kind. The
@@ -76,10 +77,10 @@ def fold_steps(augment: dict, k: int) -> tuple[Callable, Callable]:
   on a leading fold axis, each fold's rng folded in from one key), and the eval step vmapped."""
   step = functools.partial(train.train_step, augment=augment)
   if k == 1:
-    return step, train.eval_step
+    return step, state_lib.eval_step
   folds = parallel.fold_train_step(step, donate=False)  # what parallel-fold training runs
   active = jnp.ones((k,), bool)
-  return (lambda state, batch, rng: folds(state, batch, rng, active)), jax.vmap(train.eval_step)
+  return (lambda state, batch, rng: folds(state, batch, rng, active)), jax.vmap(state_lib.eval_step)
 
 
 def _stack(tree, k: int):
@@ -102,7 +103,7 @@ class JaxCase:
     model = models.build_model(config.model)
     variables = models.init_variables(model, jax.random.key(seed), image_size)
     mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
-    state = train.make_state(config, model, variables, mean, std, steps_per_epoch=1000)
+    state = state_lib.make_state(config, model, variables, mean, std, steps_per_epoch=1000)
     self.state = _stack(state, k)
     lead = (k,) if k > 1 else ()
     data = np.random.default_rng(seed)
@@ -160,8 +161,8 @@ def step_flops(config, image_size: int, batch_size: int) -> dict[str, float]:
   model = models.build_model(config.model)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  state = jax.eval_shape(lambda v: train.make_state(config, model, v, jnp.zeros(3), jnp.ones(3),
-                                                    1000), variables)
+  state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
+                                                        jnp.ones(3), 1000), variables)
   images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   train_fn, eval_fn = fold_steps(config.augment.to_dict(), 1)
@@ -199,7 +200,7 @@ class TorchCase:
     self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     mc = config.model
-    self.model = torch_reference.from_config(mc, models.block_widths(mc.width)).to(self.device)
+    self.model = torch_reference.for_config(mc).to(self.device)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
     self.autocast = dtype == "bfloat16"
@@ -380,15 +381,14 @@ def _int_list(text: str) -> list[int]:
   return values
 
 
-def parse_args(argv):
-  overrides, rest = config_lib.split_argv(argv)
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m jattn.benchmark",
-                                   description=__doc__.split("\n")[0],
+                                   description=" ".join(__doc__.split("\n\n")[0].split()),
                                    epilog="--config.FIELD=VALUE overrides apply to every config.")
   parser.add_argument("--configs", default="configs/ours.py",
                       help="comma-separated config files (default: configs/ours.py)")
-  parser.add_argument("--image-size", type=int, default=224)
-  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--image-size", type=int, default=224, help="image side (default 224)")
+  parser.add_argument("--batch-size", type=int, default=8, help="train batch (default 8)")
   parser.add_argument("--eval-batch-size", type=int, default=None,
                       help="default: --batch-size")
   parser.add_argument("--dtype", default="float32",
@@ -402,7 +402,12 @@ def parse_args(argv):
   parser.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the windows")
   parser.add_argument("--out", default=None, help="write the figures as JSON here")
-  args = parser.parse_args(rest)
+  return parser
+
+
+def parse_args(argv):
+  overrides, rest = config_lib.split_argv(argv)
+  args = make_parser().parse_args(rest)
   args.overrides = overrides
   args.eval_batch_size = args.eval_batch_size or args.batch_size
   args.parallel_folds = _int_list(args.parallel_folds)

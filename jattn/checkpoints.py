@@ -8,16 +8,21 @@ A checkpoint the storage damaged after it was written (files cut short by a cras
 does not stop a run: `restore_latest` falls back to the newest step that loads, says which step it
 skipped and why, and moves the unreadable one to `WORKDIR/checkpoints.unreadable/<step>` (outside
 Orbax's folder, never deleted). A full disk or read-only storage while writing is one `UserError`.
+
+Each step also records the run's steps per epoch in Orbax's step metadata (`custom_metadata`), so
+that a tool reading an unfinished run can say how far it got (`recorded_steps_per_epoch`) without
+loading its data; steps written before this have none.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jattn import errors
 
@@ -26,7 +31,7 @@ UNREADABLE_SUBDIR = "checkpoints.unreadable"  # beside SUBDIR, so Orbax never li
 
 
 def items(state) -> dict[str, Any]:
-  """The parts of a `train.TrainState` a checkpoint holds (not `apply_fn` or `tx`)."""
+  """The parts of a `state.TrainState` a checkpoint holds (not `apply_fn` or `tx`)."""
   return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
           "opt_state": state.opt_state, "image_mean": state.image_mean,
           "image_std": state.image_std}
@@ -65,8 +70,25 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 
   A full disk or read-only storage (here or from the previous step's write) is a `UserError`.
   """
+  per_epoch = getattr(state, "steps_per_epoch", None)
+  concrete = per_epoch is not None and not isinstance(per_epoch, jax.ShapeDtypeStruct)
+  metadata = {"steps_per_epoch": int(per_epoch)} if concrete else {}
   with errors.writing(os.fspath(mngr.directory)):
-    mngr.save(step, args=ocp.args.StandardSave(items(state)))
+    mngr.save(step, args=ocp.args.StandardSave(items(state)), custom_metadata=metadata)
+
+
+def recorded_steps_per_epoch(mngr: ocp.CheckpointManager, step: int) -> int | None:
+  """The steps per epoch that `save` recorded with checkpoint `step`; None if it has none."""
+  absl = logging.getLogger("absl")
+  level = absl.level
+  absl.setLevel(logging.ERROR)  # Orbax warns that it cannot restore the item it does not read
+  try:
+    value = (mngr.metadata(step).custom_metadata or {}).get("steps_per_epoch")
+  except Exception:  # noqa: BLE001 -- a step without (readable) metadata: nothing recorded
+    return None
+  finally:
+    absl.setLevel(level)
+  return value if isinstance(value, int) and value > 0 else None
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -84,6 +106,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
   failure is a `UserError`.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
+  if steps:
+    mismatch = _model_mismatch(mngr, steps[0], state)
+    if mismatch:
+      raise errors.UserError(
+          f"the checkpoints in {mngr.directory} do not fit the model of this run's config "
+          f"({mismatch}): the config's model fields (model.width, model.batch_norm, ...) differ "
+          f"from those the checkpoints were trained with (was config.json edited?); run with the "
+          f"config they were trained with, or use another --workdir. Nothing was changed")
   failed = []
   for step in steps:
     try:  # a fresh manager per step: a failed restore leaves a manager unable to read others
@@ -105,6 +135,44 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
   return None
 
 
+MODEL_ITEMS = ("params", "batch_stats")  # the arrays whose shapes the config's model fields set
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'params/block1/conv1/kernel': shape} of the model arrays in `tree` (a state's items, or a
+  checkpoint's metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    if keys and keys[0] in MODEL_ITEMS and hasattr(leaf, "shape"):
+      out["/".join(keys)] = tuple(leaf.shape)
+  return out
+
+
+def _model_mismatch(mngr: ocp.CheckpointManager, step: int, state) -> str | None:
+  """How the model arrays of checkpoint `step` differ from `state`'s, or None when they fit or
+  the checkpoint's metadata does not load (a damaged step: restoring it says so).
+
+  Checked from the metadata before restoring: Orbax restoring arrays of other shapes fails with
+  hundreds of lines of asynchronous tracebacks, and the cause is the config, not the files.
+  """
+  try:
+    stored = _shapes(ocp.StandardCheckpointHandler().metadata(
+        epath.Path(os.fspath(mngr.directory)) / str(step) / "default"))
+  except Exception:  # noqa: BLE001 -- damaged metadata: the restore below reports it
+    return None
+  wanted = _shapes(items(state))
+  if not stored:
+    return None
+  differ = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+  if not differ:
+    return None
+  key = differ[0]
+  shown = lambda shape: "absent" if shape is None else str(shape)  # noqa: E731
+  return (f"{key}: {shown(stored.get(key))} in step {step}, {shown(wanted.get(key))} from the "
+          f"config; {len(differ)} array(s) differ")
+
+
 def _first_line(e: BaseException) -> str:
   text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
   return f"{type(e).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
@@ -122,5 +190,5 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int, why: str, used: int) -> N
     where = f"moved to {aside}"
   except OSError as e:
     where = f"left in place ({e.strerror})"
-  print(f"jattn: warning: checkpoint step {step} does not load ({why}); using step {used} "
-        f"instead; the unreadable step is {where}", file=sys.stderr, flush=True)
+  errors.warn(f"checkpoint step {step} does not load ({why}); using step {used} instead; the "
+              f"unreadable step is {where}")

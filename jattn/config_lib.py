@@ -50,7 +50,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     raise UserError(f"config file {path} defines no get_config()")
   try:
     config = module.get_config(arg) if arg else module.get_config()
-  except (ImportError, KeyError, ValueError, TypeError) as e:
+  except ValueError as e:  # a config's own refusal of its argument: its message says it all
+    raise UserError(f"--config {spec}: {e}") from None
+  except (ImportError, KeyError, TypeError) as e:
     raise UserError(f"config {spec!r} failed: {type(e).__name__}: {e}") from None
   config.lock()  # a typo in an override is an error, never a new field
   return config

@@ -1,16 +1,17 @@
-r"""Exact import of PyTorch VGG19 weights: torchvision's ImageNet models, the authors' checkpoints.
+r"""Exact import of PyTorch weights: torchvision's ImageNet models, the authors' checkpoints.
 
-Two key layouts are understood:
+Two key layouts are understood, each backbone (``jattn.models``) giving its key map:
 
-* ``"torchvision"``: the state dict of ``torchvision.models.vgg19`` or ``vgg19_bn``
-  (``features.<i>.*``, ``classifier.{0,3,6}.*``). Attention modules are not in it; the ImageNet head
-  is kept, so a converted model with ``num_classes=1000`` and no attention gives torchvision's
-  logits.
+* ``"torchvision"``: the state dict of ``torchvision.models.vgg19``, ``vgg19_bn``
+  (``features.<i>.*``, ``classifier.{0,3,6}.*``), ``resnet18`` or ``resnet50`` (``conv1``, ``bn1``,
+  ``layer1``..``layer4``, ``fc``). Attention modules are not in it; the ImageNet head is kept, so
+  a converted model with ``num_classes=1000`` and no attention gives torchvision's logits.
 * ``"reference"``: a state dict saved by the authors' code (github.com/pxiangwu/attn-hist-classify)
   for its VGG with attention, where the attention modules are extra entries of ``features``. Its
   class names are swapped relative to the paper: its ``SpatialAttention`` (conv1, conv2, conv3) is
   the paper's C-Attn (M_Q, M_K, M_V) and its ``ChannelAttention`` is the paper's S-Attn (S_Q, S_K,
-  S_V). When a block has both, the code runs S-Attn first, and so do we.
+  S_V). When a block has both, the code runs S-Attn first, and so do we. For a ResNet, the same
+  modules after its stages as ``jattn.torch_reference.TorchResNet`` holds them (``<site>.conv1``..).
 
 Conv weights go from torch's (out, in, kh, kw) to Flax's (kh, kw, in, out); linear weights are
 transposed; the first classifier layer's inputs are permuted from torch's (c, h, w) flattening to
@@ -24,6 +25,9 @@ Command line (writes weights that a config's ``pretrained`` field points at)::
       --out pretrained/vgg19
   python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
       --out pretrained/vgg19_bn
+  python -m jattn.convert --download resnet50   # torchvision's IMAGENET1K_V2 (resnet18: V1)
+  python -m jattn.convert --source torchvision --arch resnet50 --pth resnet50-11ad3fa6.pth \
+      --out pretrained/resnet50
   python -m jattn.convert --source reference --config configs/reference.py \
       --pth cls_model_125.pth --out pretrained/reference
 """
@@ -51,68 +55,22 @@ from jattn import download, files, models
 from jattn.errors import UserError, exit_on_user_error
 
 SOURCES = ("torchvision", "reference")
-ARCHS = {"vgg19": False, "vgg19_bn": True}  # arch -> batch_norm
 WEIGHTS_SUBDIR = "weights"
 INFO_FILE = "info.json"
 
-# Flax name -> (kind, torch suffix); kinds say how a tensor is rearranged.
-_CONV = {"kernel": "weight", "bias": "bias"}
-_BN_PARAMS = {"scale": "weight", "bias": "bias"}
-_BN_STATS = {"mean": "running_mean", "var": "running_var"}
+
+def archs() -> dict[str, str]:
+  """{torchvision architecture: the backbone (config.model.name) that converts it}."""
+  return {arch: name for name in models.BACKBONES for arch in models.get(name).TORCHVISION}
 
 
-def _torch_key_map(model: models.VGG, source: str) -> list[tuple[str, tuple[str, ...], str]]:
-  """(torch key, Flax path, kind) for every tensor the torch model of this layout holds."""
-  if source not in SOURCES:
-    raise ValueError(f"source={source!r}: use one of {SOURCES}")
-  entries = []
-  i = 0  # index into torch's `features` Sequential
-
-  def add(torch_prefix, path, names, kind, collection="params"):
-    for flax_name, torch_name in names.items():
-      entries.append((f"{torch_prefix}.{torch_name}", (collection, *path, flax_name), kind))
-
-  for b, widths in enumerate(model.blocks, start=1):
-    block = f"block{b}"
-    for c in range(1, len(widths) + 1):
-      add(f"features.{i}", (block, f"conv{c}"), _CONV, "conv")
-      i += 1
-      if model.batch_norm:
-        add(f"features.{i}", (block, f"bn{c}"), _BN_PARAMS, "vector")
-        add(f"features.{i}", (block, f"bn{c}"), _BN_STATS, "vector", "batch_stats")
-        i += 1
-      i += 1  # ReLU
-    if source == "reference":
-      for has, name, convs in ((b in model.s_attn_blocks, "s_attn", ("s_q", "s_k", "s_v")),
-                               (b in model.c_attn_blocks, "c_attn", ("m_q", "m_k", "m_v"))):
-        if has:
-          for torch_conv, flax_conv in zip(("conv1", "conv2", "conv3"), convs, strict=True):
-            entries.append((f"features.{i}.{torch_conv}.weight",
-                            ("params", block, name, flax_conv, "kernel"), "conv"))
-          i += 1
-    i += 1  # MaxPool
-  for torch_index, name, kind in ((0, "fc1", "linear_flatten"), (3, "fc2", "linear"),
-                                  (6, "head", "linear")):
-    add(f"classifier.{torch_index}", ("classifier", name), {"kernel": "weight", "bias": "bias"},
-        kind)
-  return entries
+def _backbone(arch: str):
+  if arch not in archs():
+    raise UserError(f"--arch {arch!r}: use one of {sorted(archs())}")
+  return models.get(archs()[arch])
 
 
-def _rearrange(t: np.ndarray, kind: str, flax_name: str, pool_size: int) -> np.ndarray:
-  if flax_name == "bias" or kind == "vector":
-    return t
-  if kind == "conv":
-    return t.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
-  if kind == "linear":
-    return t.T
-  if kind == "linear_flatten":  # inputs flattened as (c, h, w) by torch, (h, w, c) by us
-    out, fan_in = t.shape
-    c = fan_in // (pool_size * pool_size)
-    return t.reshape(out, c, pool_size, pool_size).transpose(2, 3, 1, 0).reshape(fan_in, out)
-  raise ValueError(kind)
-
-
-def expected_shapes(model: models.VGG) -> dict[str, Any]:
+def expected_shapes(model) -> dict[str, Any]:
   """Shapes of the model's variables (no computation)."""
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
@@ -122,22 +80,19 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
                   source: str) -> dict[str, Any]:
   """Flax variables ({'params', ['batch_stats']}, NumPy float32) from a PyTorch state dict.
 
-  `model_config` is a config's `model` field; it fixes the widths, batch norm and, for
-  `source="reference"`, where the attention modules sit. For `source="torchvision"` the result
-  holds the backbone and the classifier only (the attention modules are not in such a file).
-  Raises UserError naming any key that is missing, unexpected or misshapen.
+  `model_config` is a config's `model` field; its backbone (`model.name`) gives the key map and
+  fixes the widths, batch norm and, for `source="reference"`, where the attention modules sit.
+  For `source="torchvision"` the result holds the backbone and the classifier only (the attention
+  modules are not in such a file). Raises UserError naming any key that is missing, unexpected or
+  misshapen.
   """
-  model = models.build_model(model_config)
-  shapes = traverse_util.flatten_dict(expected_shapes(model))
+  backbone = models.of(model_config)
+  shapes = traverse_util.flatten_dict(expected_shapes(models.build_model(model_config)))
   state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()
                 if not k.endswith("num_batches_tracked")}
-  has_bn = "features.1.running_mean" in state_dict
-  if has_bn != model.batch_norm:
-    kind = "a batch-norm VGG (vgg19_bn)" if has_bn else "a VGG without batch norm (vgg19)"
-    raise UserError(f"the state dict is {kind} but config.model.batch_norm={model.batch_norm}; "
-                    f"use --arch {'vgg19_bn' if has_bn else 'vgg19'} or change the config")
+  backbone.check_state_dict(state_dict, model_config)
   flat: dict[tuple[str, ...], np.ndarray] = {}
-  key_map = _torch_key_map(model, source)
+  key_map = backbone.torch_key_map(model_config, source)
   for torch_key, path, kind in key_map:
     if torch_key not in state_dict:
       raise UserError(f"the {source} state dict has no key {torch_key!r} (needed for "
@@ -146,13 +101,14 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
     if not np.isfinite(t).all():
       raise UserError(f"the {source} state dict's {torch_key!r} holds NaN or infinite values: the "
                       f"checkpoint is damaged or from a diverged training; use another one")
-    value = _rearrange(t, kind, path[-1], model.pool_size)
+    value = backbone.rearrange(t, kind, path[-1], model_config)
     want = shapes[path].shape
     if value.shape != want:
       raise UserError(
           f"key {torch_key!r} has shape {tuple(t.shape)}, which gives {value.shape} for "
-          f"{'/'.join(path)}, but the config expects {tuple(want)}; check --arch (vgg19 vs "
-          f"vgg19_bn), num_classes and the C-Attn kernel against the checkpoint")
+          f"{'/'.join(path)}, but the config expects {tuple(want)}; check --arch (e.g. vgg19 vs "
+          f"vgg19_bn), config.model (width, num_classes, the attention's fields) against the "
+          f"checkpoint")
     flat[path] = value
   unexpected = sorted(set(state_dict) - {key for key, _, _ in key_map})
   if unexpected:
@@ -196,13 +152,10 @@ def load_state_dict(path: str) -> dict[str, Any]:
 
 
 def torchvision_model_config(arch: str, num_classes: int = 1000) -> ml_collections.ConfigDict:
-  """The model config of torchvision's `vgg19` / `vgg19_bn`: full width, 7x7 pool, no attention."""
-  if arch not in ARCHS:
-    raise UserError(f"--arch {arch!r}: use one of {sorted(ARCHS)}")
-  return ml_collections.ConfigDict(dict(
-      num_classes=num_classes, batch_norm=ARCHS[arch], width=1.0, classifier_width=4096,
-      pool_size=7, dropout_rate=0.5, c_attn_blocks=(), s_attn_blocks=(), c_attn_kernel=4,
-      c_attn_stride=4, c_attn_padding=0, s_attn_reduction=8, dtype="float32"))
+  """The model config of torchvision's `arch` (full size, no attention) with `num_classes`."""
+  mc = _backbone(arch).torchvision_model_config(arch)
+  mc.num_classes = num_classes
+  return mc
 
 
 def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, Any]) -> None:
@@ -219,19 +172,37 @@ def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, 
   files.atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(dict(info), indent=2))
 
 
-def load_weights(path: str) -> dict[str, Any]:
-  """Reads weights written by `save_weights` (a config's `pretrained` points at the folder)."""
+def load_weights(path: str, model_config: ml_collections.ConfigDict | None = None
+                 ) -> dict[str, Any]:
+  """Reads weights written by `save_weights` (a config's `pretrained` points at the folder).
+
+  With `model_config`, a missing folder names the command that converts weights for its backbone,
+  and weights converted for another backbone (their info.json) are refused in one line.
+  """
   import orbax.checkpoint as ocp
 
+  arch = "vgg19" if model_config is None else models.of(model_config).torchvision_arch(
+      model_config)
   target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
   if not os.path.isdir(target):
+    name = TORCHVISION_FILES[arch]
     raise UserError(
         f"pretrained={path!r}: no converted weights there. Run python -m jattn.convert "
-        f"--download vgg19 --out {path}, or download torchvision's VGG19 weights "
-        f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: "
-        f"python -m jattn.convert "
-        f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
-        f"(or set --config.pretrained='' to train from scratch)")
+        f"--download {arch} --out {path}, or download torchvision's {arch} weights "
+        f"({TORCHVISION_URL}{name}) and run: python -m jattn.convert --source torchvision "
+        f"--arch {arch} --pth {name} --out {path} (or set --config.pretrained='' to train from "
+        f"scratch)")
+  info_path = os.path.join(os.path.abspath(path), INFO_FILE)
+  if model_config is not None and os.path.exists(info_path):
+    info = files.read_json(info_path, "it describes the converted weights: convert them again")
+    stored = info.get("model") if isinstance(info, dict) and isinstance(info.get("model"),
+                                                                        dict) else {}
+    if models.name_of(stored) != models.name_of(model_config):
+      raise UserError(
+          f"pretrained={path!r} holds weights converted for a {models.name_of(stored)} "
+          f"({INFO_FILE}), but config.model.name={models.name_of(model_config)!r}; convert "
+          f"{arch}'s: python -m jattn.convert --download {arch} --out OTHER_FOLDER, and point "
+          f"--config.pretrained at it")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(target)
 
@@ -247,7 +218,7 @@ def _sha256(path: str) -> str:
 # torchvision's ImageNet checkpoints; the digits after '-' start the file's SHA-256.
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 TORCHVISION_URL_ENV = "JATTN_TORCHVISION_URL"  # overrides TORCHVISION_URL (a mirror, a test)
-TORCHVISION_FILES = {"vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth"}
+TORCHVISION_FILES = {arch: models.get(name).TORCHVISION[arch] for arch, name in archs().items()}
 
 
 def download_torchvision(arch: str, out: str | None = None, *, base_url: str | None = None,
@@ -280,10 +251,8 @@ def download_torchvision(arch: str, out: str | None = None, *, base_url: str | N
       raise UserError(f"{pth}: its SHA-256 starts {digest[:8]}, not {prefix} as its name says; "
                       f"delete it and run again")
   state_dict = load_state_dict(pth)
-  model_config = torchvision_model_config(arch, state_dict["classifier.6.weight"].shape[0])
-  # Narrower copies of the layout (tests, mirrors of small models) convert too.
-  model_config.width = state_dict["features.0.weight"].shape[0] / 64
-  model_config.classifier_width = state_dict["classifier.0.weight"].shape[0]
+  # The classes and widths of the file: narrower copies of the layout (tests, mirrors) convert too.
+  model_config = _backbone(arch).torchvision_model_config(arch, state_dict)
   variables = torch_to_flax(state_dict, model_config, "torchvision")
   n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
   save_weights(variables, out, {"source": "torchvision", "arch": arch, "url": url,
@@ -299,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m jattn.convert",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--source", choices=SOURCES)
-  parser.add_argument("--arch", choices=sorted(ARCHS), help="torchvision architecture")
+  parser.add_argument("--arch", choices=sorted(archs()), help="torchvision architecture")
   parser.add_argument("--config", help="for --source reference: the config whose model it is")
   parser.add_argument("--pth", help="the PyTorch state dict (.pth)")
   parser.add_argument("--out", help="folder to write; point config.pretrained at it")
@@ -314,15 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     return
   for flag in ("source", "pth", "out"):
     if getattr(args, flag) is None:
-      parser.error(f"--{flag} is required (or --download vgg19 / vgg19_bn)")
+      parser.error(f"--{flag} is required (or --download ARCH: {', '.join(TORCHVISION_FILES)})")
   with exit_on_user_error("jattn.convert"):
     files.require_folder(args.out, "--out")
     state_dict = load_state_dict(args.pth)
     if args.source == "torchvision":
       if not args.arch:
-        raise UserError("--source torchvision needs --arch vgg19 or --arch vgg19_bn")
-      head = state_dict.get("classifier.6.weight")
-      classes = head.shape[0] if head is not None else 1000
+        raise UserError(f"--source torchvision needs --arch (one of {', '.join(sorted(archs()))})")
+      classes = _backbone(args.arch).torchvision_model_config(args.arch, state_dict).num_classes
       model_config = torchvision_model_config(args.arch, classes)
     else:
       if not args.config:

@@ -62,11 +62,14 @@ def _reason(e: BaseException) -> str:
 
 
 def fetch(url: str, dest: str, *, hint: str, sha256: str | None = None,
-          sha256_prefix: str | None = None, desc: str | None = None) -> str:
+          sha256_prefix: str | None = None, desc: str | None = None,
+          on_mismatch: str = "") -> str:
   """Downloads `url` to `dest` (resuming `<dest>.part`); returns the file's SHA-256 (hex).
 
   `sha256` (full) or `sha256_prefix` (e.g. torchvision's 8 digits) must match when given; a file
-  that does not is deleted. `dest` must not exist: callers decide what an existing file means.
+  that does not is deleted, and the error says `on_mismatch` (where the expected value comes from,
+  how to forget it) before `hint`. `dest` must not exist: callers decide what an existing file
+  means.
   """
   dest = os.path.abspath(dest)
   if os.path.exists(dest):
@@ -82,6 +85,11 @@ def fetch(url: str, dest: str, *, hint: str, sha256: str | None = None,
     response = requests.get(url, headers=headers, stream=True, timeout=TIMEOUT_S)
   except requests.exceptions.ProxyError as e:
     raise UserError(f"cannot reach {host} through the proxy ({_reason(e)}): {hint}") from None
+  except requests.exceptions.TooManyRedirects:
+    raise UserError(f"too many redirects from {url} (more than "
+                    f"{requests.models.DEFAULT_REDIRECT_LIMIT}, a redirect loop): that server or "
+                    f"mirror is misconfigured, the network is fine; use another URL, or {hint}") \
+        from None
   except requests.RequestException as e:
     raise UserError(f"cannot reach {host} (offline? {_reason(e)}): {hint}") from None
   with response:
@@ -105,7 +113,7 @@ def fetch(url: str, dest: str, *, hint: str, sha256: str | None = None,
   if want and not digest.startswith(want.lower()):
     files.remove(part)
     raise UserError(f"{url}: checksum mismatch (SHA-256 {digest[:16]}..., expected {want}); the "
-                    f"file was discarded. Run again, or {hint}")
+                    f"file was discarded. {on_mismatch}Run again, or {hint}")
   os.replace(part, dest)
   return digest
 

@@ -96,6 +96,12 @@ def exit_on_user_error(prog: str = "jattn"):
     _exit(prog, storage_message(cause))
 
 
+def warn(message: str) -> None:
+  """Prints `jattn: warning: <message>` as one line on stderr: something the user should know
+  that does not stop the command (not a Python warning, which adds a source line)."""
+  print(f"jattn: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
 def _exit(prog: str, message: str):
   message = " ".join(message.split())  # one line, whatever the message holds
   print(f"{prog}: error: {message}", file=sys.stderr)

@@ -36,15 +36,37 @@ def locked(folder: str):
 
 
 @contextlib.contextmanager
-def locked_or_refuse(folder: str, what: str = "folder"):
+def locked_or_refuse(folder: str, what: str = "folder", *, remove_unused: bool = False):
   """Holds `<folder>/.lock` while the block runs, or refuses at once if another process holds it.
 
   A run's work dir is locked this way for the whole run: a second run started on it stops with a
   one-line `UserError` instead of training alongside. On read-only storage nobody can write to the
-  folder, so the block runs unlocked (a finished run still prints its results there).
+  folder, so the block runs unlocked (a finished run still prints its results there). With
+  `remove_unused`, a folder this call created and the block left holding only the lock is removed
+  again (a run that stopped before writing anything leaves no trace).
   """
   require_folder(folder, what)
+  folder = os.path.abspath(folder)
+  created = []  # the folders makedirs creates, innermost first
+  parent = folder
+  while not os.path.exists(parent):
+    created.append(parent)
+    parent = os.path.dirname(parent)
   os.makedirs(folder, exist_ok=True)
+  try:
+    with _locked_or_refuse(folder, what):
+      yield
+  finally:
+    if remove_unused and created:
+      with contextlib.suppress(OSError):
+        if os.listdir(folder) == [".lock"]:
+          os.remove(os.path.join(folder, ".lock"))
+          for path in created:
+            os.rmdir(path)  # stops at the first that holds something else
+
+
+@contextlib.contextmanager
+def _locked_or_refuse(folder: str, what: str):
   path = os.path.join(folder, ".lock")
   try:
     f = open(path, "a")  # noqa: SIM115 -- closed below

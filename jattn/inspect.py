@@ -10,57 +10,70 @@ For each C-Attn module (eqs. 1-6) the channel affinity D' is C x C, each column 
 (eq. 4), and A_c = D'^T M_V is added to the features; shown are D' itself and the spatial map of
 the norm of A_c over channels (where the channel attention changes the features most).
 
-  python -m jattn.inspect --workdir runs/demo_ours/fold1 IMAGE... --out attention/ \
+  python -m jattn.inspect --workdir runs/demo_ours/fold1 IMAGE_OR_FOLDER... --out attention/ \
       [--position 0.5,0.5]
 
-writes one PNG per image with the input, the maps overlaid on it and the affinity matrices.
+writes one PNG per image with the input, the maps overlaid on it and the affinity matrices:
+OUT/<name>_attention.png, <name> the image's file name without its extension; images whose names
+would clash (the same name in different folders) get their parent folders in front, as many as
+tell them apart (`figure_names`). Folders are read as by `jattn.predict`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from jattn import evaluate, files, runs, train
+from jattn import files, models, runs
+from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
 
 
 @jax.jit
-def _forward(state: train.TrainState, images: jax.Array):
+def _forward(state: state_lib.TrainState, images: jax.Array):
   """Class probabilities and the attention weights the modules sow."""
   logits, state_out = state.apply_fn(
       {"params": state.params, "batch_stats": state.batch_stats},
-      train.preprocess(state, images), train=False, mutable=["intermediates"])
+      state_lib.preprocess(state, images), train=False, mutable=["intermediates"])
   return jax.nn.softmax(logits), state_out["intermediates"]
 
 
-def attention_maps(state: train.TrainState,
-                   images: np.ndarray) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
-  """Runs the model on uint8 images [B, S, S, 3]: class probabilities [B, 2] and every module's
-  attention.
+def attention_maps(state: state_lib.TrainState, images: np.ndarray,
+                   sites: Sequence[tuple[str, str, str]]
+                   ) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+  """Runs the model on uint8 images [B, S, S, 3]: class probabilities [B, classes] and the
+  attention of every module in `sites` (`models.attention_sites(config.model)`: module path, kind,
+  label), in that order.
 
-  The maps are keyed by module path ('block3/s_attn', 'block1/c_attn'); S-Attn entries hold
-  'e_prime' [B, N, N] and 'grid' (H, W); C-Attn entries hold 'd_prime' [B, C, C], 'a_c_norm'
-  [B, H, W] and 'grid'.
+  The maps are keyed by module path (VGG: 'block3/s_attn'); each holds its 'kind' ('s_attn' or
+  'c_attn'), its 'label' (where it sits, e.g. 'S-Attn after block 3') and 'grid' (H, W); S-Attn
+  entries hold 'e_prime' [B, N, N]; C-Attn entries hold 'd_prime' [B, C, C] and 'a_c_norm'
+  [B, H, W].
   """
   probs, inter = jax.device_get(_forward(state, images))
   out = {}
-  for block in sorted(inter, key=lambda b: int(b.removeprefix("block"))):
-    for module, values in inter[block].items():
-      if module == "s_attn":
-        e_prime = np.asarray(values["e_prime"][0])
-        side = _grid(e_prime.shape[-1], images.shape[1:3])
-        out[f"{block}/s_attn"] = {"e_prime": e_prime, "grid": side}
-      elif module == "c_attn":
-        a_c = np.asarray(values["a_c"][0], np.float32)
-        out[f"{block}/c_attn"] = {"d_prime": np.asarray(values["d_prime"][0]),
-                                  "a_c_norm": np.linalg.norm(a_c, axis=-1),
-                                  "grid": a_c.shape[1:3]}
+  for path, kind, where in sites:
+    values = inter
+    for part in path.split("/"):
+      values = values[part]
+    entry = {"kind": kind, "label": f"{KIND_NAMES[kind]} {where}"}
+    if kind == "s_attn":
+      e_prime = np.asarray(values["e_prime"][0])
+      entry.update(e_prime=e_prime, grid=_grid(e_prime.shape[-1], images.shape[1:3]))
+    else:
+      a_c = np.asarray(values["a_c"][0], np.float32)
+      entry.update(d_prime=np.asarray(values["d_prime"][0]),
+                   a_c_norm=np.linalg.norm(a_c, axis=-1), grid=a_c.shape[1:3])
+    out[path] = entry
   return np.asarray(probs), out
+
+
+KIND_NAMES = {"s_attn": "S-Attn", "c_attn": "C-Attn"}
 
 
 def _grid(n: int, image_hw: Sequence[int]) -> tuple[int, int]:
@@ -107,13 +120,14 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
   from matplotlib import pyplot as plt
 
   panels = [("input", image, None)]
-  for key, m in maps.items():
-    if key.endswith("s_attn"):
+  for m in maps.values():
+    key = m["label"]
+    if m["kind"] == "s_attn":
       panels.append((f"{key}: received", overlay(image, received(m["e_prime"][index], m["grid"])),
                      None))
       panels.append((f"{key}: query ({position[0]:.2f}, {position[1]:.2f})",
                      overlay(image, query_map(m["e_prime"][index], m["grid"], position)), position))
-    elif key.endswith("c_attn"):
+    else:
       panels.append((f"{key}: |A_c|", overlay(image, m["a_c_norm"][index]), None))
       panels.append((f"{key}: D'", m["d_prime"][index], "matrix"))
   cols = min(4, len(panels))
@@ -138,27 +152,78 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
   return fig
 
 
+def figure_names(paths: Sequence[str]) -> list[str]:
+  """A distinct output file name per image path, never one for two images (compared ignoring
+  case, for file systems that do): `<stem>_attention.png`; images whose stems clash get the fewest
+  parent folders in front that tell them apart (`a_x_img`, `b_x_img`); images of one folder, their
+  extension (`img_jpg`); anything still clashing, a number in input order (`img-2`)."""
+  parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+  names = [""] * len(parts)
+
+  def label(i: int, depth: int, extension: bool = False) -> str:
+    *dirs, file = parts[i]
+    stem, suffix = os.path.splitext(file)
+    prefix = [d for d in dirs[max(len(dirs) - depth, 0):] if d]
+    return "_".join([*prefix, stem + (f"_{suffix.lstrip('.')}" if extension else "")])
+
+  def settle(group: list[int], depth: int) -> None:
+    for clash in _clashes({i: label(i, depth) for i in group}, keep_single=True):
+      if len(clash) == 1:
+        names[clash[0]] = label(clash[0], depth)
+      elif len({tuple(parts[i][:-1]) for i in clash}) > 1:  # different folders: one level up
+        settle(clash, depth + 1)
+      else:  # one folder: the extension tells them apart
+        for i in clash:
+          names[i] = label(i, depth, extension=True)
+
+  settle(list(range(len(parts))), 0)
+  for clash in _clashes(dict(enumerate(names))):  # the same name in one folder, or a prefixed
+    for k, i in enumerate(clash[1:], 2):          # name that another file has
+      names[i] = f"{names[i]}-{k}"
+  return [f"{n}_attention.png" for n in names]
+
+
+def _clashes(names: dict[int, str], keep_single: bool = False) -> list[list[int]]:
+  """The indices of `names` grouped by name (ignoring case), in order; groups of one only with
+  `keep_single`."""
+  groups = collections.defaultdict(list)
+  for i, name in names.items():
+    groups[name.casefold()].append(i)
+  return [g for g in groups.values() if keep_single or len(g) > 1]
+
+
 def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
                    position: tuple[float, float] = (0.5, 0.5)) -> list[str]:
-  """Writes one PNG per image into out_dir; returns their paths."""
+  """Writes one PNG per image (or per image in a folder) into out_dir; returns their paths."""
   from matplotlib import pyplot as plt
 
-  from jattn.predict import load_images
+  from jattn.predict import image_paths, load_images
 
   files.require_folder(out_dir, "--out")
+  unique = {}
+  for path in image_paths(list(paths)):  # an image given twice is drawn once
+    unique.setdefault(os.path.realpath(path), path)
+  paths = list(unique.values())
   config = runs.load_config(workdir)
-  if not (config.model.c_attn_blocks or config.model.s_attn_blocks):
+  sites = models.attention_sites(config.model)
+  if not sites:
     raise UserError(f"{workdir}: this model ({config.name}) has no attention modules to inspect")
   config, state = runs.restore(workdir)
   images = load_images(list(paths), config.image_size)
-  probs, maps = attention_maps(state, images)
+  probs, maps = attention_maps(state, images, sites)
   os.makedirs(out_dir, exist_ok=True)
   written = []
-  p_malignant = evaluate.malignant_probability(probs, config.get("task", "binary"))
-  for i, path in enumerate(paths):
+  outputs = runs.outputs(config)
+  for i, (path, name) in enumerate(zip(paths, figure_names(paths), strict=True)):
+    if outputs.binary is not None:
+      score = (f"P({outputs.binary.positive_name}) = "
+               f"{outputs.binary.positive_probability(probs[i]):.3f}")
+    else:
+      k = int(np.argmax(probs[i]))
+      score = f"{outputs.classes[k]} ({probs[i][k]:.3f})"
     fig = figure(images[i], maps, i, position,
-                 f"{os.path.basename(path)}  P(malignant) = {p_malignant[i]:.3f}  ({config.name})")
-    target = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_attention.png")
+                 f"{os.path.basename(path)}  {score}  ({config.name})")
+    target = os.path.join(out_dir, name)
     with files.atomic_path(target) as tmp:
       fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
@@ -183,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="folder for the PNGs")
   parser.add_argument("--position", type=_position, default=(0.5, 0.5),
                       help="query position for S-Attn maps, as row,col fractions (default 0.5,0.5)")
-  parser.add_argument("images", nargs="+")
+  parser.add_argument("images", nargs="+", help="image files, or folders of them (searched "
+                      "recursively)")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.inspect"):
     for path in inspect_images(args.workdir, args.images, args.out, args.position):

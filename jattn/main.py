@@ -16,12 +16,13 @@ that has finished prints its results and stops.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 import jax
 
-from jattn import config_lib, parallel, train
+from jattn import config_lib, parallel
 from jattn.errors import exit_on_user_error
 
 # Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
@@ -40,12 +41,19 @@ def main(argv: list[str] | None = None) -> None:
                       help="discard a run with a different config in --workdir")
   args = parser.parse_args(rest)
   with exit_on_user_error("jattn.main"):
-    parallel.initialize_distributed()  # before anything touches the devices
-  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
-  with exit_on_user_error("jattn.main"):
+    # The config is read first (that touches no device), so that its coordinator_timeout_s bounds
+    # the wait for the other processes and they can check that they all run the same config;
+    # then the processes start JAX's runtime together, before anything touches the devices.
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     workdir = args.workdir or f"runs/{config.name}/fold{{fold}}"
+    parallel.initialize_distributed(config.get("coordinator_timeout_s", 300.0),
+                                    agree_on={"config": json.loads(config.to_json()),
+                                              "--workdir": workdir})
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
+  from jattn import train  # here: a launch that cannot start says so before this 2 s import
+
+  with exit_on_user_error("jattn.main"), parallel.telling_peers():
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)
 
 

@@ -1,20 +1,21 @@
-"""Clinical and per-class metrics of a test set, with confidence intervals by a patient bootstrap.
+"""Clinical and per-class metrics of a test set, with confidence intervals by a group bootstrap.
 
 Every figure is computed by scikit-learn (`sklearn.metrics`) from labels, predictions and predicted
 probabilities passed in, so the caller decides how the probabilities were made (one pass, or the
 mean over test-time augmentations):
 
-* `binary_metrics`: sensitivity (recall of malignant), specificity (recall of benign), balanced
-  accuracy (their mean), F1 of malignant and ROC-AUC of P(malignant); None where a figure is
+* `binary_metrics`: sensitivity (recall of the positive class), specificity (recall of the
+  negative one), balanced accuracy (their mean), F1 of the positive class and ROC-AUC of
+  P(positive); None where a figure is
   undefined (a class absent from the test set).
 * `per_class_metrics` and `confusion`: precision, recall, F1 and support per class, and the
   k x k confusion matrix (rows: truth), for the 8-class subtype task.
-* `patient_bootstrap`: 95% percentile intervals by resampling PATIENTS with replacement (their
-  images are correlated, so resampling images would give intervals that are too narrow).
-  Resampling is stratified by the patient's class, so every resample holds both classes; a
-  resample is the original data with each patient weighted by how often it was drawn, which is
-  exactly the data set of the drawn patients with repeats. `WeightedBinaryMetrics` computes the
-  figures of all resamples at once (scikit-learn, called once per resample, takes ~20 s per
+* `group_bootstrap`: 95% percentile intervals by resampling GROUPS (BreakHis: patients) with
+  replacement (their images are correlated, so resampling images would give intervals that are
+  too narrow). Resampling is stratified by the group's class, so every resample holds both
+  classes; a resample is the original data with each group weighted by how often it was drawn,
+  which is exactly the data set of the drawn groups with repeats. `WeightedBinaryMetrics` computes
+  the figures of all resamples at once (scikit-learn, called once per resample, takes ~20 s per
   thousand); tests check it equals scikit-learn's `sample_weight` figures. Seeded: the same
   seed, the same intervals.
 """
@@ -29,6 +30,9 @@ from sklearn import metrics as skm
 
 BINARY_METRICS = ("sensitivity", "specificity", "balanced_accuracy", "f1", "roc_auc")
 LEVEL = 0.95  # of the bootstrap intervals
+# The most resamples a bootstrap draws (config.bootstrap_resamples): the weights matrix is
+# resamples x patients float64 (100,000 x 82 patients: 66 MB, and a few seconds of arithmetic).
+MAX_RESAMPLES = 100_000
 
 
 def _none_if_nan(x) -> float | None:
@@ -37,7 +41,7 @@ def _none_if_nan(x) -> float | None:
 
 def binary_metrics(labels: np.ndarray, scores: np.ndarray, predictions: np.ndarray,
                    sample_weight: np.ndarray | None = None) -> dict[str, float | None]:
-  """BINARY_METRICS of 0/1 `labels`, predicted classes and P(malignant) `scores`."""
+  """BINARY_METRICS of 0/1 `labels` (1 positive), predicted classes and P(positive) `scores`."""
   labels, predictions = np.asarray(labels), np.asarray(predictions)
   weight = np.ones(len(labels)) if sample_weight is None else np.asarray(sample_weight, float)
   with warnings.catch_warnings():
@@ -82,10 +86,10 @@ def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> 
 
 
 class WeightedBinaryMetrics:
-  """BINARY_METRICS of items (images or patients) under many patient weightings at once.
+  """BINARY_METRICS of items (images or groups) under many group weightings at once.
 
-  The bootstrap's inner loop: per-patient confusion counts and a patient x patient matrix of
-  Mann-Whitney pair counts are summed once, so that a weighting W [B, P] (how often each patient
+  The bootstrap's inner loop: per-group confusion counts and a group x group matrix of
+  Mann-Whitney pair counts are summed once, so that a weighting W [B, G] (how often each group
   was drawn, in each of B resamples) gives every figure by a few matrix products. Equal to
   `binary_metrics(..., sample_weight=W[b, units])` for each b (tests check this against
   scikit-learn); NaN where a figure is undefined.
@@ -96,7 +100,7 @@ class WeightedBinaryMetrics:
     predictions, units = np.asarray(predictions), np.asarray(units)
     onehot = np.zeros((len(labels), num_units))
     onehot[np.arange(len(labels)), units] = 1.0
-    # counts[p] = (tn, fp, fn, tp) of patient p's items
+    # counts[g] = (tn, fp, fn, tp) of group g's items
     cells = 2 * labels + predictions
     self.counts = onehot.T @ np.eye(4)[cells]
     pos, neg = labels == 1, labels == 0
@@ -115,29 +119,33 @@ class WeightedBinaryMetrics:
               "f1": np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan), "roc_auc": auc}
 
 
-def stratified_weights(patient_classes: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-  """[resamples, P]: how often each patient is drawn when, within each class, as many patients
-  as the class has are drawn with replacement."""
-  patient_classes = np.asarray(patient_classes)
+def stratified_weights(strata: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+  """[resamples, G]: how often each group is drawn when, within each stratum (a group's class),
+  as many groups as the stratum has are drawn with replacement."""
+  strata = np.asarray(strata)
   rng = np.random.default_rng(seed)
-  weights = np.zeros((resamples, len(patient_classes)))
-  for c in np.unique(patient_classes):
-    members = np.flatnonzero(patient_classes == c)
-    draws = rng.integers(0, len(members), (resamples, len(members)))
-    for b in range(resamples):
-      weights[b, members] = np.bincount(draws[b], minlength=len(members))
+  weights = np.zeros((resamples, len(strata)))
+  for c in np.unique(strata):
+    members = np.flatnonzero(strata == c)
+    n = len(members)
+    draws = rng.integers(0, n, (resamples, n))
+    # Row b's counts: one bincount over all rows, each row's draws offset by b * n.
+    counts = np.bincount((draws + n * np.arange(resamples)[:, None]).ravel(),
+                         minlength=resamples * n)
+    weights[:, members] = counts.reshape(resamples, n)
   return weights
 
 
-def patient_bootstrap(statistic: Callable[[np.ndarray], Mapping[str, np.ndarray]],
-                      patient_classes: np.ndarray, *, resamples: int, seed: int,
-                      level: float = LEVEL) -> dict[str, list[float] | None]:
-  """Percentile intervals of `statistic(W)` over `resamples` stratified patient resamples.
+def group_bootstrap(statistic: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+                    strata: np.ndarray, *, resamples: int, seed: int,
+                    level: float = LEVEL) -> dict[str, list[float] | None]:
+  """Percentile intervals of `statistic(W)` over `resamples` stratified group resamples.
 
-  `statistic` maps patient weights W [B, P] to named figures [B] (NaN where undefined).
+  `statistic` maps group weights W [B, G] to named figures [B] (NaN where undefined); `strata`
+  holds each group's stratum (its class; all equal for an unstratified bootstrap).
   Returns {name: [low, high]}, None where no resample defined the figure.
   """
-  values = statistic(stratified_weights(patient_classes, resamples, seed))
+  values = statistic(stratified_weights(strata, resamples, seed))
   tail = 100 * (1 - level) / 2
   out = {}
   for name, v in values.items():
@@ -147,31 +155,36 @@ def patient_bootstrap(statistic: Callable[[np.ndarray], Mapping[str, np.ndarray]
 
 
 def clinical_metrics(*, labels: np.ndarray, scores: np.ndarray, predictions: np.ndarray,
-                     patients: np.ndarray, patient_votes: Mapping[int, int], resamples: int,
+                     groups: np.ndarray, group_votes: Mapping[int, int] | None, resamples: int,
                      seed: int) -> dict[str, dict[str, dict]]:
-  """BINARY_METRICS of one group of test images, at image and patient level, with 95% CIs.
+  """BINARY_METRICS of one set of test images, at image level and (with `group_votes`) at group
+  level, with 95% intervals from a bootstrap over groups.
 
-  Image level: each image's P(malignant) `scores` and predicted class. Patient level: a patient's
-  score is the mean P(malignant) of its images (ROC-AUC), its prediction its vote
-  (`patient_votes`, the protocol's majority vote). Point estimates by `binary_metrics`
-  (scikit-learn); intervals by `patient_bootstrap` with `resamples` resamples (none when 0).
-  Returns {image|patient: {metric: {value, ci95}}}.
+  Image level: each image's P(positive) `scores` and 0/1 predicted class. Group level (only when
+  every group has one label; `group_votes` maps each group to its 0/1 vote): a group's score is
+  the mean P(positive) of its images (ROC-AUC), its prediction its vote. Point estimates by
+  `binary_metrics` (scikit-learn); intervals by `group_bootstrap` with `resamples` resamples (none
+  when 0), stratified by the group's label when groups have one, else unstratified.
+  Returns {image[, group]: {metric: {value, ci95}}}.
   """
   labels, scores, predictions = map(np.asarray, (labels, scores, predictions))
-  ids = np.unique(patients)
-  index = np.searchsorted(ids, patients)  # image -> position of its patient in ids
-  p_labels = np.array([labels[index == i][0] for i in range(len(ids))])
-  p_scores = np.array([scores[index == i].mean() for i in range(len(ids))])
-  p_votes = np.array([patient_votes[int(p)] for p in ids])
-  levels = {"image": (labels, scores, predictions, index),
-            "patient": (p_labels, p_scores, p_votes, np.arange(len(ids)))}
+  ids = np.unique(groups)
+  index = np.searchsorted(ids, groups)  # image -> position of its group in ids
+  levels = {"image": (labels, scores, predictions, index)}
+  strata = np.zeros(len(ids), np.int64)
+  if group_votes is not None:
+    g_labels = np.array([labels[index == i][0] for i in range(len(ids))])
+    g_scores = np.array([scores[index == i].mean() for i in range(len(ids))])
+    g_votes = np.array([group_votes[int(g)] for g in ids])
+    levels["group"] = (g_labels, g_scores, g_votes, np.arange(len(ids)))
+    strata = g_labels
   out = {}
   for level, (y, s, pred, units) in levels.items():
     point = binary_metrics(y, s, pred)
     ci = {}
     if resamples:
       statistic = WeightedBinaryMetrics(y, s, pred, units, len(ids))
-      ci = patient_bootstrap(statistic, p_labels, resamples=resamples, seed=seed)
+      ci = group_bootstrap(statistic, strata, resamples=resamples, seed=seed)
     out[level] = {name: {"value": point[name], "ci95": ci.get(name)} for name in BINARY_METRICS}
   return out
 

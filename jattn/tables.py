@@ -1,18 +1,26 @@
-"""The paper's Tables 1 and 2 (and the patient recognition rate) from a sweep folder.
+"""The paper's Tables 1 and 2 (and the group recognition rate) from a sweep folder.
 
   python -m jattn.tables sweeps/paper
 
-A sweep folder holds one training run per config name and fold, `SWEEP/<name>/fold<k>/`, each
-finished run with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
-experiments/sweep.py (row order and expected folds). Every cell is the mean and sample standard
-deviation over the folds that finished and have the figure; a cell short of folds says so
-(`(3/5)`: e.g. a fold without test images at that magnification), one with none shows `—`. Each row
-that reproduces a row of the paper is followed by the paper's published figure (only for runs of
-the paper's setting: the binary task on all four magnifications). When the sweep holds binary runs
-with clinical metrics, Tables 4-5 give sensitivity, specificity, balanced accuracy, F1 and ROC-AUC
-at image and patient level; when it holds subtype runs (config.task='subtype'), Table 6 gives their
-balanced accuracy, macro F1 and per-subtype F1. Results written before these figures existed are
-read as they are (their cells in the new tables are missing).
+A sweep folder holds one training run per row and fold, `SWEEP/<name>/fold<k>/`, each finished run
+with its `results.json`, and usually the manifest `SWEEP/sweep.json` written by
+experiments/sweep.py (row order and expected folds). The folder names the row; where its runs'
+config.name differs (a config run into a folder of another name), the row shows it, and all folds
+of a row must be runs of one config. Every cell is the mean and sample standard deviation over the
+folds that finished and have the figure; a cell short of folds says so (`(3/5)`: e.g. a fold
+without test images in that stratum), one with none shows `—`. The columns are the strata the
+results report (BreakHis: the magnifications), the group level is the results' group unit
+(BreakHis: the patient), so nothing here knows a data set. Where the runs' data source has
+published figures (BreakHis: Wu et al., ISBI 2019), each row that reproduces a published row is
+followed by it, but only for runs of the published setting (the source's `setting`); a row of
+another setting is labelled with what differs (`ours_100X (100X)`, `demo_ours (from scratch,
+64x64, 6 epochs, width 1/16, classifier 64)`) and shown without them. A figure the tables read must
+be a fraction in [0, 1] or null (undefined): NaN or infinity in a results.json is refused by name.
+When the sweep holds binary runs with clinical metrics, Tables 4-5 give sensitivity, specificity,
+balanced accuracy, F1 and ROC-AUC at image and group level; when it holds runs of more than two
+classes (BreakHis' subtype task), Table 6 gives their balanced accuracy, macro F1 and per-class F1.
+Results written before these figures existed are read as they are (their cells in the new tables
+are missing); results of schema 1 are read as schema 2 (`jattn.results.read`).
 Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png.
 """
 
@@ -25,91 +33,129 @@ import io
 import json
 import os
 import re
+from types import ModuleType
 
 import numpy as np
 
-from jattn import files
-from jattn.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES
+from jattn import files, results
+from jattn.data import sources
 from jattn.errors import UserError, exit_on_user_error
+from jattn.evaluate import ALL  # the column over every tested stratum together
+from jattn.metrics import BINARY_METRICS
 
-RESULTS_SCHEMA = "jattn.results/1"  # as written by jattn.train
 MANIFEST = "sweep.json"
-
-# Wu et al., ISBI 2019, Table 1: image-level accuracy (%), mean ± std over 5 folds, per
-# magnification; rows "VGG19", "VGG19 + C", "VGG19 + S" and "Ours".
-PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
-    "VGG19": {"40X": (89.1, 3.4), "100X": (90.3, 3.9), "200X": (90.6, 2.8), "400X": (87.4, 2.4)},
-    "VGG19 + C": {"40X": (91.1, 2.6), "100X": (91.5, 3.5), "200X": (92.0, 2.2),
-                  "400X": (88.6, 2.3)},
-    "VGG19 + S": {"40X": (89.9, 3.0), "100X": (91.7, 2.5), "200X": (92.2, 1.9),
-                  "400X": (89.2, 2.5)},
-    "Ours": {"40X": (91.4, 3.0), "100X": (92.2, 2.9), "200X": (93.4, 2.3), "400X": (90.0, 2.2)},
-}
-# Wu et al., ISBI 2019, Table 2: patient-level accuracy (%), majority vote, same rows.
-PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
-    "VGG19": {"40X": (95.7, 3.9), "100X": (96.4, 3.6), "200X": (96.4, 2.5), "400X": (92.9, 3.6)},
-    "VGG19 + C": {"40X": (97.1, 3.0), "100X": (98.6, 2.0), "200X": (98.6, 2.0),
-                  "400X": (95.7, 3.0)},
-    "VGG19 + S": {"40X": (97.9, 3.2), "100X": (98.6, 2.0), "200X": (97.9, 3.2),
-                  "400X": (94.3, 4.8)},
-    "Ours": {"40X": (97.9, 3.2), "100X": (99.3, 1.6), "200X": (98.6, 2.0), "400X": (96.4, 2.5)},
-}
-
-
-ALL = "all"  # the column over every tested magnification together (jattn.evaluate.ALL)
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-  key: str  # the field of results.json (a dotted name for the figures found at `path`)
+  key: str  # the table's name in tables.csv (BreakHis: 'patient_accuracy', 'clinical.image.f1')
   title: str
-  paper: dict[str, dict[str, tuple[float, float]]] | None  # the paper's figures, if it has them
-  path: tuple[str, ...] = ()  # where the figure is in results.json, "{col}" the column; () = key
-  columns: tuple[str, ...] = MAGNIFICATIONS
+  paper: dict[str, dict[str, tuple[float, float]]] | None  # the published figures, if any
+  path: tuple[str, ...]  # where the figure is in results.json (schema 2), "{col}" the column
+  columns: tuple[str, ...]
   section: str = "paper"  # tables of one section are shown together ('paper' always)
   metric: str = ""  # the row's metric, for sections that put several tables in one
 
-  def value(self, results: dict, column: str) -> float | None:
-    """The figure in [0, 1] of one run at one column; None where the run has none."""
+  def keys(self, column: str) -> tuple[str, ...]:
+    """Where the figure of one column is in results.json."""
+    return tuple(column if part == "{col}" else part for part in self.path)
+
+  def raw(self, results: dict, column: str):
+    """What results.json holds where the figure of one column goes; None where it has nothing."""
     node = results
-    for part in self.path or (self.key, "{col}"):
+    for part in self.keys(column):
       if not isinstance(node, dict):
         return None
-      node = node.get(column if part == "{col}" else part)
-    return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
+      node = node.get(part)
+    return node
+
+  def value(self, results: dict, column: str) -> float | None:
+    """The figure in [0, 1] of one run at one column; None where the run has none."""
+    node = self.raw(results, column)
+    return float(node) if _is_number(node) else None
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 CLINICAL_METRICS = {"sensitivity": "sensitivity", "specificity": "specificity",
                     "balanced_accuracy": "balanced accuracy", "f1": "F1",
-                    "roc_auc": "ROC-AUC"}  # jattn.metrics.BINARY_METRICS, as the rows read
-SECTION_TITLES = {
-    "clinical_image": "Table 4. Binary runs, image level (%): sensitivity (malignant recall), "
-                      "specificity, balanced accuracy, F1 of malignant, ROC-AUC of P(malignant)",
-    "clinical_patient": "Table 5. Binary runs, patient level (%): the patient's majority vote, "
-                        "and ROC-AUC of the mean P(malignant) of its images",
-    "subtype": "Table 6. Subtype runs (8 classes), image level (%): balanced accuracy (mean "
-               "recall), macro F1 and F1 per subtype",
-}
-TABLES = (
-    Table("image_accuracy", "Table 1. Image-level accuracy (%)", PAPER_TABLE1),
-    Table("patient_accuracy", "Table 2. Patient-level accuracy (%): majority vote of a test "
-          "patient's images", PAPER_TABLE2),
-    Table("patient_recognition_rate", "Table 3. Patient recognition rate (%) of Spanhol et al. "
-          "(2016): mean over test patients of the fraction of their images classified correctly; "
-          "not reported by the paper", None),
-    *(Table(f"clinical.{level}.{metric}", SECTION_TITLES[f"clinical_{level}"], None,
-            ("clinical", level, "{col}", metric, "value"), (*MAGNIFICATIONS, ALL),
-            f"clinical_{level}", label)
-      for level in ("image", "patient") for metric, label in CLINICAL_METRICS.items()),
-    *(Table(f"multiclass.{m}", SECTION_TITLES["subtype"], None,
-            ("multiclass", "{col}", "image", m), (*MAGNIFICATIONS, ALL), "subtype", label)
-      for m, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))),
-    *(Table(f"per_class.{code}.f1", SECTION_TITLES["subtype"], None,
-            ("per_class", "{col}", code, "f1"), (*MAGNIFICATIONS, ALL), "subtype", f"F1 {code}")
-      for code in SUBTYPE_CODES),
-)
-_REQUIRED = ("schema", "name", "paper_row", "fold", "finished")
-_REQUIRED_FINISHED = tuple(t.key for t in TABLES if t.section == "paper")
+                    "roc_auc": "ROC-AUC"}  # BINARY_METRICS, as the rows read
+assert tuple(CLINICAL_METRICS) == BINARY_METRICS
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What the tables of a sweep show, from its runs' results: the columns (strata), the group
+  unit, the positive label of binary runs, the classes of runs of more classes, and the source's
+  published figures."""
+
+  columns: tuple[str, ...]  # per-stratum keys, in report order
+  stratum: str  # what a column is, e.g. 'magnification' ('stratum' with several axes)
+  unit: str = "group"
+  positive: str = "positive"
+  class_kind: str = "class"
+  classes: tuple[str, ...] = ()  # of the runs with more than two classes
+  published: ModuleType | None = None
+
+  def tables(self) -> tuple[Table, ...]:
+    unit, pos, kind, cols = self.unit, self.positive, self.class_kind, self.columns
+    paper = self.published.FIGURES if self.published is not None else {}
+    titles = {
+        "clinical_image": f"Table 4. Binary runs, image level (%): sensitivity ({pos} recall), "
+                          f"specificity, balanced accuracy, F1 of {pos}, ROC-AUC of P({pos})",
+        "clinical_group": f"Table 5. Binary runs, {unit} level (%): the {unit}'s majority vote, "
+                          f"and ROC-AUC of the mean P({pos}) of its images",
+        "multiclass": f"Table 6. {kind.capitalize()} runs ({len(self.classes)} classes), image "
+                      f"level (%): balanced accuracy (mean recall), macro F1 and F1 per {kind}",
+    }
+    return (
+        Table("image_accuracy", "Table 1. Image-level accuracy (%)",
+              paper.get("image_accuracy"), ("image_accuracy", "{col}"), cols),
+        Table(f"{unit}_accuracy", f"Table 2. {unit.capitalize()}-level accuracy (%): majority "
+              f"vote of a test {unit}'s images", paper.get("group_accuracy"),
+              ("group_accuracy", "{col}"), cols),
+        Table(f"{unit}_recognition_rate", f"Table 3. {unit.capitalize()} recognition rate (%) of "
+              f"Spanhol et al. (2016): mean over test {unit}s of the fraction of their images "
+              f"classified correctly" + ("; not reported by the paper" if paper else ""), None,
+              ("group_recognition_rate", "{col}"), cols),
+        *(Table(f"clinical.{unit if level == 'group' else level}.{metric}",
+                titles[f"clinical_{level}"], None, ("clinical", level, "{col}", metric, "value"),
+                (*cols, ALL), f"clinical_{level}", label)
+          for level in ("image", "group") for metric, label in CLINICAL_METRICS.items()),
+        *(Table(f"multiclass.{m}", titles["multiclass"], None,
+                ("multiclass", "{col}", "image", m), (*cols, ALL), "multiclass", label)
+          for m, label in (("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"))),
+        *(Table(f"per_class.{c}.f1", titles["multiclass"], None, ("per_class", "{col}", c, "f1"),
+                (*cols, ALL), "multiclass", f"F1 {c}")
+          for c in self.classes),
+    )
+
+
+def layout(found: list[dict], source: str = "breakhis") -> Layout:
+  """The tables' layout for the finished runs' results `found` (schema 2); with none, the
+  columns of the source the sweep is of."""
+  src = sources.get(found[0].get("source", source) if found else source)
+  if found:
+    strata = found[0].get("strata", {})
+    if len(strata) == 1:
+      ((name, axis),) = strata.items()
+      columns, stratum = tuple(axis["values"]), name
+    else:
+      columns = tuple(f"{name}={v}" for name, axis in strata.items() for v in axis["values"])
+      stratum = "stratum"
+  else:
+    ((stratum, values),) = src.STRATA.items()
+    columns = tuple(values)
+  binary = next((r["binary"] for r in found if r.get("binary") and len(r["classes"]) == 2), None)
+  multi = next((r for r in found if len(r.get("classes", ())) > 2), None)
+  return Layout(columns=columns, stratum=stratum,
+                unit=found[0].get("group_unit", "group") if found else src.GROUP_UNIT,
+                positive=binary["positive"] if binary else "positive",
+                class_kind=multi.get("class_kind", "class") if multi else "class",
+                classes=tuple(multi["classes"]) if multi else (),
+                published=getattr(src, "published", None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,23 +169,38 @@ class Sweep:
   results: dict[tuple[str, int], dict]  # (name, fold) -> results.json, finished runs only
   unfinished: list[tuple[str, int]]  # expected runs without finished results, in order
   settings: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> '' (the paper's
-  # setting: binary, all magnifications) or what differs, e.g. 'subtype', '100X'
+  # setting, the source's `setting`) or what differs, e.g. 'subtype', '100X',
+  # '100X, from scratch, 6 epochs'
+  config_names: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> the config.name
+  # of its runs, where that differs from the row's name (its folder)
+  layout: Layout = None  # what the tables show (`layout`)
+
+  def label(self, name: str) -> str:
+    """The row's name as the tables show it, with its config's name and setting if they differ."""
+    details = [f"config {self.config_names[name]}"] if name in self.config_names else []
+    details += [self.settings[name]] if self.settings.get(name) else []
+    return f"{name} ({'; '.join(details)})" if details else name
+
+  @property
+  def tables(self) -> tuple[Table, ...]:
+    return self.layout.tables()
 
   def sections(self) -> list[str]:
-    """The sections of tables that some finished run has figures for, in TABLES order."""
-    have = {t.section for t in TABLES for r in self.results.values()
+    """The sections of tables that some finished run has figures for, in table order."""
+    have = {t.section for t in self.tables for r in self.results.values()
             if t.section == "paper" or any(t.value(r, c) is not None for c in t.columns)}
-    return list(dict.fromkeys(t.section for t in TABLES if t.section in have))
+    return list(dict.fromkeys(t.section for t in self.tables if t.section in have))
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One table cell: a config's figure at one magnification over the finished folds, in percent."""
+  """One table cell: a config's figure in one column (a stratum, or all) over the finished folds,
+  in percent."""
 
   table: str
   name: str
   paper_row: str
-  magnification: str
+  column: str
   values: tuple[float, ...]  # percent, one per finished fold, in fold order
   n_expected: int
   paper_mean: float | None = None
@@ -179,21 +240,29 @@ def collect(sweep_dir: str) -> Sweep:
     raise UserError(f"{sweep_dir}: no runs found; expected SWEEP/<name>/fold<k>/results.json "
                     f"or a {MANIFEST}")
 
-  results, unfinished, paper_rows, settings = {}, [], {}, {}
+  read = {}
   for name, fold, workdir in runs:
     path = os.path.join(sweep_dir, workdir, "results.json")
-    r = _read_results(path) if os.path.exists(path) else None
+    read[(name, fold)] = (path, _read_results(path) if os.path.exists(path) else None)
+  found = [r for _, r in read.values() if r is not None and r["finished"] is True]
+  shape = layout(found)
+  results, unfinished, paper_rows, settings, config_names = {}, [], {}, {}, {}
+  for (name, fold), (path, r) in read.items():
     if r is None or r["finished"] is not True:
       unfinished.append((name, fold))
       continue
-    if (r["name"], r["fold"]) != (name, fold):
+    _check_figures(path, r, shape)
+    if r["fold"] != fold:
       raise UserError(f"{path}: holds name {r['name']!r} fold {r['fold']}, but the sweep expects "
-                      f"name {name!r} fold {fold} there; move it to its own folder")
-    setting = _setting(r)
+                      f"fold {fold} there; move it to its own folder")
+    if config_names.setdefault(name, r["name"]) != r["name"]:
+      raise UserError(f"{path}: a run of config {r['name']!r}, but other folds of {name!r} are "
+                      f"runs of {config_names[name]!r}; give each config its own folder")
+    setting = shape.published.setting(r) if shape.published is not None else ""
     if settings.setdefault(name, setting) != setting:
       raise UserError(f"{path}: a run of {setting or 'the paper setting'}, but other folds of "
                       f"{name!r} are of {settings[name] or 'the paper setting'}; give each "
-                      f"setting its own config.name")
+                      f"setting its own folder (config.name)")
     r = {**r, "paper_row": r["paper_row"] if not setting else ""}  # no paper figure to compare
     if paper_rows.setdefault(name, r["paper_row"]) != r["paper_row"]:
       raise UserError(f"{path}: paper_row {r['paper_row']!r}, but other folds of {name!r} say "
@@ -201,16 +270,8 @@ def collect(sweep_dir: str) -> Sweep:
     results[(name, fold)] = r
   return Sweep(sweep_dir=sweep_dir, names=names, folds=folds,
                paper_rows={n: paper_rows.get(n, "") for n in names}, results=results,
-               unfinished=unfinished, settings={n: settings.get(n, "") for n in names})
-
-
-def _setting(results: dict) -> str:
-  """'' for the paper's setting (binary task, all four magnifications), else what differs."""
-  task = results.get("task", "binary")
-  selected = results.get("magnifications", {}).get("selected", list(MAGNIFICATIONS))
-  parts = ([task] if task != "binary" else []) + (
-      [",".join(selected)] if list(selected) != list(MAGNIFICATIONS) else [])
-  return " ".join(parts)
+               unfinished=unfinished, settings={n: settings.get(n, "") for n in names},
+               config_names={n: c for n, c in config_names.items() if c != n}, layout=shape)
 
 
 def _read_manifest(path: str) -> tuple[list[str], list[int], list[tuple[str, int, str]]]:
@@ -244,38 +305,46 @@ def _scan_folders(sweep_dir: str) -> tuple[list[str], list[int], list[tuple[str,
 
 
 def _read_results(path: str) -> dict:
-  """One run's results.json, checked for the fields the tables need."""
-  try:
-    with open(path) as f:
-      r = json.load(f)
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}: not valid JSON ({e}); delete it to rerun that run") from None
-  if not isinstance(r, dict):
-    raise UserError(f"{path}: expected a JSON object; delete it to rerun that run")
-  missing = [k for k in _REQUIRED if k not in r]
-  if not missing and r["finished"] is True:
-    missing = [k for k in _REQUIRED_FINISHED if k not in r]
-  if missing:
-    raise UserError(f"{path}: missing key {missing[0]!r}; not a finished jattn run's results, "
-                    f"delete it to rerun that run")
-  if r["schema"] != RESULTS_SCHEMA:
-    raise UserError(f"{path}: schema {r['schema']!r}, expected {RESULTS_SCHEMA!r}")
-  if r["finished"] is True:
-    for key in _REQUIRED_FINISHED:
-      values = r[key]
-      bad = (not isinstance(values, dict) or
-             [m for m, v in values.items() if not isinstance(v, (int, float)) or not 0 <= v <= 1])
-      if bad:
-        raise UserError(f"{path}: {key} must map magnifications to fractions in [0, 1]; "
-                        f"got {values!r}")
+  """One run's results.json (as schema 2), checked for the fields every table needs."""
+  r = results.read(path)
+  if r["finished"] is not True:
+    return r
+  strata = r.get("strata", {})
+  what = f"{next(iter(strata))}s" if len(strata) == 1 else "strata"
+  unit = r.get("group_unit", "group")
+  required = {"image_accuracy": "image_accuracy"}
+  if r.get("group_figures", {}).get("reported", True):
+    required.update(group_accuracy=f"{unit}_accuracy",
+                    group_recognition_rate=f"{unit}_recognition_rate")
+  for key, shown in required.items():
+    if key not in r:
+      raise UserError(f"{path}: missing key {shown!r}; not a finished jattn run's results, "
+                      f"delete it to rerun that run")
+    values = r[key]
+    bad = (not isinstance(values, dict) or
+           [m for m, v in values.items() if not _is_number(v) or not 0 <= v <= 1])
+    if bad:
+      raise UserError(f"{path}: {shown} must map {what} to fractions in [0, 1]; got {values!r}")
   return r
+
+
+def _check_figures(path: str, r: dict, shape: Layout) -> None:
+  """Every figure the tables read of one run: a fraction, or null where undefined."""
+  for table in shape.tables():
+    for column in table.columns:
+      value = table.raw(r, column)
+      if value is not None and not (_is_number(value) and 0 <= value <= 1):
+        raise UserError(f"{path}: the figure {table.key} ({column}) is "
+                        f"{json.dumps(value)[:60]}, not a fraction in [0, 1] or null (undefined); "
+                        f"delete results.json to evaluate that run again from its last "
+                        f"checkpoint")
 
 
 def aggregate(sweep: Sweep) -> list[Cell]:
   """Every cell of every table shown: per table, config (in row order) and column."""
   cells = []
   sections = sweep.sections()
-  for table in TABLES:
+  for table in sweep.tables:
     if table.section not in sections:
       continue
     for name in sweep.names:
@@ -290,21 +359,22 @@ def aggregate(sweep: Sweep) -> list[Cell]:
 
 
 def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
-  """The tables as Markdown: Tables 1-3 one row per config and one column per magnification;
+  """The tables as Markdown: Tables 1-3 one row per config and one column per stratum;
   each further section (clinical, subtype) one row per config and metric."""
-  by_key = {(c.table, c.name, c.magnification): c for c in cells}
+  by_key = {(c.table, c.name, c.column): c for c in cells}
   n = len(sweep.folds)
+  shape = sweep.layout
+  published = (f" Rows in italics, `paper: <row>`, are {shape.published.DESCRIPTION}, for the row "
+               f"of the paper that the config above them reproduces."
+               if shape.published is not None else "")
   lines = [f"# Results of {sweep.sweep_dir}", "",
            f"{n} folds expected per config (folds {', '.join(map(str, sweep.folds))}). "
-           f"`(n/{n})`: only n folds finished (or had test images at that magnification), the "
+           f"`(n/{n})`: only n folds finished (or had test images at that {shape.stratum}), the "
            f"figure is over those; `—`: no fold has the figure; "
-           f"a figure without ± comes from one fold. Rows in italics, `paper: <row>`, are the "
-           f"figures published by Wu et al., ISBI 2019 (Tables 1 and 2), for the row of the paper "
-           f"that the config above them reproduces.", ""]
-  label = {name: f"{name} ({sweep.settings[name]})" if sweep.settings.get(name) else name
-           for name in sweep.names}
+           f"a figure without ± comes from one fold.{published}", ""]
+  label = {name: sweep.label(name) for name in sweep.names}
   for section in sweep.sections():
-    tables = [t for t in TABLES if t.section == section]
+    tables = [t for t in sweep.tables if t.section == section]
     columns = tables[0].columns
     if section == "paper":
       for table in tables:
@@ -320,8 +390,8 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
                 f"*{paper[m][0]:.1f} ± {paper[m][1]:.1f}*" for m in columns) + " |")
         lines.append("")
       continue
-    lines += [f"**{SECTION_TITLES[section]}.** Mean ± sample standard deviation (ddof = 1) over "
-              f"the finished folds; `{ALL}`: every tested magnification together.", "",
+    lines += [f"**{tables[0].title}.** Mean ± sample standard deviation (ddof = 1) over "
+              f"the finished folds; `{ALL}`: every tested {shape.stratum} together.", "",
               "| Method | Metric | " + " | ".join(columns) + " |",
               "|---|---|" + "---|" * len(columns)]
     for name in sweep.names:
@@ -340,35 +410,40 @@ def format_markdown(sweep: Sweep, cells: list[Cell]) -> str:
   return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("table", "name", "paper_row", "magnification", "mean", "std", "n_folds", "n_expected",
-              "paper_mean", "paper_std")
+def csv_fields(shape: Layout) -> tuple[str, ...]:
+  """The header of tables.csv: the column field is named as the columns are (BreakHis:
+  'magnification')."""
+  return ("table", "name", "paper_row", shape.stratum, "mean", "std", "n_folds", "n_expected",
+          "paper_mean", "paper_std")
 
 
-def format_csv(cells: list[Cell]) -> str:
+def format_csv(cells: list[Cell], shape: Layout) -> str:
   """Long format, one line per cell; an absent figure is an empty field."""
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
-  writer.writerow(CSV_FIELDS)
+  writer.writerow(csv_fields(shape))
   blank = lambda x: "" if x is None else repr(x)
   for c in cells:
-    writer.writerow([c.table, c.name, c.paper_row, c.magnification, blank(c.mean), blank(c.std),
+    writer.writerow([c.table, c.name, c.paper_row, c.column, blank(c.mean), blank(c.std),
                      c.n_folds, c.n_expected, blank(c.paper_mean), blank(c.paper_std)])
   return out.getvalue()
 
 
 def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
-  """Ours (filled, ± sample std) beside the paper (open), per config and magnification, as PNG."""
+  """Ours (filled, ± sample std) beside the published figures (open), per config and stratum, of
+  Tables 1 and 2, as PNG."""
   from matplotlib.figure import Figure  # no pyplot: no global backend, Agg when saving
 
-  by_key = {(c.table, c.name, c.magnification): c for c in cells}
+  by_key = {(c.table, c.name, c.column): c for c in cells}
+  columns = sweep.layout.columns
   fig = Figure(figsize=(13, 4.8), layout="constrained")
   axes = fig.subplots(1, 2, sharey=True)
   colours = [f"C{i % 10}" for i in range(len(sweep.names))]
   width = 0.8 / max(len(sweep.names), 1)
-  for ax, table in zip(axes, TABLES[:2], strict=True):
+  for ax, table in zip(axes, sweep.tables[:2], strict=True):
     for i, name in enumerate(sweep.names):
       offset = (i - (len(sweep.names) - 1) / 2) * width
-      ours = [by_key[(table.key, name, m)] for m in MAGNIFICATIONS]
+      ours = [by_key[(table.key, name, m)] for m in columns]
       x = [j + offset - width / 5 for j, c in enumerate(ours) if c.n_folds]
       ax.errorbar(x, [c.mean for c in ours if c.n_folds],
                   yerr=[c.std or 0.0 for c in ours if c.n_folds], fmt="o", color=colours[i],
@@ -379,16 +454,18 @@ def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
                       textcoords="offset points", xytext=(0, -14), ha="center", fontsize=7)
       paper = [c for c in ours if c.paper_mean is not None]
       if paper:
-        ax.errorbar([MAGNIFICATIONS.index(c.magnification) + offset + width / 5 for c in paper],
+        ax.errorbar([columns.index(c.column) + offset + width / 5 for c in paper],
                     [c.paper_mean for c in paper], yerr=[c.paper_std for c in paper], fmt="s",
                     mfc="none", color=colours[i], capsize=3,
                     label=f"paper: {sweep.paper_rows[name]}")
-    ax.set_xticks(range(len(MAGNIFICATIONS)), MAGNIFICATIONS)
+    ax.set_xticks(range(len(columns)), columns)
     ax.set_title(table.title.split(":")[0], fontsize=10)
     ax.grid(axis="y", alpha=0.3)
   axes[0].set_ylabel("accuracy (%)")
+  published = sweep.layout.published
   fig.suptitle(f"{sweep.sweep_dir}: filled, this sweep (mean ± sample std over the finished "
-               f"folds, n/N where folds are missing); open, the paper (Wu et al., ISBI 2019)",
+               f"folds, n/N where folds are missing)"
+               + (f"; open, the paper ({published.PAPER})" if published is not None else ""),
                fontsize=9)
   fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
   with files.atomic_path(path) as tmp:
@@ -401,7 +478,7 @@ def write_tables(sweep_dir: str) -> str:
   cells = aggregate(sweep)
   markdown = format_markdown(sweep, cells)
   files.atomic_write_text(os.path.join(sweep_dir, "tables.md"), markdown)
-  files.atomic_write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells))
+  files.atomic_write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells, sweep.layout))
   plot(sweep, cells, os.path.join(sweep_dir, "tables.png"))
   return markdown
 

@@ -11,12 +11,12 @@ narrow models quickly. PyTorch is an optional extra: `pip install -e ".[convert]
 
 from __future__ import annotations
 
+from jattn.errors import UserError
+
 try:
   import torch
   from torch import nn
 except ImportError:
-  from jattn.errors import UserError
-
   raise UserError(
       'the PyTorch reference models need PyTorch: pip install -e ".[convert]"') from None
 
@@ -102,7 +102,7 @@ class TorchVGG(nn.Module):
 def from_config(model_config, blocks) -> TorchVGG:
   """The torchvision-layout TorchVGG with the shapes of jattn's model for `config.model`.
 
-  `blocks` are the conv widths (jattn.models.block_widths(model_config.width)).
+  `blocks` are the conv widths (jattn.models.vgg.block_widths(model_config.width)).
   """
   mc = model_config
   return TorchVGG(blocks, batch_norm=mc.batch_norm, num_classes=mc.num_classes,
@@ -233,6 +233,21 @@ def resnet_from_config(model_config, planes) -> TorchResNet:
   return TorchResNet(mc.name, mc.num_classes, planes, tuple(mc.c_attn_stages),
                      tuple(mc.s_attn_stages), mc.c_attn_kernel, mc.c_attn_stride,
                      mc.c_attn_padding, mc.s_attn_reduction)
+
+
+def for_config(model_config) -> nn.Module:
+  """The transcription of jattn's model for `config.model` (any backbone), torchvision's layout."""
+  from jattn import models  # noqa: PLC0415 -- jattn's models are needed only here
+  from jattn.models import resnet, vgg  # noqa: PLC0415
+
+  mc = model_config
+  transcriptions = {vgg: lambda: from_config(mc, vgg.block_widths(mc.width)),
+                    resnet: lambda: resnet_from_config(mc, resnet.stage_planes(mc.width))}
+  backbone = models.of(mc)
+  if backbone not in transcriptions:
+    raise UserError(f"config.model.name={models.name_of(mc)!r} has no PyTorch transcription in "
+                    f"jattn.torch_reference; run without --torch")
+  return transcriptions[backbone]()
 
 
 def randomize_(model: nn.Module, seed: int = 0, qk_scale: float = 0.05) -> nn.Module:

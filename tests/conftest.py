@@ -4,6 +4,8 @@ tiny trained run on it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -14,7 +16,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jatt
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from configs import default
-from jattn.data import breakhis, load_fold, synthesize
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis.synthetic import synthesize
 
 # Two patients of each subtype: a tree small enough to prepare again in a test that changes it.
 SMALL_PATIENTS = tuple(
@@ -78,3 +81,41 @@ def trained_run(synthetic_tree, prepared_dir, tmp_path_factory):
   args = ["--config", DEMO, "--workdir", workdir]
   main.main(args + [f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir)])
   return workdir
+
+
+# Runs in a process that sees 4 CPU devices (the flag must be set before jax starts): the same
+# global batch of 32 on one device, sharded over four, and two parallel folds over four. A
+# checkpoint every 3 steps, so that tests can resume them from a step within the epoch.
+DEVICES_SETTINGS = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32,
+                        checkpoint_every_steps=3)
+_DEVICES_SCRIPT = """
+import sys
+from jattn import train
+from jattn.errors import UserError
+from tests.conftest import DEVICES_SETTINGS as settings
+from tests.runs import tiny_config
+data_dir, prepared_dir, out = sys.argv[1:4]
+for name, extra in [("one", dict(num_devices=1)), ("four", dict(num_devices=4, eval_batch_size=10)),
+                    ("folds", dict(parallel_folds=2))]:
+  config = tiny_config(data_dir, prepared_dir, **settings, **extra)
+  train.train_and_evaluate(config, f"{out}/{name}/fold{{fold}}")
+try:
+  train.train_and_evaluate(tiny_config(data_dir, prepared_dir, batch_size=30), f"{out}/odd")
+except UserError as e:
+  print(e, file=open(f"{out}/odd.txt", "w"))
+"""
+
+
+@pytest.fixture(scope="session")
+def four_devices(synthetic_tree, prepared_dir, tmp_path_factory):
+  """The folder of the runs of _DEVICES_SCRIPT (one/, four/, folds/: fold1/, fold2/ each), trained
+  in a process with 4 CPU devices. Tests must not change it."""
+  from tests.runs import REPO
+
+  out = tmp_path_factory.mktemp("devices")
+  run = subprocess.run(
+      [sys.executable, "-c", _DEVICES_SCRIPT, synthetic_tree[0], prepared_dir, str(out)],
+      cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert run.returncode == 0, run.stderr[-3000:]
+  return out

@@ -1,10 +1,15 @@
-"""Tiny training runs for the tests: configs/demo.py shrunk to seconds on a synthetic tree."""
+"""Tiny training runs for the tests (configs/demo.py shrunk to seconds on a synthetic tree), and
+BreakHis-like fold descriptions made by hand."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from jattn import config_lib
+from jattn.data.breakhis import SUBTYPE_CODES, TASKS, source
+from jattn.data.fold import FoldData, Labelling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -22,3 +27,22 @@ def tiny_overrides(data_dir: str, prepared_dir: str, **kw) -> list[str]:
 def tiny_config(data_dir: str, prepared_dir: str, spec: str = DEMO, **kw):
   config = config_lib.load_config(spec)
   return config_lib.apply_overrides(config, tiny_overrides(data_dir, prepared_dir, **kw))
+
+
+def breakhis_fold(labels, patients, magnifications, subtypes, task="binary",
+                  patient_ids=None, selected=None) -> FoldData:
+  """A FoldData as the BreakHis source describes its images (no images needed)."""
+  n = len(labels)
+  subtypes = np.asarray(subtypes, np.int32)
+  return FoldData(
+      source="breakhis", images=np.zeros((n, 1, 1, 3), np.uint8),
+      file_names=tuple(f"{i}.png" for i in range(n)),
+      targets=subtypes if task == "subtype" else np.asarray(labels, np.int32),
+      classes=TASKS[task], groups=np.asarray(patients, np.int32),
+      group_ids=patient_ids or tuple(str(p) for p in range(max(patients) + 1)),
+      strata=(source.magnification_strata(magnifications),),
+      train_indices=np.zeros(0, np.int64), test_indices=np.arange(n, dtype=np.int64),
+      mean=np.zeros(3, np.float32), std=np.ones(3, np.float32), fold=1, folds_source="by hand",
+      group_unit="patient", class_kind="subtype" if task == "subtype" else "class",
+      binary=source.binary_map(task), subclasses=Labelling("subtype", SUBTYPE_CODES, subtypes),
+      selected=(tuple(selected),) if selected is not None else ())

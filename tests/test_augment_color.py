@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn import config_lib, train
-from jattn.data import __main__ as data_cli
+from jattn import config_lib, validate
 from jattn.data import augment as augment_lib
+from jattn.data.breakhis import cli as data_cli
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -81,11 +81,11 @@ def test_colour_fields_off_leave_the_paper_augmentation_unchanged():
 def test_out_of_range_strength_is_one_line_naming_the_field():
   """Guards validate_config: a stain strength outside its documented range is refused."""
   config = config_lib.load_config(f"{REPO}/configs/ours_stain.py")
-  train.validate_config(config)
+  validate.validate_config(config)
   config.augment.hed_scale = 0.9
   with pytest.raises(UserError, match=r"^--config.augment.hed_scale=0.9: between 0 \(off\) and "
                      r"0.5$"):
-    train.validate_config(config)
+    validate.validate_config(config)
 
 
 def test_augment_preview_writes_the_grid(tmp_path, capsys):
@@ -102,3 +102,36 @@ def test_augment_preview_writes_the_grid(tmp_path, capsys):
   want = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(grid[:size, :size], want)
   assert "2 image(s), each as given and in 3 draws" in capsys.readouterr().out
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+  return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def _read_back_factor(out: np.ndarray, x: np.ndarray, centre: np.ndarray) -> np.ndarray:
+  """Each image's f in out = centre + (x - centre) * f, from channel 0 of its first pixel."""
+  first = (slice(None), 0, 0, 0)
+  return (out[first] - centre[first]) / (x[first] - centre[first])
+
+
+def test_brightness_contrast_and_saturation_follow_their_definitions_over_the_whole_range():
+  """Guards the colour steps against factors drawn from another range than U(1 - s, 1 + s) (e.g.
+  one that only brightens) and against the wrong centre (contrast about each pixel's grey instead
+  of the image's mean grey): on 2000 copies of a 2 x 2 image, each output is recomputed in NumPy
+  from the docstring's formula (torchvision's ColorJitter) with the factor read back from one
+  pixel, and the factors must fill [1 - s, 1 + s] evenly."""
+  s, n = 0.5, 2000
+  pixels = np.array([[[160, 60, 40], [40, 90, 150]], [[120, 150, 70], [90, 90, 90]]], np.float64)
+  x = np.broadcast_to(pixels, (n, 2, 2, 3))
+  images = jnp.asarray(x.astype(np.uint8))
+  centres = {"brightness": np.zeros((n, 1, 1, 1)),
+             "contrast": np.broadcast_to(_luma(pixels).mean(), (n, 1, 1, 1)),
+             "saturation": np.broadcast_to(_luma(pixels)[..., None], x.shape)}
+  for name, centre in centres.items():
+    out = np.asarray(augment_lib.color_jitter(jax.random.key(5), images, **{name: s}), np.float64)
+    assert 0 < out.min() and out.max() < 255, name  # no clipping: the formula holds exactly
+    f = _read_back_factor(out, x, np.broadcast_to(centre, x.shape))
+    np.testing.assert_allclose(out, centre + (x - centre) * f[:, None, None, None], atol=1e-3,
+                               err_msg=name)
+    assert 1 - s <= f.min() < 1 - s + 0.01 and 1 + s - 0.01 < f.max() <= 1 + s, name
+    assert abs(f.mean() - 1) < 0.03 and abs(np.mean(f < 1) - 0.5) < 0.05, name

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from jattn import config_lib, main, train
+from jattn import config_lib, main, validate
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -19,7 +19,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_validates_and_shows_its_command(path):
   config = config_lib.load_config(path)
-  train.validate_config(config)
+  validate.validate_config(config)
   with open(path) as f:
     source = f.read()
   if not path.endswith("default.py"):
@@ -102,5 +102,9 @@ def test_bad_config_gives_one_line_and_writes_nothing(args, message, tmp_path, c
 
 
 def test_bad_config_argument():
-  with pytest.raises(UserError, match="No module named 'configs.vgg20'"):
-    config_lib.load_config(os.path.join(REPO, "configs", "demo.py") + ":vgg20")
+  """An unknown row of the demo lists the valid ones (it was a ModuleNotFoundError)."""
+  spec = os.path.join(REPO, "configs", "demo.py") + ":vgg20"
+  with pytest.raises(UserError) as e:
+    config_lib.load_config(spec)
+  assert str(e.value) == (f"--config {spec}: no row 'vgg20'; use one of configs/demo.py:vgg19, "
+                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, configs/demo.py:ours")

@@ -9,12 +9,13 @@ import shutil
 import subprocess
 import sys
 
-from jattn.data import breakhis, scan
+from jattn.data import breakhis
+from jattn.data.breakhis import scan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {
     "source", "images", "patients", "classes", "subtypes", "magnifications", "ignored",
-    "unreadable", "folds_source", "folds", "problems", "warnings",
+    "unreadable", "folds_source", "folds", "problems", "warnings", "release",
 }  # fmt: skip
 
 
@@ -31,10 +32,10 @@ def test_describe_json_has_the_documented_keys_and_counts(synthetic_tree):
   d = json.loads(result.stdout)
   assert set(d) == KEYS
   # The documented keys are those of the module docstring.
-  from jattn.data import __main__ as cli
+  from jattn.data.breakhis import describe
 
   for key in KEYS:
-    assert f"\n  {key} " in cli.__doc__
+    assert f"\n  {key} " in describe.__doc__
   records = scan.scan(data_dir).records
   assert d["images"] == len(records) and d["patients"] == 82
   assert d["problems"] == [] and d["unreadable"] == [] and d["folds_source"] == summary["folds_csv"]

@@ -11,7 +11,8 @@ import shutil
 import pytest
 from conftest import data_config
 
-from jattn.data import breakhis, folds, load_fold, scan
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis import folds, scan
 from jattn.errors import UserError
 
 
@@ -62,6 +63,26 @@ def test_generated_folds_are_stratified_70_30_by_patient(records):
       members = {p.patient_id for p in breakhis.patients() if p.label == label}
       assert 0.2 < len(test & members) / len(members) < 0.4
     assert 0.25 < len(test) / 82 < 0.35
+
+
+def test_a_class_of_single_patient_subtypes_still_gets_a_test_patient(records):
+  """Guards the class rule of generate_folds: in a data set whose 4 benign patients are each the
+  only one of their subtype (no subtype gives them a test patient), every fold still tests one
+  benign patient, drawn from the 4, beside round(0.3 * 6) = 2 of the 6 ductal carcinomas."""
+  first_of = {}
+  for r in records:
+    if r.subtype in ("A", "F", "PT", "TA"):
+      first_of.setdefault(r.subtype, r.patient_id)
+  dc = sorted({r.patient_id for r in records if r.subtype == "DC"})[:6]
+  benign = set(first_of.values())
+  chosen = folds.generate_folds([r for r in records if r.patient_id in benign | set(dc)], seed=0)
+  by_name = {r.file_name: r for r in records}
+  tested_benign = set()
+  for split in chosen.splits.values():
+    test = _patients(split, by_name, "test")
+    assert len(test & benign) == 1 and len(test & set(dc)) == 2, test
+    tested_benign |= test & benign
+  assert len(tested_benign) > 1  # drawn, not always the same patient
 
 
 def test_generated_folds_depend_only_on_the_seed(records):
@@ -191,7 +212,8 @@ def test_magnification_without_test_images_is_a_warning(
                          f"absent from its results")
   assert len(warnings) == 2 and "leaves out" in warnings[1]
   fold_data = load_fold(data_config(data_dir, prepared_dir, folds=path, fold=3))
-  test_mags = {breakhis.MAGNIFICATIONS[m] for m in fold_data.magnifications[fold_data.test_indices]}
+  mags = fold_data.strata[0]
+  test_mags = {mags.values[m] for m in mags.index[fold_data.test_indices]}
   assert test_mags == {"40X", "100X", "200X"}
   # A magnification-specific run of 400X has nothing to test in fold 3: that is an error.
   with pytest.raises(UserError, match=rf"^fold 3 of {path} has no test images;"):

@@ -8,7 +8,8 @@ import shutil
 import pytest
 from conftest import image_file, small_tree
 
-from jattn.data import breakhis, scan
+from jattn.data import breakhis
+from jattn.data.breakhis import scan
 
 
 @pytest.mark.parametrize(

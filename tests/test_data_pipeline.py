@@ -9,17 +9,8 @@ import pytest
 from conftest import data_config, image_file
 from PIL import Image
 
-from jattn.data import (
-  MAGNIFICATIONS,
-  SUBTYPE_CODES,
-  FoldData,
-  load_fold,
-  prepare,
-  scan,
-  steps_per_epoch,
-  test_batches,
-  train_batches,
-)
+from jattn.data import FoldData, load_fold, prepare, steps_per_epoch, test_batches, train_batches
+from jattn.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES, scan
 from jattn.errors import UserError
 
 
@@ -33,18 +24,18 @@ def test_fold_data_holds_every_image_and_a_patient_disjoint_split(synthetic_tree
   assert sorted(d.file_names) == sorted(records)
   for i, name in enumerate(d.file_names):
     r = records[name]
-    assert d.labels[i] == r.label
-    assert SUBTYPE_CODES[d.subtypes[i]] == r.subtype
-    assert MAGNIFICATIONS[d.magnifications[i]] == r.magnification
-    assert d.patient_ids[d.patients[i]] == r.patient_id
-  for a in (d.labels, d.subtypes, d.magnifications, d.patients):
+    assert d.targets[i] == r.label
+    assert SUBTYPE_CODES[d.subclasses.index[i]] == r.subtype
+    assert MAGNIFICATIONS[d.strata[0].index[i]] == r.magnification
+    assert d.group_ids[d.groups[i]] == r.patient_id
+  for a in (d.targets, d.subclasses.index, d.strata[0].index, d.groups):
     assert a.dtype == np.int32
   train, test = d.train_indices, d.test_indices
   assert train.dtype == test.dtype == np.int64
   assert (np.diff(train) > 0).all() and (np.diff(test) > 0).all()
   assert sorted(np.concatenate([train, test]).tolist()) == list(range(len(records)))
-  assert not set(d.patients[train].tolist()) & set(d.patients[test].tolist())
-  assert set(d.magnifications[test].tolist()) == {0, 1, 2, 3}
+  assert not set(d.groups[train].tolist()) & set(d.groups[test].tolist())
+  assert set(d.strata[0].index[test].tolist()) == {0, 1, 2, 3}
   assert d.skipped == () and d.folds_source.endswith("Folds_generated_seed0.csv")
 
 
@@ -87,15 +78,13 @@ def test_test_batches_yield_every_test_image_once(fold_data, batch_size):
   seen = []
   for b in batches:
     assert b["image"].shape == (batch_size, 16, 16, 3) and b["image"].dtype == np.uint8
-    for key in ("label", "patient", "magnification", "subtype", "index"):
+    for key in ("label", "group", "index"):
       assert b[key].shape == (batch_size,) and b[key].dtype == np.int32
     assert b["mask"].dtype == bool
     index = b["index"]
     np.testing.assert_array_equal(b["image"], fold_data.images[index])
-    np.testing.assert_array_equal(b["label"], fold_data.labels[index])
-    np.testing.assert_array_equal(b["patient"], fold_data.patients[index])
-    np.testing.assert_array_equal(b["magnification"], fold_data.magnifications[index])
-    np.testing.assert_array_equal(b["subtype"], fold_data.subtypes[index])
+    np.testing.assert_array_equal(b["label"], fold_data.targets[index])
+    np.testing.assert_array_equal(b["group"], fold_data.groups[index])
     seen.extend(index[b["mask"]].tolist())
   assert seen == fold_data.test_indices.tolist()  # each once, in a fixed (sorted) order
   padding = sum(int((~b["mask"]).sum()) for b in batches)
@@ -164,9 +153,9 @@ def test_demo_generates_its_data_set_once(tmp_path):
   config = data_config(str(tmp_path / "demo"))
   config.synthetic.update(enabled=True, images_per_patient=1, width=24, height=16, seed=0)
   d = load_fold(config)
-  assert len(d.patient_ids) == 82 and len(d.file_names) == 82 * len(MAGNIFICATIONS)
+  assert len(d.group_ids) == 82 and len(d.file_names) == 82 * len(MAGNIFICATIONS)
   assert len(d.train_indices) + len(d.test_indices) == len(d.file_names)
-  assert set(d.magnifications.tolist()) == set(range(len(MAGNIFICATIONS)))
+  assert set(d.strata[0].index.tolist()) == set(range(len(MAGNIFICATIONS)))
   records = scan.scan(str(tmp_path / "demo")).records
   assert sorted(r.file_name for r in records) == sorted(d.file_names)
   with Image.open(image_file(str(tmp_path / "demo"), records[0].path)) as image:

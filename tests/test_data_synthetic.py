@@ -11,7 +11,8 @@ import pytest
 from conftest import SMALL_PATIENTS, image_file, small_tree
 from PIL import Image
 
-from jattn.data import breakhis, scan, synthetic
+from jattn.data import breakhis
+from jattn.data.breakhis import scan, synthetic
 from jattn.errors import UserError
 
 

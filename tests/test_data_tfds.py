@@ -15,7 +15,8 @@ from conftest import data_config, image_file, small_tree
 from PIL import Image
 from tensorflow_datasets.core import shuffle
 
-from jattn.data import breakhis, load_fold, prepare, scan, tfds_builder
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis import scan, tfds_builder
 from jattn.errors import UserError
 from tests.runs import REPO
 
@@ -25,8 +26,9 @@ def test_jattn_does_not_import_tensorflow():
   TensorFlow installed or not: no jattn module may import it (directly or through TFDS)."""
   modules = ["jattn." + m for m in (
       "main", "train", "predict", "inspect", "tables", "convert", "runs", "models",
-      "models.__main__", "data", "data.__main__", "data.prepare", "data.tfds_builder",
-      "data.pipeline", "data.scan", "data.folds", "data.synthetic", "data.augment")]
+      "models.__main__", "data", "data.__main__", "data.prepare", "data.breakhis.tfds_builder",
+      "data.pipeline", "data.breakhis.scan", "data.breakhis.folds", "data.breakhis.synthetic",
+      "data.breakhis.source", "data.augment", "state", "results", "evaluate")]
   code = ("import importlib, sys\n"
           f"for m in {modules!r}: importlib.import_module(m)\n"
           "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))")
@@ -38,7 +40,7 @@ def test_jattn_does_not_import_tensorflow():
 
 def test_builder_reads_back_every_image_as_written(synthetic_tree, fold_data, prepared_dir):
   data_dir, _ = synthetic_tree
-  builder = prepare.make_builder(prepared_dir)
+  builder = tfds_builder.make_builder(prepared_dir)
   assert builder.info.version == "1.0.0"
   assert list(builder.info.splits) == [tfds_builder.SPLIT]
   raw = builder.as_data_source(split="all", decoders={"image": tfds.decode.SkipDecoding()})
@@ -163,7 +165,7 @@ def test_concurrent_runs_prepare_once(tmp_path):
   ]
   outputs = [run.communicate(timeout=120)[0] for run in runs]
   assert [run.returncode for run in runs] == [0, 0, 0]
-  assert sum(out.count("Downloading and preparing dataset") for out in outputs) == 1
+  assert sum(out.count(f"preparing 64 images from {data_dir}") for out in outputs) == 1
   results = {line for out in outputs for line in out.splitlines() if line.startswith("indices")}
   assert len(results) == 1
   leftovers = os.listdir(os.path.join(data_dir, "jattn_prepared", "cache", "16"))
@@ -177,7 +179,7 @@ def test_data_larger_than_the_shuffle_buffer_needs_no_tensorflow(tmp_path, monke
   data_dir = small_tree(tmp_path / "data", junk=False)
   fold_data = load_fold(data_config(data_dir))
   assert fold_data.num_images == len(scan.scan(data_dir).records)
-  builder = prepare.make_builder(os.path.join(data_dir, "jattn_prepared"))
+  builder = tfds_builder.make_builder(os.path.join(data_dir, "jattn_prepared"))
   names = {ex["file_name"].decode() for ex in builder.as_data_source(split="all")}
   assert names == set(fold_data.file_names)
   assert shuffle.tf is not tfds_builder._LOCAL_TF  # put back after preparation

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from jattn import convert, download
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, fetch
+from jattn.data import breakhis
+from jattn.data.breakhis import cli as data_cli
+from jattn.data.breakhis import fetch
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree
 
@@ -160,6 +161,32 @@ def test_checksum_mismatch_is_refused_and_leaves_nothing(server, archive, tmp_pa
     fetch.ensure_breakhis(str(tmp_path), url=url)
   assert sorted(os.listdir(tmp_path)) == [".lock", fetch.CHECKSUMS]
   assert json.loads((tmp_path / fetch.CHECKSUMS).read_text()) == record
+
+
+def test_a_resumed_download_is_checked_against_the_sha256(server, tmp_path):
+  """Guards against skipping the SHA-256 check after a resume: a server that serves other bytes
+  on the Range request (the file changed, a corrupt mirror) gives a .part whose digest is not the
+  known one; it is discarded, never renamed into place. A faithful resume gives the known file."""
+  good = np.random.default_rng(0).bytes(50_000)
+  known = hashlib.sha256(good).hexdigest()
+  dest = str(tmp_path / "file.bin")
+  for resumed_with, ok in ((bytes(50_000), False), (good, True)):
+    server.files["/file.bin"] = good
+    server.cut["/file.bin"] = 20_000
+    with pytest.raises(UserError, match="was cut at 20,000 of 50,000 bytes"):
+      download.fetch(server.url + "/file.bin", dest, sha256=known, hint="get it by hand")
+    server.files["/file.bin"] = resumed_with
+    if not ok:
+      with pytest.raises(UserError, match=rf"checksum mismatch \(SHA-256 [0-9a-f]{{16}}\.\.\., "
+                         rf"expected {known}\); the file was discarded"):
+        download.fetch(server.url + "/file.bin", dest, sha256=known, hint="get it by hand")
+      assert os.listdir(tmp_path) == []
+      continue
+    assert download.fetch(server.url + "/file.bin", dest, sha256=known, hint="x") == known
+    assert server.log[-1] == ("/file.bin", "bytes=20000-")  # it was a resume
+    with open(dest, "rb") as f:
+      assert f.read() == good
+  assert os.listdir(tmp_path) == ["file.bin"]
 
 
 def test_a_download_that_does_not_unpack_is_not_kept(server, tmp_path):

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -27,8 +28,10 @@ from PIL import Image
 
 from experiments import sweep
 from jattn import checkpoints, convert, files, inspect, main, predict, runs
-from jattn.data import __main__ as data_cli
-from jattn.data import breakhis, load_fold, prepare, scan
+from jattn import state as state_lib
+from jattn.data import breakhis, load_fold, prepare
+from jattn.data.breakhis import cli as data_cli
+from jattn.data.breakhis import describe, scan
 from jattn.errors import UserError
 from tests.conftest import data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
@@ -48,10 +51,12 @@ def snapshot(folder) -> dict[str, str]:
 
 
 def one_line_error(run, capsys, prog: str, pattern: str) -> str:
-  """Runs a command-line `main`, asserts exit 2 and one stderr line matching `pattern`."""
+  """Runs a command-line `main`, asserts exit 2 and one stderr line matching `pattern` (after
+  any one-line `jattn: warning:` the run gave before it, e.g. that it trains from scratch)."""
   with pytest.raises(SystemExit) as e:
     run()
-  err = capsys.readouterr().err
+  err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
+                if not line.startswith("jattn: warning: "))
   assert e.value.code == 2, err
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert err.startswith(f"{prog}: error: ") and re.search(pattern, err), err
@@ -103,11 +108,11 @@ def test_a_linked_subtype_folder_is_scanned(linked_tree):
   """Bug: os.walk did not follow a linked folder, so its images (all ductal carcinoma) were left
   out without a word."""
   data_dir, _, expected, _, fold_data = linked_tree
-  described = data_cli.describe(data_dir, check_images=False)
+  described = describe.describe(data_dir, check_images=False)
   assert described["images"] == expected == 64
   assert described["subtypes"]["DC"]["total"] == 8 and described["problems"] == []
   assert fold_data.num_images == 64
-  assert sum(s == breakhis.SUBTYPE_CODES.index("DC") for s in fold_data.subtypes) == 8
+  assert sum(s == breakhis.SUBTYPE_CODES.index("DC") for s in fold_data.subclasses.index) == 8
 
 
 def test_a_link_cycle_is_one_line(tmp_path, capsys):
@@ -185,7 +190,7 @@ def test_a_truncated_latest_checkpoint_falls_back_to_the_previous_one(
   out, err = capsys.readouterr()
   assert f"resuming {workdir} from step {previous} of {last}" in out
   aside = os.path.join(workdir, "checkpoints.unreadable", str(last))
-  assert [line for line in err.splitlines() if "warning" in line] == [
+  assert [line for line in err.splitlines() if "warning: checkpoint" in line] == [
       f"jattn: warning: checkpoint step {last} does not load ({line_reason(err)}); using step "
       f"{previous} instead; the unreadable step is moved to {aside}"]
   for path in data:  # kept aside as they were, not deleted
@@ -221,6 +226,39 @@ def test_predict_falls_back_when_the_latest_step_lost_its_items(trained_run, tmp
   assert f"checkpoint step {last} does not load (ValueError: Must provide" in err
   assert steps_of(workdir)[-1] == previous
   assert os.path.isdir(os.path.join(workdir, "checkpoints.unreadable", str(last)))
+
+
+def test_after_a_truncated_newest_of_three_checkpoints_the_next_newest_is_restored(
+    trained_run, tmp_path, capsys):
+  """Guards against a fallback that goes to the oldest readable step instead of the newest: three
+  checkpoints (steps 10, 20, 30, each with its own weights) of which 30 is cut short; the restore
+  must give step 20 with the weights saved as step 20, and leave 10 and 20 in place."""
+  _, state = runs.restore(trained_run)
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  shutil.copy(os.path.join(trained_run, "config.json"), workdir)
+  saved = {step: jax.tree_util.tree_map(lambda x, s=step: x + s, state.params)
+           for step in (10, 20, 30)}
+  with checkpoints.manager(workdir, keep=3) as mngr:
+    for step, params in saved.items():
+      checkpoints.save(mngr, step, state.replace(step=step, params=params))
+      checkpoints.wait(mngr)
+  newest = glob.glob(os.path.join(workdir, "checkpoints", "30", "default", "ocdbt.process_0", "d",
+                                  "*"))
+  assert newest
+  for path in newest:
+    os.truncate(path, 10)
+  _, restored = runs.restore(workdir)
+  assert int(restored.step) == 20
+  for got, want in zip(jax.tree_util.tree_leaves(restored.params),
+                       jax.tree_util.tree_leaves(saved[20]), strict=True):
+    np.testing.assert_array_equal(got, want)
+  err = capsys.readouterr().err.splitlines()
+  aside = os.path.join(workdir, checkpoints.UNREADABLE_SUBDIR, "30")
+  assert err[0] == (f"jattn: warning: checkpoint step 30 does not load ({line_reason(err[0])}); "
+                    f"using step 20 instead; the unreadable step is moved to {aside}")
+  assert len(err) == 2 and "has not finished training" in err[1]  # no results.json here
+  assert steps_of(workdir) == [10, 20]
 
 
 def test_no_loadable_checkpoint_is_one_line_and_moves_nothing(trained_run, tmp_path, capsys):
@@ -543,7 +581,7 @@ def test_sweep_checks_folds_and_results_before_saying_all_is_well(tmp_path, caps
   out = tmp_path / "sweep"
   one_line_error(lambda: sweep.main(["--configs", "configs/demo.py:ours", "--folds", "7",
                                      "--out", str(out)]), capsys, "sweep",
-                 r"--folds 7: folds are numbered 1 to 5")
+                 r"--folds 7: configs/demo.py:ours.s folds are numbered 1 to 5")
   assert not out.exists()
   results = out / "demo_ours" / "fold1" / "results.json"
   results.parent.mkdir(parents=True)
@@ -552,7 +590,7 @@ def test_sweep_checks_folds_and_results_before_saying_all_is_well(tmp_path, caps
     sweep.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--out", str(out)])
   printed = capsys.readouterr()
   assert e.value.code == 2 and "all 1 runs finished" not in printed.out
-  assert re.search(rf"sweep: error: {results}: not valid JSON", printed.err), printed.err
+  assert re.search(rf"sweep: error: {results} is not valid JSON", printed.err), printed.err
 
 
 def test_a_second_run_on_the_same_work_dir_is_refused(trained_run, synthetic_tree, prepared_dir,
@@ -572,7 +610,7 @@ def test_checkpoints_module_restores_the_newest_step(trained_run):
   """restore_latest with every step intact gives the last one and moves nothing."""
   config = runs.load_config(trained_run)
   with checkpoints.manager(trained_run, create=False) as mngr:
-    state = checkpoints.restore_latest(mngr, runs.abstract_state(config))
+    state = checkpoints.restore_latest(mngr, state_lib.abstract_state(config))
   assert int(state.step) == steps_of(trained_run)[-1]
   assert not os.path.exists(os.path.join(trained_run, checkpoints.UNREADABLE_SUBDIR))
   with open(os.path.join(trained_run, "predictions.csv")) as f:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn import inspect, runs
+from jattn import inspect, models, runs
 from jattn.errors import UserError
 
 
@@ -17,13 +17,16 @@ def maps_and_images(trained_run, synthetic_tree):
   config, state = runs.restore(trained_run)
   images = np.random.default_rng(0).integers(0, 256, (3, config.image_size, config.image_size, 3),
                                              dtype=np.uint8)
-  return inspect.attention_maps(state, images)
+  return inspect.attention_maps(state, images, models.attention_sites(config.model))
 
 
 def test_every_module_is_mapped(maps_and_images, trained_run):
   probs, maps = maps_and_images
-  assert set(maps) == {"block1/c_attn", "block2/c_attn", "block3/s_attn", "block4/s_attn",
-                       "block5/s_attn"}  # the demo config is the paper's model
+  assert list(maps) == ["block1/c_attn", "block2/c_attn", "block3/s_attn", "block4/s_attn",
+                        "block5/s_attn"]  # the demo config is the paper's model, in order
+  assert [m["label"] for m in maps.values()] == [
+      "C-Attn after block 1", "C-Attn after block 2", "S-Attn after block 3",
+      "S-Attn after block 4", "S-Attn after block 5"]
   assert probs.shape == (3, 2)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   # 32x32 input: block b's feature map is 32 / 2^(b-1) on a side
@@ -35,15 +38,15 @@ def test_every_module_is_mapped(maps_and_images, trained_run):
 
 def test_columns_sum_to_one_as_eqs_4_and_10(maps_and_images):
   _, maps = maps_and_images
-  for key, m in maps.items():
-    if key.endswith("s_attn"):  # eq. (10): each column of E' sums to 1 over positions
+  for m in maps.values():
+    if m["kind"] == "s_attn":  # eq. (10): each column of E' sums to 1 over positions
       np.testing.assert_allclose(m["e_prime"].sum(axis=1), 1.0, atol=1e-5)
       query = inspect.query_map(m["e_prime"], m["grid"], (0.5, 0.5))
       np.testing.assert_allclose(query.sum(axis=(-2, -1)), 1.0, atol=1e-5)
       # total attention received over all positions equals the number of positions
       np.testing.assert_allclose(inspect.received(m["e_prime"], m["grid"]).sum(axis=(-2, -1)),
                                  np.prod(m["grid"]), rtol=1e-5)
-    elif key.endswith("c_attn"):  # eq. (4): each column of D' sums to 1 over channels
+    else:  # C-Attn, eq. (4): each column of D' sums to 1 over channels
       np.testing.assert_allclose(m["d_prime"].sum(axis=1), 1.0, atol=1e-5)
 
 

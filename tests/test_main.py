@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from jattn import evaluate, predict, runs, train
-from jattn.data import MAGNIFICATIONS
+from jattn import compat, predict, runs, train
 from jattn.data import augment as augment_lib
+from jattn.data.breakhis import MAGNIFICATIONS
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
@@ -26,20 +26,20 @@ from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
   with open(os.path.join(trained_run, "results.json")) as f:
     results = json.load(f)
-  assert results["schema"] == train.RESULTS_SCHEMA and results["finished"] is True
+  assert results["schema"] == "jattn.results/2" and results["finished"] is True
   assert (results["name"], results["paper_row"], results["fold"]) == ("demo_ours", "Ours", 1)
-  for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate"):
+  for key in ("image_accuracy", "group_accuracy", "group_recognition_rate"):
     assert set(results[key]) == set(MAGNIFICATIONS)
     assert all(0.0 <= v <= 1.0 for v in results[key].values())
   fold_data = train.data.load_fold(tiny_config(synthetic_tree[0], prepared_dir))
-  mags = fold_data.magnifications[fold_data.test_indices]
+  mags = fold_data.strata[0].index[fold_data.test_indices]
   assert results["num_images"] == {m: int(np.sum(mags == i)) for i, m in enumerate(MAGNIFICATIONS)}
   assert results["data"]["num_test_images"] == len(fold_data.test_indices)
   for m in MAGNIFICATIONS:
     cm = np.array(results["confusion_matrix"][m])
     assert cm.sum() == results["num_images"][m]
     assert results["image_accuracy"][m] == pytest.approx(np.trace(cm) / cm.sum())
-    assert np.array(results["patient_confusion_matrix"][m]).sum() == results["num_patients"][m]
+    assert np.array(results["group_confusion_matrix"][m]).sum() == results["num_groups"][m]
   assert results["normalization"]["mean"] == pytest.approx(fold_data.mean.tolist())
   assert results["config"]["image_size"] == 32 and results["train"]["steps"] == 2 * (
       len(fold_data.train_indices) // 16)
@@ -64,9 +64,9 @@ def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
               else results["tie_rule"])
       right.append(vote == images[0]["label"])
       rates.append(np.mean([r["prediction"] == r["label"] for r in images]))
-    assert results["num_patients"][m] == len(by_patient)
-    assert results["patient_accuracy"][m] == pytest.approx(np.mean(right))
-    assert results["patient_recognition_rate"][m] == pytest.approx(np.mean(rates))
+    assert results["num_groups"][m] == len(by_patient)
+    assert results["group_accuracy"][m] == pytest.approx(np.mean(right))
+    assert results["group_recognition_rate"][m] == pytest.approx(np.mean(rates))
   with open(os.path.join(trained_run, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
   assert logged[-1]["step"] == results["train"]["steps"]
@@ -142,7 +142,7 @@ def test_predict_matches_the_evaluation(trained_run, synthetic_tree, tmp_path):
     assert float(row["prob_malignant"]) == pytest.approx(float(want["prob_malignant"]), abs=1e-5)
     assert row["prediction"] == want["prediction"]
     assert row["patient_id"] == want["patient_id"] and row["magnification"] == want["magnification"]
-    assert row["patient_vote"] in evaluate.CLASSES
+    assert row["patient_vote"] in ("benign", "malignant")
 
 
 def test_kill_and_resume_gives_the_same_results(trained_run, synthetic_tree, prepared_dir,
@@ -170,7 +170,7 @@ def test_kill_and_resume_gives_the_same_results(trained_run, synthetic_tree, pre
   resumed = train.train_and_evaluate(config, workdir)
   with open(os.path.join(trained_run, "results.json")) as f:
     straight = json.load(f)
-  for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate",
+  for key in ("image_accuracy", "group_accuracy", "group_recognition_rate",
               "confusion_matrix", "normalization"):
     assert resumed[key] == straight[key], key
   with open(os.path.join(trained_run, "predictions.csv")) as a, open(
@@ -241,7 +241,7 @@ def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, sy
   old = tmp_path / "old"
   old.mkdir()
   stored = json.loads(open(os.path.join(trained_run, "config.json")).read())
-  for key in train.LATER_FIELDS:
+  for key in compat.later_fields("breakhis"):
     *parents, field = key.split(".")
     node = stored
     for parent in parents:
@@ -263,7 +263,7 @@ def test_later_fields_hold_the_defaults():
   from configs import default
 
   defaults = json.loads(default.get_config().to_json())
-  for key, value in train.LATER_FIELDS.items():
+  for key, value in compat.later_fields("breakhis").items():
     node = defaults
     for part in key.split("."):
       node = node[part]

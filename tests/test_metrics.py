@@ -7,6 +7,16 @@ import pytest
 from sklearn import metrics as skm
 
 from jattn import evaluate, metrics
+from tests.runs import breakhis_fold
+
+
+def _evaluate(*, probs, labels, subtypes, patients, magnifications, patient_ids=None,
+              task="binary", tie_rule="benign", selected=None, bootstrap_resamples=0,
+              bootstrap_seed=0):
+  """The evaluator's figures for hand-made BreakHis-like predictions."""
+  d = breakhis_fold(labels, patients, magnifications, subtypes, task, patient_ids, selected)
+  return evaluate.evaluate(probs, d, d.test_indices, tie_rule=tie_rule,
+                           bootstrap_resamples=bootstrap_resamples, bootstrap_seed=bootstrap_seed)
 
 
 def test_binary_metrics_equal_hand_computed_values():
@@ -60,9 +70,9 @@ def _patients_data(num_patients, seed=0, images=6):
   scores = np.clip(0.5 + 0.12 * (2 * labels - 1) + effect + rng.normal(0, 0.15, len(patients)),
                    0, 1)
   predictions = (scores > 0.5).astype(int)
-  votes = evaluate.patient_vote(patients, predictions)
-  return dict(labels=labels, scores=scores, predictions=predictions, patients=patients,
-              patient_votes=votes)
+  votes = evaluate.vote(patients, predictions, 2, tie_class=0)
+  return dict(labels=labels, scores=scores, predictions=predictions, groups=patients,
+              group_votes=votes)
 
 
 def test_patient_bootstrap_intervals_contain_the_estimate_shrink_and_repeat():
@@ -70,7 +80,7 @@ def test_patient_bootstrap_intervals_contain_the_estimate_shrink_and_repeat():
   patients (resampling the wrong unit), or that change from one run to the next."""
   small = metrics.clinical_metrics(**_patients_data(20), resamples=400, seed=3)
   large = metrics.clinical_metrics(**_patients_data(200), resamples=400, seed=3)
-  for level in ("image", "patient"):
+  for level in ("image", "group"):
     for name in metrics.BINARY_METRICS:
       assert 0 < small[level][name]["value"] < 1  # not a degenerate figure of zero width
       for out in (small, large):
@@ -89,11 +99,91 @@ def test_patient_bootstrap_intervals_contain_the_estimate_shrink_and_repeat():
   correlated = {**data, "scores": np.repeat(data["scores"][::6], 6),
                 "predictions": np.repeat(data["predictions"][::6], 6)}
   patient_ci = metrics.clinical_metrics(**correlated, resamples=400, seed=3)
-  image_units = {**correlated, "patients": np.arange(120),
-                 "patient_votes": dict(enumerate(correlated["predictions"].tolist()))}
+  image_units = {**correlated, "groups": np.arange(120),
+                 "group_votes": dict(enumerate(correlated["predictions"].tolist()))}
   image_ci = metrics.clinical_metrics(**image_units, resamples=400, seed=3)
   w = lambda o: o["image"]["sensitivity"]["ci95"][1] - o["image"]["sensitivity"]["ci95"][0]
   assert w(patient_ci) > 1.5 * w(image_ci)
+
+
+def _sklearn_figures(labels, scores, predictions) -> dict[str, float]:
+  """BINARY_METRICS by scikit-learn's own scorers (not through `metrics.binary_metrics`)."""
+  return {"sensitivity": skm.recall_score(labels, predictions, pos_label=1),
+          "specificity": skm.recall_score(labels, predictions, pos_label=0),
+          "balanced_accuracy": skm.balanced_accuracy_score(labels, predictions),
+          "f1": skm.f1_score(labels, predictions, pos_label=1, zero_division=0.0),
+          "roc_auc": skm.roc_auc_score(labels, scores)}
+
+
+def _uneven_patients(seed=5):
+  """5 benign and 8 malignant patients (shuffled) with 2 to 5 images each, and their votes."""
+  rng = np.random.default_rng(seed)
+  classes = rng.permutation([0] * 5 + [1] * 8)
+  patients = np.repeat(np.arange(13), rng.integers(2, 6, 13))
+  labels = classes[patients]
+  effect = rng.normal(0, 0.2, 13)[patients]
+  scores = np.clip(0.5 + 0.1 * (2 * labels - 1) + effect + rng.normal(0, 0.15, len(labels)), 0, 1)
+  predictions = (scores > 0.5).astype(int)
+  return dict(labels=labels, scores=scores, predictions=predictions, groups=patients,
+              group_votes=evaluate.vote(patients, predictions, 2, tie_class=0)), classes
+
+
+def test_bootstrap_intervals_are_percentiles_of_scikit_learn_on_resampled_patient_sets():
+  """Guards against resampling all patients together instead of within each class (every
+  resample must hold the test set's 5 benign and 8 malignant patients), a patient-level AUC
+  from the votes instead of the patients' mean probabilities, and intervals that are not the
+  2.5th and 97.5th percentiles: each resample is rebuilt as the data set of its drawn patients
+  with repeats and scored by scikit-learn."""
+  data, classes = _uneven_patients()
+  out = metrics.clinical_metrics(**data, resamples=200, seed=7)
+  weights = metrics.stratified_weights(classes, 200, seed=7)  # the draws clinical_metrics makes
+  mean = np.array([data["scores"][data["groups"] == p].mean() for p in range(13)])
+  votes = np.array([data["group_votes"][p] for p in range(13)])
+  figures = {"image": [], "group": []}
+  for w in weights:
+    drawn = np.repeat(np.arange(13), w.astype(int))
+    assert np.bincount(classes[drawn], minlength=2).tolist() == [5, 8]
+    images = np.concatenate([np.flatnonzero(data["groups"] == p) for p in drawn])
+    figures["image"].append(_sklearn_figures(data["labels"][images], data["scores"][images],
+                                             data["predictions"][images]))
+    figures["group"].append(_sklearn_figures(classes[drawn], mean[drawn], votes[drawn]))
+  for level, resampled in figures.items():
+    for name in metrics.BINARY_METRICS:
+      expected = np.percentile([f[name] for f in resampled], [2.5, 97.5]).tolist()
+      assert out[level][name]["ci95"] == pytest.approx(expected, abs=1e-12), (level, name)
+
+
+def test_patient_roc_auc_scores_the_mean_probability_of_each_patients_images():
+  """Guards against a patient-level ROC-AUC computed from the 0/1 votes (what the README says:
+  the mean P(malignant) of the patient's images), per magnification and over all."""
+  data, classes = _uneven_patients()
+  mean = [data["scores"][data["groups"] == p].mean() for p in range(13)]
+  votes = [data["group_votes"][p] for p in range(13)]
+  expected = skm.roc_auc_score(classes, mean)
+  assert expected != pytest.approx(skm.roc_auc_score(classes, votes))  # the two really differ
+  out = _evaluate(
+      probs=np.stack([1 - data["scores"], data["scores"]], -1), labels=data["labels"],
+      subtypes=np.where(data["labels"] == 1, 4, 0), patients=data["groups"],
+      magnifications=np.zeros(len(data["labels"]), int), selected=("40X",))
+  for group in ("40X", "all"):
+    assert out["clinical"]["group"][group]["roc_auc"]["value"] == pytest.approx(expected)
+  assert out["clinical"]["group"]["all"]["sensitivity"]["value"] == pytest.approx(
+      skm.recall_score(classes, votes))
+
+
+def test_bootstrap_interval_is_the_central_95_percent_of_the_statistic():
+  """Guards against a tail of 5% on each side (a 90% interval labelled 95%) and against resamples
+  where a figure is undefined being counted: the statistic is the resample's index 0..1000, whose
+  2.5th and 97.5th percentiles are 25 and 975."""
+  def statistic(weights):
+    assert weights.shape == (1001, 4)
+    return {"index": np.arange(1001.0), "never": np.full(1001, np.nan),
+            "odd": np.where(np.arange(1001) % 2, np.arange(1001.0), np.nan)}
+
+  out = metrics.group_bootstrap(statistic, np.array([0, 1, 0, 1]), resamples=1001, seed=0)
+  assert out["index"] == pytest.approx([25.0, 975.0])
+  assert out["never"] is None
+  assert out["odd"] == pytest.approx([1 + 0.025 * 998, 1 + 0.975 * 998])  # 500 odd values
 
 
 def test_plurality_vote_and_its_tie_rule():
@@ -104,8 +194,8 @@ def test_plurality_vote_and_its_tie_rule():
   probs[np.arange(9), predictions] = 0.9
   probs[7, 5] = probs[8, 5] = 0.95  # patient 2: 3 and 5 tie on votes, 5 has the higher mean
   # patient 0: 4 by plurality; patient 1: 6 vs 2 tie, equal means -> first in order (2)
-  assert evaluate.plurality_vote(patients, predictions, probs) == {0: 4, 1: 2, 2: 5}
-  assert evaluate.plurality_vote(patients, predictions) == {0: 4, 1: 2, 2: 3}
+  assert evaluate.vote(patients, predictions, 8, probs=probs) == {0: 4, 1: 2, 2: 5}
+  assert evaluate.vote(patients, predictions, 8) == {0: 4, 1: 2, 2: 3}
 
 
 def test_subtype_summary_per_class_metrics_match_hand_made_cases():
@@ -116,7 +206,7 @@ def test_subtype_summary_per_class_metrics_match_hand_made_cases():
   subtypes = np.array([0, 0, 0, 1, 1, 4, 4, 4])
   predictions = np.array([0, 0, 1, 1, 1, 4, 0, 0])
   probs = np.eye(8)[predictions]
-  out = evaluate.evaluate_predictions(
+  out = _evaluate(
       probs=probs, labels=(subtypes >= 4).astype(int), subtypes=subtypes,
       patients=np.array([0, 0, 0, 1, 1, 2, 2, 2]), magnifications=np.zeros(8, int),
       patient_ids=("A-1", "F-1", "DC-1"), task="subtype", selected=("40X",))
@@ -133,11 +223,21 @@ def test_subtype_summary_per_class_metrics_match_hand_made_cases():
   for t, p in zip(subtypes, predictions, strict=True):
     confusion[t, p] += 1
   assert out["confusion_matrix"]["40X"] == confusion.tolist()
-  assert [p["vote"] for p in out["patients"]["40X"]] == ["A", "F", "A"]
-  assert out["patient_accuracy"]["40X"] == pytest.approx(2 / 3)
+  assert [p["vote"] for p in out["per_group"]["40X"]] == ["A", "F", "A"]
+  assert out["group_accuracy"]["40X"] == pytest.approx(2 / 3)
   assert out["multiclass"]["40X"]["image"]["balanced_accuracy"] == pytest.approx(
       (2 / 3 + 1 + 1 / 3) / 3)
-  assert out["magnifications"] == {"selected": ["40X"], "absent": []}
+  # Macro F1: the unweighted mean over the 3 subtypes present (not weighted by their 3, 2, 3
+  # images); at patient level, of the votes A, F, A for patients A, F, DC.
+  assert out["multiclass"]["40X"]["image"]["macro_f1"] == pytest.approx((4 / 7 + 0.8 + 0.5) / 3)
+  assert out["multiclass"]["40X"]["group"]["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+  patient = out["group_per_class"]["40X"]
+  assert patient["A"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3),
+                          "support": 1}
+  assert patient["F"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+  assert patient["DC"] == {"precision": None, "recall": 0.0, "f1": 0.0, "support": 1}
+  assert (out["strata"]["magnification"]["selected"], out["strata"]["magnification"]["absent"]) == (
+      ["40X"], [])
   assert "clinical" not in out
 
 
@@ -146,17 +246,47 @@ def test_binary_results_have_clinical_figures_per_magnification_and_overall():
   data = _patients_data(10)
   mags = np.where(np.arange(60) % 2 == 0, 0, 1)  # 40X and 100X; 200X selected but absent
   probs = np.stack([1 - data["scores"], data["scores"]], -1)
-  out = evaluate.evaluate_predictions(
+  out = _evaluate(
       probs=probs, labels=data["labels"], subtypes=np.where(data["labels"] == 1, 4, 0),
-      patients=data["patients"], magnifications=mags, selected=("40X", "100X", "200X"),
+      patients=data["groups"], magnifications=mags, selected=("40X", "100X", "200X"),
       bootstrap_resamples=50, bootstrap_seed=0)
-  assert out["magnifications"] == {"selected": ["40X", "100X", "200X"], "absent": ["200X"]}
+  assert (out["strata"]["magnification"]["selected"], out["strata"]["magnification"]["absent"]) == (
+      ["40X", "100X", "200X"], ["200X"])
   assert set(out["image_accuracy"]) == {"40X", "100X"}
-  for level in ("image", "patient"):
+  for level in ("image", "group"):
     assert set(out["clinical"][level]) == {"40X", "100X", "all"}
   sel = mags == 0
   direct = metrics.binary_metrics(data["labels"][sel], data["scores"][sel],
                                   data["predictions"][sel])
   assert {k: v["value"] for k, v in out["clinical"]["image"]["40X"].items()} == direct
   assert out["clinical"]["bootstrap"]["resamples"] == 50
-  assert "absent (no test images in this fold): 200X" in evaluate.format_table(out)
+  assert "absent (no test images in this fold): 200X" in evaluate.format_table(
+      {**out, "group_unit": "patient"})
+  # 'all': every image of both magnifications; a patient votes with all its images.
+  value = lambda level, group: {k: v["value"] for k, v in out["clinical"][level][group].items()}
+  assert value("image", "all") == pytest.approx(
+      _sklearn_figures(data["labels"], data["scores"], data["predictions"]))
+  p_labels = (np.arange(10) % 2)
+  mean = [data["scores"][data["groups"] == p].mean() for p in range(10)]
+  votes = [int(data["predictions"][data["groups"] == p].mean() > 0.5) for p in range(10)]
+  assert value("group", "all") == pytest.approx(_sklearn_figures(p_labels, mean, votes))
+
+
+def test_clinical_patient_figures_follow_the_tie_rule():
+  """Guards against the clinical patient-level figures ignoring `tie_rule` (while the patient
+  accuracy follows it): benign patient 0 and malignant patient 3 tie 1-1; under 'benign' the
+  votes are 0, 1, 0, 0 (sensitivity 1/2, specificity 1), under 'malignant' 1, 1, 0, 1 (1, 1/2)."""
+  patients = np.array([0, 0, 1, 1, 1, 2, 2, 3, 3])
+  labels = np.array([0, 0, 1, 1, 1, 0, 0, 1, 1])
+  p_malignant = np.array([0.3, 0.7, 0.8, 0.9, 0.2, 0.1, 0.4, 0.6, 0.45])
+  expected = {"benign": (0.5, 1.0), "malignant": (1.0, 0.5)}
+  for rule, (sensitivity, specificity) in expected.items():
+    out = _evaluate(
+        probs=np.stack([1 - p_malignant, p_malignant], -1), labels=labels,
+        subtypes=np.where(labels == 1, 4, 0), patients=patients,
+        magnifications=np.zeros(9, int), tie_rule=rule)
+    assert out["group_accuracy"]["40X"] == pytest.approx((sensitivity * 2 + specificity * 2) / 4)
+    for group in ("40X", "all"):
+      figures = out["clinical"]["group"][group]
+      assert figures["sensitivity"]["value"] == sensitivity, (rule, group)
+      assert figures["specificity"]["value"] == specificity, (rule, group)

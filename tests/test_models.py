@@ -12,8 +12,9 @@ import pytest
 
 from configs import default
 from jattn import models
+from jattn import state as state_lib
 from jattn.errors import UserError
-from jattn.models import ChannelAttention, SpatialAttention
+from jattn.models.attention import ChannelAttention, SpatialAttention
 
 
 def conv2d_chw(x, w, stride=1, pad=0):
@@ -323,9 +324,9 @@ def test_bfloat16_stays_close_to_float32():
     config.model.dtype = dtype
     model = models.build_model(config.model)
     variables = models.init_variables(model, jax.random.key(1), 32)
-    state = train.make_state(config, model, variables, np.full(3, 120.0), np.full(3, 60.0), 10)
-    logits = train.eval_step(state, batch)["probs"]
-    raw = model.apply(variables, train.preprocess(state, images), train=False)
+    state = state_lib.make_state(config, model, variables, np.full(3, 120.0), np.full(3, 60.0), 10)
+    logits = state_lib.eval_step(state, batch)["probs"]
+    raw = model.apply(variables, state_lib.preprocess(state, images), train=False)
     losses = []
     for step in range(2):
       state, metrics = train.train_step(state, batch, jax.random.key(step),
@@ -430,3 +431,21 @@ def test_winograd_conv_equals_lax_and_is_used_where_it_pays():
   assert not pays((8, 112, 112, 128)) and not pays((8, 56, 56, 128))
   assert not pays((8, 29, 28, 256)) and not pays((8, 28, 28, 256), jnp.bfloat16)
   assert not pays((8, 28, 28, 256), stride=(2, 2))
+
+
+def test_initial_variables_do_not_depend_on_the_input_size():
+  """Guards `init_variables`' small input: initialising at INIT_SIZE gives exactly the variables
+  an initialisation at the run's image size gives, compiled the same way (batch norm and
+  attention included)."""
+  mc = _model_config(width=0.125, classifier_width=16, batch_norm=True)
+  model = models.build_model(mc)
+  size = 96
+  assert size > models.INIT_SIZE
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)  # the run's size, compiled alike
+  lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(jax.random.key(3), x)
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+  want = lowered.compile(compiler_options=options)(jax.random.key(3), jnp.zeros(x.shape))
+  got = models.init_variables(model, jax.random.key(3), size)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want),
+                          jax.tree_util.tree_leaves(got), strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from jattn import parallel, runs, train
+from jattn import optim, parallel, runs, train
+from jattn import state as state_lib
 from jattn.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
@@ -57,7 +58,17 @@ def runs_dir(synthetic_tree, prepared_dir, tmp_path_factory):
     config = tiny_config(synthetic_tree[0], prepared_dir, fold=fold, folds=folds, **SETTINGS)
     train.train_and_evaluate(config, str(out / "separate" / f"fold{fold}"))
   config = tiny_config(synthetic_tree[0], prepared_dir, parallel_folds=2, folds=folds, **SETTINGS)
-  train.train_and_evaluate(config, str(out / "parallel" / "fold{fold}"))
+  stack = parallel.stack
+
+  def keep_steps_per_epoch(plan, states):  # of the stacked state the parallel run steps
+    stacked = stack(plan, states)
+    (out / "stacked_steps_per_epoch.json").write_text(
+        json.dumps(np.asarray(stacked.steps_per_epoch).tolist()))
+    return stacked
+
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(parallel, "stack", keep_steps_per_epoch)
+    train.train_and_evaluate(config, str(out / "parallel" / "fold{fold}"))
   return out
 
 
@@ -68,10 +79,11 @@ def test_fold_train_step_steps_each_fold_as_its_own_run():
   fold) and the mask. Elementwise maths only, so vmapping cannot change the rounding."""
   config = default.get_config()
   config.update(learning_rate=0.1, lr_decay_every=1)
-  tx = train.make_optimizer(config)
+  tx = optim.make_optimizer(config)
 
   def make_state(w, steps_per_epoch):
-    return train.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)}, tx=tx,
+    return state_lib.TrainState.create(apply_fn=None, params={"w": jnp.asarray(w, jnp.float32)},
+                                       tx=tx,
                                    steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32))
 
   def step_fn(state, batch, rng):
@@ -97,7 +109,7 @@ def test_fold_train_step_steps_each_fold_as_its_own_run():
                     strict=True):
       np.testing.assert_array_equal(a, b[k])
   assert stacked.step.tolist() == [6, 4]
-  lr = [train.learning_rate_schedule(config, n)(s) for n, s in ((2, 5), (3, 3))]
+  lr = [optim.learning_rate_schedule(config, n)(s) for n, s in ((2, 5), (3, 3))]
   assert [float(x) for x in lr] == [0.1 * 0.5 ** 2, 0.1 * 0.5]  # the folds' last LRs differ
 
 
@@ -139,6 +151,23 @@ def test_parallel_folds_take_the_steps_of_separate_runs(runs_dir):
     assert sorted(os.listdir(runs_dir / "parallel" / f"fold{fold}" / "checkpoints")) == sorted(
         os.listdir(runs_dir / "separate" / f"fold{fold}" / "checkpoints"))
   assert lengths == {1: 14, 2: 12}  # 7 and 6 steps per epoch: the folds really differ
+
+
+def test_each_fold_decays_its_learning_rate_at_its_own_epoch_ends(runs_dir):
+  """Guards against the folds' stacked state holding one fold's steps_per_epoch for all (fold 2
+  would halve its learning rate a step late): the stacked state holds each fold's training images
+  (counted in Folds.csv) // 32, and the learning rate each step reports, read on the device from
+  the state the optimiser uses, is 1e-6 halved at each of that fold's epoch ends."""
+  with open(runs_dir / "Folds.csv") as f:
+    rows = list(csv.DictReader(f))
+  expected = [sum(r["fold"] == str(k) and r["grp"] == "train" for r in rows) // 32 for k in (1, 2)]
+  assert expected == [7, 6]
+  assert _json(runs_dir / "stacked_steps_per_epoch.json") == expected
+  for fold, steps_per_epoch in zip((1, 2), expected, strict=True):
+    for kind in ("parallel", "separate"):
+      logged = [(m["step"], m["learning_rate"]) for m in _metrics(runs_dir / kind / f"fold{fold}")]
+      assert logged == [(s, pytest.approx(1e-6 * 0.5 ** ((s - 1) // steps_per_epoch), rel=1e-6))
+                        for s in range(1, 2 * steps_per_epoch + 1)], (kind, fold)
 
 
 def test_parallel_predictions_are_those_of_the_checkpoint(runs_dir):
@@ -188,7 +217,7 @@ def test_killed_parallel_run_resumes_to_the_same_figures(runs_dir, synthetic_tre
   resumed = train.train_and_evaluate(config, workdir)
   for fold, results in zip((1, 2), resumed, strict=True):
     straight = _json(runs_dir / "parallel" / f"fold{fold}" / "results.json")
-    for key in ("fold", "image_accuracy", "patient_accuracy", "confusion_matrix"):
+    for key in ("fold", "image_accuracy", "group_accuracy", "confusion_matrix"):
       assert results[key] == straight[key], key
     with open(runs_dir / "parallel" / f"fold{fold}" / "predictions.csv") as a, open(
         tmp_path / f"fold{fold}" / "predictions.csv") as b:
@@ -213,36 +242,7 @@ def test_bad_parallel_settings_are_one_line(settings, workdir, message, syntheti
   assert not os.listdir(tmp_path)
 
 
-# Runs in a process that sees 4 CPU devices (the flag must be set before jax starts): the same
-# global batch of 16 on one device, sharded over four, and two parallel folds over four.
-_DEVICES_SCRIPT = """
-import sys
-from jattn import train
-from jattn.errors import UserError
-from tests.runs import tiny_config
-data_dir, prepared_dir, out = sys.argv[1:4]
-settings = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, batch_size=32)
-for name, extra in [("one", dict(num_devices=1)), ("four", dict(num_devices=4, eval_batch_size=10)),
-                    ("folds", dict(parallel_folds=2))]:
-  config = tiny_config(data_dir, prepared_dir, **settings, **extra)
-  train.train_and_evaluate(config, f"{out}/{name}/fold{{fold}}")
-try:
-  train.train_and_evaluate(tiny_config(data_dir, prepared_dir, batch_size=30), f"{out}/odd")
-except UserError as e:
-  print(e, file=open(f"{out}/odd.txt", "w"))
-"""
-
-
-@pytest.fixture(scope="module")
-def four_devices(synthetic_tree, prepared_dir, tmp_path_factory):
-  """The runs of _DEVICES_SCRIPT, in a process with 4 CPU devices."""
-  out = tmp_path_factory.mktemp("devices")
-  run = subprocess.run(
-      [sys.executable, "-c", _DEVICES_SCRIPT, synthetic_tree[0], prepared_dir, str(out)],
-      cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-  assert run.returncode == 0, run.stderr[-3000:]
-  return out
+# four_devices (tests/conftest.py): the runs of one process that sees 4 CPU devices.
 
 
 def test_batch_sharded_over_four_devices_gives_the_one_device_figures(four_devices):

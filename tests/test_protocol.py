@@ -13,9 +13,10 @@ import pytest
 from conftest import image_file, small_tree
 
 from jattn import main, tables
-from jattn.data import breakhis, load_fold, scan
-from jattn.data import folds as folds_lib
-from jattn.data.__main__ import describe
+from jattn.data import breakhis, load_fold
+from jattn.data.breakhis import folds as folds_lib
+from jattn.data.breakhis import scan
+from jattn.data.breakhis.describe import describe
 from tests.runs import tiny_overrides
 
 SUBTYPE = {"task": "subtype", "model.num_classes": 8}
@@ -67,15 +68,17 @@ def test_partial_tree_subtype_run_reports_the_absent_magnification(partial_tree,
   assert "absent (no test images in this fold): 200X" in capsys.readouterr().out
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  assert results["task"] == "subtype"
-  assert results["magnifications"] == {"selected": list(THREE), "absent": ["200X"]}
-  for key in ("image_accuracy", "patient_accuracy", "confusion_matrix", "per_class"):
+  assert results["classes"] == list(breakhis.SUBTYPE_CODES)
+  assert results["class_kind"] == "subtype" and results["binary"]["of"]["MC"] == "malignant"
+  strata = results["strata"]["magnification"]
+  assert (strata["selected"], strata["absent"]) == (list(THREE), ["200X"])
+  for key in ("image_accuracy", "group_accuracy", "confusion_matrix", "per_class"):
     assert set(results[key]) - {"all"} == {"40X", "100X"}, key
   for mag in ("40X", "100X", "all"):
     assert np.array(results["confusion_matrix"][mag]).shape == (8, 8)
     assert list(results["per_class"][mag]) == list(breakhis.SUBTYPE_CODES)
   assert np.sum(results["confusion_matrix"]["all"]) == results["data"]["num_test_images"]
-  assert {p["label"] for p in results["patients"]["40X"]} == {
+  assert {p["label"] for p in results["per_group"]["40X"]} == {
       pid.split("-")[0] for pid in test_patients}
   # Only the selected magnifications' images, as many as describe counts for fold 2.
   d = describe(data_dir, check_images=False)["folds"]["2"]
@@ -89,16 +92,18 @@ def test_partial_tree_subtype_run_reports_the_absent_magnification(partial_tree,
 
   # A second fold (hand-made from the first) that has 200X: the tables mark 200X as 1 of 2 folds.
   other = {**results, "fold": 1}
-  for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate"):
+  for key in ("image_accuracy", "group_accuracy", "group_recognition_rate"):
     other[key] = {**results[key], "200X": results[key]["100X"]}
   os.makedirs(tmp_path / "sub" / "fold1")
   (tmp_path / "sub" / "fold1" / "results.json").write_text(json.dumps(other))
   markdown = tables.write_tables(str(tmp_path))
-  cells = {(c.table, c.magnification): c for c in tables.aggregate(tables.collect(str(tmp_path)))}
+  cells = {(c.table, c.column): c for c in tables.aggregate(tables.collect(str(tmp_path)))}
   assert cells[("image_accuracy", "200X")].text().endswith("(1/2)")
   assert cells[("image_accuracy", "400X")].text() == "—"
   assert cells[("image_accuracy", "40X")].n_folds == 2
-  assert "| sub (subtype 40X,100X,200X) | F1 DC |" in markdown
+  # the tiny demo run's setting, after the task and magnifications (tests/runs.py, num_epochs=1)
+  assert ("| sub (subtype 40X,100X,200X, from scratch, 32x32, 1 epoch, width 1/16, classifier 16) "
+          "| F1 DC |") in markdown
   assert "Table 4." not in markdown  # no binary run: no clinical tables
 
 
@@ -116,7 +121,7 @@ def test_magnification_specific_fold_holds_only_its_images(partial_tree):
     fold_data = load_fold(_data_config(data_dir, prepared_dir, fold=fold,
                                        magnifications=("100X",)))
     for group, indices in (("train", fold_data.train_indices), ("test", fold_data.test_indices)):
-      assert set(fold_data.magnifications[indices].tolist()) == {1}  # 100X
+      assert set(fold_data.strata[0].index[indices].tolist()) == {1}  # 100X
       assert len(indices) == d[str(fold)][group]["100X"]["images"]["total"]
 
 
@@ -152,10 +157,12 @@ def test_binary_run_writes_clinical_metrics_and_roc_curves(trained_run):
   """Guards against a binary run without clinical figures, intervals or ROC curves."""
   with open(os.path.join(trained_run, "results.json")) as f:
     results = json.load(f)
-  assert results["task"] == "binary"
-  assert results["magnifications"] == {"selected": list(breakhis.MAGNIFICATIONS), "absent": []}
+  assert results["classes"] == ["benign", "malignant"] and results["binary"]["positive"] == (
+      "malignant")
+  strata = results["strata"]["magnification"]
+  assert (strata["selected"], strata["absent"]) == (list(breakhis.MAGNIFICATIONS), [])
   assert results["clinical"]["bootstrap"]["resamples"] == results["config"]["bootstrap_resamples"]
-  for level in ("image", "patient"):
+  for level in ("image", "group"):
     assert set(results["clinical"][level]) == {*breakhis.MAGNIFICATIONS, "all"}
     for figures in results["clinical"][level].values():
       for name in ("sensitivity", "specificity", "balanced_accuracy", "f1", "roc_auc"):

@@ -4,9 +4,12 @@ torch's logits, attention placement, one training step, batch norm as PyTorch tr
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,8 +19,10 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
-from jattn import convert, models, train
+from jattn import compat, convert, models, train
+from jattn import state as state_lib
 from jattn.errors import UserError
+from jattn.models import __main__ as models_cli
 from jattn.models import norm, resnet
 from tests.torch_models import (
     RefCAttn,
@@ -35,7 +40,7 @@ NO_AUGMENT = dict(flip="none", rotation="none")
 
 
 def _mc(arch, num_classes=1000, width=1.0, c=(), s=(), **kw):
-  mc = resnet.torchvision_model_config(arch, num_classes)
+  mc = convert.torchvision_model_config(arch, num_classes)
   mc.update(width=width, c_attn_stages=c, s_attn_stages=s, **kw)
   return mc
 
@@ -164,14 +169,14 @@ def test_torch_transcription_has_torchvision_layout(arch, num_keys):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_flax_model_has_torchvision_parameters_and_the_key_map_covers_them(arch):
   mc = _mc(arch)
-  variables = traverse_util.flatten_dict(_shapes(resnet.build(mc)))
+  variables = traverse_util.flatten_dict(_shapes(models.build_model(mc)))
   assert _count([variables[k] for k in variables if k[0] == "params"]) == PUBLISHED[arch]
-  key_map = resnet.torch_key_map(mc)
+  key_map = resnet.torch_key_map(mc, "torchvision")
   assert [k for k, _, _ in key_map] == [k for k in _torchvision_keys(arch)
                                         if not k.endswith("num_batches_tracked")]
   assert sorted(path for _, path, _ in key_map) == sorted(variables)  # each variable once
   # ImageNet provides everything but the head.
-  pretrained = [k for k in variables if k[0] == "params" and resnet.is_pretrained(k)]
+  pretrained = [k for k in variables if k[0] == "params" and resnet.is_pretrained(k[1:])]
   fc = 512 * 1000 + 1000 if arch == "resnet18" else 2048 * 1000 + 1000
   assert _count([variables[k] for k in pretrained]) == PUBLISHED[arch] - fc
 
@@ -200,7 +205,7 @@ def test_flax_model_has_torchvision_parameters_and_the_key_map_covers_them(arch)
 ])
 def test_attention_parameter_counts(arch, c, s, kernel, sites, total):
   mc = _mc(arch, 2, c=c, s=s, c_attn_kernel=kernel)
-  params = _shapes(resnet.build(mc))["params"]
+  params = _shapes(models.build_model(mc))["params"]
   assert {k: _count(v) for k, v in params.items() if k.endswith("_attn")} == sites
   assert _count(params) == total
 
@@ -215,8 +220,8 @@ def test_full_size_converted_state_dict_gives_torch_logits(arch):
   x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
   with torch.no_grad():
     want = tm(x).numpy()
-  variables = resnet.torch_to_flax(tm.state_dict(), mc)
-  got = jax.jit(resnet.build(mc).apply)(variables, x.numpy().transpose(0, 2, 3, 1))
+  variables = convert.torch_to_flax(tm.state_dict(), mc, "torchvision")
+  got = jax.jit(models.build_model(mc).apply)(variables, x.numpy().transpose(0, 2, 3, 1))
   _close(got, want)
   assert np.abs(want[0] - want[1]).max() > 1e-3 * np.abs(want).max()  # inputs are told apart
 
@@ -238,10 +243,10 @@ def test_narrow_models_with_attention_give_torch_logits_where_pooling_is_not_exa
   tm = _soften_attention_(_torch(mc, seed=2), x)
   with torch.no_grad():
     want = tm(x).numpy()
-  variables = resnet.torch_to_flax(tm.state_dict(), mc, attention=True)
+  variables = convert.torch_to_flax(tm.state_dict(), mc, "reference")
   sites = resnet.attention_sites(mc)
   assert {k for k in variables["params"] if k.endswith("_attn")} == {site for site, _, _ in sites}
-  got, state = jax.jit(lambda v, x: resnet.build(mc).apply(v, x, mutable=["intermediates"]))(
+  got, state = jax.jit(lambda v, x: models.build_model(mc).apply(v, x, mutable=["intermediates"]))(
       variables, x.numpy().transpose(0, 2, 3, 1))
   _close(got, want)
   _assert_soft(state.get("intermediates", {}), sites)
@@ -283,7 +288,7 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
       ("stem_c_attn", "c_attn", "after the stem"), ("layer1_c_attn", "c_attn", "after stage 1"),
       ("layer2_s_attn", "s_attn", "after stage 2"), ("layer3_s_attn", "s_attn", "after stage 3"),
       ("layer4_s_attn", "s_attn", "after stage 4")]
-  order, seen, state = _attention_inputs(resnet.build(mc), 224)
+  order, seen, state = _attention_inputs(models.build_model(mc), 224)
   assert order == [site for site, _, _ in resnet.attention_sites(mc)]  # the order they run
   assert {k: v.shape for k, v in seen.items()} == {
       "stem_c_attn": (1, 56, 56, 8), "layer1_c_attn": (1, 56, 56, 32),
@@ -297,7 +302,7 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
   assert resnet.attention_sites(both) == [
       ("stem_s_attn", "s_attn", "after the stem"), ("layer2_s_attn", "s_attn", "after stage 2"),
       ("layer2_c_attn", "c_attn", "after stage 2")]
-  assert _attention_inputs(resnet.build(both), 64)[0] == [
+  assert _attention_inputs(models.build_model(both), 64)[0] == [
       site for site, _, _ in resnet.attention_sites(both)]
   assert resnet.stage_sizes_at(224) == (56, 56, 28, 14, 7)
   assert resnet.stage_sizes_at(200) == (50, 50, 25, 13, 7)
@@ -318,7 +323,7 @@ def _torch_step(tm, x, labels, make_optimizer):
 def _compare_train_steps(tm, mc, model, to_flax, sites, size, seed, lr_sgd=1e-3, lr_adam=1e-3,
                          weight_decay=0.1):
   """jattn's train step (train.train_step, uint8 images normalised on device) with SGD and with
-  the run's Adam (train.make_optimizer: L2 added to the gradient, as torch.optim.Adam's
+  the run's Adam (optim.make_optimizer: L2 added to the gradient, as torch.optim.Adam's
   weight_decay), against PyTorch's from the same weights on the same batch."""
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, (8, size, size, 3), dtype=np.uint8)
@@ -334,7 +339,7 @@ def _compare_train_steps(tm, mc, model, to_flax, sites, size, seed, lr_sgd=1e-3,
   config = default.get_config()
   config.update(learning_rate=lr_adam, weight_decay=weight_decay)
   start = jax.tree_util.tree_map(np.array, to_flax(tm.state_dict()))
-  adam = train.make_state(config, model, start, mean, std, steps_per_epoch=10)
+  adam = state_lib.make_state(config, model, start, mean, std, steps_per_epoch=10)
   sgd = adam.replace(tx=optax.with_extra_args_support(optax.sgd(lr_sgd)),
                      opt_state=optax.sgd(lr_sgd).init(adam.params))
   step = jax.jit(lambda a, b, batch: tuple(
@@ -389,8 +394,8 @@ def test_resnet18_train_step_equals_torch():
   """Narrow ResNet-18 with the default attention, 48x48 (stage 4 is 2x2: n = 8 x 2 x 2 = 32
   values per channel, so the unbiased variance is 32/31 of the biased one there)."""
   mc = _mc("resnet18", 3, 0.25, (0, 1), (2, 3, 4))
-  _compare_train_steps(_torch(mc, seed=4), mc, resnet.build(mc),
-                       lambda sd: resnet.torch_to_flax(sd, mc, attention=True),
+  _compare_train_steps(_torch(mc, seed=4), mc, models.build_model(mc),
+                       lambda sd: convert.torch_to_flax(sd, mc, "reference"),
                        resnet.attention_sites(mc), 48, seed=17)
 
 
@@ -415,13 +420,27 @@ def test_vgg19_bn_train_step_equals_torch():
                        [((block, kind), kind, "") for block, kind in sites], 32, seed=9)
 
 
-def test_vgg_keeps_flax_running_variance_unless_asked():
-  """Configs written before `model.bn_unbiased_running_var` keep Flax's batch norm."""
-  mc = default.get_config().model
-  assert not models.build_model(mc).bn_torch_running_var
-  mc.bn_unbiased_running_var = True
-  assert models.build_model(mc).bn_torch_running_var
-  assert resnet.build(_mc("resnet18")).bn_torch_running_var  # ResNets: PyTorch's by default
+def test_batch_norm_keeps_torchs_statistics_by_default_and_old_runs_flaxs():
+  """The default config keeps PyTorch's running variance (VGG and ResNet); a config written
+  before the field (an old run's config.json) builds Flax's, compares equal to the default config
+  with the field False, and, for a VGG without batch norm (where the field computes nothing), to
+  the default config as it is: such an old run resumes under the new default."""
+  config = default.get_config()
+  config.model.batch_norm = True
+  assert models.build_model(config.model).bn_torch_running_var
+  old = json.loads(config.to_json())
+  del old["model"]["bn_unbiased_running_var"], old["model"]["c_attn_stages"]
+  del old["model"]["s_attn_stages"]
+  assert not models.build_model(ml_collections.ConfigDict(old["model"])).bn_torch_running_var
+  now = json.loads(config.to_json())
+  assert compat.differing_fields(old, now) == ["model"]  # a batch-norm VGG computes otherwise
+  config.model.bn_unbiased_running_var = False
+  assert compat.comparable(old) == compat.comparable(json.loads(config.to_json()))
+  config.model.update(batch_norm=False, bn_unbiased_running_var=True)
+  old["model"]["batch_norm"] = False
+  assert compat.comparable(old) == compat.comparable(json.loads(config.to_json()))
+  resnet_config = _mc("resnet18")
+  assert models.build_model(resnet_config).bn_torch_running_var
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -494,7 +513,7 @@ def test_initialisation_is_torchvisions():
   bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as torch.nn.Linear. Moments within ~10 standard errors;
   kurtosis 3 for a normal draw (2.4 truncated at 2 std), 1.8 for a uniform one."""
   mc = _mc("resnet18", 1000)
-  variables = models.init_variables(resnet.build(mc), jax.random.key(0), 64)
+  variables = models.init_variables(models.build_model(mc), jax.random.key(0), 64)
   p = traverse_util.flatten_dict(variables["params"])
   kernels = [v for k, v in p.items() if k[-1] == "kernel" and k[0] != "fc"]
   z = np.concatenate([np.ravel(v) / np.sqrt(2 / (v.shape[0] * v.shape[1] * v.shape[3]))
@@ -521,7 +540,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_logits_and_statistics():
   attention softmax and the logits in float32; parameters and running statistics stay float32
   (as VGG). Guards against a module left in float32 or parameters cast."""
   mc = _mc("resnet18", 2, NARROW, (0, 1), (2, 3, 4), dtype="bfloat16")
-  model = resnet.build(mc)
+  model = models.build_model(mc)
   variables = models.init_variables(model, jax.random.key(0), 64)
   x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
   logits, state = model.apply(variables, x, train=True, capture_intermediates=True,
@@ -541,21 +560,30 @@ def test_bfloat16_computes_in_bfloat16_with_float32_logits_and_statistics():
   assert dtypes == {jnp.dtype(jnp.float32)}
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("s_attn_stages", (2, 5), r"^config\.model\.s_attn_stages=\(2, 5\): resnet18 has no stage 5; "
-                              r"stages are numbered 0 \(the stem\) to 4$"),
-    ("c_attn_stages", (-1,), r"c_attn_stages=\(-1,\): resnet18 has no stage -1"),
-    ("name", "resnet34", r"config\.model\.name='resnet34': the ResNets are resnet18, resnet50"),
-    ("s_attn_reduction", 16, r"s_attn_reduction=16 does not divide the 8 channels after the stem"),
-    ("dtype", "float64", r"config\.model\.dtype='float64'"),
-    ("width", 0.0, r"config\.model\.width and config\.model\.num_classes must be positive"),
+@pytest.mark.parametrize("overrides,match", [
+    (["--config.model.s_attn_stages=(2, 5)"],
+     r"config\.model\.s_attn_stages=\(2, 5\): resnet50 has no stage 5; stages are numbered 0 "
+     r"\(the stem\) to 4$"),
+    (["--config.model.name=resnet-18"],
+     r"--config\.model\.name='resnet-18' is not a model: use one of vgg19, resnet18, resnet50; "
+     r"did you mean 'resnet18'\?$"),
+    (["--config.model.c_attn_blocks=(3,)"],  # VGG's placement would do nothing on a ResNet
+     r"config\.model\.c_attn_blocks=\(3,\) places attention in a vgg19, but "
+     r"config\.model\.name='resnet50' does not read it; place its attention with "
+     r"config\.model\.c_attn_stages and config\.model\.s_attn_stages$"),
+    (["--config.model.name=vgg19", "--config.model.s_attn_stages=(1,)"],  # and the other way
+     r"s_attn_stages=\(1,\) places attention in a resnet18 or resnet50, but "
+     r"config\.model\.name='vgg19' does not read it; place its attention with "
+     r"config\.model\.c_attn_blocks and config\.model\.s_attn_blocks$"),
+    (["--config.model.s_attn_reduction=3"],
+     r"s_attn_reduction=3 does not divide the 512 channels after stage 2 of resnet50"),
 ])
-def test_bad_model_config_is_one_line(field, value, match):
-  mc = _mc("resnet18", 2, NARROW, c=(), s=(0,))
-  mc[field] = value
-  with pytest.raises(UserError, match=match) as info:
-    resnet.build(mc)
-  assert "\n" not in str(info.value)
+def test_bad_model_config_is_one_line_exit_2(overrides, match, capsys):
+  with pytest.raises(SystemExit) as e:
+    models_cli.main(["--config", "configs/resnet50_ours.py", *overrides])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+  assert err.startswith("jattn.models: error: ") and re.search(match, err.rstrip()), err
 
 
 def test_c_attn_kernel_larger_than_the_map_is_refused():
@@ -569,22 +597,28 @@ def test_c_attn_kernel_larger_than_the_map_is_refused():
 def test_conversion_errors_name_the_key_or_the_architecture():
   mc18 = _mc("resnet18", 10, NARROW)
   sd = _torch(mc18).state_dict()
+
+  def convert_(state_dict, mc=mc18):
+    return convert.torch_to_flax(state_dict, mc, "torchvision")
+
   with pytest.raises(UserError, match=r"no key 'layer3\.1\.bn2\.running_var'"):
-    resnet.torch_to_flax({k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"}, mc18)
+    convert_({k: v for k, v in sd.items() if k != "layer3.1.bn2.running_var"})
   with pytest.raises(UserError, match=r"'fc\.weight' has shape \(10, 64\), which gives \(64, 10\) "
                                       r"for params/fc/kernel, but the config expects \(64, 2\)"):
-    resnet.torch_to_flax(sd, _mc("resnet18", 2, NARROW))
+    convert_(sd, _mc("resnet18", 2, NARROW))
   with pytest.raises(UserError, match=r"keys this config does not use: layer2_s_attn\.conv1\."):
-    resnet.torch_to_flax(_torch(_mc("resnet18", 10, NARROW, s=(2,))).state_dict(), mc18)
+    convert_(_torch(_mc("resnet18", 10, NARROW, s=(2,))).state_dict())
+  # A checkpoint of another architecture, either way round.
   with pytest.raises(UserError, match=r"the state dict is a resnet50 but "
                                       r"config\.model\.name='resnet18'; convert it with --arch"):
-    resnet.torch_to_flax(_torch(_mc("resnet50", 10, NARROW)).state_dict(), mc18)
+    convert_(_torch(_mc("resnet50", 10, NARROW)).state_dict())
   vgg = TorchVGG(((8,),) * 5, num_classes=10, hidden=8).state_dict()
   with pytest.raises(UserError, match=r"the state dict is a VGG \(features\.\*\), not a ResNet"):
-    resnet.torch_to_flax(vgg, mc18)
+    convert_(vgg)
+  with pytest.raises(UserError, match=r"the state dict is not a VGG's \(no features\.\* keys\)"):
+    convert_(sd, convert.torchvision_model_config("vgg19", 10))
   bad = dict(sd, **{"layer1.0.conv1.weight": torch.full_like(sd["layer1.0.conv1.weight"], np.inf)})
   with pytest.raises(UserError, match=r"'layer1\.0\.conv1\.weight' holds NaN or infinite values"):
-    resnet.torch_to_flax(bad, mc18)
+    convert_(bad)
   prefixed = {f"module.{k}": v for k, v in sd.items()}  # DataParallel's prefix is accepted
-  np.testing.assert_array_equal(resnet.torch_to_flax(prefixed, mc18)["params"]["fc"]["bias"],
-                                sd["fc.bias"].numpy())
+  np.testing.assert_array_equal(convert_(prefixed)["params"]["fc"]["bias"], sd["fc.bias"].numpy())

@@ -109,7 +109,7 @@ def test_bad_slurm_options_give_one_line_and_write_nothing(args, sbatch, message
   with a traceback when sbatch is missing or an option is wrong."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  for command in ("sbatch", "srun") if sbatch else ():
+  for command in ("sbatch", "srun", "sacct") if sbatch else ():
     (bin_dir / command).write_text("#!/bin/sh\nexit 1\n")
     (bin_dir / command).chmod(0o755)
   monkeypatch.setenv("PATH", str(bin_dir))

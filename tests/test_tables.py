@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jattn import tables
+from jattn.data.breakhis import published
 from jattn.errors import UserError
 
 MAGS = ("40X", "100X", "200X", "400X")
@@ -36,7 +37,7 @@ def _manifest(sweep, names, folds):
 
 
 def _cells(sweep_dir):
-  return {(c.table, c.name, c.magnification): c
+  return {(c.table, c.name, c.column): c
           for c in tables.aggregate(tables.collect(str(sweep_dir)))}
 
 
@@ -138,8 +139,8 @@ def test_paper_figures_beside_the_matching_rows_in_the_papers_layout(full_sweep)
   sweep, _ = full_sweep
   markdown = tables.write_tables(str(sweep))
   cells = _cells(sweep)
-  for number, key, paper in ((1, "image_accuracy", tables.PAPER_TABLE1),
-                             (2, "patient_accuracy", tables.PAPER_TABLE2),
+  for number, key, paper in ((1, "image_accuracy", published.TABLE1),
+                             (2, "patient_accuracy", published.TABLE2),
                              (3, "patient_recognition_rate", None)):
     header, rows = _table_rows(markdown, number)
     assert _cols(header) == ["Method", "40X", "100X", "200X", "400X"]
@@ -164,13 +165,14 @@ def test_csv_round_trips_and_png_is_written(full_sweep):
   tables.write_tables(str(sweep))
   with open(sweep / "tables.csv", newline="") as f:
     rows = list(csv.DictReader(f))
-  assert tuple(rows[0]) == tables.CSV_FIELDS
+  assert tuple(rows[0]) == ("table", "name", "paper_row", "magnification", "mean", "std",
+                            "n_folds", "n_expected", "paper_mean", "paper_std")
   cells = tables.aggregate(tables.collect(str(sweep)))
   assert len(rows) == len(cells)
   number = lambda s: None if s == "" else float(s)
   for row, cell in zip(rows, cells, strict=True):
     assert (row["table"], row["name"], row["paper_row"], row["magnification"]) == (
-        cell.table, cell.name, cell.paper_row, cell.magnification)
+        cell.table, cell.name, cell.paper_row, cell.column)
     assert (number(row["mean"]), number(row["std"])) == (cell.mean, cell.std)  # exact
     assert (int(row["n_folds"]), int(row["n_expected"])) == (5, 5)
     assert (number(row["paper_mean"]), number(row["paper_std"])) == (cell.paper_mean,
@@ -254,7 +256,7 @@ def test_unreadable_inputs_give_a_one_line_error(tmp_path):
     tables.collect(str(tmp_path))
   _write(tmp_path, "ours", 1, None)
   (tmp_path / "ours" / "fold1" / "results.json").write_text('{"schema": ')
-  with pytest.raises(UserError, match=r"fold1/results.json: not valid JSON"):
+  with pytest.raises(UserError, match=r"fold1/results.json is not valid JSON"):
     tables.collect(str(tmp_path))
   (tmp_path / "sweep.json").write_text(json.dumps({"folds": [1]}))
   with pytest.raises(UserError, match=r"sweep.json: missing key 'names'"):

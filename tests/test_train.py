@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import types
 
 import jax
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from configs import default
-from jattn import runs, train
+from jattn import models, optim, runs, train
+from jattn import state as state_lib
 from jattn.errors import UserError
 
 
@@ -32,7 +35,7 @@ def test_optimizer_matches_torch_adam_with_weight_decay():
   steps_per_epoch, epochs = 2, 4
   config = _config(learning_rate=1e-2, weight_decay=0.1, lr_decay_every=1)
 
-  tx = train.make_optimizer(config, steps_per_epoch)
+  tx = optim.make_optimizer(config, steps_per_epoch)
   params = {"w": jnp.asarray(w0), "b": jnp.asarray(b0)}
   opt_state = tx.init(params)
   loss = lambda p: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)  # noqa: E731
@@ -55,9 +58,9 @@ def test_optimizer_matches_torch_adam_with_weight_decay():
 
 
 def test_learning_rate_schedule():
-  every = train.learning_rate_schedule(_config(learning_rate=1.0, lr_decay_every=30), 10)
+  every = optim.learning_rate_schedule(_config(learning_rate=1.0, lr_decay_every=30), 10)
   assert [float(every(s)) for s in (0, 299, 300, 599, 600, 1299)] == [1, 1, .5, .5, .25, .125 / 2]
-  milestones = train.learning_rate_schedule(_config(learning_rate=1.0, lr_milestones=(30, 60)), 10)
+  milestones = optim.learning_rate_schedule(_config(learning_rate=1.0, lr_milestones=(30, 60)), 10)
   assert [float(milestones(s)) for s in (299, 300, 600, 1299)] == [1, .5, .25, .25]
 
 
@@ -68,11 +71,18 @@ def test_preprocess_divides_by_the_std():
                                 image_std=jnp.array([20.0, 30.0, 50.0]))
   images = np.stack([np.full((2, 2, 3), v, np.uint8) for v in
                      ([120, 150, 190], [100, 120, 140], [60, 60, 40])])  # k = 1, 0, -2
-  out = np.asarray(train.preprocess(state, jnp.asarray(images)))
+  out = np.asarray(state_lib.preprocess(state, jnp.asarray(images)))
   assert out.dtype == np.float32
   np.testing.assert_allclose(out[0], 1.0)
   np.testing.assert_allclose(out[1], 0.0)
   np.testing.assert_allclose(out[2], -2.0)
+
+
+def _fresh_state(config):
+  """A fresh state as the training loop makes one: weights merged, then the fold's statistics."""
+  model, variables = state_lib.initial_variables(config, jax.random.key(0))
+  state_lib.warn_if_from_scratch(config)
+  return state_lib.make_state(config, model, variables, [120.0] * 3, [50.0] * 3, 10)
 
 
 def _tiny_state(batch_norm=False, **kw):
@@ -80,8 +90,11 @@ def _tiny_state(batch_norm=False, **kw):
   config.model.update(dict(width=0.125, classifier_width=16, batch_norm=batch_norm,
                            c_attn_blocks=(1,), s_attn_blocks=(3,), pool_size=1, dropout_rate=0.0))
   config.update(kw)
-  with pytest.warns(UserWarning, match="training from scratch"):
-    state = train.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):  # the warning is one line on stderr, not a UserWarning
+    state = _fresh_state(config)
+  assert err.getvalue() == ("jattn: warning: config.pretrained is empty: training from scratch, "
+                            "not fine-tuning ImageNet weights as the paper does\n")
   return config, state
 
 
@@ -118,7 +131,7 @@ def test_train_steps_fit_a_fixed_batch_with_batch_norm():
 def test_eval_step_is_deterministic_probabilities():
   _, state = _tiny_state()
   images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-  probs = jax.jit(train.eval_step)(state, {"image": images})["probs"]
+  probs = jax.jit(state_lib.eval_step)(state, {"image": images})["probs"]
   np.testing.assert_allclose(np.sum(probs, -1), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(probs, runs.predict_probs(state, images, batch_size=2))
 
@@ -127,21 +140,21 @@ def test_merge_pretrained_backbone_only():
   config, state = _tiny_state()
   variables = {"params": state.params}
   pretrained = jax.tree_util.tree_map(lambda x: np.full(x.shape, 7.0, np.float32), variables)
-  merged = train.merge_pretrained(variables, pretrained, "backbone")
+  merged = models.merge_pretrained(config.model, variables, pretrained, "backbone")
   p = merged["params"]
   assert np.all(p["block2"]["conv1"]["kernel"] == 7.0) and np.all(p["block5"]["conv4"]["bias"] == 7)
   np.testing.assert_array_equal(p["block1"]["c_attn"]["m_q"]["kernel"],
                                 state.params["block1"]["c_attn"]["m_q"]["kernel"])
   np.testing.assert_array_equal(p["classifier"]["head"]["kernel"],
                                 state.params["classifier"]["head"]["kernel"])
-  everything = train.merge_pretrained(variables, pretrained, "all")["params"]
+  everything = models.merge_pretrained(config.model, variables, pretrained, "all")["params"]
   assert np.all(everything["classifier"]["head"]["kernel"] == 7.0)
   del pretrained["params"]["block3"]["conv2"]
   with pytest.raises(UserError, match="no weights for params/block3/conv2/bias"):
-    train.merge_pretrained(variables, pretrained, "backbone")
+    models.merge_pretrained(config.model, variables, pretrained, "backbone")
 
 
-def test_create_train_state_fine_tunes_converted_weights(tmp_path):
+def test_a_fresh_state_fine_tunes_converted_weights(tmp_path):
   """config.pretrained points at `jattn.convert` output: backbone from it, the rest from init."""
   from jattn import convert
 
@@ -151,7 +164,7 @@ def test_create_train_state_fine_tunes_converted_weights(tmp_path):
   del converted["params"]["block1"]["c_attn"]  # a torchvision file holds no attention
   convert.save_weights(converted, str(tmp_path / "w"), {"source": "test"})
   config.pretrained = str(tmp_path / "w")
-  state = train.create_train_state(config, jax.random.key(0), [120.0] * 3, [50.0] * 3, 10)
+  state = _fresh_state(config)
   assert np.all(state.params["block4"]["conv3"]["kernel"] == 0.5)
   np.testing.assert_array_equal(state.params["block1"]["c_attn"]["m_v"]["kernel"],
                                 scratch.params["block1"]["c_attn"]["m_v"]["kernel"])

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jattn import models, parallel, runs, train
+from jattn import models, parallel, runs, train, validate
+from jattn import state as state_lib
+from jattn.errors import UserError
 from tests.runs import tiny_config
 
 
@@ -33,14 +35,14 @@ def _state(symmetric: bool):
                        for i in range(8)], axis=0)
     flat[key] = value
   variables = traverse_util.unflatten_dict(flat)
-  return train.make_state(config, model, variables, np.full(3, 128.0), np.full(3, 60.0), 1)
+  return state_lib.make_state(config, model, variables, np.full(3, 128.0), np.full(3, 60.0), 1)
 
 
 def _images(n=3):
   return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3)).astype(np.uint8)
 
 
-_EVAL = jax.jit(train.eval_step, static_argnames="tta")
+_EVAL = jax.jit(state_lib.eval_step, static_argnames="tta")
 
 
 def _probs(state, images, tta="none"):
@@ -81,7 +83,7 @@ def test_evaluation_records_tta(trained_run):
 
   data = load_fold(config)
   plan = parallel.make_plan(config)
-  p_eval = parallel.eval_step(plan, functools.partial(train.eval_step, tta="dihedral"))
+  p_eval = parallel.eval_step(plan, functools.partial(state_lib.eval_step, tta="dihedral"))
   results, rows = train._evaluate_fold(config, state, data, plan, p_eval)
   assert results["tta"] == "dihedral" and results["config"]["tta"] == "dihedral"
   images = np.asarray(data.images)[data.test_indices]
@@ -92,5 +94,5 @@ def test_evaluation_records_tta(trained_run):
 def test_unknown_tta_is_refused():
   """Guards the config check: only 'none' and 'dihedral' exist."""
   config = tiny_config("unused", "unused", tta="flips")
-  with pytest.raises(train.UserError, match=r"--config.tta='flips': use one of \('none', "):
-    train.validate_config(config)
+  with pytest.raises(UserError, match=r"--config.tta='flips': use one of \('none', "):
+    validate.validate_config(config)

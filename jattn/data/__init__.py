@@ -1,35 +1,31 @@
-"""BreakHis for jattn: scanning, folds, TFDS preparation, the decoded-image cache and batches.
+"""jattn's data: a source per kind of data set, one generic fold description, batches.
 
-  from jattn.data import load_fold, train_batches, test_batches, steps_per_epoch
-  fold_data = load_fold(config)   # configs/default.py: data_dir, folds, fold, image_size, ...
+  from jattn import data
+  fold_data = data.load_fold(config)   # config.dataset picks the source (default 'breakhis')
+  for batch in data.train_batches(fold_data, 8, seed=0, epoch=e): ...
 
-breakhis.py (naming), scan.py (the tree), fetch.py (download), folds.py (the three fold forms),
-tfds_builder.py (`Breakhis`), prepare.py (cache and stats), pipeline.py (batches), augment.py
-(on-device flips, rotations, stain colours), preview.py (augment-preview), synthetic.py (test
-data).
-The names below are imported on first use, so that `python -m jattn.data` and modules that need
-only `jattn.data.breakhis` do not load grain, JAX and TFDS.
+fold.py (`FoldData`: images, targets, classes, groups, strata, split), sources.py (the registry),
+prepare.py (the decoded-image cache and normalisation stats every source shares), pipeline.py
+(batches), augment.py (on-device flips, rotations, stain colours), preview.py (augment-preview);
+breakhis/ (BreakHis: naming, scan, download, folds, TFDS builder, synthesizer, describe).
+The names below are imported on first use, so that `python -m jattn.data` does not load grain,
+JAX and TFDS.
 """
 
 import importlib
 
-from jattn.data.breakhis import CLASSES, MAGNIFICATIONS, SUBTYPE_CODES, SUBTYPES, TASKS, Record
-
 _LAZY = {
-    "Breakhis": "jattn.data.tfds_builder",
-    "FoldData": "jattn.data.pipeline",
-    "Folds": "jattn.data.folds",
-    "generate_folds": "jattn.data.folds",
+    "ClassMap": "jattn.data.fold",
+    "FoldData": "jattn.data.fold",
+    "Labelling": "jattn.data.fold",
+    "Strata": "jattn.data.fold",
     "load_fold": "jattn.data.pipeline",
-    "read_folds": "jattn.data.folds",
-    "selection": "jattn.data.pipeline",
     "steps_per_epoch": "jattn.data.pipeline",
-    "synthesize": "jattn.data.synthetic",
     "test_batches": "jattn.data.pipeline",
     "train_batches": "jattn.data.pipeline",
 }
 
-__all__ = ["CLASSES", "MAGNIFICATIONS", "SUBTYPE_CODES", "SUBTYPES", "TASKS", "Record", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name):

@@ -1,37 +1,36 @@
-"""Preparing BreakHis once: TFDS records, a decoded-image cache, and per-fold normalisation stats.
+"""What every data source prepares once: a decoded-image cache and per-fold normalisation stats.
 
-Everything lives in the prepared dir (default `<data_dir>/jattn_prepared`):
+They live in the source's prepared dir (BreakHis: `<data_dir>/jattn_prepared`), beside what the
+source itself writes there (its TFDS records, its generated folds):
 
-  tfds/breakhis/1.0.0/...          the TFDS data set (`Breakhis`), PNG bytes as published
   cache/<S>/images.npy             uint8 [N, S, S, 3]: every image decoded, RGB, resized to S x S
-  cache/<S>/records.json           file name, label, subtype, patient id, magnification, same order
-  folds/Folds_generated_seed<k>.csv  generated folds (when no Folds.csv or mkfold is given)
+  cache/<S>/records.json           the source's fields of each image (file name, ...), same order
   stats/<folds-id>_fold<k>_<S>.json  per-channel mean and std of a fold's training images
 
 Each stage runs once: callers hold `files.locked(prepared_dir)` around it, and every file is
-written under a temporary name and renamed into place. The TFDS metadata remembers which files
-(paths and sizes) it was built from; `prepare_tfds` compares them with a fresh scan and refuses a
-prepared dir built from a different tree, so a stale cache is never used silently.
+written under a temporary name and renamed into place. A cache records the fingerprint of the data
+it was decoded from and is rebuilt when that changes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
+import traceback
+from collections.abc import Callable, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from jattn import errors, files
-from jattn.data import breakhis, tfds_builder
-from jattn.data import scan as scan_lib
+from jattn import files
 from jattn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,62 +71,65 @@ def remove_stale(prepared_dir: str) -> list[str]:
   return removed
 
 
-def make_builder(prepared_dir: str, **kwargs) -> tfds_builder.Breakhis:
-  """The `Breakhis` builder whose data lives in `<prepared_dir>/tfds`."""
-  return tfds_builder.Breakhis(
-      data_dir=os.path.join(prepared_dir, "tfds"), file_format="array_record", **kwargs
-  )
+# A worker of the preparation that died, as the parent sees it: a pool whose process was killed, an
+# allocation that failed, or the other end of a multiprocessing pipe gone (EOFError and
+# ConnectionError raised inside `multiprocessing`, e.g. by `Connection.recv_bytes`).
+WORKER_DEATHS = (concurrent.futures.BrokenExecutor, MemoryError)
+PIPE_ERRORS = (EOFError, ConnectionError)
+CHUNK = 64  # images decoded together into the cache
 
 
-def is_prepared(builder: tfds_builder.Breakhis) -> bool:
-  # Like builder.is_prepared(), without its warning about a folder that is not prepared yet.
-  return os.path.isfile(os.path.join(os.fspath(builder.data_path), "dataset_info.json"))
+def size_text(n: int) -> str:
+  """A byte count for people: MiB or GiB."""
+  return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
-def _refuse_stale(data_dir: str, prepared_dir: str, recorded, fresh: scan_lib.Scan) -> None:
-  old, new = {tuple(f) for f in recorded}, set(fresh.files)
-  added, removed = sorted(new - old), sorted(old - new)
-  example = (added or removed)[0][0] if (added or removed) else "?"
-  raise UserError(
-      f"the images under {data_dir} changed since {prepared_dir} was prepared from them "
-      f"({len(added)} added or resized, {len(removed)} removed or resized, e.g. {example}): "
-      f"delete {prepared_dir} to prepare again, or set --config.prepared_dir to a new folder"
-  )
+def _worker_death(error: BaseException) -> BaseException | None:
+  """The worker death behind `error` (itself or one of its causes), or None."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, WORKER_DEATHS):
+      return e
+    if isinstance(e, PIPE_ERRORS) and any(
+        f"{os.sep}multiprocessing{os.sep}" in frame.filename
+        for frame in traceback.extract_tb(e.__traceback__)
+    ):
+      return e
+    todo += [e.__cause__, e.__context__]
+  return None
 
 
-def prepare_tfds(
-    data_dir: str,
-    prepared_dir: str,
-    *,
-    fresh: scan_lib.Scan,
-    skip_corrupt: bool = False,
-    threads: int = 2,
-) -> tfds_builder.Breakhis:
-  """Builds the TFDS data set once, and checks that a prepared one matches the scan `fresh`.
-
-  Call under the prepared dir's lock. Returns the builder; its `info.metadata` holds `skipped`.
-  """
-  builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
-  if is_prepared(builder) and "fingerprint" not in builder.info.metadata:
-    files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
-    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
-  if not is_prepared(builder):
-    with errors.writing(prepared_dir):
-      builder.download_and_prepare(
-          download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
-          download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
-      )
-    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
-  metadata = builder.info.metadata
-  if metadata["fingerprint"] != fresh.fingerprint:
-    _refuse_stale(data_dir, prepared_dir, metadata["files"], fresh)
-  if metadata["skipped"] and not skip_corrupt:
+@contextlib.contextmanager
+def reporting_worker_deaths(data_dir: str, prepared_dir: str, need: Callable[[], str]):
+  """Turns a worker of the preparation that died (or memory that ran out) into one line: what
+  happened, what preparation needs in memory (`need()`, the source's estimate) and to run again
+  (the next start's `remove_stale` clears what it left)."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:
+    died = _worker_death(e)
+    if died is None:
+      raise
+    reason = " ".join(str(died).split())[:120]
+    what = type(died).__name__ + (f": {reason}" if reason else "")
+    try:
+      needed = need()
+    except UserError:  # no images yet to estimate from
+      needed = "preparation needs memory for its images"
+    lead = (f"the preparation of {data_dir} into {prepared_dir} ran out of memory ({what})"
+            if isinstance(died, MemoryError) else
+            f"a worker of the preparation of {data_dir} into {prepared_dir} died ({what}), most "
+            f"likely for lack of memory")
     raise UserError(
-        f"{prepared_dir} was prepared with skip_corrupt=True and leaves out "
-        f"{len(metadata['skipped'])} unreadable image(s) ({', '.join(metadata['skipped'][:3])}): "
-        f"set --config.skip_corrupt=True to use it, or replace them and delete {prepared_dir}"
-    )
-  return builder
+        f"{lead}: {needed}; free some memory (fewer jobs at once, or --config.loader_threads=1) "
+        f"and run the same command again: it goes on from what is already prepared"
+    ) from e
 
 
 # Pillow's modes for 16-bit samples (a 16-bit grey PNG opens as one of these); `convert('RGB')`
@@ -172,19 +174,45 @@ def decode_resize(png: bytes, image_size: int, name: str = "image") -> np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-  """The decoded images and their records, in the same order (the TFDS data source's)."""
+  """The decoded images and a table of per-image fields, in the same order (the data source's)."""
 
   images: np.ndarray  # uint8 [N, S, S, 3], memory-mapped read-only
-  file_names: tuple[str, ...]
-  labels: tuple[int, ...]
-  subtypes: tuple[str, ...]
-  patient_ids: tuple[str, ...]
-  magnifications: tuple[str, ...]
-  fingerprint: str  # of the TFDS data set it was decoded from
+  table: dict[str, tuple]  # field -> one value per image, as the source's `record_of` gave them
+  fingerprint: str  # of the data set it was decoded from
+
+  @property
+  def file_names(self) -> tuple[str, ...]:
+    return self.table["file_names"]
 
 
 def cache_dir(prepared_dir: str, image_size: int) -> str:
   return os.path.join(prepared_dir, "cache", str(image_size))
+
+
+def has_cache(prepared_dir: str, image_size: int) -> bool:
+  """Whether a decoded-image cache at `image_size` was written (it may still be stale)."""
+  return os.path.isfile(os.path.join(cache_dir(prepared_dir, image_size), "images.npy"))
+
+
+def check_cache_space(prepared_dir: str, num_images: int, image_size: int) -> None:
+  """Refuses, before anything is written, a decoded-image cache larger than its disk's free space.
+
+  The cache is N x S x S x 3 bytes (`image_size` S), written next to any older one it replaces.
+  """
+  folder = cache_dir(prepared_dir, image_size)
+  needed = num_images * image_size * image_size * 3
+  existing = folder
+  while not os.path.isdir(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free
+  if needed > free:
+    raise UserError(
+        f"--config.image_size={image_size} needs a decoded-image cache of {size_text(needed)} "
+        f"({num_images:,} images x {image_size} x {image_size} x 3 bytes) in {folder}, but its "
+        f"file system has {size_text(free)} free: set --config.image_size lower (the paper's "
+        f"is 224), "
+        f"free some space, or set --config.prepared_dir to a folder on a larger disk"
+    )
 
 
 def _read_cache(folder: str, fingerprint: str) -> Cache | None:
@@ -195,41 +223,36 @@ def _read_cache(folder: str, fingerprint: str) -> Cache | None:
   with open(records_path, encoding="utf-8") as f:
     table = json.load(f)
   images = np.load(images_path, mmap_mode="r")
-  if table["fingerprint"] != fingerprint or len(images) != len(table["file_names"]):
-    return None  # decoded from another TFDS data set: rebuild
-  return Cache(
-      images=images,
-      file_names=tuple(table["file_names"]),
-      labels=tuple(table["labels"]),
-      subtypes=tuple(table["subtypes"]),
-      patient_ids=tuple(table["patient_ids"]),
-      magnifications=tuple(table["magnifications"]),
-      fingerprint=fingerprint,
-  )
+  if table.pop("fingerprint") != fingerprint or len(images) != len(table["file_names"]):
+    return None  # decoded from another data set: rebuild
+  table.pop("image_size", None)
+  return Cache(images=images, table={k: tuple(v) for k, v in table.items()},
+               fingerprint=fingerprint)
 
 
 def build_cache(
-    builder: tfds_builder.Breakhis, prepared_dir: str, image_size: int, *, threads: int = 2
+    source: Sequence, prepared_dir: str, image_size: int, *, fingerprint: str,
+    record_of: Callable[[dict], dict], where: str, threads: int = 2,
 ) -> Cache:
   """Decodes every image once into `cache/<S>/images.npy` (memory-mapped), unless already there.
 
-  Call under the prepared dir's lock. The records table is written first and the image array is
-  renamed into place last, so a present `images.npy` means a complete cache.
+  `source` is a random-access data source of examples with encoded `image` bytes (a TFDS data
+  source read with `SkipDecoding`); `record_of(example)` gives the fields the source keeps of each
+  image in `records.json` (at least `file_names`, its unique name); `where` names the data set in
+  messages. Call under the prepared dir's lock. The records table is written first and the image
+  array is renamed into place last, so a present `images.npy` means a complete cache.
   """
   if image_size < 1:
     raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
-  fingerprint = builder.info.metadata["fingerprint"]
   folder = cache_dir(prepared_dir, image_size)
   cache = _read_cache(folder, fingerprint)
   if cache is not None:
     return cache
-  source = builder.as_data_source(
-      split=tfds_builder.SPLIT, decoders={"image": tfds.decode.SkipDecoding()}
-  )
   n = len(source)
+  check_cache_space(prepared_dir, n, image_size)
   os.makedirs(folder, exist_ok=True)
   images_path = os.path.join(folder, "images.npy")
-  table = {k: [] for k in ("file_names", "labels", "subtypes", "patient_ids", "magnifications")}
+  table: dict[str, list] = {}
   with files.atomic_path(images_path) as tmp:
     out = np.lib.format.open_memmap(
         tmp, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size, 3)
@@ -238,24 +261,20 @@ def build_cache(
       os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # not a SIGBUS while decoding
 
     def decode(example):
-      name = f"{example['file_name'].decode()} (in {builder.data_path})"
-      return decode_resize(example["image"], image_size, name)
+      record = record_of(example)
+      return record, decode_resize(example["image"], image_size,
+                                   f"{record['file_names']} (in {where})")
 
-    chunk = 64
     with (
         concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool,
         tqdm.tqdm(total=n, desc=f"Decoding images to {image_size}x{image_size}", unit="img") as bar,
     ):
-      for start in range(0, n, chunk):
-        examples = source.__getitems__(list(range(start, min(n, start + chunk))))
-        for i, image in enumerate(pool.map(decode, examples)):
+      for start in range(0, n, CHUNK):
+        examples = source.__getitems__(list(range(start, min(n, start + CHUNK))))
+        for i, (record, image) in enumerate(pool.map(decode, examples)):
           out[start + i] = image
-        for ex in examples:
-          table["file_names"].append(ex["file_name"].decode())
-          table["labels"].append(int(ex["label"]))
-          table["subtypes"].append(breakhis.SUBTYPE_CODES[int(ex["subtype"])])
-          table["patient_ids"].append(ex["patient_id"].decode())
-          table["magnifications"].append(breakhis.MAGNIFICATIONS[int(ex["magnification"])])
+          for key, value in record.items():
+            table.setdefault(key, []).append(value)
         bar.update(len(examples))
     out.flush()
     del out

@@ -15,7 +15,8 @@ from PIL import Image
 
 from jattn import files
 from jattn.data import augment as augment_lib
-from jattn.data import prepare, synthetic
+from jattn.data import prepare
+from jattn.data.breakhis import synthetic
 from jattn.errors import UserError
 
 GAP = 2  # white pixels between tiles

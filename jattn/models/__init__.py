@@ -1,25 +1,66 @@
-"""Flax modules of jattn: VGG19 with C-Attn and S-Attn (`build_model` makes one from a config)."""
+"""jattn's models: a registry of backbones by `config.model.name`, each carrying the paper's
+C-Attn and S-Attn (models/attention.py) where its config places them.
+
+  model = models.build_model(config.model)          # e.g. VGG19 with C-Attn and S-Attn
+  variables = models.init_variables(model, rng, config.image_size)
+
+A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what only it knows:
+
+  check(model_config, image_size)   its config fields (one UserError naming the field)
+  build(model_config) -> nn.Module
+  PLACEMENT                         {its attention placement field: the paper's placement}
+  attention_sites(model_config)     [(module path, 'c_attn' | 's_attn', label)], in forward order
+  without_attention(model_config)   the same backbone without attention modules
+  ignored_fields(model_config)      model fields that change nothing it computes (jattn.compat)
+  is_pretrained(path) -> bool       whether a parameter path comes from ImageNet (scope 'backbone')
+  parameter_groups(params)          the rows of `python -m jattn.models`
+  TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
+  state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
+  check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)
+"""
 
 from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
+from flax import traverse_util
 
 from jattn.errors import UserError
-from jattn.models.attention import ChannelAttention, SpatialAttention
-from jattn.models.vgg import VGG, VGG19_BLOCKS, adaptive_avg_pool
 
-__all__ = [
-    "VGG", "VGG19_BLOCKS", "ChannelAttention", "SpatialAttention", "adaptive_avg_pool",
-    "build_model", "block_widths", "init_variables", "resolve_dtype", "resolve_s_attn_impl",
-    "DTYPES", "S_ATTN_IMPLS",
-]
-
+BACKBONES = {"vgg19": "jattn.models.vgg", "resnet18": "jattn.models.resnet",
+             "resnet50": "jattn.models.resnet"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DTYPES = ("auto", *_DTYPES)
+DTYPES = ("auto", *_DTYPES)  # config.model.dtype
+PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
 S_ATTN_IMPLS = ("auto", "explicit", "fused")
+
+
+def get(name: str) -> ModuleType:
+  """The backbone module of `config.model.name`; an unknown name is one line with the choices."""
+  if name not in BACKBONES:
+    close = difflib.get_close_matches(str(name), BACKBONES, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UserError(f"--config.model.name={name!r} is not a model: use one of "
+                    f"{', '.join(BACKBONES)}{hint}")
+  return importlib.import_module(BACKBONES[name])
+
+
+def name_of(model_config: Mapping[str, Any]) -> str:
+  """`model.name` (VGG19 for configs that predate it)."""
+  return model_config.get("name", "vgg19")
+
+
+def of(model_config: ml_collections.ConfigDict) -> ModuleType:
+  """The backbone module a model config names."""
+  return get(name_of(model_config))
 
 
 def resolve_dtype(dtype: str, backend: str | None = None) -> str:
@@ -31,23 +72,13 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
 
 def resolve_s_attn_impl(impl: str) -> str:
   """'auto' is the explicit einsums everywhere: measured at batch 8 (README, Performance), the
-  fused dot_product_attention is no faster on an H100 (cuDNN, bfloat16: equal on block 3, 1.2-1.7x
-  slower on blocks 4-5) and 4-7x slower on CPU."""
+  fused dot_product_attention is no faster on an H100 (cuDNN, bfloat16) and slower on CPU."""
   return "explicit" if impl == "auto" else impl
 
 
-def block_widths(width: float) -> tuple[tuple[int, ...], ...]:
-  """VGG19's conv widths scaled by `width` (1.0 is VGG19 itself), at least 8 channels each."""
-  return tuple(tuple(max(8, round(c * width)) for c in block) for block in VGG19_BLOCKS)
-
-
-def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
-  """The model `config.model` describes; apply it as `model.apply(variables, x, train=False)`."""
+def check(model_config: ml_collections.ConfigDict, image_size: int | None = None) -> None:
+  """The fields every backbone shares, then the backbone's own."""
   mc = model_config
-  for field in ("c_attn_blocks", "s_attn_blocks"):
-    bad = [b for b in mc[field] if b not in (1, 2, 3, 4, 5)]
-    if bad:
-      raise UserError(f"config.model.{field}={tuple(mc[field])}: blocks are numbered 1 to 5")
   if mc.dtype not in DTYPES:
     raise UserError(f"config.model.dtype={mc.dtype!r}: use one of {', '.join(DTYPES)}")
   s_attn_impl = mc.get("s_attn_impl", "auto")
@@ -56,34 +87,100 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
                     f"{', '.join(S_ATTN_IMPLS)}")
   if mc.width <= 0 or mc.num_classes < 1:
     raise UserError("config.model.width and config.model.num_classes must be positive")
-  return VGG(
-      num_classes=mc.num_classes,
-      blocks=block_widths(mc.width),
-      batch_norm=mc.batch_norm,
-      c_attn_blocks=tuple(mc.c_attn_blocks),
-      s_attn_blocks=tuple(mc.s_attn_blocks),
-      c_attn_kernel=mc.c_attn_kernel,
-      c_attn_stride=mc.c_attn_stride,
-      c_attn_padding=mc.c_attn_padding,
-      s_attn_reduction=mc.s_attn_reduction,
-      s_attn_impl=resolve_s_attn_impl(s_attn_impl),
-      classifier_width=mc.classifier_width,
-      pool_size=mc.pool_size,
-      dropout_rate=mc.dropout_rate,
-      dtype=_DTYPES[resolve_dtype(mc.dtype)],
-      # Absent from configs written before it: those runs kept Flax's biased running variance.
-      bn_torch_running_var=mc.get("bn_unbiased_running_var", False),
-  )
+  backbone = of(mc)
+  _check_foreign_placement(mc, backbone)
+  backbone.check(mc, image_size)
+
+
+def _check_foreign_placement(mc: ml_collections.ConfigDict, backbone: ModuleType) -> None:
+  """Another backbone's placement fields must hold its paper placement or none: a config that
+  moves them expects attention there, but this backbone never reads them."""
+  others: dict[ModuleType, list[str]] = {}
+  for name in BACKBONES:
+    if get(name) is not backbone:
+      others.setdefault(get(name), []).append(name)
+  for other, names in others.items():
+    for field, paper in other.PLACEMENT.items():
+      value = tuple(mc.get(field, paper))
+      if value not in ((), tuple(paper)):
+        raise UserError(
+            f"config.model.{field}={value} places attention in a {' or '.join(names)}, but "
+            f"config.model.name={name_of(mc)!r} does not read it; place its attention with "
+            f"config.model.{' and config.model.'.join(backbone.PLACEMENT)}")
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+  """The model `config.model` describes; apply it as `model.apply(variables, x, train=False)`."""
+  check(model_config)
+  return of(model_config).build(model_config)
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
+  return _DTYPES[resolve_dtype(model_config.dtype)]
+
+
+def bn_unbiased_running_var(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether batch norm keeps PyTorch's unbiased running variance (`jattn.models.norm`); configs
+  written before `model.bn_unbiased_running_var` kept Flax's biased one."""
+  return bool(model_config.get("bn_unbiased_running_var", False))
+
+
+def attention_sites(model_config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
+  """[(module path, 'c_attn' | 's_attn', label)] of the model's attention modules, in order."""
+  return of(model_config).attention_sites(model_config)
+
+
+def without_attention(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same backbone with no attention module (the baseline of the attention overhead)."""
+  return of(model_config).without_attention(model_config)
+
+
+INIT_SIZE = 64  # the input side the variables are initialised at (`init_variables`)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
   """The model's initial variables for image_size x image_size inputs.
 
-  On CPU, XLA spends most of a minute optimising the ~40 random-number generators of an
-  initialisation that runs once; compiling it without backend optimisation gives the same values
-  in a few seconds.
+  The variables do not depend on the input's size (an adaptive pool precedes the classifier) and
+  Flax draws each from its module's path, so they are initialised at INIT_SIZE pixels (or less):
+  the same values, without allocating a huge input (an absurd --config.image_size is then refused
+  by the data checks, not by an out-of-memory). On CPU, XLA spends most of a minute optimising the
+  ~40 random-number generators of an initialisation that runs once; compiling it without backend
+  optimisation gives the same values in a few seconds.
   """
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  size = min(image_size, INIT_SIZE)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   lowered = jax.jit(lambda rng, x: model.init(rng, x, train=False)).lower(rng, x)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
   return lowered.compile(compiler_options=options)(rng, jnp.zeros(x.shape, x.dtype))
+
+
+def merge_pretrained(model_config: ml_collections.ConfigDict, variables: Mapping[str, Any],
+                     pretrained: Mapping[str, Any], scope: str,
+                     source: str = "pretrained") -> dict[str, Any]:
+  """Copies pretrained weights into `variables`: the backbone's (scope 'backbone', the paper:
+  every variable the backbone's `is_pretrained` names must be present with the right shape;
+  attention modules and the head keep their initialisation) or all that match (scope 'all')."""
+  if scope not in PRETRAINED_SCOPES:
+    raise UserError(f"config.pretrained_scope={scope!r}: use one of {PRETRAINED_SCOPES}")
+  is_pretrained = of(model_config).is_pretrained
+  flat = traverse_util.flatten_dict(variables)
+  given = traverse_util.flatten_dict(pretrained)
+  copied = 0
+  for key, value in flat.items():
+    if scope == "backbone" and not is_pretrained(key[1:]):
+      continue
+    if key not in given:
+      if scope == "backbone":
+        raise UserError(f"{source}: no weights for {'/'.join(key)}; were they converted for "
+                        f"this architecture (config.model.name={name_of(model_config)}, "
+                        f"batch norm, model.width)?")
+      continue
+    if tuple(given[key].shape) != tuple(value.shape):
+      raise UserError(f"{source}: {'/'.join(key)} has shape {tuple(given[key].shape)}, the model "
+                      f"needs {tuple(value.shape)}; convert weights for this architecture")
+    flat[key] = jnp.asarray(given[key], value.dtype)
+    copied += 1
+  if not copied:
+    raise UserError(f"{source}: none of its weights fit this model")
+  return traverse_util.unflatten_dict(flat)

@@ -19,20 +19,10 @@ from jattn import config_lib, models
 from jattn.errors import exit_on_user_error
 
 
-def parameter_table(params) -> list[tuple[str, int]]:
-  """(module, parameter count) rows: each block's convs and attention, then the classifier."""
-  rows = []
-  for name in sorted(params, key=lambda n: (not n.startswith("block"), n)):
-    if name.startswith("block"):
-      sub = params[name]
-      convs = sum(_count(v) for k, v in sub.items() if k.startswith(("conv", "bn")))
-      rows.append((f"{name} convs", convs))
-      for attn, label in (("s_attn", "S-Attn"), ("c_attn", "C-Attn")):
-        if attn in sub:
-          rows.append((f"{name} {label}", _count(sub[attn])))
-    else:
-      rows.append((name, _count(params[name])))
-  return rows
+def parameter_table(model_config, params) -> list[tuple[str, int]]:
+  """(module, parameter count) rows, as the backbone groups them (VGG: each block's convs and
+  attention, then the classifier)."""
+  return [(name, _count(tree)) for name, tree in models.of(model_config).parameter_groups(params)]
 
 
 def _count(tree) -> int:
@@ -51,13 +41,10 @@ def forward_flops(model, image_size: int) -> float:
 
 def report(config, image_size: int) -> str:
   model = models.build_model(config.model)
-  plain_config = config.model.copy_and_resolve_references()
-  with plain_config.unlocked():
-    plain_config.c_attn_blocks, plain_config.s_attn_blocks = (), ()
-  plain = models.build_model(plain_config)
+  plain = models.build_model(models.without_attention(config.model))
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)["params"]
-  rows = parameter_table(params)
+  rows = parameter_table(config.model, params)
   total = sum(n for _, n in rows)
   attention = sum(n for name, n in rows if name.endswith("Attn"))
   flops, plain_flops = forward_flops(model, image_size), forward_flops(plain, image_size)

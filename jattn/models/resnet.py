@@ -29,7 +29,8 @@ Model config fields read here: name ('resnet18' or 'resnet50'), num_classes, wid
 the planes, at least 8 each: narrow models for tests and the demo), c_attn_stages,
 s_attn_stages, c_attn_kernel, c_attn_stride, c_attn_padding, s_attn_reduction, s_attn_impl,
 dtype and bn_unbiased_running_var. VGG's fields (batch_norm, classifier_width, pool_size,
-dropout_rate, c_attn_blocks, s_attn_blocks) are not.
+dropout_rate) are not read; VGG's placement (c_attn_blocks, s_attn_blocks) other than its
+paper's or none is refused (`jattn.models.check`), as it would do nothing here.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
-from flax import traverse_util
 
+from jattn import models
 from jattn.errors import UserError
 from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
@@ -58,11 +59,9 @@ STAGES = (0, 1, 2, 3, 4)  # attention sites: 0 is the stem, 1-4 torchvision's la
 STAGE_LABELS = {0: "after the stem", 1: "after stage 1", 2: "after stage 2", 3: "after stage 3",
                 4: "after stage 4"}
 
-# torchvision's ImageNet checkpoints of these layouts, under jattn.convert.TORCHVISION_URL
-# (https://download.pytorch.org/models/); the digits after '-' in a file's name start its
-# SHA-256. ResNet-50's is IMAGENET1K_V2 (ResNet50_Weights.DEFAULT); ResNet-18 has only V1.
-TORCHVISION_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
-TORCHVISION_WEIGHTS = {"resnet18": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
+# The paper's placement carried over by resolution (the module docstring): model.c_attn_stages,
+# model.s_attn_stages of configs/default.py.
+PLACEMENT = {"c_attn_stages": (0, 1), "s_attn_stages": (2, 3, 4)}
 
 
 class BlockSpec(NamedTuple):
@@ -162,8 +161,8 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   planes: Sequence[int] = PLANES
   num_classes: int = 1000
-  c_attn_stages: Sequence[int] = (0, 1)
-  s_attn_stages: Sequence[int] = (2, 3, 4)
+  c_attn_stages: Sequence[int] = PLACEMENT["c_attn_stages"]
+  s_attn_stages: Sequence[int] = PLACEMENT["s_attn_stages"]
   c_attn_kernel: int = 4
   c_attn_stride: int = 4
   c_attn_padding: int = 0
@@ -209,29 +208,19 @@ def site_name(stage: int) -> str:
   return "stem" if stage == 0 else f"layer{stage}"
 
 
-# --- The backbone's registry interface (DESIGN19.md, Models) ---
+# --- What the model registry (jattn.models) asks of a backbone ---
 
 def check(model_config: ml_collections.ConfigDict, image_size: int | None = None) -> None:
-  """The ResNet's model-config checks; each problem is one UserError naming the field."""
+  """The ResNet's own fields: attention on stages that exist, an S-Attn reduction that divides
+  the channels, a C-Attn kernel that fits the maps; each problem is one UserError naming the
+  field."""
   mc = model_config
-  from jattn import models  # noqa: PLC0415 -- the package imports this module
-
-  if mc.name not in ARCHS:
-    raise UserError(f"config.model.name={mc.name!r}: the ResNets are {', '.join(ARCHS)}")
-  for field in ("c_attn_stages", "s_attn_stages"):
+  for field in PLACEMENT:
     stages = tuple(mc[field])
     bad = [s for s in stages if s not in STAGES]
     if bad:
       raise UserError(f"config.model.{field}={stages}: {mc.name} has no stage {bad[0]!r}; "
                       f"stages are numbered 0 (the stem) to 4")
-  if mc.dtype not in models.DTYPES:
-    raise UserError(f"config.model.dtype={mc.dtype!r}: use one of {', '.join(models.DTYPES)}")
-  impl = mc.get("s_attn_impl", "auto")
-  if impl not in models.S_ATTN_IMPLS:
-    raise UserError(f"config.model.s_attn_impl={impl!r}: use one of "
-                    f"{', '.join(models.S_ATTN_IMPLS)}")
-  if not mc.width > 0 or not mc.num_classes >= 1:
-    raise UserError("config.model.width and config.model.num_classes must be positive")
   block = ARCHS[mc.name][0]
   channels = stage_channels(block, stage_planes(mc.width))
   r = mc.s_attn_reduction
@@ -255,11 +244,7 @@ def check(model_config: ml_collections.ConfigDict, image_size: int | None = None
 
 
 def build(model_config: ml_collections.ConfigDict) -> ResNet:
-  """The ResNet `config.model` describes (checked first)."""
-  from jattn import models  # noqa: PLC0415 -- the package imports this module
-
   mc = model_config
-  check(mc)
   block, stage_sizes = ARCHS[mc.name]
   return ResNet(
       block=block, stage_sizes=stage_sizes, planes=stage_planes(mc.width),
@@ -268,8 +253,8 @@ def build(model_config: ml_collections.ConfigDict) -> ResNet:
       c_attn_stride=mc.c_attn_stride, c_attn_padding=mc.c_attn_padding,
       s_attn_reduction=mc.s_attn_reduction,
       s_attn_impl=models.resolve_s_attn_impl(mc.get("s_attn_impl", "auto")),
-      bn_torch_running_var=mc.get("bn_unbiased_running_var", True),
-      dtype=models._DTYPES[models.resolve_dtype(mc.dtype)])
+      bn_torch_running_var=models.bn_unbiased_running_var(mc),
+      dtype=models.compute_dtype(mc))
 
 
 def attention_sites(model_config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
@@ -283,26 +268,89 @@ def attention_sites(model_config: ml_collections.ConfigDict) -> list[tuple[str, 
   return sites
 
 
+def without_attention(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  plain = model_config.copy_and_resolve_references()
+  with plain.unlocked():
+    plain.c_attn_stages, plain.s_attn_stages = (), ()
+  return plain
+
+
+def ignored_fields(model_config) -> tuple[str, ...]:
+  """Model fields that change nothing a ResNet computes: VGG's head and batch-norm switch."""
+  return ("batch_norm", "classifier_width", "pool_size", "dropout_rate")
+
+
 def is_pretrained(path: Sequence[str]) -> bool:
-  """Whether a variable (its flattened path, collection first: ('params', 'layer1_0', 'conv1',
-  'kernel')) comes from ImageNet weights: the stem and the residual blocks do; the attention
-  modules and the head `fc` do not."""
-  module = path[1]
-  return module in ("conv1", "bn1") or (module.startswith("layer") and not module.endswith(
-      "_attn"))
+  """ImageNet provides the stem and the residual blocks; the attention modules and the head `fc`
+  are new. `path` is a variable's, without the collection: ('layer1_0', 'conv1', 'kernel')."""
+  return path[0] in ("conv1", "bn1") or (path[0].startswith("layer")
+                                          and not path[0].endswith("_attn"))
 
 
-def torchvision_model_config(arch: str, num_classes: int = 1000) -> ml_collections.ConfigDict:
-  """The model config of torchvision's `arch`: full width, no attention, float32."""
-  if arch not in ARCHS:
-    raise UserError(f"--arch {arch!r}: use one of {sorted(ARCHS)}")
+def parameter_groups(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+  """(row label, subtree) of the parameter table of `python -m jattn.models`: the stem, each
+  stage's blocks, each attention module after the part it follows, the head."""
+  rows = [("stem", {k: params[k] for k in ("conv1", "bn1")})]
+  for stage in STAGES:
+    if stage:
+      rows.append((f"stage {stage}", {k: v for k, v in params.items()
+                                      if k.startswith(f"layer{stage}_") and k[-5:] != "_attn"}))
+    for kind, label in (("s_attn", "S-Attn"), ("c_attn", "C-Attn")):
+      if f"{site_name(stage)}_{kind}" in params:
+        rows.append((f"{rows[-1][0]} {label}", params[f"{site_name(stage)}_{kind}"]))
+  return rows + [("fc", params["fc"])]
+
+
+# torchvision's ImageNet checkpoints (under jattn.convert.TORCHVISION_URL); the digits after '-'
+# start the file's SHA-256. ResNet-50's is IMAGENET1K_V2 (torchvision's default for it since
+# 0.13); ResNet-18 has only IMAGENET1K_V1.
+TORCHVISION = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
+
+
+def torchvision_arch(model_config: ml_collections.ConfigDict) -> str:
+  """The torchvision architecture whose ImageNet weights this config's backbone takes."""
+  return model_config.name
+
+
+def torchvision_model_config(arch: str, state_dict: Mapping[str, Any] | None = None
+                             ) -> ml_collections.ConfigDict:
+  """The model config of torchvision's `arch`: no attention, float32, the classes and width of
+  `state_dict` when given (narrow copies of the layout convert too), else 1000 and full width."""
+  num_classes, width = 1000, 1.0
+  if state_dict is not None:
+    if "fc.weight" in state_dict:
+      num_classes = int(state_dict["fc.weight"].shape[0])
+    if "conv1.weight" in state_dict:
+      width = state_dict["conv1.weight"].shape[0] / PLANES[0]
   return ml_collections.ConfigDict(dict(
-      name=arch, num_classes=num_classes, width=1.0, c_attn_stages=(), s_attn_stages=(),
+      name=arch, num_classes=num_classes, width=width, c_attn_stages=(), s_attn_stages=(),
       c_attn_kernel=4, c_attn_stride=4, c_attn_padding=0, s_attn_reduction=8,
       s_attn_impl="auto", dtype="float32", bn_unbiased_running_var=True))
 
 
-# --- torchvision's state dict ---
+def state_dict_arch(state_dict: Mapping[str, Any]) -> str | None:
+  """The torchvision ResNet a state dict is of (by its block kind and blocks per stage), if any."""
+  bottleneck = "layer1.0.conv3.weight" in state_dict
+  sizes = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{s}.")})
+                for s in range(1, 5))
+  for arch, (block, stage_sizes) in ARCHS.items():
+    if (block == "bottleneck") == bottleneck and sizes == stage_sizes:
+      return arch
+  return None
+
+
+def check_state_dict(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict
+                     ) -> None:
+  """A VGG's state dict, or another ResNet's, is one clear line naming what it is."""
+  name = model_config.name
+  if any(k.startswith("features.") for k in state_dict):
+    raise UserError(f"the state dict is a VGG (features.*), not a ResNet, but "
+                    f"config.model.name={name!r}; convert it with --arch vgg19 or vgg19_bn")
+  arch = state_dict_arch(state_dict)
+  if arch is not None and arch != name:
+    raise UserError(f"the state dict is a {arch} but config.model.name={name!r}; convert it "
+                    f"with --arch {arch} or change the config")
+
 
 # Flax name -> torch name, per kind of module
 _BN_PARAMS = {"scale": "weight", "bias": "bias"}
@@ -310,15 +358,18 @@ _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 _ATTN_CONVS = {"c_attn": ("m_q", "m_k", "m_v"), "s_attn": ("s_q", "s_k", "s_v")}
 
 
-def torch_key_map(model_config: ml_collections.ConfigDict, attention: bool = False
+def torch_key_map(model_config: ml_collections.ConfigDict, source: str
                   ) -> list[tuple[str, tuple[str, ...], str]]:
   """(torch key, Flax variable path, kind) for every tensor of torchvision's state dict (without
   `num_batches_tracked`), in its order; kind 'conv': (out, in, kh, kw) -> (kh, kw, in, out),
   'linear': transposed, 'vector' as is.
 
-  With `attention`, also the attention modules of `jattn.torch_reference.TorchResNet`
-  (`<site>.conv1/2/3.weight`: M_Q, M_K, M_V or S_Q, S_K, S_V), which no torchvision file holds.
+  `source="reference"` adds the attention modules as `jattn.torch_reference.TorchResNet` holds
+  them (`<site>.conv1/2/3.weight`, the authors' modules: M_Q, M_K, M_V or S_Q, S_K, S_V), which
+  no torchvision file has.
   """
+  if source not in ("torchvision", "reference"):
+    raise ValueError(f"source={source!r}: use torchvision or reference")
   mc = model_config
   block, stage_sizes = ARCHS[mc.name]
   entries = []
@@ -343,77 +394,19 @@ def torch_key_map(model_config: ml_collections.ConfigDict, attention: bool = Fal
       bn(f"{spec.torch_name}.downsample.1", (spec.name, "downsample_bn"))
   entries.append(("fc.weight", ("params", "fc", "kernel"), "linear"))
   entries.append(("fc.bias", ("params", "fc", "bias"), "vector"))
-  if attention:
+  if source == "reference":
     for site, kind, _ in attention_sites(mc):
       for j, flax_conv in enumerate(_ATTN_CONVS[kind], start=1):
         entries.append((f"{site}.conv{j}.weight", ("params", site, flax_conv, "kernel"), "conv"))
   return entries
 
 
-def _rearrange(t: np.ndarray, kind: str) -> np.ndarray:
+def rearrange(t: np.ndarray, kind: str, flax_name: str, model_config) -> np.ndarray:
+  """A torch tensor in the layout of its Flax variable."""
   if kind == "conv":
     return t.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
   if kind == "linear":
     return t.T
-  return t
-
-
-def state_dict_arch(state_dict: Mapping[str, Any]) -> str | None:
-  """The torchvision ResNet a state dict is of (by its block kind and blocks per stage), if any."""
-  bottleneck = "layer1.0.conv3.weight" in state_dict
-  sizes = tuple(len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{s}.")})
-                for s in range(1, 5))
-  for arch, (block, stage_sizes) in ARCHS.items():
-    if (block == "bottleneck") == bottleneck and sizes == stage_sizes:
-      return arch
-  return None
-
-
-def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.ConfigDict,
-                  attention: bool = False) -> dict[str, Any]:
-  """Flax variables ({'params', 'batch_stats'}, NumPy float32) from torchvision's state dict.
-
-  `model_config` fixes the architecture, width and classes (and, with `attention`, where the
-  attention modules of a TorchResNet state dict sit; otherwise the result has none). Raises
-  UserError naming the architecture or the key that is missing, unexpected or misshapen.
-  """
-  mc = model_config
-  check(mc)
-  state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()
-                if not k.endswith("num_batches_tracked")}
-  if any(k.startswith("features.") for k in state_dict):
-    raise UserError(f"the state dict is a VGG (features.*), not a ResNet, but "
-                    f"config.model.name={mc.name!r}")
-  arch = state_dict_arch(state_dict)
-  if arch is not None and arch != mc.name:
-    raise UserError(f"the state dict is a {arch} but config.model.name={mc.name!r}; convert it "
-                    f"with --arch {arch} or change the config")
-  model = build(mc)
-  shapes = traverse_util.flatten_dict(jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 224, 224, 3),
-                                                                       jnp.float32)))
-  key_map = torch_key_map(mc, attention)
-  flat = {}
-  for torch_key, path, kind in key_map:
-    if torch_key not in state_dict:
-      raise UserError(f"the state dict has no key {torch_key!r} (needed for {'/'.join(path)}); "
-                      f"check --arch and config.model against the checkpoint")
-    t = state_dict[torch_key]
-    t = np.asarray(t.detach().cpu().numpy() if hasattr(t, "detach") else t, np.float32)
-    if not np.isfinite(t).all():
-      raise UserError(f"the state dict's {torch_key!r} holds NaN or infinite values: the "
-                      f"checkpoint is damaged or from a diverged training; use another one")
-    value = _rearrange(t, kind)
-    want = shapes[path].shape
-    if value.shape != want:
-      raise UserError(f"key {torch_key!r} has shape {tuple(t.shape)}, which gives "
-                      f"{value.shape} for {'/'.join(path)}, but the config expects "
-                      f"{tuple(want)}; check config.model.width and num_classes against the "
-                      f"checkpoint")
-    flat[path] = value
-  unexpected = sorted(set(state_dict) - {key for key, _, _ in key_map})
-  if unexpected:
-    raise UserError(f"the state dict has keys this config does not use: "
-                    f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}; "
-                    f"check config.model.name and the attention placement")
-  return traverse_util.unflatten_dict(flat)
+  if kind == "vector":
+    return t
+  raise ValueError(kind)

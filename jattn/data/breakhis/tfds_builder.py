@@ -26,10 +26,13 @@ import types
 
 import tensorflow_datasets as tfds
 from etils import epath
+from PIL import Image
 from tensorflow_datasets.core import shuffle
 
-from jattn.data import breakhis
-from jattn.data import scan as scan_lib
+from jattn import errors, files
+from jattn.data import prepare
+from jattn.data.breakhis import naming
+from jattn.data.breakhis import scan as scan_lib
 from jattn.errors import UserError
 
 SPLIT = "full"  # every image; TFDS reserves 'all' (which reads the union of splits, i.e. this one)
@@ -86,10 +89,10 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Every image of BreaKHis_v1 in one split, PNG bytes as published."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
-  Download {breakhis.ARCHIVE} from
-  {breakhis.DOWNLOAD_URL}
+  Download {naming.ARCHIVE} from
+  {naming.DOWNLOAD_URL}
   and either put the archive itself in the manual dir, or unpack it there so that
-  `<manual_dir>/{breakhis.SLIDES}/benign/...` exists. In jattn the manual dir
+  `<manual_dir>/{naming.SLIDES}/benign/...` exists. In jattn the manual dir
   is `config.data_dir`: set --config.data_dir=DIR to the folder that holds BreaKHis_v1.
   """
 
@@ -112,6 +115,14 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
     with _shuffler_on_local_files():
       return super().download_and_prepare(*args, **kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." before and "... downloaded and
+  # prepared" after, though nothing is downloaded: `prepare.prepare_tfds` says what happens instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -123,15 +134,15 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
             {
                 # Stored as the original PNG bytes (any size); decoded later, once, into the cache.
                 "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-                "label": tfds.features.ClassLabel(names=breakhis.CLASSES),
-                "subtype": tfds.features.ClassLabel(names=breakhis.SUBTYPE_CODES),
+                "label": tfds.features.ClassLabel(names=naming.CLASSES),
+                "subtype": tfds.features.ClassLabel(names=naming.SUBTYPE_CODES),
                 "patient_id": tfds.features.Text(),
-                "magnification": tfds.features.ClassLabel(names=breakhis.MAGNIFICATIONS),
+                "magnification": tfds.features.ClassLabel(names=naming.MAGNIFICATIONS),
                 "file_name": tfds.features.Text(),
             }
         ),
         supervised_keys=("image", "label"),
-        homepage=breakhis.DOWNLOAD_URL,
+        homepage=naming.DOWNLOAD_URL,
         citation=_CITATION,
         metadata=tfds.core.MetadataDict(),
     )
@@ -180,3 +191,101 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
               "file_name": r.file_name,
           },
       )
+
+
+def make_builder(prepared_dir: str, **kwargs) -> Breakhis:
+  """The `Breakhis` builder whose data lives in `<prepared_dir>/tfds`."""
+  return Breakhis(
+      data_dir=os.path.join(prepared_dir, "tfds"), file_format="array_record", **kwargs
+  )
+
+
+def is_prepared(builder: Breakhis) -> bool:
+  # Like builder.is_prepared(), without its warning about a folder that is not prepared yet.
+  return os.path.isfile(os.path.join(os.fspath(builder.data_path), "dataset_info.json"))
+
+
+def _refuse_stale(data_dir: str, prepared_dir: str, recorded, fresh: scan_lib.Scan) -> None:
+  old, new = {tuple(f) for f in recorded}, set(fresh.files)
+  added, removed = sorted(new - old), sorted(old - new)
+  example = (added or removed)[0][0] if (added or removed) else "?"
+  raise UserError(
+      f"the images under {data_dir} changed since {prepared_dir} was prepared from them "
+      f"({len(added)} added or resized, {len(removed)} removed or resized, e.g. {example}): "
+      f"delete {prepared_dir} to prepare again, or set --config.prepared_dir to a new folder"
+  )
+
+
+def prepare_tfds(
+    data_dir: str,
+    prepared_dir: str,
+    *,
+    fresh: scan_lib.Scan,
+    skip_corrupt: bool = False,
+    threads: int = 2,
+) -> Breakhis:
+  """Builds the TFDS data set once, and checks that a prepared one matches the scan `fresh`.
+
+  Call under the prepared dir's lock. Returns the builder; its `info.metadata` holds `skipped`.
+  """
+  builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  if is_prepared(builder) and "fingerprint" not in builder.info.metadata:
+    files.remove(os.fspath(builder.data_path))  # no metadata: an interrupted older preparation
+    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  if not is_prepared(builder):
+    print(f"preparing {len(fresh.records):,} images from {data_dir} into {prepared_dir} (once: "
+          f"TFDS records, a decoded-image cache, normalisation statistics)", flush=True)
+    with errors.writing(prepared_dir):
+      builder.download_and_prepare(
+          download_dir=os.path.join(prepared_dir, "tfds", "downloads"),
+          download_config=tfds.download.DownloadConfig(manual_dir=data_dir),
+      )
+    builder = make_builder(prepared_dir, skip_corrupt=skip_corrupt, check_threads=threads)
+  metadata = builder.info.metadata
+  if metadata["fingerprint"] != fresh.fingerprint:
+    _refuse_stale(data_dir, prepared_dir, metadata["files"], fresh)
+  if metadata["skipped"] and not skip_corrupt:
+    raise UserError(
+        f"{prepared_dir} was prepared with skip_corrupt=True and leaves out "
+        f"{len(metadata['skipped'])} unreadable image(s) ({', '.join(metadata['skipped'][:3])}): "
+        f"set --config.skip_corrupt=True to use it, or replace them and delete {prepared_dir}"
+    )
+  return builder
+
+
+def memory_needed(fresh: scan_lib.Scan, image_size: int, threads: int) -> int:
+  """Bytes of memory preparation needs at its peak, besides the process itself (an estimate).
+
+  The largest of its stages: TFDS' shuffle buffer (the PNGs, up to 1,000 MiB before it spills
+  to disk) while each thread checks one decoded image; then a chunk of PNGs, their decoded and
+  resized images and each thread's full-size image and RGB copy while the cache is written.
+  """
+  largest = max(fresh.sizes)
+  path = os.path.join(fresh.data_dir, *fresh.records[fresh.sizes.index(largest)].path.split("/"))
+  try:
+    with Image.open(path) as im:  # reads the header only
+      pixels = im.size[0] * im.size[1]
+  except Exception:  # noqa: BLE001 -- an unreadable file: assume BreakHis' 700 x 460
+    pixels = 700 * 460
+  decoded = 3 * pixels
+  tfds_stage = min(sum(fresh.sizes), shuffle.MAX_MEM_BUFFER_SIZE) + threads * 2 * decoded
+  cache_stage = prepare.CHUNK * (largest + 3 * image_size**2) + threads * 2 * decoded
+  return max(tfds_stage, cache_stage)
+
+
+def record_of(example: dict) -> dict:
+  """What the decoded-image cache keeps of a BreakHis example (`prepare.build_cache`)."""
+  return {"file_names": example["file_name"].decode(), "labels": int(example["label"]),
+          "subtypes": naming.SUBTYPE_CODES[int(example["subtype"])],
+          "patient_ids": example["patient_id"].decode(),
+          "magnifications": naming.MAGNIFICATIONS[int(example["magnification"])]}
+
+
+def build_cache(builder: Breakhis, prepared_dir: str, image_size: int, *,
+                threads: int = 2) -> prepare.Cache:
+  """The decoded-image cache of a prepared `Breakhis` data set (`prepare.build_cache`)."""
+  source = builder.as_data_source(split=SPLIT, decoders={"image": tfds.decode.SkipDecoding()})
+  return prepare.build_cache(source, prepared_dir, image_size,
+                             fingerprint=builder.info.metadata["fingerprint"],
+                             record_of=record_of, where=os.fspath(builder.data_path),
+                             threads=threads)

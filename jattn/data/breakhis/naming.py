@@ -14,6 +14,11 @@ import functools
 import importlib.resources
 import re
 
+__all__ = ["ARCHIVE", "ARCHIVE_URL", "CLASSES", "COUNTS", "DOWNLOAD_URL", "MAGNIFICATIONS",
+           "NUM_IMAGES", "ROOT", "SLIDES", "SUBTYPES", "SUBTYPE_CODES", "TASKS", "ParsedName",
+           "Patient", "Record", "image_path", "parse_file_name", "patient_folder", "patients",
+           "record"]
+
 CLASSES = ("benign", "malignant")  # label 0 and 1
 MAGNIFICATIONS = ("40X", "100X", "200X", "400X")
 # Subtype code -> (folder name in the archive, class).
@@ -120,8 +125,8 @@ class Patient:
 
 @functools.cache
 def patients() -> tuple[Patient, ...]:
-  """The 82 patients of the official release, from the package's breakhis_patients.tsv."""
-  text = importlib.resources.files("jattn.data").joinpath("breakhis_patients.tsv").read_text()
+  """The 82 patients of the official release, from patients.tsv beside this module."""
+  text = importlib.resources.files("jattn.data.breakhis").joinpath("patients.tsv").read_text()
   rows = list(csv.DictReader(text.splitlines(), delimiter="\t"))
   return tuple(
       Patient(r["patient_id"], r["subtype"], CLASSES.index(r["label"])) for r in rows

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from jattn import files
-from jattn.data import breakhis
-from jattn.data import folds as folds_lib
+from jattn.data.breakhis import folds as folds_lib
+from jattn.data.breakhis import naming
 from jattn.errors import UserError
 
 # How much larger a nucleus looks at each magnification than at 40X.
@@ -45,6 +45,49 @@ HEMATOXYLIN = np.array([0.56, 0.77, 0.31], np.float32)
 EOSIN = np.array([0.16, 0.85, 0.50], np.float32)
 # (dx, dy) of the few odd-sized images, like the handful of non-700x460 images of the release.
 ODD_SIZE_DELTAS = ((0, -4), (-8, 0), (6, 4), (-2, -10), (12, -6))
+# The demo's own data dir (configs/demo.py): a config with `synthetic.enabled` generates its tree
+# there, or into a new or empty folder, never beside other files (`check_target`).
+DEMO_DIR = "~/.cache/jattn/demo"
+
+
+def _leftover(name: str) -> bool:
+  """A file or folder that jattn itself leaves in a data dir whose preparation was interrupted."""
+  return (name == ".lock" or name.startswith(".BreaKHis_v1.synthesizing-")
+          or name.startswith(".BreaKHis_v1.unpacking-"))
+
+
+def _only_leftovers(folder: str) -> bool:
+  """True when `folder` (a prepared dir) holds nothing but locks and a killed run's temporaries."""
+  for _, dirnames, names in os.walk(folder):
+    if not all(n == ".lock" or n.startswith("incomplete.") or (n.startswith(".") and ".tmp-" in n)
+               for n in names):
+      return False
+    dirnames[:] = [d for d in dirnames if not (d.startswith("incomplete.") or ".tmp-" in d)]
+  return True
+
+
+def check_target(data_dir: str, prepared_dir: str) -> None:
+  """Refuses to generate a synthetic tree into `data_dir` unless it is the demo's own folder
+  (`DEMO_DIR`), absent, or empty but for what an interrupted run of jattn left there, so that a
+  mistyped `--config.data_dir` never fills a user's folder with fake BreakHis."""
+  data_dir = os.path.abspath(data_dir)
+  if os.path.realpath(data_dir) == os.path.realpath(os.path.expanduser(DEMO_DIR)):
+    return
+  if not os.path.isdir(data_dir):
+    return
+  prepared = os.path.relpath(os.path.abspath(prepared_dir), data_dir).split(os.sep)[0]
+  foreign = sorted(
+      name for name in os.listdir(data_dir)
+      if not _leftover(name)
+      and not (name == prepared and _only_leftovers(os.path.join(data_dir, name)))
+  )
+  if foreign:
+    raise UserError(
+        f"data_dir {data_dir} holds no BreaKHis_v1 but other files ({len(foreign)} entries, e.g. "
+        f"{foreign[0]}): a synthetic data set is generated only into {DEMO_DIR} or a new or empty "
+        f"folder, never beside other files; set --config.data_dir to such a folder, or to one "
+        f"that holds BreaKHis_v1 (and --config.synthetic.enabled=False for real data)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,27 +254,27 @@ def encode_png(image: np.ndarray, level: int = 1) -> bytes:
 def real_counts(seed: int = 0) -> dict[str, dict[str, int]]:
   """Images per patient and magnification whose totals per subtype x magnification are BreakHis'.
 
-  Each subtype's counts (breakhis.COUNTS) are spread over its patients with per-patient weights
+  Each subtype's counts (naming.COUNTS) are spread over its patients with per-patient weights
   (some patients have many more images, as in the release), at least one image each.
   """
   by_subtype = collections.defaultdict(list)
-  for p in breakhis.patients():
+  for p in naming.patients():
     by_subtype[p.subtype].append(p.patient_id)
   counts: dict[str, dict[str, int]] = {}
-  for s, subtype in enumerate(breakhis.SUBTYPE_CODES):
+  for s, subtype in enumerate(naming.SUBTYPE_CODES):
     ids = by_subtype[subtype]
     rng = np.random.default_rng([seed, 3, s])
     weights = rng.dirichlet(np.full(len(ids), 2.0))
     for patient_id in ids:
       counts[patient_id] = {}
-    for mag, total in zip(breakhis.MAGNIFICATIONS, breakhis.COUNTS[subtype], strict=True):
+    for mag, total in zip(naming.MAGNIFICATIONS, naming.COUNTS[subtype], strict=True):
       per_patient = 1 + rng.multinomial(total - len(ids), weights)
       for patient_id, c in zip(ids, per_patient, strict=True):
         counts[patient_id][mag] = int(c)
   return counts
 
 
-def _junk(root: str, records: list[breakhis.Record], rng: np.random.Generator) -> list[str]:
+def _junk(root: str, records: list[naming.Record], rng: np.random.Generator) -> list[str]:
   """Writes what unpacked archives carry besides images; returns their paths under root's parent."""
   written = []
 
@@ -241,8 +284,8 @@ def _junk(root: str, records: list[breakhis.Record], rng: np.random.Generator) -
       f.write(data)
     written.append(rel)
 
-  put(f"{breakhis.ROOT}/README.txt", b"BreakHis synthetic tree (jattn.data.synthetic)\n")
-  put(f"{breakhis.ROOT}/.DS_Store", b"\x00\x00\x00\x01Bud1" + bytes(64))
+  put(f"{naming.ROOT}/README.txt", b"BreakHis synthetic tree (jattn.data.synthetic)\n")
+  put(f"{naming.ROOT}/.DS_Store", b"\x00\x00\x00\x01Bud1" + bytes(64))
   picks = rng.choice(len(records), size=min(3, len(records)), replace=False)
   for k, i in enumerate(sorted(picks.tolist())):
     folder, name = records[i].path.rsplit("/", 1)
@@ -263,14 +306,14 @@ def _link_or_copy(source: str, target: str) -> None:
     shutil.copyfile(source, target)
 
 
-def _write_mkfold(out_dir: str, folds: folds_lib.Folds, records: list[breakhis.Record]) -> str:
+def _write_mkfold(out_dir: str, folds: folds_lib.Folds, records: list[naming.Record]) -> str:
   by_name = {r.file_name: r for r in records}
   target = os.path.join(out_dir, "mkfold")
   files.remove(target)
   with files.atomic_folder(target) as tmp:
     for fold, split in folds.splits.items():
       for group in folds_lib.GROUPS:
-        for mag in breakhis.MAGNIFICATIONS:
+        for mag in naming.MAGNIFICATIONS:
           os.makedirs(os.path.join(tmp, f"fold{fold}", group, mag))
       for name, group in split.items():
         r = by_name[name]
@@ -306,7 +349,7 @@ def synthesize(
   """
   start = time.time()
   out_dir = os.path.abspath(out_dir)
-  root = os.path.join(out_dir, breakhis.ROOT)
+  root = os.path.join(out_dir, naming.ROOT)
   if os.path.exists(root):
     raise UserError(f"{root} already exists: remove it or choose another output folder")
   if counts not in (None, "real"):
@@ -315,20 +358,21 @@ def synthesize(
     raise UserError(f"images_per_patient must be at least 1, got {images_per_patient}")
   if width < 16 or height < 16:
     raise UserError(f"synthetic images must be at least 16x16 pixels, got {width}x{height}")
-  chosen = [p for p in breakhis.patients() if patients is None or p.patient_id in patients]
+  chosen = [p for p in naming.patients() if patients is None or p.patient_id in patients]
   if patients is not None and len(chosen) != len(set(patients)):
     unknown = sorted(set(patients) - {p.patient_id for p in chosen})
-    raise UserError(f"unknown patient id(s) {', '.join(unknown)}: see breakhis_patients.tsv")
+    raise UserError(f"unknown patient id(s) {', '.join(unknown)}: see "
+                    f"jattn/data/breakhis/patients.tsv")
   per_patient = real_counts(seed) if counts == "real" else None
 
   plan = []  # (patient index, patient, magnification, sequence)
-  for index, patient in enumerate(breakhis.patients()):
+  for index, patient in enumerate(naming.patients()):
     if patient not in chosen:
       continue
-    for mag in breakhis.MAGNIFICATIONS:
+    for mag in naming.MAGNIFICATIONS:
       k = per_patient[patient.patient_id][mag] if per_patient else images_per_patient
       plan.extend((index, patient, mag, seq) for seq in range(1, k + 1))
-  records = [breakhis.record(breakhis.image_path(p.patient_id, m, s)) for _, p, m, s in plan]
+  records = [naming.record(naming.image_path(p.patient_id, m, s)) for _, p, m, s in plan]
   styles = {
       index: _patient_style(np.random.default_rng([seed, 1, index]), patient.label == 1)
       for index, patient, _, _ in plan
@@ -343,13 +387,13 @@ def synthesize(
   os.makedirs(out_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".BreaKHis_v1.synthesizing-", dir=out_dir)
   try:
-    tmp_root = os.path.join(tmp, breakhis.ROOT)
+    tmp_root = os.path.join(tmp, naming.ROOT)
     for folder in sorted({r.path.rsplit("/", 1)[0] for r in records}):
       os.makedirs(os.path.join(tmp, *folder.split("/")))
 
     def write(i: int) -> None:
       index, _, mag, seq = plan[i]
-      rng = np.random.default_rng([seed, 2, index, breakhis.MAGNIFICATIONS.index(mag), seq])
+      rng = np.random.default_rng([seed, 2, index, naming.MAGNIFICATIONS.index(mag), seq])
       image = render(rng, styles[index], mag, *sizes[i])
       with open(os.path.join(tmp, *records[i].path.split("/")), "wb") as f:
         f.write(encode_png(image))
@@ -373,7 +417,7 @@ def synthesize(
   if folds_path:
     folds_lib.write_folds_csv(folds, records, folds_path)
   mkfold_path = _write_mkfold(out_dir, folds, records) if mkfold else None
-  by_subtype = {s: dict.fromkeys(breakhis.MAGNIFICATIONS, 0) for s in breakhis.SUBTYPE_CODES}
+  by_subtype = {s: dict.fromkeys(naming.MAGNIFICATIONS, 0) for s in naming.SUBTYPE_CODES}
   for r in records:
     by_subtype[r.subtype][r.magnification] += 1
   return {

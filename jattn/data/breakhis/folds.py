@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from jattn import files
-from jattn.data import breakhis
+from jattn.data.breakhis import naming
 from jattn.errors import UserError
 
 FOLDS = (1, 2, 3, 4, 5)
@@ -51,13 +51,13 @@ class Folds:
 
 def _parse_mag(value: str) -> str | None:
   value = value.strip().upper().removesuffix("X")
-  return f"{value}X" if f"{value}X" in breakhis.MAGNIFICATIONS else None
+  return f"{value}X" if f"{value}X" in naming.MAGNIFICATIONS else None
 
 
 @functools.lru_cache(maxsize=1 << 16)  # a Folds.csv names each image once per fold
 def _name_mag(name: str) -> str | None:
   try:
-    return breakhis.parse_file_name(name).magnification
+    return naming.parse_file_name(name).magnification
   except ValueError:
     return None  # not a BreakHis name: check_folds reports it as not in the data set
 
@@ -173,7 +173,7 @@ def _test_count(num_patients: int, test_fraction: float) -> int:
 
 
 def generate_folds(
-    records: Iterable[breakhis.Record],
+    records: Iterable[naming.Record],
     seed: int,
     *,
     num_folds: int = len(FOLDS),
@@ -196,11 +196,11 @@ def generate_folds(
   for fold in range(1, num_folds + 1):
     rng = np.random.default_rng([seed, fold])
     test: set[str] = set()
-    for subtype in breakhis.SUBTYPE_CODES:
+    for subtype in naming.SUBTYPE_CODES:
       patients = sorted(by_subtype.get(subtype, []))
       k = _test_count(len(patients), test_fraction)
       test.update(rng.choice(patients, k, replace=False).tolist() if k else [])
-    for label in range(len(breakhis.CLASSES)):
+    for label in range(len(naming.CLASSES)):
       members = sorted(p for p, lab in label_of.items() if lab == label)
       if len(members) >= 2 and not test.intersection(members):
         test.add(str(rng.choice(members)))
@@ -211,7 +211,7 @@ def generate_folds(
   return Folds(source=f"generated (seed {seed})", splits=splits)
 
 
-def folds_csv_text(folds: Folds, records: Iterable[breakhis.Record]) -> str:
+def folds_csv_text(folds: Folds, records: Iterable[naming.Record]) -> str:
   """The Folds.csv form of `folds`: one row per fold and image, paths from `records`."""
   path_of = {r.file_name: r.path for r in records}
   out = io.StringIO()
@@ -224,7 +224,7 @@ def folds_csv_text(folds: Folds, records: Iterable[breakhis.Record]) -> str:
   return out.getvalue()
 
 
-def write_folds_csv(folds: Folds, records: Iterable[breakhis.Record], path: str) -> None:
+def write_folds_csv(folds: Folds, records: Iterable[naming.Record], path: str) -> None:
   """Writes `folds` as a Folds.csv (atomically)."""
   files.atomic_write_text(path, folds_csv_text(folds, records))
 
@@ -238,7 +238,7 @@ def _names_list(names, limit: int = 3) -> str:
 def _check_fold(
     where: str,
     split: Mapping[str, str],
-    by_name: Mapping[str, breakhis.Record],
+    by_name: Mapping[str, naming.Record],
     skipped_names: set[str],
     task: str,
 ) -> tuple[list[str], list[str]]:
@@ -264,9 +264,9 @@ def _check_fold(
     problems.append(f"{where} has no training images")
   else:
     # Every class the model has an output for must be seen in training.
-    present = {r.subtype if task == "subtype" else breakhis.CLASSES[r.label]
+    present = {r.subtype if task == "subtype" else naming.CLASSES[r.label]
                for r in sides["train"]}
-    absent = [c for c in breakhis.TASKS[task] if c not in present]
+    absent = [c for c in naming.TASKS[task] if c not in present]
     if absent:
       what = "subtype(s)" if task == "subtype" else "class(es)"
       problems.append(f"{where} has no training images of the {what} {', '.join(absent)}")
@@ -275,7 +275,7 @@ def _check_fold(
   mags = {_name_mag(n) for n in split} | {r.magnification for r in by_name.values()}
   for group in GROUPS:
     have = {r.magnification for r in sides[group]}
-    for mag in breakhis.MAGNIFICATIONS:
+    for mag in naming.MAGNIFICATIONS:
       if sides[group] and mag in mags and mag not in have:
         warnings.append(
             f"{where} has no {group} images at {mag}"
@@ -291,10 +291,10 @@ def _check_fold(
 
 def check_folds(
     folds: Folds,
-    records: Iterable[breakhis.Record],
+    records: Iterable[naming.Record],
     *,
     skipped: Iterable[str] = (),
-    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    magnifications: Iterable[str] = naming.MAGNIFICATIONS,
     task: str = "binary",
 ) -> tuple[list[str], list[str]]:
   """(problems, warnings) of every fold of `folds` against the data set's `records`.
@@ -313,10 +313,10 @@ def check_folds(
 
 def check_by_fold(
     folds: Folds,
-    records: Iterable[breakhis.Record],
+    records: Iterable[naming.Record],
     *,
     skipped: Iterable[str] = (),
-    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    magnifications: Iterable[str] = naming.MAGNIFICATIONS,
     task: str = "binary",
 ) -> dict[int, tuple[list[str], list[str]]]:
   """`check_folds` by fold: {1..5: (problems, warnings)}; a missing fold's problem is its own."""
@@ -338,11 +338,11 @@ def check_by_fold(
 
 def validate_folds(
     folds: Folds,
-    records: Iterable[breakhis.Record],
+    records: Iterable[naming.Record],
     *,
     fold: int,
     skipped: Iterable[str] = (),
-    magnifications: Iterable[str] = breakhis.MAGNIFICATIONS,
+    magnifications: Iterable[str] = naming.MAGNIFICATIONS,
     task: str = "binary",
 ) -> list[str]:
   """Raises `UserError` on the first problem of fold `fold`; returns its warnings and, as
@@ -368,7 +368,7 @@ def generated_folds_path(prepared_dir: str, seed: int) -> str:
 def resolve_folds(
     spec: str,
     *,
-    records: Iterable[breakhis.Record],
+    records: Iterable[naming.Record],
     data_dir: str,
     prepared_dir: str,
     seed: int,

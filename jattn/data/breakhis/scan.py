@@ -15,13 +15,14 @@ import dataclasses
 import errno
 import hashlib
 import os
+import posixpath
 import tarfile
 import tempfile
 
 from PIL import Image
 
 from jattn import files
-from jattn.data import breakhis
+from jattn.data.breakhis import naming
 from jattn.errors import UserError
 
 
@@ -33,7 +34,7 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
   command = (f"; `python -m jattn.data download --data-dir {data_dir}` does both" if automatic
              else "")
   return (
-      f"download {breakhis.ARCHIVE_URL} (linked from {breakhis.DOWNLOAD_URL}) and unpack it into "
+      f"download {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL}) and unpack it into "
       f"{data_dir} so that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or "
       f"put the archive itself there{command}), or set --config.data_dir=DIR to the folder that "
       f"holds BreaKHis_v1"
@@ -41,24 +42,24 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
 
 
 def slides_dir(data_dir: str) -> str:
-  return os.path.join(data_dir, *breakhis.SLIDES.split("/"))
+  return os.path.join(data_dir, *naming.SLIDES.split("/"))
 
 
 def has_images_tree(data_dir: str) -> bool:
-  return os.path.isdir(os.path.join(data_dir, breakhis.ROOT))
+  return os.path.isdir(os.path.join(data_dir, naming.ROOT))
 
 
 def has_archive(data_dir: str) -> bool:
-  return os.path.isfile(os.path.join(data_dir, breakhis.ARCHIVE))
+  return os.path.isfile(os.path.join(data_dir, naming.ARCHIVE))
 
 
 def resolve_data_dir(path: str) -> str:
   """The data dir meant by `path`: its folder when `path` is the archive BreaKHis_v1.tar.gz."""
   if os.path.isfile(path):
-    if os.path.basename(path) == breakhis.ARCHIVE:
+    if os.path.basename(path) == naming.ARCHIVE:
       return os.path.dirname(os.path.abspath(path))
     raise UserError(f"data_dir {path} is a file: set it to the folder that holds BreaKHis_v1 (or "
-                    f"{breakhis.ARCHIVE})")
+                    f"{naming.ARCHIVE})")
   return path
 
 
@@ -77,38 +78,96 @@ def check_data_dir(data_dir: str) -> None:
   raise UserError(f"data_dir {data_dir} holds no BreaKHis_v1 folder: {download_hint(data_dir)}")
 
 
+# More members than BreakHis' archive could hold (about 8,300: its 7,909 images and their folders):
+# an archive past this is not BreakHis, and is refused before it fills the disk with empty files.
+MAX_ARCHIVE_MEMBERS = 20_000
+
+
+def _not_breakhis(archive: str, why: str) -> UserError:
+  return UserError(f"{archive} is not the BreakHis archive ({why}): nothing was unpacked; download "
+                   f"it again from {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL})")
+
+
+def _member_filter(archive: str, found_png: list[bool]):
+  """A tarfile extraction filter: tarfile's 'data' filter, after BreakHis' own checks.
+
+  Refuses absolute and `..` member names, links that replace a folder of BreakHis' image path or
+  point out of BreaKHis_v1, and more than `MAX_ARCHIVE_MEMBERS` members; skips members outside
+  BreaKHis_v1 (they would be discarded anyway). Sets `found_png[0]` once an image is seen.
+  """
+  count = 0
+  path_folders = {"/".join(naming.SLIDES.split("/")[:k]) for k in range(1, 4)}
+
+  def check(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    nonlocal count
+    count += 1
+    if count > MAX_ARCHIVE_MEMBERS:
+      raise _not_breakhis(archive, f"it holds more than {MAX_ARCHIVE_MEMBERS:,} members; "
+                                   f"BreakHis' has about 8,300")
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or os.path.isabs(member.name):
+      raise _not_breakhis(archive, f"member {member.name!r} has an absolute path")
+    if ".." in name.split("/"):
+      raise _not_breakhis(archive, f"member {member.name!r} climbs out with '..'")
+    norm = posixpath.normpath(name)
+    inside = norm == naming.ROOT or norm.startswith(naming.ROOT + "/")
+    if not inside:
+      return None
+    if member.issym() or member.islnk():
+      if norm in path_folders:
+        raise _not_breakhis(archive, f"member {norm} is a link, not the folder of BreakHis' "
+                                     f"images")
+      link = member.linkname.replace("\\", "/")
+      target = posixpath.normpath(
+          link if member.islnk() else posixpath.join(posixpath.dirname(norm), link)
+      )
+      if link.startswith("/") or not target.startswith(naming.ROOT + "/"):
+        raise _not_breakhis(archive, f"link {norm} -> {member.linkname} points out of "
+                                     f"{naming.ROOT}")
+    elif (member.isfile() and norm.startswith(naming.SLIDES + "/")
+          and not is_junk(posixpath.basename(norm))):
+      found_png[0] = True
+    return tarfile.data_filter(member, dest)
+
+  return check
+
+
 def extract_archive(data_dir: str) -> bool:
   """Unpacks `<data_dir>/BreaKHis_v1.tar.gz` once (when BreaKHis_v1 is absent); True if it did.
 
-  Uses tarfile's 'data' filter (no absolute paths, links out of the tree or devices), unpacks
-  into a temporary folder and renames BreaKHis_v1 into place, so a failed run leaves nothing behind.
-  Run it under a lock when several processes may share the data dir.
+  Each member is checked as it is read (`_member_filter`, then tarfile's 'data' filter: no
+  absolute paths, links out of the tree or devices) and unpacked into a temporary folder; only an
+  archive that gave a real `BreaKHis_v1/histology_slides/breast/` with images is renamed into
+  place, so a refused or failed one leaves nothing behind. Run it under a lock when several
+  processes may share the data dir.
   """
-  archive = os.path.join(data_dir, breakhis.ARCHIVE)
-  target = os.path.join(data_dir, breakhis.ROOT)
+  archive = os.path.join(data_dir, naming.ARCHIVE)
+  target = os.path.join(data_dir, naming.ROOT)
   if os.path.isdir(target) or not os.path.isfile(archive):
     return False
   tmp = tempfile.mkdtemp(prefix=".BreaKHis_v1.unpacking-", dir=data_dir)
+  found_png = [False]
   try:
     try:
       with tarfile.open(archive, "r:*") as tar:
-        tar.extractall(tmp, filter="data")
+        tar.extractall(tmp, filter=_member_filter(archive, found_png))
     except OSError as e:
       if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise UserError(f"cannot unpack {archive} ({e}): download it again from "
-                        f"{breakhis.ARCHIVE_URL}") from e
+                        f"{naming.ARCHIVE_URL}") from e
       raise UserError(f"disk full while unpacking {archive} into {data_dir}: free some space "
                       f"(BreakHis needs about as much as the archive again) and run again") from e
     except (tarfile.TarError, EOFError) as e:
       raise UserError(
-          f"cannot unpack {archive} ({e}): download it again from {breakhis.DOWNLOAD_URL}"
+          f"cannot unpack {archive} ({e}): download it again from {naming.DOWNLOAD_URL}"
       ) from e
-    unpacked = os.path.join(tmp, breakhis.ROOT)
-    if not os.path.isdir(unpacked):
-      raise UserError(
-          f"{archive} holds no {breakhis.ROOT}/ folder: it is not the BreakHis archive "
-          f"({breakhis.DOWNLOAD_URL})"
-      )
+    unpacked = os.path.join(tmp, naming.ROOT)
+    if not os.path.isdir(unpacked) or os.path.islink(unpacked):
+      raise _not_breakhis(archive, f"it holds no {naming.ROOT}/ folder")
+    if not os.path.isdir(slides_dir(tmp)):
+      raise _not_breakhis(archive, f"it holds no {naming.SLIDES}/ folder")
+    if not found_png[0]:
+      raise _not_breakhis(archive, f"it holds no PNG image under {naming.SLIDES}/")
     os.replace(unpacked, target)
   finally:
     files.remove(tmp)
@@ -125,7 +184,7 @@ class Scan:
   """What a walk of the image tree found."""
 
   data_dir: str
-  records: tuple[breakhis.Record, ...]  # sorted by path; file names are unique
+  records: tuple[naming.Record, ...]  # sorted by path; file names are unique
   sizes: tuple[int, ...]  # bytes of each record's file, in the same order
   problems: tuple[str, ...]  # one line each, naming the file
   ignored: tuple[str, ...]  # junk files (paths relative to data_dir)
@@ -155,10 +214,10 @@ def scan(data_dir: str) -> Scan:
   if not os.path.isdir(root):
     if has_archive(data_dir) and not has_images_tree(data_dir):
       raise UserError(
-          f"{os.path.join(data_dir, breakhis.ARCHIVE)} is not unpacked yet: unpack it with "
-          f"`tar -xzf {breakhis.ARCHIVE}` inside {data_dir} (training does this itself)"
+          f"{os.path.join(data_dir, naming.ARCHIVE)} is not unpacked yet: unpack it with "
+          f"`tar -xzf {naming.ARCHIVE}` inside {data_dir} (training does this itself)"
       )
-    raise UserError(f"{data_dir} has no {breakhis.SLIDES}/ folder: {download_hint(data_dir)}")
+    raise UserError(f"{data_dir} has no {naming.SLIDES}/ folder: {download_hint(data_dir)}")
   records, sizes, problems, ignored = [], [], [], []
   first_seen: dict[str, str] = {}
   reached: dict[str, str] = {}  # real path of each folder walked -> the path it was reached by
@@ -181,7 +240,7 @@ def scan(data_dir: str) -> Scan:
         problems.append(f"broken link: {path} points to a missing file; it is left out")
         continue
       try:
-        record = breakhis.record(path)
+        record = naming.record(path)
       except ValueError as e:
         problems.append(f"unparseable name: {path}: {e}")
         continue
@@ -192,7 +251,7 @@ def scan(data_dir: str) -> Scan:
         )
         continue
       first_seen[name] = path
-      expected = breakhis.image_path(record.patient_id, record.magnification, record.sequence)
+      expected = naming.image_path(record.patient_id, record.magnification, record.sequence)
       if path != expected:
         problems.append(
             f"folder disagrees with name: {path} should be at {expected} (the name decides "
