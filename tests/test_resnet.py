@@ -4,8 +4,11 @@ torch's logits, attention placement, one training step, batch norm as PyTorch tr
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +22,12 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
-from jattn import compat, convert, models, train
+from jattn import compat, convert, models, tables, train
 from jattn import state as state_lib
 from jattn.errors import UserError
 from jattn.models import __main__ as models_cli
 from jattn.models import norm, resnet
+from tests.test_download import server  # noqa: F401 -- the local HTTP server fixture
 from tests.torch_models import (
     RefCAttn,
     RefSAttn,
@@ -227,8 +231,7 @@ def test_full_size_converted_state_dict_gives_torch_logits(arch):
 
 
 @pytest.mark.parametrize("arch,c,s,c_attn", [
-    ("resnet18", (0, 1), (2, 3, 4), (4, 4, 0)),  # the default placement
-    ("resnet50", (0, 1), (2, 3, 4), (4, 4, 0)),
+    ("resnet50", (0, 1), (2, 3, 4), (4, 4, 0)),  # the default placement (ResNet-18's: below)
     ("resnet50", (2,), (0, 2), (7, 4, 3)),  # both on one stage, S-Attn on the stem; the code's
     ("resnet18", (), (), (4, 4, 0)),
 ])
@@ -297,13 +300,12 @@ def test_attention_sits_by_resolution_after_the_last_residual_addition():
   assert all(float(v.min()) >= 0 for v in seen.values())  # after the ReLU
   assert state["stem_c_attn"]["d_prime"][0].shape == (1, 8, 8)  # C x C
   assert state["layer2_s_attn"]["e_prime"][0].shape == (1, 784, 784)  # N x N
-  # Both on one stage: S-Attn first, as on VGG.
+  # Both on one stage: S-Attn first, as on VGG (and as TorchResNet runs them: the logits test
+  # with this placement checks the order).
   both = _mc("resnet50", 2, NARROW, (2,), (0, 2))
   assert resnet.attention_sites(both) == [
       ("stem_s_attn", "s_attn", "after the stem"), ("layer2_s_attn", "s_attn", "after stage 2"),
       ("layer2_c_attn", "c_attn", "after stage 2")]
-  assert _attention_inputs(models.build_model(both), 64)[0] == [
-      site for site, _, _ in resnet.attention_sites(both)]
   assert resnet.stage_sizes_at(224) == (56, 56, 28, 14, 7)
   assert resnet.stage_sizes_at(200) == (50, 50, 25, 13, 7)
 
@@ -541,10 +543,11 @@ def test_bfloat16_computes_in_bfloat16_with_float32_logits_and_statistics():
   (as VGG). Guards against a module left in float32 or parameters cast."""
   mc = _mc("resnet18", 2, NARROW, (0, 1), (2, 3, 4), dtype="bfloat16")
   model = models.build_model(mc)
-  variables = models.init_variables(model, jax.random.key(0), 64)
-  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  logits, state = model.apply(variables, x, train=True, capture_intermediates=True,
-                              mutable=["intermediates", "batch_stats"])
+  variables = models.init_variables(model, jax.random.key(0), 32)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  logits, state = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"]))(
+          variables, x)
   outputs = traverse_util.flatten_dict(state["intermediates"])
   by_kind = {}
   for path, value in outputs.items():
@@ -622,3 +625,190 @@ def test_conversion_errors_name_the_key_or_the_architecture():
     convert_(bad)
   prefixed = {f"module.{k}": v for k, v in sd.items()}  # DataParallel's prefix is accepted
   np.testing.assert_array_equal(convert_(prefixed)["params"]["fc"]["bias"], sd["fc.bias"].numpy())
+
+
+# --- Weights: --download, --pth, the pretrained folder ---
+
+def test_download_and_pth_commands_convert_a_resnet(server, tmp_path, monkeypatch):
+  """`convert --download resnet50` fetches the file named with its SHA-256 prefix and converts it
+  (a narrow torchvision-layout ResNet-50 stands in for the 98 MB file: its width and classes are
+  read from it), `--source torchvision --arch resnet50 --pth` gives the same weights, and these
+  give torch's logits."""
+  mc = _mc("resnet50", 10, NARROW)
+  tm = _torch(mc, seed=6)
+  pth = tmp_path / "resnet50.pth"
+  torch.save(tm.state_dict(), pth)
+  data = pth.read_bytes()
+  name = f"resnet50-{hashlib.sha256(data).hexdigest()[:8]}.pth"
+  server.files["/models/" + name] = data
+  monkeypatch.setitem(convert.TORCHVISION_FILES, "resnet50", name)
+  monkeypatch.setenv(convert.TORCHVISION_URL_ENV, server.url + "/models/")
+  downloaded = tmp_path / "pretrained" / "resnet50"
+  convert.main(["--download", "resnet50", "--out", str(downloaded)])
+  assert sorted(os.listdir(tmp_path / "pretrained")) == ["resnet50"]  # the .pth is gone
+  narrow = _mc("resnet50", 10, NARROW)
+  monkeypatch.setattr(convert, "torchvision_model_config",  # --pth converts at full width
+                      lambda arch, classes=1000: narrow if (arch, classes) == ("resnet50", 10)
+                      else None)
+  converted = tmp_path / "converted"
+  convert.main(["--source", "torchvision", "--arch", "resnet50", "--pth", str(pth), "--out",
+                str(converted)])
+  got, again = (convert.load_weights(str(p), mc) for p in (downloaded, converted))
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(again), strict=True):
+    np.testing.assert_array_equal(a, b)
+  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+  with torch.no_grad():
+    want = tm.eval()(x).numpy()
+  _close(jax.jit(models.build_model(mc).apply)(got, x.numpy().transpose(0, 2, 3, 1)), want)
+  info = json.loads((downloaded / convert.INFO_FILE).read_text())
+  assert (info["arch"], info["model"]["name"], info["sha256"]) == (
+      "resnet50", "resnet50", hashlib.sha256(data).hexdigest())
+
+
+def test_missing_or_foreign_pretrained_weights_name_the_backbones_conversion(tmp_path):
+  """The missing-weights line names --download for the config's backbone (ResNet-50's V2 file,
+  VGG19-BN's for a batch-norm VGG); weights converted for another backbone are refused."""
+  r50 = default.get_config().model
+  r50.name = "resnet50"
+  with pytest.raises(UserError, match=r"no converted weights there\. Run python -m jattn\.convert "
+                                      r"--download resnet50 --out .*resnet50-11ad3fa6\.pth") as e:
+    convert.load_weights(str(tmp_path / "nowhere"), r50)
+  assert "\n" not in str(e.value)
+  vgg_bn = default.get_config().model
+  vgg_bn.batch_norm = True
+  with pytest.raises(UserError, match=r"--download vgg19_bn .*vgg19_bn-c79401a0\.pth"):
+    convert.load_weights(str(tmp_path / "nowhere"), vgg_bn)
+  mc = convert.torchvision_model_config("vgg19", 2)
+  variables = {"params": {"block1": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}}
+  convert.save_weights(variables, str(tmp_path / "vgg"), {"model": mc.to_dict()})
+  with pytest.raises(UserError, match=r"pretrained='.*vgg' holds weights converted for a vgg19 "
+                                      r"\(info\.json\), but config\.model\.name='resnet50'; convert "
+                                      r"resnet50's: python -m jattn\.convert --download resnet50"):
+    convert.load_weights(str(tmp_path / "vgg"), r50)
+
+
+# --- Configs, sweep, tables ---
+
+def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tmp_path,
+                                                                             monkeypatch):
+  """configs/resnet50*.py are the paper's four rows on ResNet-50, with VGG19's recipe; `sweep.py
+  --rows resnet50` runs them (`--demo`: on the demo data); their results are shown as their own
+  rows, labelled with the backbone, never with the paper's VGG19 figures beside them, even where
+  a config claims a paper row."""
+  from configs import ours, resnet50, resnet50_c, resnet50_ours, resnet50_s
+  from experiments import sweep
+  from tests.test_hostile_tools import results, write_sweep
+
+  placements = {m.__name__: (tuple(c.model.c_attn_stages), tuple(c.model.s_attn_stages))
+                for m in (resnet50, resnet50_c, resnet50_s, resnet50_ours) for c in [m.get_config()]}
+  assert placements == {"configs.resnet50": ((), ()), "configs.resnet50_c": ((0, 1), ()),
+                        "configs.resnet50_s": ((), (2, 3, 4)),
+                        "configs.resnet50_ours": ((0, 1), (2, 3, 4))}
+  paper, r50 = ours.get_config(), resnet50_ours.get_config()
+  differ = {k for k in set(paper.to_dict()) | set(r50.to_dict())
+            if k not in ("model", "name", "paper_row", "pretrained") and paper[k] != r50[k]}
+  assert not differ and r50.paper_row == "" and r50.pretrained == "pretrained/resnet50"
+
+  planned = []
+  monkeypatch.setattr(sweep, "sweep", lambda configs, folds, out, *a: planned.append(
+      (configs, folds, os.path.relpath(out, sweep.REPO))) or "")
+  sweep.main(["--rows", "resnet50"])
+  sweep.main(["--rows", "resnet50", "--demo"])
+  names = ["resnet50", "resnet50_c", "resnet50_s", "resnet50_ours"]
+  assert planned == [([f"configs/{n}.py" for n in names], [1, 2, 3, 4, 5], "sweeps/resnet50"),
+                     ([f"configs/demo.py:{n}" for n in names], [1, 2], "sweeps/demo_resnet50")]
+  assert [r["name"] for r in sweep.plan(planned[1][0], [1], [])] == [f"demo_{n}" for n in names]
+
+  rng = np.random.default_rng(3)
+  claimed = json.loads(r50.to_json())
+  claimed["paper_row"] = "Ours"  # e.g. configs/ours.py with --config.model.name=resnet50
+  runs = {**{("ours", k): results("ours", k, rng, config=json.loads(paper.to_json()))
+             for k in (1, 2)},
+          **{("resnet50_ours", k): results("resnet50_ours", k, rng, config=claimed)
+             for k in (1, 2)}}
+  write_sweep(tmp_path, runs)
+  markdown = tables.write_tables(str(tmp_path))
+  rows = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
+  assert rows.count("*paper: Ours*") == 2  # Tables 1 and 2, beside the VGG19 row only
+  table1 = rows[rows.index("ours"):rows.index("ours") + 3]
+  assert table1 == ["ours", "*paper: Ours*", "resnet50_ours (resnet50)"]
+
+
+def test_parameter_report_and_torch_peer_for_a_resnet(capsys):
+  """`python -m jattn.models` on a ResNet: its rows (stem, stages, each attention module) add up
+  to the hand-derived counts; the benchmark's PyTorch peer of a ResNet config is its
+  TorchResNet, with as many parameters."""
+  from jattn import torch_reference
+
+  models_cli.main(["--config", "configs/resnet50_ours.py", "--config.model.name=resnet18",
+                   "--image-size", "64"])
+  out = capsys.readouterr().out
+  rows = dict(re.findall(r"^(\S.*?)\s{2,}([\d,]+)$", out, re.M))
+  assert rows["stem"] == "9,536"  # 7 x 7 x 3 x 64 conv + 64 scales and biases
+  assert rows["stem C-Attn"] == rows["stage 1 C-Attn"] == "135,168"  # 33 x 64^2
+  assert rows["stage 4 S-Attn"] == "327,680" and rows["fc"] == "1,026"
+  assert rows["total"] == "11,877,954"  # test_attention_parameter_counts' ResNet-18 row
+  assert "attention overhead: 700,416 parameters" in out
+  assert re.search(r"forward pass, one 64x64 image: [\d.]+ GFLOPs \(without attention", out)
+  mc = _mc("resnet50", 2, NARROW, (0, 1), (2, 3, 4))
+  peer = torch_reference.for_config(mc)
+  assert isinstance(peer, TorchResNet) and [n for _, n in peer.sites] == [
+      "stem_c_attn", "layer1_c_attn", "layer2_s_attn", "layer3_s_attn", "layer4_s_attn"]
+  assert sum(p.numel() for p in peer.parameters()) == _count(
+      _shapes(models.build_model(mc))["params"])
+
+
+# --- A ResNet run, end to end ---
+
+@pytest.fixture(scope="module")
+def resnet_run(synthetic_tree, prepared_dir, tmp_path_factory):
+  """The work dir of a tiny narrow ResNet-18 run with the default attention placement (the demo's
+  ResNet-50 rows with model.name overridden), 32x32, one epoch, through the command line."""
+  from jattn import main
+  from tests.runs import tiny_overrides
+
+  workdir = str(tmp_path_factory.mktemp("resnet_run"))
+  overrides = tiny_overrides(synthetic_tree[0], prepared_dir, num_epochs=1,
+                             **{"model.name": "resnet18"})
+  main.main(["--config", "configs/demo.py:resnet50_ours", "--workdir", workdir,
+             *[f"--config.{o}" for o in overrides]])
+  return workdir
+
+
+def test_a_resnet_run_is_inspected_and_refuses_a_checkpoint_of_another_architecture(
+    resnet_run, synthetic_tree, tmp_path, capsys):
+  """inspect (and the notebook, through the same attention_sites; tests/test_inspect.py draws
+  them) reads every attention module of a ResNet run: labels by stage, maps at each stage's
+  resolution (32x32 input: 8, 8, 4, 2, 1), columns of D' and E' summing to 1 (eqs. 4, 10). Its
+  checkpoints under a config of another architecture are refused in one line, exit 2, nothing
+  changed."""
+  from jattn import inspect, runs
+
+  with open(os.path.join(resnet_run, "results.json")) as f:
+    assert json.load(f)["config"]["model"]["name"] == "resnet18"
+  config, state = runs.restore(resnet_run)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  probs, maps = inspect.attention_maps(state, images, models.attention_sites(config.model))
+  assert [(m["label"], m["grid"]) for m in maps.values()] == [
+      ("C-Attn after the stem", (8, 8)), ("C-Attn after stage 1", (8, 8)),
+      ("S-Attn after stage 2", (4, 4)), ("S-Attn after stage 3", (2, 2)),
+      ("S-Attn after stage 4", (1, 1))]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  for m in maps.values():
+    weights = m["e_prime"] if m["kind"] == "s_attn" else m["d_prime"]
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
+  png = next(os.path.join(root, f) for root, _, names in os.walk(synthetic_tree[0])
+             for f in sorted(names) if f.endswith(".png"))
+  other = tmp_path / "other"
+  shutil.copytree(resnet_run, other)
+  stored = json.loads((other / "config.json").read_text())
+  stored["model"]["name"] = "resnet50"  # the same fields, another architecture
+  (other / "config.json").write_text(json.dumps(stored))
+  before = sorted(p for p in other.rglob("*"))
+  with pytest.raises(SystemExit) as e:
+    inspect.main(["--workdir", str(other), "--out", str(tmp_path / "o"), png])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1, err
+  assert re.match(r"jattn\.inspect: error: the checkpoints in .* do not fit the model of this "
+                  r"run's config", err), err
+  assert sorted(p for p in other.rglob("*")) == before
