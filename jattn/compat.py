@@ -52,7 +52,18 @@ def comparable(stored: dict) -> dict:
 
 
 def differing_fields(stored: dict, now: dict) -> list[str]:
-  """The fields (besides bookkeeping) in which two configs (as JSON) compute differently."""
-  stored, now = comparable(stored), comparable(now)
+  """The fields (besides bookkeeping; dotted within groups, e.g. 'model.width') in which two
+  configs (as JSON) compute differently."""
+  stored, now = _leaves(comparable(stored)), _leaves(comparable(now))
   return sorted(k for k in set(stored) | set(now)
-                if k not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
+                if k.split(".")[0] not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
+
+
+def _leaves(config: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

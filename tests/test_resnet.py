@@ -435,7 +435,8 @@ def test_batch_norm_keeps_torchs_statistics_by_default_and_old_runs_flaxs():
   del old["model"]["s_attn_stages"]
   assert not models.build_model(ml_collections.ConfigDict(old["model"])).bn_torch_running_var
   now = json.loads(config.to_json())
-  assert compat.differing_fields(old, now) == ["model"]  # a batch-norm VGG computes otherwise
+  # A batch-norm VGG computes otherwise: its old run is refused under the new default, by name.
+  assert compat.differing_fields(old, now) == ["model.bn_unbiased_running_var"]
   config.model.bn_unbiased_running_var = False
   assert compat.comparable(old) == compat.comparable(json.loads(config.to_json()))
   config.model.update(batch_norm=False, bn_unbiased_running_var=True)
@@ -629,11 +630,11 @@ def test_conversion_errors_name_the_key_or_the_architecture():
 
 # --- Weights: --download, --pth, the pretrained folder ---
 
-def test_download_and_pth_commands_convert_a_resnet(server, tmp_path, monkeypatch):
+def test_download_and_pth_commands_convert_a_resnet(server, tmp_path, monkeypatch):  # noqa: F811
   """`convert --download resnet50` fetches the file named with its SHA-256 prefix and converts it
   (a narrow torchvision-layout ResNet-50 stands in for the 98 MB file: its width and classes are
-  read from it), `--source torchvision --arch resnet50 --pth` gives the same weights, and these
-  give torch's logits."""
+  read from it), `--source torchvision --arch resnet50 --pth` gives the same weights, these give
+  torch's logits, and a ResNet run takes its backbone from them."""
   mc = _mc("resnet50", 10, NARROW)
   tm = _torch(mc, seed=6)
   pth = tmp_path / "resnet50.pth"
@@ -663,6 +664,20 @@ def test_download_and_pth_commands_convert_a_resnet(server, tmp_path, monkeypatc
   info = json.loads((downloaded / convert.INFO_FILE).read_text())
   assert (info["arch"], info["model"]["name"], info["sha256"]) == (
       "resnet50", "resnet50", hashlib.sha256(data).hexdigest())
+  # A run of configs/resnet50_ours.py (narrowed) starts from them: the stem and the blocks from
+  # ImageNet (the paper's scope), its attention modules and 2-class head from scratch.
+  from configs import resnet50_ours
+
+  config = resnet50_ours.get_config()
+  config.update(pretrained=str(downloaded), image_size=64)
+  config.model.width = NARROW
+  _, variables = state_lib.initial_variables(config, jax.random.key(0))
+  start, loaded = (traverse_util.flatten_dict(v) for v in (variables, got))
+  copied = {k for k in start if k in loaded and np.array_equal(start[k], loaded[k])}
+  assert copied == {k for k in loaded if k[0] == "batch_stats" or k[1] != "fc"}
+  assert {k[1] for k in set(start) - copied} == {"fc", "stem_c_attn", "layer1_c_attn",
+                                                  "layer2_s_attn", "layer3_s_attn",
+                                                  "layer4_s_attn"}
 
 
 def test_missing_or_foreign_pretrained_weights_name_the_backbones_conversion(tmp_path):
@@ -682,8 +697,9 @@ def test_missing_or_foreign_pretrained_weights_name_the_backbones_conversion(tmp
   variables = {"params": {"block1": {"conv1": {"kernel": np.zeros((3, 3, 3, 8), np.float32)}}}}
   convert.save_weights(variables, str(tmp_path / "vgg"), {"model": mc.to_dict()})
   with pytest.raises(UserError, match=r"pretrained='.*vgg' holds weights converted for a vgg19 "
-                                      r"\(info\.json\), but config\.model\.name='resnet50'; convert "
-                                      r"resnet50's: python -m jattn\.convert --download resnet50"):
+                                      r"\(info\.json\), but config\.model\.name='resnet50'; "
+                                      r"convert resnet50's: python -m jattn\.convert --download "
+                                      r"resnet50"):
     convert.load_weights(str(tmp_path / "vgg"), r50)
 
 
@@ -700,7 +716,8 @@ def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tm
   from tests.test_hostile_tools import results, write_sweep
 
   placements = {m.__name__: (tuple(c.model.c_attn_stages), tuple(c.model.s_attn_stages))
-                for m in (resnet50, resnet50_c, resnet50_s, resnet50_ours) for c in [m.get_config()]}
+                for m in (resnet50, resnet50_c, resnet50_s, resnet50_ours)
+                for c in [m.get_config()]}
   assert placements == {"configs.resnet50": ((), ()), "configs.resnet50_c": ((0, 1), ()),
                         "configs.resnet50_s": ((), (2, 3, 4)),
                         "configs.resnet50_ours": ((0, 1), (2, 3, 4))}
