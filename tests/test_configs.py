@@ -109,6 +109,7 @@ def test_bad_config_argument():
   with pytest.raises(UserError) as e:
     config_lib.load_config(spec)
   assert str(e.value) == (f"--config {spec}: no row 'vgg20'; use one of configs/demo.py:vgg19, "
-                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, configs/demo.py:ours, "
-                          f"configs/demo.py:resnet50, configs/demo.py:resnet50_c, "
-                          f"configs/demo.py:resnet50_s, configs/demo.py:resnet50_ours")
+                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, "
+                          f"configs/demo.py:ours, configs/demo.py:resnet50, "
+                          f"configs/demo.py:resnet50_c, configs/demo.py:resnet50_s, "
+                          f"configs/demo.py:resnet50_ours")
