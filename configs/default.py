@@ -72,15 +72,23 @@ def get_config():
 
   # --- Model (jattn.models) ---
   config.model = ml_collections.ConfigDict()
-  config.model.name = "vgg19"  # the backbone (jattn/models/__init__.py): 'vgg19'
+  # The backbone (jattn/models/__init__.py): 'vgg19' (the paper), 'resnet18', 'resnet50'
+  # (torchvision's layouts; configs/resnet50*.py).
+  config.model.name = "vgg19"
   config.model.num_classes = 2  # benign, malignant
+  config.model.width = 1.0  # multiplies the conv widths: VGG19's 64-...-512, a ResNet's planes
+  # VGG only:
   config.model.batch_norm = False  # True: torchvision's vgg19_bn backbone (the authors' code)
-  config.model.width = 1.0  # multiplies VGG19's conv widths 64-128-256-512-512 (tests, demo)
   config.model.classifier_width = 4096  # hidden units of the two fully connected layers
   config.model.pool_size = 7  # adaptive average pool to pool_size x pool_size before the classifier
   config.model.dropout_rate = 0.5  # dropout in the classifier, as torchvision
   config.model.c_attn_blocks = (1, 2)  # VGG blocks (1-5) followed by C-Attn (sec. 2.3: bottom)
   config.model.s_attn_blocks = (3, 4, 5)  # VGG blocks followed by S-Attn (sec. 2.3: top)
+  # ResNet only: stages followed by C-Attn / S-Attn, 0 the stem, 1-4 torchvision's layer1-4 (by
+  # resolution, as the paper's on VGG: 56x56 maps for C-Attn, 28 to 7 for S-Attn, at 224).
+  config.model.c_attn_stages = (0, 1)
+  config.model.s_attn_stages = (2, 3, 4)
+  # Every backbone:
   config.model.c_attn_kernel = 4  # kernel of the convs giving M_Q, M_K, eq. (1); code: 7
   config.model.c_attn_stride = 4  # their stride; code: 4
   config.model.c_attn_padding = 0  # their padding; code: 3
@@ -89,6 +97,9 @@ def get_config():
   # Parameters, optimiser state, attention logits and softmax stay float32 whatever it is.
   config.model.dtype = "auto"
   config.model.s_attn_impl = "auto"  # S-Attn: 'explicit' einsums, 'fused' (one attention op)
+  # Batch norm's running variance tracks the unbiased batch variance (n / (n - 1) times the
+  # biased one), as PyTorch's; False: the biased one, as Flax's (runs written before this field).
+  config.model.bn_unbiased_running_var = True
 
   # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.

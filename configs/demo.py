@@ -9,6 +9,11 @@ they say nothing about BreakHis. With an argument it runs another row of the pap
 the same data (this is what `python experiments/sweep.py --demo` runs):
 
   python -m jattn.main --config configs/demo.py:vgg19     # also :vgg19_c, :vgg19_s, :ours
+
+and the same four rows on a narrow ResNet-50 (planes 8-8-16-32, batch norm kept as PyTorch does),
+`python experiments/sweep.py --demo --rows resnet50`:
+
+  python -m jattn.main --config configs/demo.py:resnet50_ours   # also :resnet50, :resnet50_c, ...
 """
 
 import importlib
@@ -16,12 +21,13 @@ import importlib
 from jattn.data.breakhis import synthetic
 
 ROWS = ("vgg19", "vgg19_c", "vgg19_s", "ours")  # the paper's ablation, as configs/<row>.py
+RESNET50_ROWS = ("resnet50", "resnet50_c", "resnet50_s", "resnet50_ours")  # the same on ResNet-50
 
 
 def get_config(row="ours"):
-  if row not in ROWS:
+  if row not in ROWS + RESNET50_ROWS:
     raise ValueError(f"no row {row!r}; use one of "
-                     f"{', '.join(f'configs/demo.py:{r}' for r in ROWS)}")
+                     f"{', '.join(f'configs/demo.py:{r}' for r in ROWS + RESNET50_ROWS)}")
   config = importlib.import_module(f"configs.{row}").get_config()  # the paper's row, full size
   config.name = f"demo_{row}"
 
@@ -32,10 +38,11 @@ def get_config(row="ours"):
   config.synthetic.height = 115
   config.image_size = 64
 
-  config.model.width = 1 / 16  # VGG19's widths / 16, at least 8: 8-8-16-32-32 channels
-  config.model.classifier_width = 64
-  config.model.pool_size = 2
-  config.model.batch_norm = True  # trains from scratch in a few epochs
+  config.model.width = 1 / 16  # / 16, at least 8: VGG19's 8-8-16-32-32, a ResNet's planes 8-8-16-32
+  if row in ROWS:  # VGG's own fields (a ResNet has batch norm and a one-layer head)
+    config.model.classifier_width = 64
+    config.model.pool_size = 2
+    config.model.batch_norm = True  # trains from scratch in a few epochs
   config.pretrained = ""  # no ImageNet weights in the demo
 
   config.num_epochs = 6

@@ -6,6 +6,7 @@ paired differences (jattn.compare).
   python experiments/sweep.py                        # the paper's four rows, folds 1-5
   python experiments/sweep.py --set num_epochs=130 --set data_dir=/data/breakhis
   python experiments/sweep.py --demo                 # the four rows on the demo data, folds 1-2
+  python experiments/sweep.py --rows resnet50        # the four rows on ResNet-50 (also --demo)
 
 Each run is `python -m jattn.main --config SPEC --workdir OUT/<name>/fold<k> --config.fold=k`
 plus the `--set` overrides, its output appended to its work dir's log.txt. `--seeds 0,1,2` trains
@@ -48,6 +49,11 @@ from jattn.errors import UserError, exit_on_user_error  # noqa: E402
 PAPER_ROWS = ["configs/vgg19.py", "configs/vgg19_c.py", "configs/vgg19_s.py", "configs/ours.py"]
 DEMO_ROWS = ["configs/demo.py:vgg19", "configs/demo.py:vgg19_c", "configs/demo.py:vgg19_s",
              "configs/demo.py:ours"]
+RESNET50_ROWS = ["configs/resnet50.py", "configs/resnet50_c.py", "configs/resnet50_s.py",
+                 "configs/resnet50_ours.py"]
+DEMO_RESNET50_ROWS = ["configs/demo.py:resnet50", "configs/demo.py:resnet50_c",
+                      "configs/demo.py:resnet50_s", "configs/demo.py:resnet50_ours"]
+ROWS = {"paper": (PAPER_ROWS, DEMO_ROWS), "resnet50": (RESNET50_ROWS, DEMO_RESNET50_ROWS)}  # --rows
 
 
 def plan(configs: list[str], folds: list[int], overrides: list[str],
@@ -281,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="config override passed to every run (repeatable)")
   parser.add_argument("--demo", action="store_true",
                       help="the four rows on the built-in demo data, folds 1 and 2")
+  parser.add_argument("--rows", choices=sorted(ROWS), default="paper",
+                      help="the four rows of the paper on its VGG19 (default) or on ResNet-50")
   parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                       help="local GPUs (default), or a SLURM job array through submitit")
   parser.add_argument("--partition", help="slurm: the partition to submit to")
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="train K consecutive folds of a config in one process")
   args = parser.parse_args(argv)
   with exit_on_user_error("sweep"):
-    configs = args.configs.split(",") if args.configs else (DEMO_ROWS if args.demo else PAPER_ROWS)
+    configs = args.configs.split(",") if args.configs else ROWS[args.rows][args.demo]
     default_folds = "1,2" if args.demo else "1,2,3,4,5"
     try:
       folds = [int(f) for f in (args.folds or default_folds).split(",")]
@@ -309,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
 
       make_executor = slurm.slurm_executor(args.partition, args.gpus_per_run, args.time,
                                            args.max_parallel)
-    out = args.out or os.path.join(REPO, "sweeps", "demo" if args.demo else "paper")
+    folder = ("demo" if args.demo else "paper") if args.rows == "paper" else (
+        f"demo_{args.rows}" if args.demo else args.rows)
+    out = args.out or os.path.join(REPO, "sweeps", folder)
     print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor, seeds))
 
 

@@ -38,7 +38,6 @@ import numpy as np
 from jattn import config_lib, files, models, parallel, train
 from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
-from jattn.models import vgg
 
 # Dense (no sparsity) peak TFLOP/s per compute dtype, matched in order against device_kind. The
 # float32 figure of tensor-core GPUs is their TF32 peak: XLA's default precision runs float32
@@ -201,7 +200,7 @@ class TorchCase:
     self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     mc = config.model
-    self.model = torch_reference.from_config(mc, vgg.block_widths(mc.width)).to(self.device)
+    self.model = torch_reference.for_config(mc).to(self.device)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
                                       weight_decay=config.weight_decay)
     self.autocast = dtype == "bfloat16"

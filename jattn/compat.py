@@ -22,6 +22,9 @@ LATER_FIELDS = {
     # The folder and TFDS sources' fields and stain normalisation (issue 20).
     "manifest": "", "classes": "", "group": "", "strata": "", "mpp": 0.0, "num_folds": 5,
     "positive_class": "", "stain_norm": "none",
+    # The ResNets' placement and batch norm's running variance as PyTorch keeps it (issue 22).
+    "model.bn_unbiased_running_var": False, "model.c_attn_stages": [0, 1],
+    "model.s_attn_stages": [2, 3, 4],
 }
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",
@@ -34,9 +37,11 @@ def later_fields(dataset: str) -> dict:
 
 
 def comparable(stored: dict) -> dict:
-  """A config (as JSON) with the `LATER_FIELDS` it predates filled in and `model.dtype` 'auto'
-  replaced by what it computes in here, so that equal computations compare equal. The data
-  source's own later fields (its `LATER_FIELDS`) are filled in too."""
+  """A config (as JSON) with the `LATER_FIELDS` it predates filled in, `model.dtype` 'auto'
+  replaced by what it computes in here and the model fields its backbone ignores left out
+  (`ignored_fields`: e.g. the batch-norm statistics of a VGG without batch norm), so that equal
+  computations compare equal. The data source's own later fields (its `LATER_FIELDS`) are filled
+  in too."""
   stored = json.loads(json.dumps(stored))
   stored["model"]["dtype"] = models.resolve_dtype(stored["model"]["dtype"])
   for key, value in later_fields(stored.get("dataset", LATER_FIELDS["dataset"])).items():
@@ -45,11 +50,24 @@ def comparable(stored: dict) -> dict:
     for parent in parents:
       node = node.setdefault(parent, {})
     node.setdefault(field, value)
+  for field in models.of(stored["model"]).ignored_fields(stored["model"]):
+    stored["model"].pop(field, None)
   return stored
 
 
 def differing_fields(stored: dict, now: dict) -> list[str]:
-  """The fields (besides bookkeeping) in which two configs (as JSON) compute differently."""
-  stored, now = comparable(stored), comparable(now)
+  """The fields (besides bookkeeping; dotted within groups, e.g. 'model.width') in which two
+  configs (as JSON) compute differently."""
+  stored, now = _leaves(comparable(stored)), _leaves(comparable(now))
   return sorted(k for k in set(stored) | set(now)
-                if k not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
+                if k.split(".")[0] not in BOOKKEEPING_FIELDS and stored.get(k) != now.get(k))
+
+
+def _leaves(config: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

@@ -1,16 +1,17 @@
-r"""Exact import of PyTorch VGG19 weights: torchvision's ImageNet models, the authors' checkpoints.
+r"""Exact import of PyTorch weights: torchvision's ImageNet models, the authors' checkpoints.
 
-Two key layouts are understood:
+Two key layouts are understood, each backbone (``jattn.models``) giving its key map:
 
-* ``"torchvision"``: the state dict of ``torchvision.models.vgg19`` or ``vgg19_bn``
-  (``features.<i>.*``, ``classifier.{0,3,6}.*``). Attention modules are not in it; the ImageNet head
-  is kept, so a converted model with ``num_classes=1000`` and no attention gives torchvision's
-  logits.
+* ``"torchvision"``: the state dict of ``torchvision.models.vgg19``, ``vgg19_bn``
+  (``features.<i>.*``, ``classifier.{0,3,6}.*``), ``resnet18`` or ``resnet50`` (``conv1``, ``bn1``,
+  ``layer1``..``layer4``, ``fc``). Attention modules are not in it; the ImageNet head is kept, so
+  a converted model with ``num_classes=1000`` and no attention gives torchvision's logits.
 * ``"reference"``: a state dict saved by the authors' code (github.com/pxiangwu/attn-hist-classify)
   for its VGG with attention, where the attention modules are extra entries of ``features``. Its
   class names are swapped relative to the paper: its ``SpatialAttention`` (conv1, conv2, conv3) is
   the paper's C-Attn (M_Q, M_K, M_V) and its ``ChannelAttention`` is the paper's S-Attn (S_Q, S_K,
-  S_V). When a block has both, the code runs S-Attn first, and so do we.
+  S_V). When a block has both, the code runs S-Attn first, and so do we. For a ResNet, the same
+  modules after its stages as ``jattn.torch_reference.TorchResNet`` holds them (``<site>.conv1``..).
 
 Conv weights go from torch's (out, in, kh, kw) to Flax's (kh, kw, in, out); linear weights are
 transposed; the first classifier layer's inputs are permuted from torch's (c, h, w) flattening to
@@ -24,6 +25,9 @@ Command line (writes weights that a config's ``pretrained`` field points at)::
       --out pretrained/vgg19
   python -m jattn.convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
       --out pretrained/vgg19_bn
+  python -m jattn.convert --download resnet50   # torchvision's IMAGENET1K_V2 (resnet18: V1)
+  python -m jattn.convert --source torchvision --arch resnet50 --pth resnet50-11ad3fa6.pth \
+      --out pretrained/resnet50
   python -m jattn.convert --source reference --config configs/reference.py \
       --pth cls_model_125.pth --out pretrained/reference
 """
@@ -103,7 +107,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_config: ml_collections.Co
       raise UserError(
           f"key {torch_key!r} has shape {tuple(t.shape)}, which gives {value.shape} for "
           f"{'/'.join(path)}, but the config expects {tuple(want)}; check --arch (e.g. vgg19 vs "
-          f"vgg19_bn), num_classes and the C-Attn kernel against the checkpoint")
+          f"vgg19_bn), config.model (width, num_classes, the attention's fields) against the "
+          f"checkpoint")
     flat[path] = value
   unexpected = sorted(set(state_dict) - {key for key, _, _ in key_map})
   if unexpected:
@@ -167,19 +172,37 @@ def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, 
   files.atomic_write_text(os.path.join(out_dir, INFO_FILE), json.dumps(dict(info), indent=2))
 
 
-def load_weights(path: str) -> dict[str, Any]:
-  """Reads weights written by `save_weights` (a config's `pretrained` points at the folder)."""
+def load_weights(path: str, model_config: ml_collections.ConfigDict | None = None
+                 ) -> dict[str, Any]:
+  """Reads weights written by `save_weights` (a config's `pretrained` points at the folder).
+
+  With `model_config`, a missing folder names the command that converts weights for its backbone,
+  and weights converted for another backbone (their info.json) are refused in one line.
+  """
   import orbax.checkpoint as ocp
 
+  arch = "vgg19" if model_config is None else models.of(model_config).torchvision_arch(
+      model_config)
   target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
   if not os.path.isdir(target):
+    name = TORCHVISION_FILES[arch]
     raise UserError(
         f"pretrained={path!r}: no converted weights there. Run python -m jattn.convert "
-        f"--download vgg19 --out {path}, or download torchvision's VGG19 weights "
-        f"(https://download.pytorch.org/models/vgg19-dcbb9e9d.pth) and run: "
-        f"python -m jattn.convert "
-        f"--source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth --out {path} "
-        f"(or set --config.pretrained='' to train from scratch)")
+        f"--download {arch} --out {path}, or download torchvision's {arch} weights "
+        f"({TORCHVISION_URL}{name}) and run: python -m jattn.convert --source torchvision "
+        f"--arch {arch} --pth {name} --out {path} (or set --config.pretrained='' to train from "
+        f"scratch)")
+  info_path = os.path.join(os.path.abspath(path), INFO_FILE)
+  if model_config is not None and os.path.exists(info_path):
+    info = files.read_json(info_path, "it describes the converted weights: convert them again")
+    stored = info.get("model") if isinstance(info, dict) and isinstance(info.get("model"),
+                                                                        dict) else {}
+    if models.name_of(stored) != models.name_of(model_config):
+      raise UserError(
+          f"pretrained={path!r} holds weights converted for a {models.name_of(stored)} "
+          f"({INFO_FILE}), but config.model.name={models.name_of(model_config)!r}; convert "
+          f"{arch}'s: python -m jattn.convert --download {arch} --out OTHER_FOLDER, and point "
+          f"--config.pretrained at it")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(target)
 

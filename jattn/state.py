@@ -89,7 +89,7 @@ def initial_variables(config: ml_collections.ConfigDict, rng: jax.Array):
   variables = models.init_variables(model, rng, config.image_size)
   if config.pretrained:
     variables = models.merge_pretrained(config.model, variables,
-                                        convert.load_weights(config.pretrained),
+                                        convert.load_weights(config.pretrained, config.model),
                                         config.pretrained_scope, config.pretrained)
   return model, variables
 

@@ -53,12 +53,14 @@ def test_paper_rows_differ_only_in_attention_placement():
 
 
 def test_demo_rows_follow_the_paper_rows():
-  for row in ("vgg19", "vgg19_c", "vgg19_s", "ours"):
+  for row in ("vgg19", "vgg19_c", "vgg19_s", "ours", "resnet50", "resnet50_c", "resnet50_s",
+              "resnet50_ours"):
     demo = config_lib.load_config(os.path.join(REPO, "configs", "demo.py") + f":{row}")
     paper = config_lib.load_config(os.path.join(REPO, "configs", f"{row}.py"))
     assert demo.name == f"demo_{row}" and demo.paper_row == paper.paper_row
-    assert demo.model.c_attn_blocks == paper.model.c_attn_blocks
-    assert demo.model.s_attn_blocks == paper.model.s_attn_blocks
+    assert demo.model.name == paper.model.name
+    for field in ("c_attn_blocks", "s_attn_blocks", "c_attn_stages", "s_attn_stages"):
+      assert demo.model[field] == paper.model[field]
     assert demo.synthetic.enabled and not demo.pretrained
 
 
@@ -109,4 +111,7 @@ def test_bad_config_argument():
   with pytest.raises(UserError) as e:
     config_lib.load_config(spec)
   assert str(e.value) == (f"--config {spec}: no row 'vgg20'; use one of configs/demo.py:vgg19, "
-                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, configs/demo.py:ours")
+                          f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, "
+                          f"configs/demo.py:ours, configs/demo.py:resnet50, "
+                          f"configs/demo.py:resnet50_c, configs/demo.py:resnet50_s, "
+                          f"configs/demo.py:resnet50_ours")

@@ -4,15 +4,19 @@ C-Attn and S-Attn (models/attention.py) where its config places them.
   model = models.build_model(config.model)          # e.g. VGG19 with C-Attn and S-Attn
   variables = models.init_variables(model, rng, config.image_size)
 
-A backbone module (vgg.py) owns what only it knows:
+A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what only it knows:
 
   check(model_config, image_size)   its config fields (one UserError naming the field)
   build(model_config) -> nn.Module
+  PLACEMENT                         {its attention placement field: the paper's placement}
   attention_sites(model_config)     [(module path, 'c_attn' | 's_attn', label)], in forward order
+  without_attention(model_config)   the same backbone without attention modules
+  ignored_fields(model_config)      model fields that change nothing it computes (jattn.compat)
   is_pretrained(path) -> bool       whether a parameter path comes from ImageNet (scope 'backbone')
-  torchvision: {arch: file}, torchvision_model_config(arch, state_dict), torch_key_map(model
-  config, source), rearrange(tensor, kind, name, model_config), check_state_dict(state_dict,
-  model_config)                     the conversion of PyTorch checkpoints (jattn.convert)
+  parameter_groups(params)          the rows of `python -m jattn.models`
+  TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
+  state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
+  check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from flax import traverse_util
 
 from jattn.errors import UserError
 
-BACKBONES = {"vgg19": "jattn.models.vgg"}
+BACKBONES = {"vgg19": "jattn.models.vgg", "resnet18": "jattn.models.resnet",
+             "resnet50": "jattn.models.resnet"}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPES = ("auto", *_DTYPES)  # config.model.dtype
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
@@ -48,9 +53,14 @@ def get(name: str) -> ModuleType:
   return importlib.import_module(BACKBONES[name])
 
 
+def name_of(model_config: Mapping[str, Any]) -> str:
+  """`model.name` (VGG19 for configs that predate it)."""
+  return model_config.get("name", "vgg19")
+
+
 def of(model_config: ml_collections.ConfigDict) -> ModuleType:
-  """The backbone a model config names (VGG19 for configs that predate `model.name`)."""
-  return get(model_config.get("name", "vgg19"))
+  """The backbone module a model config names."""
+  return get(name_of(model_config))
 
 
 def resolve_dtype(dtype: str, backend: str | None = None) -> str:
@@ -77,7 +87,26 @@ def check(model_config: ml_collections.ConfigDict, image_size: int | None = None
                     f"{', '.join(S_ATTN_IMPLS)}")
   if mc.width <= 0 or mc.num_classes < 1:
     raise UserError("config.model.width and config.model.num_classes must be positive")
-  of(mc).check(mc, image_size)
+  backbone = of(mc)
+  _check_foreign_placement(mc, backbone)
+  backbone.check(mc, image_size)
+
+
+def _check_foreign_placement(mc: ml_collections.ConfigDict, backbone: ModuleType) -> None:
+  """Another backbone's placement fields must hold its paper placement or none: a config that
+  moves them expects attention there, but this backbone never reads them."""
+  others: dict[ModuleType, list[str]] = {}
+  for name in BACKBONES:
+    if get(name) is not backbone:
+      others.setdefault(get(name), []).append(name)
+  for other, names in others.items():
+    for field, paper in other.PLACEMENT.items():
+      value = tuple(mc.get(field, paper))
+      if value not in ((), tuple(paper)):
+        raise UserError(
+            f"config.model.{field}={value} places attention in a {' or '.join(names)}, but "
+            f"config.model.name={name_of(mc)!r} does not read it; place its attention with "
+            f"config.model.{' and config.model.'.join(backbone.PLACEMENT)}")
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
@@ -88,6 +117,12 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
 
 def compute_dtype(model_config: ml_collections.ConfigDict) -> Any:
   return _DTYPES[resolve_dtype(model_config.dtype)]
+
+
+def bn_unbiased_running_var(model_config: ml_collections.ConfigDict) -> bool:
+  """Whether batch norm keeps PyTorch's unbiased running variance (`jattn.models.norm`); configs
+  written before `model.bn_unbiased_running_var` kept Flax's biased one."""
+  return bool(model_config.get("bn_unbiased_running_var", False))
 
 
 def attention_sites(model_config: ml_collections.ConfigDict) -> list[tuple[str, str, str]]:
@@ -138,8 +173,8 @@ def merge_pretrained(model_config: ml_collections.ConfigDict, variables: Mapping
     if key not in given:
       if scope == "backbone":
         raise UserError(f"{source}: no weights for {'/'.join(key)}; were they converted for "
-                        f"this architecture (config.model.name={model_config.get('name', 'vgg19')}"
-                        f", batch norm, model.width)?")
+                        f"this architecture (config.model.name={name_of(model_config)}, "
+                        f"batch norm, model.width)?")
       continue
     if tuple(given[key].shape) != tuple(value.shape):
       raise UserError(f"{source}: {'/'.join(key)} has shape {tuple(given[key].shape)}, the model "

@@ -10,6 +10,10 @@ in the authors' code.
 Parameter names: `block{b}/conv{i}`, `block{b}/bn{i}` (batch-norm variant), `block{b}/c_attn`,
 `block{b}/s_attn`, `classifier/fc1`, `classifier/fc2`, `classifier/head`.
 
+Batch norm (`jattn.models.norm.BatchNorm`) keeps PyTorch's unbiased running variance when
+`bn_torch_running_var` is set (config.model.bn_unbiased_running_var), Flax's biased one otherwise
+(exactly the runs written before that field).
+
 Initialisation (used for whatever is not loaded from ImageNet weights): convs He-normal with
 fan-out and zero bias, linear layers N(0, 0.01) with zero bias, batch norm scale 1 and bias 0, as
 torchvision and the authors' code.
@@ -31,6 +35,7 @@ from jattn import models
 from jattn.errors import UserError
 from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
+from jattn.models.norm import BatchNorm
 from jattn.models.pooling import max_pool_2x2
 
 VGG19_BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512,) * 4, (512,) * 4)
@@ -70,6 +75,7 @@ class Block(nn.Module):
   s_attn: nn.Module | None = None
   c_attn: nn.Module | None = None
   dtype: Any = jnp.float32
+  bn_torch_running_var: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -78,8 +84,9 @@ class Block(nn.Module):
                   dtype=self.dtype, conv_general_dilated=conv_lib.conv_general_dilated,
                   name=f"conv{i}")(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, name=f"bn{i}")(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5,
+                      torch_running_var=self.bn_torch_running_var, dtype=self.dtype,
+                      name=f"bn{i}")(x)
       x = nn.relu(x)
     for attention in (self.s_attn, self.c_attn):
       if attention is not None:
@@ -111,7 +118,7 @@ class VGG(nn.Module):
   num_classes: int = 2
   blocks: Sequence[Sequence[int]] = VGG19_BLOCKS
   batch_norm: bool = False
-  c_attn_blocks: Sequence[int] = (1, 2)
+  c_attn_blocks: Sequence[int] = (1, 2)  # PLACEMENT, below
   s_attn_blocks: Sequence[int] = (3, 4, 5)
   c_attn_kernel: int = 4
   c_attn_stride: int = 4
@@ -122,6 +129,7 @@ class VGG(nn.Module):
   pool_size: int = 7
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
+  bn_torch_running_var: bool = False  # batch norm keeps PyTorch's unbiased running variance
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -132,7 +140,8 @@ class VGG(nn.Module):
       c_attn = (ChannelAttention(self.c_attn_kernel, self.c_attn_stride, self.c_attn_padding,
                                  dtype=self.dtype, parent=None)
                 if b in self.c_attn_blocks else None)
-      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, name=f"block{b}")(x, train)
+      x = Block(widths, self.batch_norm, s_attn, c_attn, self.dtype, self.bn_torch_running_var,
+                name=f"block{b}")(x, train)
     x = adaptive_avg_pool(x, self.pool_size)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order; the converter permutes torch's (c, h, w)
     x = Classifier(self.num_classes, self.classifier_width, self.dropout_rate, self.dtype,
@@ -144,6 +153,8 @@ class VGG(nn.Module):
 # What the model registry (jattn.models) asks of a backbone.
 
 ATTENTION_BLOCKS = (1, 2, 3, 4, 5)
+# The paper's placement (sec. 2.3): model.c_attn_blocks, model.s_attn_blocks of configs/default.py.
+PLACEMENT = {"c_attn_blocks": (1, 2), "s_attn_blocks": (3, 4, 5)}
 
 
 def block_widths(width: float) -> tuple[tuple[int, ...], ...]:
@@ -180,6 +191,7 @@ def build(model_config) -> VGG:
       pool_size=mc.pool_size,
       dropout_rate=mc.dropout_rate,
       dtype=models.compute_dtype(mc),
+      bn_torch_running_var=models.bn_unbiased_running_var(mc),
   )
 
 
@@ -198,6 +210,11 @@ def without_attention(model_config):
   with plain.unlocked():
     plain.c_attn_blocks, plain.s_attn_blocks = (), ()
   return plain
+
+
+def ignored_fields(model_config) -> tuple[str, ...]:
+  """Model fields that change nothing this VGG computes (old runs resume when they differ)."""
+  return () if model_config.get("batch_norm") else ("bn_unbiased_running_var",)
 
 
 def is_pretrained(path: tuple[str, ...]) -> bool:
@@ -225,6 +242,11 @@ def parameter_groups(params) -> list[tuple[str, Any]]:
 TORCHVISION = {"vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth"}
 
 
+def torchvision_arch(model_config) -> str:
+  """The torchvision architecture whose ImageNet weights this config's VGG takes."""
+  return "vgg19_bn" if model_config.batch_norm else "vgg19"
+
+
 def torchvision_model_config(arch: str, state_dict=None):
   """The model config of torchvision's `vgg19` / `vgg19_bn`: no attention, the widths, head and
   classifier of `state_dict` when given (narrow copies of the layout convert too), else full."""
@@ -243,7 +265,12 @@ def torchvision_model_config(arch: str, state_dict=None):
 
 
 def check_state_dict(state_dict, model_config) -> None:
-  """A state dict of the other VGG variant (with or without batch norm) is one clear line."""
+  """A state dict of another architecture, or of the other VGG variant (with or without batch
+  norm), is one clear line."""
+  if not any(k.startswith("features.") for k in state_dict):
+    raise UserError("the state dict is not a VGG's (no features.* keys) but config.model.name="
+                    "'vgg19'; convert it with the --arch of its architecture (python -m "
+                    "jattn.convert --help lists them)")
   has_bn = "features.1.running_mean" in state_dict
   if has_bn != model_config.batch_norm:
     kind = "a batch-norm VGG (vgg19_bn)" if has_bn else "a VGG without batch norm (vgg19)"

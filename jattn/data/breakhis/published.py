@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fractions
 
+from jattn import models
 from jattn.data.breakhis import naming
 
 PAPER = "Wu et al., ISBI 2019"
@@ -41,13 +42,14 @@ BASELINE = "VGG19"
 # The paper's setting (section 3; configs/default.py holds the same values) for the config fields
 # that change what a figure means. A run that differs is labelled, and no paper figure is shown
 # beside it. Results without a config (written before it was recorded) count as the paper's.
-PAPER_SETTING = {"image_size": 224, "num_epochs": 130, "model.width": 1.0,
+PAPER_SETTING = {"model.name": "vgg19", "image_size": 224, "num_epochs": 130, "model.width": 1.0,
                  "model.classifier_width": 4096}
 
 
 def setting(results: dict) -> str:
   """'' for the paper's setting (binary task, all four magnifications, ImageNet weights, 224x224,
-  130 epochs, VGG19's widths), else what differs, e.g. '100X' or 'from scratch, 64x64, 6 epochs'.
+  130 epochs, VGG19 at its widths), else what differs, e.g. '100X', 'from scratch, 64x64, 6
+  epochs' or 'resnet50' (another backbone: never beside the paper's VGG19 figures).
   `results` is in schema 2 (`jattn.results.read`)."""
   config = results.get("config") if isinstance(results.get("config"), dict) else {}
   model = config.get("model") if isinstance(config.get("model"), dict) else {}
@@ -57,13 +59,18 @@ def setting(results: dict) -> str:
   parts = ([task] if task != "binary" else []) + (
       [",".join(selected)] if list(selected) != list(naming.MAGNIFICATIONS) else [])
   differs = ["from scratch"] if config.get("pretrained", "given") == "" else []
-  value = {"image_size": config.get("image_size"), "num_epochs": config.get("num_epochs"),
-           "model.width": model.get("width"),
+  value = {"model.name": model.get("name"), "image_size": config.get("image_size"),
+           "num_epochs": config.get("num_epochs"), "model.width": model.get("width"),
            "model.classifier_width": model.get("classifier_width")}
-  shown = {"image_size": lambda v: f"{v}x{v}",
+  if value["model.name"] in models.BACKBONES:  # a field the backbone ignores says nothing
+    for field in models.get(value["model.name"]).ignored_fields(model):
+      value.pop(f"model.{field}", None)
+  shown = {"model.name": lambda v: v, "image_size": lambda v: f"{v}x{v}",
            "num_epochs": lambda v: f"{v} epoch{'' if v == 1 else 's'}",
            "model.width": lambda v: f"width {fractions.Fraction(v).limit_denominator(1000)}",
            "model.classifier_width": lambda v: f"classifier {v}"}
   differs += [shown[key](value[key]) for key, paper in PAPER_SETTING.items()
-              if value[key] is not None and value[key] != paper]
+              if value.get(key) is not None and value[key] != paper]
+  if value["model.name"] not in (None, PAPER_SETTING["model.name"]):  # the backbone first
+    differs.insert(0, differs.pop(differs.index(value["model.name"])))
   return ", ".join(([" ".join(parts)] if parts else []) + differs)
