@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--workdir", required=True, help="a finished run's work dir")
   parser.add_argument("--out", required=True, help="folder for the results (one folder per slide)")
   parser.add_argument("--magnification", "--stratum", dest="magnification",
-                      help="the stratum (BreakHis: magnification, e.g. 40X) whose scale tiles are "
-                           "read at; required for a run trained on several")
+                      help="the stratum (BreakHis: the magnification) whose scale tiles are read "
+                           "at; required for a run trained on several")
   parser.add_argument("--mpp", type=float, help="the slide's microns per pixel at level 0, "
                       "overriding its metadata (needed when it has none)")
   parser.add_argument("--tile-um", type=_field, help="the field a tile covers, W,H in um "

@@ -191,6 +191,19 @@ def test_level_and_tile_size_follow_the_training_scale(pyramid, trained_run):
   assert plan.scale.tile_px == plan.scale.read_px
 
 
+def test_benchmark_reports_reading_and_inference_and_writes_nothing(pyramid, trained_run,
+                                                                     tmp_path, capsys):
+  out = tmp_path / "out"
+  capsys.readouterr()
+  slide.main(["--workdir", trained_run, pyramid, "--out", str(out), "--magnification", "40X",
+              "--benchmark"])
+  figures = json.loads(capsys.readouterr().out)
+  assert figures["tiles"] == len(TISSUE) and figures["level"] == 1
+  for key in ("read_tiles_per_s", "inference_tiles_per_s", "end_to_end_tiles_per_s"):
+    assert figures[key] > 0
+  assert not out.exists()
+
+
 def test_tile_fractions_equal_a_direct_count():
   """The fraction of the mask pixels whose centres lie in the tile, counted pixel by pixel."""
   rng = np.random.default_rng(1)

@@ -197,12 +197,11 @@ class TileReader:
         self._handles.append(slide)
     return slide
 
-  def region(self, x: int, y: int) -> np.ndarray:
-    """uint8 [h, w, 3] of the tile at level-0 (x, y), at its level's resolution; an unreadable
-    region raises `openslide.OpenSlideError` (and this thread's handle is replaced)."""
+  def region(self, x: int, y: int) -> Image.Image:
+    """The RGB tile at level-0 (x, y), at its level's resolution; an unreadable region raises
+    `openslide.OpenSlideError` (and this thread's handle is replaced)."""
     try:
-      rgba = np.asarray(self._slide().read_region((int(x), int(y)), self.scale.level,
-                                                  self.scale.read_px))
+      rgba = self._slide().read_region((int(x), int(y)), self.scale.level, self.scale.read_px)
     except openslide.OpenSlideError:
       self._local.slide = None  # the next read opens a fresh handle
       raise
@@ -210,7 +209,7 @@ class TileReader:
 
   def tile(self, x: int, y: int) -> np.ndarray:
     """uint8 [S, S, 3]: the region resized as a training image is."""
-    return resize_rgb(Image.fromarray(self.region(x, y)), self.scale.input_px)
+    return resize_rgb(self.region(x, y), self.scale.input_px)
 
   def close(self) -> None:
     with self._lock:
@@ -219,13 +218,13 @@ class TileReader:
       self._handles.clear()
 
 
-def to_rgb(rgba: np.ndarray) -> np.ndarray:
-  """OpenSlide's RGBA (not premultiplied) onto white: opaque pixels unchanged."""
-  alpha = rgba[..., 3:]
-  if alpha.min() == 255:
-    return np.ascontiguousarray(rgba[..., :3])
-  a = alpha.astype(np.float32) / 255
-  return np.round(rgba[..., :3] * a + 255 * (1 - a)).astype(np.uint8)
+def to_rgb(rgba: Image.Image) -> Image.Image:
+  """OpenSlide's RGBA (not premultiplied) composited onto white: opaque pixels unchanged,
+  transparent ones (outside the scanned area) white."""
+  if rgba.getextrema()[3][0] == 255:
+    return rgba.convert("RGB")
+  return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                               rgba).convert("RGB")
 
 
 # The thumbnail is read in blocks of this many thumbnail pixels; a block OpenSlide cannot read
@@ -263,7 +262,7 @@ def thumbnail(path: str, downsample: float) -> tuple[np.ndarray, tuple[float, fl
       slide.close()
       slide = openslide.OpenSlide(path)  # a handle that failed stays in error
       return x0, y0, x1, y1, " ".join(str(e).split()) or type(e).__name__
-    block = Image.fromarray(to_rgb(np.asarray(region))).resize((bw, bh), Image.Resampling.BILINEAR)
+    block = to_rgb(region).resize((bw, bh), Image.Resampling.BILINEAR)
     canvas[ty:ty + bh, tx:tx + bw] = np.asarray(block)
     return None
 
