@@ -389,6 +389,8 @@ def test_one_line_failures_write_nothing(pyramid, small_slides, trained_run, tmp
   tifffile.imwrite(not_slide, np.zeros((64, 64, 3), np.uint8))  # striped, not tiled
   _one_line(capsys, [*run, not_slide, "--magnification", "40X"],
             r"plain.tif: not a whole-slide image OpenSlide reads")
+  _one_line(capsys, [*run, str(tmp_path / "gone.svs"), "--magnification", "40X"],
+            r"gone.svs: no such slide file")
   _one_line(capsys, [*run, pyramid], r"was trained on 4 magnifications at different scales .*"
                                      r"--magnification")
   _one_line(capsys, [*run, pyramid, "--magnification", "200X"],

@@ -94,10 +94,10 @@ def slide_mpp(slide: openslide.OpenSlide, path: str, override: float | None = No
     x, y = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
   except (KeyError, ValueError):
     unit = props.get("tiff.ResolutionUnit")
-    why = (f"its TIFF resolution tags have unit {unit!r}, not inch or centimeter"
-           if unit not in (None, "inch", "centimeter") else "none in its metadata")
-    raise UserError(f"{path}: no microns per pixel ({why}: no openslide.mpp-x/y, no usable TIFF "
-                    f"resolution tags); {hint}") from None
+    why = (f"; its TIFF resolution unit is {unit!r}, not inch or centimeter"
+           if unit not in (None, "inch", "centimeter") else ", no TIFF resolution tags")
+    raise UserError(f"{path}: no microns per pixel in its metadata (no openslide.mpp-x/y{why}); "
+                    f"{hint}") from None
   if "tiff.XResolution" in props and props.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff":
     source = (f"TIFF resolution tags (XResolution {props['tiff.XResolution']}, YResolution "
               f"{props.get('tiff.YResolution')} per {props.get('tiff.ResolutionUnit')}), as "
