@@ -417,3 +417,37 @@ def test_a_slide_without_tissue_gives_empty_outputs_and_says_so(trained_run, tmp
   assert json.loads((out / "glass" / "tiles.geojson").read_text())["features"] == []
   assert np.isnan(np.load(out / "glass" / "heatmap.npy")).all()
   assert os.listdir(out / "glass" / "top_tiles") == []
+
+
+def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path):
+  """A run that selected one magnification (its results.json says so) takes that one's scale;
+  another is refused; a run whose results record no scale needs --tile-um."""
+  from jattn.errors import UserError
+
+  def run_with(strata):
+    workdir = tmp_path / f"run{len(os.listdir(tmp_path))}"
+    workdir.mkdir()
+    shutil.copy(os.path.join(trained_run, "config.json"), workdir)
+    with open(os.path.join(trained_run, "results.json")) as f:
+      figures = json.load(f)
+    figures["strata"] = strata
+    (workdir / "results.json").write_text(json.dumps(figures))
+    return str(workdir)
+
+  with open(os.path.join(trained_run, "results.json")) as f:
+    strata = json.load(f)["strata"]
+  one = run_with({"magnification": {**strata["magnification"], "selected": ["100X"]}})
+  field = pipeline.load_run(one, pipeline.Options()).field
+  assert field.stratum == {"axis": "magnification", "value": "100X"}
+  assert field.needed_mpp == 0.197
+  assert field.field_um == pytest.approx((700 * 0.197, 460 * 0.197))
+  with pytest.raises(UserError, match=r"--magnification 40X: .* was not trained on it"):
+    pipeline.load_run(one, pipeline.Options(magnification="40X"))
+  unscaled = run_with({"magnification": {**strata["magnification"], "mpp": {}}})
+  with pytest.raises(UserError, match=r"record no microns per pixel.*--tile-um"):
+    pipeline.load_run(unscaled, pipeline.Options())
+  field = pipeline.load_run(unscaled, pipeline.Options(tile_um=(100.0, 50.0))).field
+  assert field.field_um == (100.0, 50.0) and field.field_source == "--tile-um"
+  with open(os.path.join(trained_run, "config.json")) as f:
+    image_size = json.load(f)["image_size"]
+  assert field.needed_mpp == pytest.approx(50.0 / image_size)  # the network input's pixels
