@@ -8,9 +8,8 @@ Everything that can be refused (a run that is not finished, a mixed-magnificatio
 --magnification, a file that is not a slide, no MPP, a field finer than level 0) is refused by
 `load_run` and `plan_slide`, which read no pixels, before any slide is predicted or any file is
 written. Tiles go through the run's eval step sharded over the local devices (`runs.Predictor`, the
-path of the training's test evaluation and of `predict`), with the run's TTA and whatever
-normalisation its `state.preprocess` applies (a host-side stain normalisation would go into
-`runs.Predictor.__call__`, the one place every batch passes).
+path of the training's test evaluation and of `predict`), which applies the run's stain
+normalisation (`config.stain_norm`), channel statistics and TTA as its test evaluation did.
 """
 
 from __future__ import annotations
@@ -190,6 +189,7 @@ class Run:
   def to_json(self) -> dict:
     return {"workdir": self.workdir, "name": self.config.name, "fold": self.config.get("fold"),
             "step": int(self.state.step), "results": self.results_path, "tta": self.tta,
+            "stain_norm": self.config.get("stain_norm", "none"),
             "image_size": self.config.image_size, "classes": list(self.outputs.classes)}
 
 
