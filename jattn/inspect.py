@@ -114,11 +114,10 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
 
 
 def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, float], title: str):
-  """One matplotlib figure: the image, each module's maps over it, and each C-Attn's D'."""
-  import matplotlib
+  """One matplotlib figure: the image, each module's maps over it, and each C-Attn's D'.
 
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  Made without pyplot (no global backend switched, e.g. in a notebook; Agg when saved)."""
+  from matplotlib.figure import Figure
 
   panels = [("input", image, None)]
   for m in maps.values():
@@ -133,7 +132,8 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
       panels.append((f"{key}: D'", m["d_prime"][index], "matrix"))
   cols = min(4, len(panels))
   rows = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+  fig = Figure(figsize=(3.2 * cols, 3.2 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax, (name, img, extra) in zip(axes.flat, panels, strict=False):
     if isinstance(extra, str):
       ax.imshow(img, cmap="viridis")
@@ -154,10 +154,15 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
 
 
 def figure_names(paths: Sequence[str]) -> list[str]:
-  """A distinct output file name per image path, never one for two images (compared ignoring
-  case, for file systems that do): `<stem>_attention.png`; images whose stems clash get the fewest
-  parent folders in front that tell them apart (`a_x_img`, `b_x_img`); images of one folder, their
-  extension (`img_jpg`); anything still clashing, a number in input order (`img-2`)."""
+  """A distinct output file name per image path: `<distinct_names>_attention.png`."""
+  return [f"{n}_attention.png" for n in distinct_names(paths)]
+
+
+def distinct_names(paths: Sequence[str]) -> list[str]:
+  """A distinct name per path, never one for two files (compared ignoring case, for file systems
+  that do): the file's stem; files whose stems clash get the fewest parent folders in front that
+  tell them apart (`a_x_img`, `b_x_img`); files of one folder, their extension (`img_jpg`);
+  anything still clashing, a number in input order (`img-2`)."""
   parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
   names = [""] * len(parts)
 
@@ -181,7 +186,7 @@ def figure_names(paths: Sequence[str]) -> list[str]:
   for clash in _clashes(dict(enumerate(names))):  # the same name in one folder, or a prefixed
     for k, i in enumerate(clash[1:], 2):          # name that another file has
       names[i] = f"{names[i]}-{k}"
-  return [f"{n}_attention.png" for n in names]
+  return names
 
 
 def _clashes(names: dict[int, str], keep_single: bool = False) -> list[list[int]]:
@@ -196,8 +201,6 @@ def _clashes(names: dict[int, str], keep_single: bool = False) -> list[list[int]
 def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
                    position: tuple[float, float] = (0.5, 0.5)) -> list[str]:
   """Writes one PNG per image (or per image in a folder) into out_dir; returns their paths."""
-  from matplotlib import pyplot as plt
-
   from jattn.predict import image_paths, load_images
 
   files.require_folder(out_dir, "--out")
@@ -227,7 +230,6 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
     target = os.path.join(out_dir, name)
     with files.atomic_path(target) as tmp:
       fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
     written.append(target)
   return written
 

@@ -3,6 +3,7 @@
   config, state = runs.restore(workdir)        # the config.json and the latest checkpoint
   outputs = runs.outputs(config)               # what its outputs mean (classes, positive label)
   probs = runs.predict_probs(state, images)    # uint8 [N, S, S, 3] -> P(class) [N, classes]
+  predictor = runs.Predictor(state, 32, tta)   # the same, one batch at a time (slides)
 
 Training (`jattn.train`) writes a run; this module only reads one (through `jattn.state`), so
 tools that look at a run stand beside the training loop rather than on it.
@@ -14,12 +15,11 @@ import functools
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jattn import checkpoints, files
+from jattn import checkpoints, files, parallel
 from jattn import state as state_lib
 from jattn.data import sources
 from jattn.data.fold import Outputs
@@ -76,24 +76,49 @@ def unfinished(config: ml_collections.ConfigDict, step: int, steps_per_epoch: in
 
 
 @functools.cache
-def _jitted_eval(tta: str):
-  """One jitted eval step per TTA mode, so that calls in chunks reuse its compiled programs."""
-  return jax.jit(functools.partial(state_lib.eval_step, tta=tta))
+def _sharded_eval(tta: str) -> tuple[parallel.Plan, object]:
+  """A plan over every local device and its jitted eval step, one per TTA mode, so that calls in
+  chunks (`predict_probs`, external validation) reuse the compiled programs."""
+  plan = parallel.Plan(mesh=parallel.make_mesh(), num_folds=1)
+  return plan, parallel.eval_step(plan, functools.partial(state_lib.eval_step, tta=tta))
+
+
+class Predictor:
+  """A run's jitted eval step over every local device, as the test evaluation runs it.
+
+  The path of `train._evaluate_fold`: `state.eval_step` (stain normalisation, statistics, TTA)
+  jitted by `parallel.eval_step` with the batch sharded over a `data` mesh of every device
+  (`parallel.eval_images`), the state replicated. `predict`, `predict_probs`, external validation
+  and slide inference all go through `__call__`.
+  """
+
+  def __init__(self, state: state_lib.TrainState, batch_size: int = 32, tta: str = "none"):
+    self.plan, self._step = _sharded_eval(tta)
+    self.batch_size = self.plan.eval_batch_size(batch_size)  # a multiple of the device count
+    self.tta = tta
+    self.state = parallel.place(self.plan, state)
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    """P(class) [n, classes] of uint8 images [n <= batch_size, S, S, 3] (padded to one batch)."""
+    n = len(images)
+    if not 0 < n <= self.batch_size:
+      raise ValueError(f"{n} images for a batch of {self.batch_size}")
+    if n < self.batch_size:
+      images = np.concatenate([images, np.repeat(images[:1], self.batch_size - n, axis=0)])
+    out = self._step(self.state, {"image": parallel.eval_images(self.plan, images,
+                                                                 self.batch_size)})
+    return np.asarray(out["probs"])[:n]
 
 
 def predict_probs(state: state_lib.TrainState, images: np.ndarray, batch_size: int = 32,
                   tta: str = "none") -> np.ndarray:
-  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded).
+  """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded), through
+  `Predictor` (sharded over the local devices; `batch_size` rounded up to a multiple of them).
 
   tta: 'none', or 'dihedral' (the mean over the 8 flips and right-angle turns; `state.eval_step`).
   """
-  p_eval = _jitted_eval(tta)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
-    out.append(np.asarray(p_eval(state, {"image": chunk})["probs"])[:batch_size - pad])
+  predictor = Predictor(state, batch_size, tta)
+  out = [predictor(images[start:start + predictor.batch_size])
+         for start in range(0, len(images), predictor.batch_size)]
   num_classes = out[0].shape[-1] if out else 2
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)

@@ -85,12 +85,14 @@ def test_a_sweep_of_schema_1_results_tabulates_byte_for_byte(tmp_path):
 
 
 def test_the_tools_that_read_a_run_do_not_import_the_training_loop():
+  """predict, inspect and slides share the test evaluation's sharded eval path (jattn.parallel),
+  never the training loop."""
   code = ("import sys; import jattn.runs, jattn.predict, jattn.inspect, jattn.tables, "
-          "jattn.evaluate, jattn.state; print('jattn.train' in sys.modules, "
-          "'jattn.parallel' in sys.modules)")
+          "jattn.evaluate, jattn.state, jattn.slide, jattn.slides; "
+          "print('jattn.train' in sys.modules, 'jattn.parallel' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": REPO}, check=True).stdout.split()
-  assert out == ["False", "False"]
+  assert out == ["False", "True"]
 
 
 # What only the BreakHis source may name: its magnifications, classes and subtypes.

@@ -167,6 +167,12 @@ def decode_resize(png: bytes, image_size: int, name: str = "image") -> np.ndarra
     raise
   except Exception as e:  # noqa: BLE001 -- PIL raises many types for a broken file
     raise UserError(f"{name}: cannot decode it ({type(e).__name__}: {e})") from None
+  return resize_rgb(im, image_size)
+
+
+def resize_rgb(im: Image.Image, image_size: int) -> np.ndarray:
+  """An RGB image -> uint8 [S, S, 3] with PIL's bilinear filter, aspect not kept: how every
+  training image, predicted file and slide tile reaches the model's input size."""
   if im.size != (image_size, image_size):
     im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
   return np.asarray(im, dtype=np.uint8)

@@ -15,6 +15,8 @@ provides:
                                   validation (below)
   describe_file(path) -> dict | None   {group, strata} from a file's name, for predict
   published                       figures a paper reported on it (tables), or absent
+  FIELD_PIXELS                    (width, height) of its images as published: with a stratum's
+                                  MPP, the field a slide tile covers (jattn.slides), or absent
 
 `load_all` is the fold-free mode that external validation (`python -m jattn.evaluate`,
 `jattn.external`) scores a finished run with: the data set prepared as `load_fold` prepares it

@@ -32,6 +32,9 @@ GROUP_UNIT = "patient"
 # 6.5 / (3.3 x objective). BreakHis publishes no calibration, so these are estimates.
 OBJECTIVES = (4, 10, 20, 40)
 MPP = tuple(round(6.5 / (3.3 * objective), 4) for objective in OBJECTIVES)
+# (width, height) in pixels of the images as published (a handful differ slightly): with a
+# magnification's MPP, the physical field of a training image, which slide tiles cover.
+FIELD_PIXELS = (700, 460)
 # Config fields of this source added after runs were first written, with the value that reproduces
 # what an older run computed (jattn.compat).
 LATER_FIELDS = {"magnifications": list(naming.MAGNIFICATIONS), "task": "binary"}

@@ -1,0 +1,179 @@
+"""A cohort of slides through one run, slide after slide, and slide-level figures against labels.
+
+Every slide is opened and scaled before the first is predicted (`pipeline.plan_slide`), so a bad
+file stops the cohort in one line before any work. A slide whose results are already in OUT (from
+an earlier, perhaps killed, run of the same command) is skipped; `OUT/cohort.csv` lists every
+slide's scores. With labels (a CSV with columns `slide,label`; the slide by its output name, file
+name or path, the label one of the run's coarse labels or 1/0 for positive/negative),
+`OUT/cohort_figures.json` holds the slide-level ROC-AUC of a slide score and the sensitivity and
+specificity of calling a slide positive when its score is at least a threshold, with 95% intervals
+from a bootstrap over slides stratified by label (`jattn.metrics`, scikit-learn's figures).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from jattn import errors, files, inspect, metrics
+from jattn.errors import UserError
+from jattn.slides import pipeline, reader, writers
+
+SCORES = ("mean", "top_k_mean", "fraction_positive")  # slide.json `scores` a cohort is judged by
+
+
+def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
+                positive: str) -> dict[str, int]:
+  """{output name: 1 if positive else 0} of the slides `path` labels; an unknown label or slide
+  column is one line, slides it does not name are left out of the figures (one warning)."""
+  if not os.path.isfile(path):
+    raise UserError(f"--labels {path}: no such file; give a CSV with columns slide,label")
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or not {"slide", "label"} <= set(rows[0]):
+    raise UserError(f"--labels {path}: expected a CSV with a header row naming the columns slide "
+                    f"and label, and one row per slide")
+  keys = {}
+  for plan in plans:
+    base = os.path.basename(plan.path)
+    for key in (plan.name, base, os.path.splitext(base)[0], os.path.normpath(plan.path),
+                os.path.abspath(plan.path)):
+      keys.setdefault(key, plan.name)
+  known = {n.casefold(): n for n in names}
+  out, unmatched = {}, []
+  for line, row in enumerate(rows, 2):
+    label = (row["label"] or "").strip()
+    value = {"1": 1, "0": 0}.get(label)
+    if value is None and label.casefold() in known:
+      value = int(known[label.casefold()] == positive)
+    if value is None:
+      raise UserError(f"--labels {path}, line {line}: label {label!r} is none of "
+                      f"{', '.join(names)} (or 1/0 for {positive}/not)")
+    slide = (row["slide"] or "").strip()
+    name = keys.get(slide) or keys.get(os.path.normpath(slide))
+    if name is None:
+      unmatched.append(slide)
+    else:
+      out[name] = value
+  if unmatched:
+    errors.warn(f"--labels {path}: {len(unmatched)} labelled slide(s) not in this cohort, left "
+                f"out: {', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
+  missing = [p.name for p in plans if p.name not in out]
+  if missing:
+    errors.warn(f"--labels {path}: no label for {len(missing)} slide(s), left out of the figures: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+  return out
+
+
+def figures(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
+            seed: int) -> dict:
+  """Slide-level metrics.BINARY_METRICS of 0/1 labels and scores, a slide called positive at
+  score >= threshold; intervals from `resamples` bootstrap resamples of slides, by label."""
+  labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
+  called = (scores >= threshold).astype(np.int64)
+  point = metrics.binary_metrics(labels, scores, called)
+  ci = {}
+  if resamples and len(labels):
+    statistic = metrics.WeightedBinaryMetrics(labels, scores, called, np.arange(len(labels)),
+                                              len(labels))
+    ci = metrics.group_bootstrap(statistic, labels, resamples=resamples, seed=seed)
+  return {name: {"value": point[name], "ci95": ci.get(name)} for name in metrics.BINARY_METRICS}
+
+
+def run_cohort(workdir: str, paths: list[str], out: str,
+               options: pipeline.Options | None = None, labels: str | None = None,
+               score: str = "mean", threshold: float = 0.5, resamples: int = 1000,
+               seed: int = 0) -> dict:
+  """Predicts every slide `paths` name (files or folders) into OUT/<name>/ and writes
+  OUT/cohort.csv (and OUT/cohort_figures.json with `labels`); returns {"slides": [slide.json
+  records], "figures": ... or None}. Finished slides are read back, not predicted again."""
+  options = options or pipeline.Options()
+  if score not in SCORES:
+    raise UserError(f"--score {score!r}: use one of {', '.join(SCORES)}")
+  if not 0 <= threshold <= 1:
+    raise UserError(f"--threshold {threshold}: give a score between 0 and 1")
+  if not 0 <= resamples <= metrics.MAX_RESAMPLES:
+    raise UserError(f"--bootstrap-resamples {resamples}: give 0 (none) to "
+                    f"{metrics.MAX_RESAMPLES:,}")
+  files.require_folder(out, "--out")
+  paths = reader.slide_paths(list(paths))
+  if not paths:
+    raise UserError("give at least one slide (or a folder of slides)")
+  unique = {}
+  for path in paths:  # a slide given twice is predicted once
+    unique.setdefault(os.path.realpath(path), path)
+  paths = list(unique.values())
+  run = pipeline.load_run(workdir, options)
+  names = inspect.distinct_names(paths)
+  plans = [pipeline.plan_slide(run, p, n, options) for p, n in zip(paths, names, strict=True)]
+  b = run.outputs.binary
+  slide_labels = read_labels(labels, plans, b.names, b.positive_name) if labels else None
+  done = {plan.name: pipeline.finished(out, plan, run, options) for plan in plans}
+  records = []
+  with files.locked_or_refuse(out, "--out folder", remove_unused=True):
+    writers.remove_stale(out)
+    for plan in plans:
+      if done[plan.name] is not None:
+        print(f"{plan.path}: finished before, results in {os.path.join(out, plan.name)}",
+              flush=True)
+        records.append(done[plan.name])
+      else:
+        records.append(pipeline.predict_slide(run, plan, out, options))
+    rows = [_row(r, b.positive_name, slide_labels, score, threshold) for r in records]
+    writers.cohort_csv(os.path.join(out, "cohort.csv"), rows)
+    result = {"slides": records, "figures": None}
+    if slide_labels is not None:
+      result["figures"] = _figures(records, slide_labels, b.positive_name, score, threshold,
+                                   resamples, seed, run.workdir)
+      writers.cohort_json(os.path.join(out, "cohort_figures.json"), result["figures"])
+      print(format_figures(result["figures"]), flush=True)
+  print(f"{len(records)} slide(s): {os.path.join(out, 'cohort.csv')}", flush=True)
+  return result
+
+
+def _row(record: dict, positive: str, labels: dict | None, score: str, threshold: float) -> dict:
+  s = record["scores"]
+  row = {"name": record["name"], "slide": record["slide"],
+         "tiles": record["tiles"]["predicted"], "unreadable": record["tiles"]["unreadable"],
+         f"mean_prob_{positive}": _fmt(s["mean"]),
+         f"top_{s['top_k']}_mean_prob_{positive}": _fmt(s["top_k_mean"]),
+         f"fraction_{positive}": _fmt(s["fraction_positive"])}
+  if labels is not None:
+    label = labels.get(record["name"])
+    row.update(label="" if label is None else label, score=_fmt(s[score]),
+               called="" if s[score] is None else int(s[score] >= threshold))
+  return row
+
+
+def _fmt(value) -> str:
+  return "" if value is None else f"{value:.6f}"
+
+
+def _figures(records, labels, positive, score, threshold, resamples, seed, workdir) -> dict:
+  used = [r for r in records if r["name"] in labels and r["scores"][score] is not None]
+  left_out = sorted({r["name"] for r in records} - {r["name"] for r in used})
+  y = np.array([labels[r["name"]] for r in used], np.int64)
+  s = np.array([r["scores"][score] for r in used], np.float64)
+  return {"run": workdir, "positive": positive, "score": score,
+          "score_meaning": {"mean": f"mean P({positive}) of the slide's tiles",
+                            "top_k_mean": f"mean P({positive}) of its top-k tiles",
+                            "fraction_positive": f"fraction of its tiles called {positive}"
+                            }[score],
+          "threshold": threshold, "slides": len(used), "positive_slides": int(y.sum()),
+          "negative_slides": int(len(y) - y.sum()), "left_out": left_out,
+          "metrics": figures(y, s, threshold, resamples, seed),
+          "bootstrap": {"resamples": resamples, "seed": seed, "level": metrics.LEVEL,
+                        "unit": "slide", "stratified_by": "label"}}
+
+
+def format_figures(f: dict) -> str:
+  """The slide-level figures as a few lines of text."""
+  lines = [f"slide level, {f['slides']} slides ({f['positive_slides']} {f['positive']}), score "
+           f"{f['score']} ({f['score_meaning']}), called {f['positive']} at >= {f['threshold']}:"]
+  for name, m in f["metrics"].items():
+    value = "undefined" if m["value"] is None else f"{m['value']:.3f}"
+    ci = f"  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})" if m["ci95"] else ""
+    lines.append(f"  {name:18s} {value}{ci}")
+  return "\n".join(lines)

@@ -1,0 +1,286 @@
+"""Whole-slide images through OpenSlide, and the scale at which a run's tiles are read from them.
+
+A tile covers the physical field of a training image: for a source that publishes its images'
+size (`FIELD_PIXELS`) and microns per pixel per stratum (`Strata.mpp`, results.json
+`strata.<axis>.mpp`), W x H pixels at the stratum's MPP, e.g. 700 x 460 px at 0.49 um/px. The
+slide's own MPP comes from its metadata (`openslide.mpp-x/y`, which OpenSlide also derives from
+TIFF resolution tags) or `--mpp`; never guessed. Each tile is read from the coarsest pyramid level
+whose pixels are still at least as fine as the training images' (within `TOLERANCE`), then resized
+to the run's input with the training pipeline's own resize (`prepare.resize_rgb`). A field that
+needs pixels clearly finer than level 0 is refused: upsampling would invent the detail the model
+was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+
+import numpy as np
+import openslide
+from PIL import Image
+
+from jattn.data.prepare import resize_rgb
+from jattn.errors import UserError
+
+# A level may be this much coarser than the training images' pixels and still be used (resampled
+# to the field); beyond it, a coarser level is not used, and level 0 is refused.
+TOLERANCE = 0.10
+# Metadata MPPs outside this range are no microscope scan's (72 dpi is 352.8 um/px): not usable.
+PLAUSIBLE_MPP = (0.01, 20.0)
+# What a folder of slides is searched for (OpenSlide's formats; any case).
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide",
+                    ".bif", ".dcm", ".czi")
+
+
+def slide_paths(paths: list[str]) -> list[str]:
+  """The slide files `paths` name: a file as given, a folder as the slide files under it
+  (SLIDE_EXTENSIONS, hidden files and folders skipped), in sorted order."""
+  out = []
+  for path in paths:
+    if not os.path.isdir(path):
+      out.append(path)
+      continue
+    found = []
+    for root, dirs, names in os.walk(path):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      found += [os.path.join(root, n) for n in sorted(names)
+                if not n.startswith(".") and n.lower().endswith(SLIDE_EXTENSIONS)]
+    if not found:
+      raise UserError(f"{path}: a folder without slide files ({', '.join(SLIDE_EXTENSIONS)}, "
+                      f"subfolders included); give slide files or a folder that holds some")
+    out += found
+  return out
+
+
+def open_slide(path: str) -> openslide.OpenSlide:
+  """The slide at `path`; a missing file or one OpenSlide cannot read is a one-line UserError."""
+  if not os.path.isfile(path):
+    raise UserError(f"{path}: no such slide file")
+  try:
+    return openslide.OpenSlide(path)
+  except openslide.OpenSlideUnsupportedFormatError:
+    raise UserError(f"{path}: not a whole-slide image OpenSlide reads (Aperio .svs, Hamamatsu "
+                    f".ndpi, MIRAX .mrxs, tiled pyramidal TIFF, ...); a plain image goes through "
+                    f"python -m jattn.predict instead") from None
+  except openslide.OpenSlideError as e:
+    raise UserError(f"{path}: OpenSlide cannot open this slide ({e}); is the file complete?"
+                    ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideMpp:
+  """A slide's microns per pixel at level 0 and where the figures came from."""
+
+  x: float
+  y: float
+  source: str
+
+
+def slide_mpp(slide: openslide.OpenSlide, path: str, override: float | None = None) -> SlideMpp:
+  """The slide's level-0 MPP: `override` (--mpp) if given, else its metadata; none usable is a
+  one-line UserError saying how to pass it."""
+  if override is not None:
+    if not override > 0:
+      raise UserError(f"--mpp {override}: give the scan's microns per pixel, a positive number "
+                      f"(e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+    return SlideMpp(float(override), float(override), "--mpp")
+  props = slide.properties
+  hint = ("pass the scan's resolution with --mpp UM_PER_PIXEL (from the scanner's report; e.g. "
+          "--mpp 0.25 for a 40x scan, 0.5 for 20x)")
+  try:
+    x, y = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
+  except (KeyError, ValueError):
+    unit = props.get("tiff.ResolutionUnit")
+    why = (f"; its TIFF resolution unit is {unit!r}, not inch or centimeter"
+           if unit not in (None, "inch", "centimeter") else ", no TIFF resolution tags")
+    raise UserError(f"{path}: no microns per pixel in its metadata (no openslide.mpp-x/y{why}); "
+                    f"{hint}") from None
+  if "tiff.XResolution" in props and props.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff":
+    source = (f"TIFF resolution tags (XResolution {props['tiff.XResolution']}, YResolution "
+              f"{props.get('tiff.YResolution')} per {props.get('tiff.ResolutionUnit')}), as "
+              f"openslide.mpp-x/y")
+  else:
+    source = (f"openslide.mpp-x/y from the slide's metadata "
+              f"({props.get(openslide.PROPERTY_NAME_VENDOR, 'unknown vendor')})")
+  low, high = PLAUSIBLE_MPP
+  if not (low <= x <= high and low <= y <= high):
+    raise UserError(f"{path}: its metadata gives {x:g} x {y:g} um per pixel ({source}), which is "
+                    f"no microscope scan's (a screen or print resolution?); {hint}")
+  return SlideMpp(x, y, source)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+  """Where and how big the tiles of one slide are read (see the module docstring).
+
+  Level-0 pixel sizes are those of the region read: `read_px` pixels of `level` times its
+  downsample.
+  """
+
+  field_um: tuple[float, float]  # (width, height) of the field a tile covers
+  needed_mpp: float  # the pixels the field needs (the training images')
+  mpp: SlideMpp  # of the slide's level 0
+  level: int
+  downsample: float
+  level_mpp: tuple[float, float]
+  read_px: tuple[int, int]  # (width, height) read at `level`
+  tile_px: tuple[int, int]  # (width, height) in level-0 pixels
+  input_px: int  # the run's image_size: every tile is resized to this square
+
+  @property
+  def coarser_by(self) -> float:
+    """How much coarser than the needed pixels the level's are (1.0: as fine; < 1: finer)."""
+    return max(self.level_mpp) / self.needed_mpp
+
+  def to_json(self) -> dict:
+    return {"field_um": [round(v, 4) for v in self.field_um], "needed_mpp": self.needed_mpp,
+            "slide_mpp": [self.mpp.x, self.mpp.y], "slide_mpp_source": self.mpp.source,
+            "level": self.level, "level_downsample": self.downsample,
+            "level_mpp": [round(v, 6) for v in self.level_mpp],
+            "read_px": list(self.read_px), "tile_level0_px": list(self.tile_px),
+            "input_px": self.input_px, "level_coarser_than_needed": round(self.coarser_by, 4),
+            "tolerance": TOLERANCE}
+
+
+def choose_scale(slide: openslide.OpenSlide, path: str, mpp: SlideMpp,
+                 field_um: tuple[float, float], needed_mpp: float, input_px: int,
+                 what: str) -> Scale:
+  """The coarsest level whose pixels are at most TOLERANCE coarser than `needed_mpp`, and the
+  region a tile reads there; a field needing pixels clearly finer than level 0 is refused in one
+  line (`what` names the field in it, e.g. 'the 40X field of runs/x')."""
+  finest = max(mpp.x, mpp.y)
+  if finest > needed_mpp * (1 + TOLERANCE):
+    raise UserError(
+        f"{path}: {what} needs {needed_mpp:g} um per pixel, but the slide's finest level (level "
+        f"0) has {finest:g} um per pixel, {finest / needed_mpp:.2f}x coarser, beyond the "
+        f"{TOLERANCE:.0%} tolerance (upsampling would invent the detail the model was trained "
+        f"on); use a run of a lower magnification (or --magnification with a coarser one), or a "
+        f"finer scan")
+  level = 0
+  for k, d in enumerate(slide.level_downsamples):
+    if finest * d <= needed_mpp * (1 + TOLERANCE):
+      level = k  # level_downsamples increase with k
+  d = float(slide.level_downsamples[level])
+  level_mpp = (mpp.x * d, mpp.y * d)
+  read = (max(1, round(field_um[0] / level_mpp[0])), max(1, round(field_um[1] / level_mpp[1])))
+  tile = (round(read[0] * d), round(read[1] * d))
+  w, h = slide.dimensions
+  if tile[0] > w or tile[1] > h:
+    raise UserError(f"{path}: {what} ({field_um[0]:g} x {field_um[1]:g} um, {tile[0]} x {tile[1]} "
+                    f"level-0 pixels) is larger than the slide ({w} x {h} pixels); check --mpp or "
+                    f"--tile-um")
+  return Scale(field_um, needed_mpp, mpp, level, d, level_mpp, read, tile, input_px)
+
+
+class TileReader:
+  """Reads tiles of one slide at one `Scale` from any number of threads: RGB (transparent areas,
+  outside the scanned region, composited onto white), resized to the run's input.
+
+  OpenSlide is thread-safe, but a handle that hit a read error stays in error; each thread
+  therefore holds its own handle and opens a new one after an error.
+  """
+
+  def __init__(self, path: str, scale: Scale):
+    self.path, self.scale = path, scale
+    self._local = threading.local()
+    self._handles: list[openslide.OpenSlide] = []
+    self._lock = threading.Lock()
+
+  def _slide(self) -> openslide.OpenSlide:
+    slide = getattr(self._local, "slide", None)
+    if slide is None:
+      slide = self._local.slide = openslide.OpenSlide(self.path)
+      with self._lock:
+        self._handles.append(slide)
+    return slide
+
+  def region(self, x: int, y: int) -> Image.Image:
+    """The RGB tile at level-0 (x, y), at its level's resolution; an unreadable region raises
+    `openslide.OpenSlideError` (and this thread's handle is replaced)."""
+    try:
+      rgba = self._slide().read_region((int(x), int(y)), self.scale.level, self.scale.read_px)
+    except openslide.OpenSlideError:
+      self._local.slide = None  # the next read opens a fresh handle
+      raise
+    return to_rgb(rgba)
+
+  def tile(self, x: int, y: int) -> np.ndarray:
+    """uint8 [S, S, 3]: the region resized as a training image is."""
+    return resize_rgb(self.region(x, y), self.scale.input_px)
+
+  def close(self) -> None:
+    with self._lock:
+      for slide in self._handles:
+        slide.close()
+      self._handles.clear()
+
+
+def to_rgb(rgba: Image.Image) -> Image.Image:
+  """OpenSlide's RGBA (not premultiplied) composited onto white: opaque pixels unchanged,
+  transparent ones (outside the scanned area) white."""
+  if rgba.getextrema()[3][0] == 255:
+    return rgba.convert("RGB")
+  return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)),
+                               rgba).convert("RGB")
+
+
+# The thumbnail is read in blocks of this many thumbnail pixels; a block OpenSlide cannot read
+# is read again as quarters, and the quarters that still fail are left as background.
+THUMBNAIL_BLOCK = 256
+
+
+def thumbnail(path: str, downsample: float) -> tuple[np.ndarray, tuple[float, float], list[dict]]:
+  """uint8 RGB [h, w, 3] of the whole slide at about `downsample` (transparent areas white), its
+  exact (x, y) level-0 pixels per thumbnail pixel, and the regions that could not be read (level-0
+  x, y, width, height, error), left white: no tissue is found, and no tile predicted, there.
+
+  Read block by block from the best level for `downsample` (OpenSlide's `get_thumbnail` would
+  fail as a whole on one damaged tile), each block resized onto its place.
+  """
+  slide = openslide.OpenSlide(path)
+  w, h = slide.dimensions
+  tw, th = max(1, math.ceil(w / downsample)), max(1, math.ceil(h / downsample))
+  per_pixel = (w / tw, h / th)
+  level = slide.get_best_level_for_downsample(max(per_pixel))
+  d = slide.level_downsamples[level]
+  lw, lh = slide.level_dimensions[level]
+  canvas = np.full((th, tw, 3), 255, np.uint8)
+  failed = []
+
+  def read(tx, ty, bw, bh):
+    nonlocal slide
+    x0, y0 = round(tx * per_pixel[0]), round(ty * per_pixel[1])  # level-0 corner
+    x1 = min(w, round((tx + bw) * per_pixel[0]))
+    y1 = min(h, round((ty + bh) * per_pixel[1]))
+    size = (min(lw, max(1, round((x1 - x0) / d))), min(lh, max(1, round((y1 - y0) / d))))
+    try:
+      region = slide.read_region((x0, y0), level, size)
+    except openslide.OpenSlideError as e:
+      slide.close()
+      slide = openslide.OpenSlide(path)  # a handle that failed stays in error
+      return x0, y0, x1, y1, " ".join(str(e).split()) or type(e).__name__
+    block = to_rgb(region).resize((bw, bh), Image.Resampling.BILINEAR)
+    canvas[ty:ty + bh, tx:tx + bw] = np.asarray(block)
+    return None
+
+  try:
+    step = THUMBNAIL_BLOCK
+    for ty in range(0, th, step):
+      for tx in range(0, tw, step):
+        bw, bh = min(step, tw - tx), min(step, th - ty)
+        if read(tx, ty, bw, bh) is None:
+          continue
+        quarter = max(1, step // 4)
+        for qy in range(ty, ty + bh, quarter):
+          for qx in range(tx, tx + bw, quarter):
+            bad = read(qx, qy, min(quarter, tx + bw - qx), min(quarter, ty + bh - qy))
+            if bad is not None:
+              x0, y0, x1, y1, why = bad
+              failed.append({"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0,
+                             "error": why})
+  finally:
+    slide.close()
+  return canvas, per_pixel, failed

@@ -1,0 +1,166 @@
+"""The files of one slide's results, and of a cohort's (see `jattn.slides` for the layout).
+
+Each writer writes one file into the slide's temporary folder, which is renamed into place once
+every file is there (`jattn.slides.pipeline`), so a reader never sees a part of a slide's results.
+The cohort's files are written atomically one by one (`files.atomic_path`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from jattn import files
+from jattn.data.fold import Outputs
+
+# QuPath's colours (RGB) of a tile's classification: the positive label red, the others below.
+POSITIVE_COLOR = (220, 40, 40)
+OTHER_COLORS = ((40, 110, 220), (40, 170, 80), (150, 80, 200), (230, 150, 30))
+
+
+def probability_columns(outputs: Outputs) -> list[str]:
+  """`prob_<class>` for each class, then `prob_<positive label>` when the classes are finer."""
+  columns = [f"prob_{c}" for c in outputs.classes]
+  b = outputs.binary
+  if b is not None and f"prob_{b.positive_name}" not in columns:
+    columns.append(f"prob_{b.positive_name}")
+  return columns
+
+
+def probability_values(outputs: Outputs, probs: np.ndarray) -> np.ndarray:
+  """[n, len(probability_columns)]: each class' probability, then P(positive) if finer."""
+  columns = probability_columns(outputs)
+  if len(columns) == len(outputs.classes):
+    return probs
+  return np.concatenate([probs, outputs.binary.positive_probability(probs)[:, None]], 1)
+
+
+def predictions(outputs: Outputs, probs: np.ndarray) -> list[str]:
+  """Each tile's predicted coarse label (the class' coarse label of the most probable class)."""
+  k = np.argmax(probs, -1)
+  b = outputs.binary
+  return [b.names[b.of[int(i)]] if b is not None else outputs.classes[int(i)] for i in k]
+
+
+def tiles_csv(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> None:
+  """tiles.csv: one row per predicted tile: grid row and col, x, y, width, height (level-0
+  pixels), the level read, the tissue fraction, the probabilities and the prediction."""
+  columns = probability_columns(outputs)
+  values = probability_values(outputs, probs)
+  labels = predictions(outputs, probs)
+  w, h = scale.tile_px
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["row", "col", "x", "y", "width", "height", "level", "tissue_fraction",
+                     *columns, "prediction"])
+    for i in range(len(tiles)):
+      writer.writerow([int(tiles.rows[i]), int(tiles.cols[i]), int(tiles.xs[i]),
+                       int(tiles.ys[i]), w, h, scale.level, f"{tiles.fractions[i]:.4f}",
+                       *(f"{v:.6f}" for v in values[i]), labels[i]])
+
+
+def heatmap_array(grid, tiles, positive: np.ndarray) -> np.ndarray:
+  """float32 [rows, cols]: P(positive) of the tile in each grid cell, NaN where none was
+  predicted (background, too little tissue, unreadable)."""
+  heat = np.full((grid.rows, grid.cols), np.nan, np.float32)
+  heat[tiles.rows, tiles.cols] = positive
+  return heat
+
+
+def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float], mask: np.ndarray,
+                grid, heat: np.ndarray, positive_name: str, title: str) -> None:
+  """heatmap.png: the thumbnail, each tile's P(positive) over it (a cell of one grid step centred
+  on the tile's centre), the tissue mask's outline and a colour bar."""
+  from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saving
+
+  h, w = thumbnail.shape[:2]
+  fig = Figure(figsize=(8, 8 * h / w + 0.8), layout="constrained")
+  ax = fig.subplots()
+  ax.imshow(thumbnail)
+  sx, sy = per_pixel
+  left = (grid.tile[0] - grid.step[0]) / 2 / sx
+  top = (grid.tile[1] - grid.step[1]) / 2 / sy
+  extent = (left - 0.5, left + grid.cols * grid.step[0] / sx - 0.5,
+            top + grid.rows * grid.step[1] / sy - 0.5, top - 0.5)
+  image = ax.imshow(np.ma.masked_invalid(heat), cmap="RdYlBu_r", vmin=0, vmax=1, alpha=0.55,
+                    extent=extent, interpolation="nearest")
+  if mask.any() and not mask.all():
+    ax.contour(mask.astype(np.float32), levels=[0.5], colors="black", linewidths=0.6)
+  ax.set_xlim(-0.5, w - 0.5)
+  ax.set_ylim(h - 0.5, -0.5)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(title, fontsize=9)
+  fig.colorbar(image, ax=ax, shrink=0.8, label=f"P({positive_name})")
+  fig.savefig(path, format="png", dpi=100)
+
+
+def geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> None:
+  """tiles.geojson: a FeatureCollection with one polygon per tile in level-0 pixel coordinates,
+  which QuPath imports as detections (`objectType`), classified by the predicted coarse label
+  (`classification`: name, RGB color) and measured by the probabilities and tissue fraction
+  (`measurements`). Written feature by feature: a slide of 100,000 tiles is not one string."""
+  columns = probability_columns(outputs)
+  values = probability_values(outputs, probs)
+  labels = predictions(outputs, probs)
+  names = outputs.binary.names if outputs.binary is not None else outputs.classes
+  colors, others = {}, iter(OTHER_COLORS * (len(names) // len(OTHER_COLORS) + 1))
+  for name in names:
+    positive = outputs.binary is not None and name == outputs.binary.positive_name
+    colors[name] = list(POSITIVE_COLOR if positive else next(others))
+  w, h = scale.tile_px
+  with open(path, "w", encoding="utf-8") as f:
+    f.write('{"type": "FeatureCollection", "features": [')
+    for i in range(len(tiles)):
+      x, y = int(tiles.xs[i]), int(tiles.ys[i])
+      feature = {
+          "type": "Feature",
+          "geometry": {"type": "Polygon",
+                       "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
+          "properties": {
+              "objectType": "detection",
+              "classification": {"name": labels[i], "color": colors[labels[i]]},
+              "measurements": {**{c: round(float(v), 6) for c, v in zip(columns, values[i],
+                                                                       strict=True)},
+                               "tissue_fraction": round(float(tiles.fractions[i]), 4)}}}
+      f.write(("\n" if i == 0 else ",\n") + json.dumps(feature))
+    f.write("\n]}\n")
+
+
+def json_file(path: str, value) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=1)
+    f.write("\n")
+
+
+def top_tile_names(tiles, order: Sequence[int]) -> list[str]:
+  """`top_tiles/<rank>_x<X>_y<Y>.png` for the tiles at `order` (best first)."""
+  return [f"{rank:02d}_x{int(tiles.xs[i])}_y{int(tiles.ys[i])}.png"
+          for rank, i in enumerate(order, 1)]
+
+
+def cohort_csv(path: str, rows: list[dict]) -> None:
+  """The cohort's CSV (one row per slide, the columns of the first row), atomically."""
+  text = io.StringIO()
+  if rows:
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  files.atomic_write_text(path, text.getvalue())
+
+
+def cohort_json(path: str, value) -> None:
+  files.atomic_write_text(path, json.dumps(value, indent=1) + "\n")
+
+
+def remove_stale(folder: str) -> None:
+  """Removes the temporary folders and files a killed run left in `folder` (`.<name>.tmp-*`,
+  `.<name>.old-*`)."""
+  for name in os.listdir(folder):
+    if name.startswith(".") and (".tmp-" in name or ".old-" in name):
+      files.remove(os.path.join(folder, name))
