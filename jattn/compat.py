@@ -19,10 +19,11 @@ LATER_FIELDS = {
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
     "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
     "coordinator_timeout_s": 300.0, "dataset": "breakhis", "model.name": "vgg19",
+    "steps_per_dispatch": 1,
 }
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",
-                      "num_devices", "coordinator_timeout_s")
+                      "num_devices", "coordinator_timeout_s", "steps_per_dispatch")
 
 
 def later_fields(dataset: str) -> dict:
