@@ -195,6 +195,7 @@ class _Fold:
   pending: list = dataclasses.field(default_factory=list)  # (metrics, fold k, index in dispatch)
   window_start: float = 0.0
   window_done: int = 0  # the steps known to have run when window_start was taken
+  window_rate: float = 0.0  # images/s of the last window that waited for steps to run
   epoch_windows: list = dataclasses.field(default_factory=list)
   print_windows: bool = False  # a line per logged window (no progress bar: not a terminal)
   action: str = "write"  # what claiming the work dir takes (`_workdir_action`)
@@ -506,10 +507,13 @@ def _record_layout(f: _Fold) -> list[dict]:
 def _summarize_window(f: _Fold, plan, done: int) -> dict[str, float]:
   """The fold's mean metrics over the steps since its last summary (waits for them). `done` is
   the step the wait reaches (the end of the dispatch holding the window's last step): the rate
-  counts the steps run since the last wait."""
+  counts the steps run since the last wait (a window whose steps all ran in a dispatch already
+  waited for has that dispatch's rate)."""
   fetched = {id(m): m for m, _, _ in f.pending}
   fetched = dict(zip(fetched, jax.device_get(list(fetched.values())), strict=True))
   seconds = time.time() - f.window_start  # after the wait: the window's steps have run
+  if done > f.window_done:
+    f.window_rate = (done - f.window_done) * f.config.batch_size / max(seconds, 1e-9)
   stacked = []
   for m, k, i in f.pending:  # the step's metrics: its index in a dispatch, then its fold
     m = fetched[id(m)]
@@ -521,7 +525,7 @@ def _summarize_window(f: _Fold, plan, done: int) -> dict[str, float]:
       "loss": float(np.mean([m["loss"] for m in stacked])),
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
       "learning_rate": float(stacked[-1]["learning_rate"]),  # what the optimiser last applied
-      "images_per_second": (done - f.window_done) * f.config.batch_size / max(seconds, 1e-9),
+      "images_per_second": f.window_rate,
   }
 
 
