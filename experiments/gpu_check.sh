@@ -19,9 +19,10 @@
 #   PYTHONPATH=$PWD bash experiments/gpu_check.sh OUT [WORK]          # from the repository root
 #   SIZE=small PYTHONPATH=$PWD bash experiments/gpu_check.sh OUT     # CPU, tiny (the test suite)
 #
-# SIZE=small runs every stage on a 32x32 model of VGG19's widths / 16 in float32, the compiled
-# peer with torch.compile's aot_eager backend (inductor's C++ build takes minutes on a CPU), 1 and
-# 2 runs per device and a 16-patient tree, so the script is exercised on every test run. It
+# SIZE=small runs every stage on a 32x32 model of VGG19's widths / 16 in float32, the roofline at
+# nominal peaks (1 TFLOP/s, 50 GB/s), the compiled peer with torch.compile's aot_eager backend
+# (inductor's C++ build takes minutes on a CPU), 1 and 2 runs per device and a 16-patient tree,
+# so the script is exercised on every test run (tests/test_benchmark.py). It
 # installs nothing: jattn's dependencies (and PyTorch) must be there.
 set -uo pipefail
 
@@ -41,6 +42,9 @@ if [[ "${SIZE:-full}" == small ]]; then
   MODEL=(--config.model.width=0.0625 --config.model.classifier_width=16
          --config.model.pool_size=1)
   BENCH=(--image-size 32 --steps 1 --windows 2 --warmup 1)
+  # Nominal peaks for the roofline's arithmetic (the CPU has no entry in roofline.DEVICES); 16
+  # traced steps, so that the start of the trace is a small part of its window.
+  ROOF=(--peak-tflops 1 --peak-gbps 50) PROFILE_STEPS=16
   DTYPE=float32 RUNS=1,2 COMPILE_BACKEND=aot_eager EPOCH_NEEDS_S=0
   SYNTH=(--images-per-patient 1 --width 48 --height 32 --no-junk --odd-sizes 0)
   EPOCH=(--config.image_size=32 --config.batch_size=8 --config.log_every_steps=2
@@ -48,6 +52,7 @@ if [[ "${SIZE:-full}" == small ]]; then
 else
   MODEL=()
   BENCH=(--image-size 224 --steps 10 --windows 5 --warmup 3)
+  ROOF=() PROFILE_STEPS=10
   DTYPE=bfloat16 RUNS=1,2,4 COMPILE_BACKEND=inductor EPOCH_NEEDS_S=150
   # Images are resized to 224 once and cached, so a smaller PNG only shortens the generation.
   SYNTH=(--counts real --width 350 --height 230 --threads "$THREADS")
@@ -87,8 +92,9 @@ stage() {
 
 BENCH_CMD=("$PY" -m jattn.benchmark --configs configs/ours.py --dtype "$DTYPE" "${BENCH[@]}"
            "${MODEL[@]}")
-stage profile 90 "${BENCH_CMD[@]}" --profile "$WORK/trace" --out "$OUT/profile.json"
-stage roofline 60 "${BENCH_CMD[@]}" --roofline --out "$OUT/roofline.json"
+stage profile 90 "${BENCH_CMD[@]}" --steps "$PROFILE_STEPS" --profile "$WORK/trace" \
+  --out "$OUT/profile.json"
+stage roofline 60 "${BENCH_CMD[@]}" --roofline "${ROOF[@]}" --out "$OUT/roofline.json"
 stage peers 120 "${BENCH_CMD[@]}" --torch --torch-mode eager,channels_last,compile \
   --torch-compile-backend "$COMPILE_BACKEND" --out "$OUT/peers.json"
 stage dispatch 75 "${BENCH_CMD[@]}" --steps-per-dispatch 1,8 --out "$OUT/dispatch.json"
