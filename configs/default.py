@@ -131,6 +131,9 @@ def get_config():
   # --- Parallelism (jattn.parallel): how a run is laid out, not what it computes ---
   config.parallel_folds = 1  # train folds fold..fold+K-1 in one program (--workdir with {fold})
   config.num_devices = 0  # devices the batch is sharded over (0: all, of every process)
+  # Training steps handed to the devices at once, one lax.scan over that many batches (Keras'
+  # steps_per_execution): fewer dispatches; cut to single steps at epoch ends and checkpoints.
+  config.steps_per_dispatch = 1
   # Seconds the processes of a multi-process launch wait for each other before giving up in one
   # line (a process that never starts, a wrong address); the wait is jattn's, before JAX's own.
   config.coordinator_timeout_s = 300.0

@@ -15,7 +15,9 @@ OUT/<name>/seed<s>/fold<k>; sweep.json records the rows, folds, seeds and runs. 
 (results.json present) is not repeated and an interrupted one resumes from its last checkpoint,
 so the same command can be run again after any interruption. With several GPUs
 (CUDA_VISIBLE_DEVICES, or all that nvidia-smi lists) one run goes to each GPU at a time;
-otherwise runs go one after another. The tables and paired comparisons come from
+otherwise runs go one after another. `--runs-per-device K` runs K at a time on each GPU (or on
+the CPU), each given 0.9 / K of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION,
+`jattn.runs_per_device.memory_fraction`). The tables and paired comparisons come from
 `python -m jattn.tables OUT`, which can also be run on its own, also while a sweep is still
 running.
 
@@ -44,6 +46,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: find jattn and configs
 
 from jattn import config_lib, files, tables, validate  # noqa: E402
+from jattn import runs_per_device as runs_per_device_lib  # noqa: E402
 from jattn.errors import UserError, exit_on_user_error  # noqa: E402
 
 PAPER_ROWS = ["configs/vgg19.py", "configs/vgg19_c.py", "configs/vgg19_s.py", "configs/ours.py"]
@@ -165,10 +168,11 @@ def build_command(out: str, group: list[dict], overrides: list[str], parallel_fo
   return cmd + seed + [f"--config.{o}" for o in overrides]
 
 
-def run_command(cmd: list[str], workdir: str, gpu: str | None) -> int:
-  """Runs a command in a subprocess, its output appended to WORKDIR/log.txt; its exit status."""
+def run_command(cmd: list[str], workdir: str, gpu: str | None, runs_per_device: int = 1) -> int:
+  """Runs a command in a subprocess, its output appended to WORKDIR/log.txt; its exit status.
+  With `runs_per_device` K > 1 it gets its share of the device's memory."""
   os.makedirs(workdir, exist_ok=True)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+  env = dict(runs_per_device_lib.environment(runs_per_device), PYTHONPATH=os.pathsep.join(
       [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   if gpu is not None:
     env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -194,12 +198,13 @@ def _label(group: list[dict]) -> str:
 
 
 def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
-          parallel_folds: int = 1, make_executor=None, seeds: list[int] | None = None) -> str:
+          parallel_folds: int = 1, make_executor=None, seeds: list[int] | None = None,
+          runs_per_device: int = 1) -> str:
   """Runs every unfinished run (configs x seeds x folds, `plan`), then writes and returns the
   tables (and the paired comparisons, SWEEP/compare.md).
 
-  Runs go to the local GPUs, or, given `make_executor` (folder -> submitit executor), to one
-  submitit job array (experiments/slurm.py).
+  Runs go to the local GPUs (`runs_per_device` at a time on each), or, given `make_executor`
+  (folder -> submitit executor), to one submitit job array (experiments/slurm.py).
   """
   out = os.path.abspath(out)
   runs = plan(configs, folds, overrides, seeds)
@@ -213,6 +218,7 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
   lock = threading.Lock()
   started, durations, failures, finished = time.time(), [], [], [0]
   slots = gpu_slots() if make_executor is None else [None]
+  slots = [slot for slot in slots for _ in range(runs_per_device)]  # K runs on each device
 
   def done(task: dict, error: str | None, seconds: float | None = None) -> None:
     """Reports a task that ended; `seconds` (local runs) also gives the time left."""
@@ -234,7 +240,7 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
 
     slurm.submit_and_wait(out, tasks, make_executor, done)
   else:
-    _run_local(tasks, slots, done)
+    _run_local(tasks, slots, done, runs_per_device)
   if failures:
     task, status = failures[0]
     log = os.path.join(task["workdir"], task["log"])
@@ -245,8 +251,10 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
   return text + "\n" + comparisons
 
 
-def _run_local(tasks: list[dict], slots: list[str | None], done) -> None:
-  """One task per local GPU at a time (one after another without GPUs)."""
+def _run_local(tasks: list[dict], slots: list[str | None], done, runs_per_device: int = 1
+               ) -> None:
+  """One task per slot at a time: a local GPU's (K slots each with K runs per device), or the
+  CPU's (one after another, or K at a time)."""
   free, lock = list(slots), threading.Lock()
 
   def work(task):
@@ -256,7 +264,7 @@ def _run_local(tasks: list[dict], slots: list[str | None], done) -> None:
       print(f"  start {_label(task['runs'])}{where}", flush=True)
     t0 = time.time()
     try:
-      status = run_command(task["cmd"], task["workdir"], gpu)
+      status = run_command(task["cmd"], task["workdir"], gpu, runs_per_device)
     finally:
       with lock:
         free.append(gpu)
@@ -300,6 +308,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="slurm: most runs at a time (the array's %%K; default all)")
   parser.add_argument("--parallel-folds", type=int, default=1, metavar="K",
                       help="train K consecutive folds of a config in one process")
+  parser.add_argument("--runs-per-device", type=int, default=1, metavar="K",
+                      help="local: K runs at a time on each GPU (or the CPU), each with 0.9/K of "
+                           "its memory (default 1)")
   args = parser.parse_args(argv)
   with exit_on_user_error("sweep"):
     configs = args.configs.split(",") if args.configs else ROWS[args.rows][args.demo]
@@ -311,6 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     seeds = parse_seeds(args.seeds)
     if args.parallel_folds < 1:
       raise UserError(f"--parallel-folds {args.parallel_folds}: give a number of folds >= 1")
+    if args.runs_per_device < 1:
+      raise UserError(f"--runs-per-device {args.runs_per_device}: give a number of runs >= 1")
+    if args.runs_per_device > 1 and args.launcher != "local":
+      raise UserError("--runs-per-device is for the local launcher; a SLURM array task gets "
+                      "its own GPU (ask for smaller ones, or run the sweep on the node)")
     make_executor = None
     if args.launcher == "slurm":  # checked before anything is written
       from experiments import slurm  # noqa: PLC0415 - submitit is needed only for this launcher
@@ -320,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = ("demo" if args.demo else "paper") if args.rows == "paper" else (
         f"demo_{args.rows}" if args.demo else args.rows)
     out = args.out or os.path.join(REPO, "sweeps", folder)
-    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor, seeds))
+    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor, seeds,
+                args.runs_per_device))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,34 @@
-"""How fast jattn trains and evaluates on this machine, beside PyTorch eager, and what the paper's
+"""How fast jattn trains and evaluates on this machine, beside PyTorch, and what the paper's
 protocol would cost here.
 
   python -m jattn.benchmark --configs configs/ours.py,configs/vgg19.py --torch --out bench.json
   python -m jattn.benchmark --dtype float32,bfloat16 --parallel-folds 1,5 --peak-tflops 989
+  python -m jattn.benchmark --torch --torch-mode eager,channels_last,compile --roofline
+  python -m jattn.benchmark --profile trace/          # where the step's time goes (jattn.profile)
+  python -m jattn.benchmark --steps-per-dispatch 1,8  # steps per dispatch (lax.scan)
+  python -m jattn.benchmark --runs-per-device 1,2,4   # K processes on one device at once
 
-For each config, dtype and number K of parallel folds it measures, on random weights and random
-uint8 images (no data set, nothing downloaded): train-step and eval-step throughput (images/s,
-the median of --windows timed windows of --steps steps after a warm-up, each ended by
-`jax.block_until_ready`), compile time, XLA's memory estimate of the compiled step and the
-device's peak memory (GPU memory stats; the process' peak RSS on CPU), model FLOPs per image
-from XLA's cost analysis and MFU against the device's peak (PEAK_TFLOPS or --peak-tflops). K
-parallel folds are K train states stacked on a leading axis, stepped by one vmapped program
-(`fold_steps`); their rate is set against K separate runs (K times the K = 1 time). With --torch,
-the PyTorch eager transcription of the same network (jattn.torch_reference) runs with the same
-shapes in the same process, its timed windows interleaved with JAX's so that load from other
-processes hits both alike. Each row projects the wall-clock of the paper's protocol (PROTOCOL)
-from its measured rates. Prints a table; --out writes every figure as JSON.
+For each config, dtype, number K of parallel folds and number N of steps per dispatch it
+measures, on random weights and random uint8 images (no data set, nothing downloaded): train-step
+and eval-step throughput (images/s, the median of --windows timed windows of --steps dispatches
+after a warm-up, each ended by `jax.block_until_ready`), compile time, XLA's memory estimate of
+the compiled step and the device's peak memory (GPU memory stats; the process' peak RSS on CPU),
+model FLOPs per image from XLA's cost analysis (of the step as a GPU runs it: the CPU-only paths
+off, `jattn.roofline`) and MFU against the device's peak (`roofline.DEVICES` or --peak-tflops).
+K parallel folds are K train states stacked on a leading axis, stepped by one vmapped program
+(`fold_steps`); their rate is set against K separate runs (K times the K = 1 time). N steps per
+dispatch are one `lax.scan` over N stacked batches, as `--config.steps_per_dispatch=N` trains.
+With --torch, the PyTorch transcription of the same network (jattn.torch_reference) runs with the
+same shapes in the same process, in each --torch-mode (eager; channels_last; compile:
+`torch.compile` of the channels-last model with fused Adam), with bfloat16 autocast when the row's
+dtype is bfloat16; every peer's timed windows are interleaved with JAX's so that load from other
+processes hits all alike, and a compiled peer warms up until no compilation is left for a timed
+window (counted: `torch_<mode>_compilations_in_windows`). --roofline adds the step's lower bound
+from its FLOPs and bytes (`jattn.roofline`); --profile DIR traces a few steps instead of timing
+windows and prints where their time goes (`jattn.profile`); --runs-per-device K starts K
+benchmark processes on one device at once and sums their rates (`jattn.runs_per_device`). Each
+row projects the wall-clock of the paper's protocol (PROTOCOL) from its measured rates. Prints a
+table; --out writes every figure as JSON.
 """
 
 from __future__ import annotations
@@ -30,45 +43,23 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import config_lib, files, models, parallel, train
+from jattn import config_lib, files, models, parallel, roofline, train
+from jattn import profile as profile_lib
 from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
-
-# Dense (no sparsity) peak TFLOP/s per compute dtype, matched in order against device_kind. The
-# float32 figure of tensor-core GPUs is their TF32 peak: XLA's default precision runs float32
-# convs and matmuls as TF32 there. From NVIDIA's data sheets (SXM parts unless named).
-PEAK_TFLOPS = (
-    ("H100 NVL", {"float32": 418.0, "bfloat16": 835.0}),
-    ("H100 PCIe", {"float32": 378.0, "bfloat16": 756.0}),
-    ("H100", {"float32": 495.0, "bfloat16": 989.0}),
-    ("H200", {"float32": 495.0, "bfloat16": 989.0}),
-    ("A100", {"float32": 156.0, "bfloat16": 312.0}),
-    ("L40S", {"float32": 183.0, "bfloat16": 362.0}),
-    ("L40", {"float32": 90.5, "bfloat16": 181.0}),
-    ("L4", {"float32": 60.0, "bfloat16": 121.0}),
-    ("A10G", {"float32": 35.0, "bfloat16": 70.0}),
-    ("A10", {"float32": 62.5, "bfloat16": 125.0}),
-    ("RTX 4090", {"float32": 82.6, "bfloat16": 165.0}),
-    ("RTX 3090", {"float32": 35.6, "bfloat16": 71.0}),
-    ("V100", {"float32": 15.7}),  # no bfloat16 tensor cores
-    ("T4", {"float32": 8.1}),
-)
+from jattn.models import cpu_paths
 
 # The paper's protocol: 4 configs x 5 folds x 130 epochs; BreakHis' 7,909 images split ~70/30.
 PROTOCOL = {"configs": 4, "folds": 5, "epochs": 130, "train_images": 5500, "test_images": 2409}
+TORCH_MODES = ("eager", "channels_last", "compile")  # --torch-mode
 
-
-def peak_tflops(device_kind: str, dtype: str) -> float | None:
-  """The known dense peak of `device_kind` for `dtype`, or None."""
-  for name, peaks in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return peaks.get(dtype)
-  return None
+peak_tflops = roofline.peak_tflops  # the device table is roofline.DEVICES
 
 
 def fold_steps(augment: dict, k: int) -> tuple[Callable, Callable]:
@@ -95,11 +86,25 @@ def _median_rate(seconds: list[float], images: int) -> float:
   return images / statistics.median(seconds)
 
 
-class JaxCase:
-  """A config's train state (K folds stacked), its compiled steps and a timed window of each."""
+def _dispatch_steps(train_fn: Callable, k: int, n: int) -> Callable:
+  """`train_fn` (of `fold_steps`) as N steps in one `lax.scan` over N stacked batches
+  (`parallel.scan_steps`, what `--config.steps_per_dispatch=N` trains with); N = 1: itself."""
+  if n == 1:
+    return train_fn
+  if k == 1:  # each step its own rng, as training folds in its step
+    body = lambda s, b, r, a: train_fn(s, b, jax.random.fold_in(r, s.step))  # noqa: E731
+  else:  # fold_train_step folds each fold's step in itself
+    body = lambda s, b, r, a: train_fn(s, b, r)  # noqa: E731
+  steps = parallel.scan_steps(body)
+  return lambda state, batches, rng: steps(state, batches, rng, None)
 
-  def __init__(self, config, image_size, batch_size, eval_batch_size, k, seed=0):
-    self.k = k
+
+class JaxCase:
+  """A config's train state (K folds stacked), its compiled steps (N per dispatch) and a timed
+  window of each."""
+
+  def __init__(self, config, image_size, batch_size, eval_batch_size, k, seed=0, n=1):
+    self.k, self.n = k, n
     model = models.build_model(config.model)
     variables = models.init_variables(model, jax.random.key(seed), image_size)
     mean, std = np.full(3, 127.5, np.float32), np.full(3, 64.0, np.float32)
@@ -107,14 +112,20 @@ class JaxCase:
     self.state = _stack(state, k)
     lead = (k,) if k > 1 else ()
     data = np.random.default_rng(seed)
+    stacked = (n,) if n > 1 else ()  # the same batch N times: the work of N steps
     self.batch = jax.device_put({
-        "image": _random_images(data, lead + (batch_size, image_size, image_size, 3)),
-        "label": data.integers(0, config.model.num_classes, lead + (batch_size,), np.int32)})
+        "image": np.broadcast_to(
+            _random_images(data, lead + (batch_size, image_size, image_size, 3)),
+            stacked + lead + (batch_size, image_size, image_size, 3)).copy(),
+        "label": np.broadcast_to(
+            data.integers(0, config.model.num_classes, lead + (batch_size,), np.int32),
+            stacked + lead + (batch_size,)).copy()})
     self.eval_batch = jax.device_put(
         {"image": _random_images(data, lead + (eval_batch_size, image_size, image_size, 3))})
     keys = jax.random.split(jax.random.key(seed + 1), 64)
     self.rngs = [keys[i] for i in range(64)]
     train_fn, eval_fn = fold_steps(config.augment.to_dict(), k)
+    train_fn = _dispatch_steps(train_fn, k, n)
     started = time.perf_counter()
     self.train = jax.jit(train_fn, donate_argnums=(0,)).lower(
         self.state, self.batch, self.rngs[0]).compile()
@@ -123,15 +134,20 @@ class JaxCase:
     self.eval = jax.jit(eval_fn).lower(self.state, self.eval_batch).compile()
     self.compile_eval_s = time.perf_counter() - started
     self.program_bytes = _program_bytes(self.train)
-    self.images_per_train_step = k * batch_size
+    self.images_per_train_step = n * k * batch_size
     self.images_per_eval_step = k * eval_batch_size
     self._i = 0
+
+  def train_dispatch(self):
+    """Dispatches one (N-step) train step without waiting for it; returns its metrics."""
+    self.state, metrics = self.train(self.state, self.batch, self.rngs[self._i % 64])
+    self._i += 1
+    return metrics
 
   def train_window(self, steps: int) -> float:
     started = time.perf_counter()
     for _ in range(steps):
-      self.state, metrics = self.train(self.state, self.batch, self.rngs[self._i % 64])
-      self._i += 1
+      metrics = self.train_dispatch()
     jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - started
 
@@ -154,55 +170,54 @@ def _program_bytes(compiled) -> int | None:
 
 def step_flops(config, image_size: int, batch_size: int) -> dict[str, float]:
   """XLA's FLOP count (cost analysis of the lowered program) per image of a train and an eval
-  step, counted on the explicit S-Attn (a fused attention op is opaque to the count)."""
+  step, counted on the explicit S-Attn (a fused attention op is opaque to the count), as a GPU
+  runs the step (`roofline.xla_flops`: on the CPU backend with the models' CPU-only paths off).
+
+  On a GPU the convolutions are cuDNN custom calls, which XLA's cost analysis does not count
+  (seen on an H100: 4.6 GFLOP per training image instead of ~147), and the lowered program there
+  reports no analysis at all; on a CPU the Winograd convolutions do fewer products."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.s_attn_impl = "explicit"
-  model = models.build_model(config.model)
-  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-  state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
-                                                        jnp.ones(3), 1000), variables)
-  images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
-  labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  train_fn, eval_fn = fold_steps(config.augment.to_dict(), 1)
-  out = {}
-  # Counted on the CPU backend, whatever runs the benchmark: on a GPU the convolutions are cuDNN
-  # custom calls, which XLA's cost analysis does not count (seen on an H100: 4.6 GFLOP per
-  # training image instead of ~147), and the lowered program there reports no analysis at all.
-  with jax.default_device(jax.devices("cpu")[0]):
-    lowered = {
-        "train": jax.jit(train_fn).lower(state, {"image": images, "label": labels},
-                                         jax.random.key(0)),
-        "eval": jax.jit(eval_fn).lower(state, {"image": images}),
-    }
-    for name, low in lowered.items():
-      try:
-        cost = low.cost_analysis()
-      except (AttributeError, NotImplementedError):  # jax versions without the lowered analysis
-        cost = None
-      if not cost:
-        cost = low.compile().cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      out[name] = float(cost["flops"]) / batch_size
-  return out
+  with cpu_paths.off():
+    model = models.build_model(config.model)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
+                                                          jnp.ones(3), 1000), variables)
+    images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    train_fn, eval_fn = fold_steps(config.augment.to_dict(), 1)
+    return {"train": roofline.xla_flops(train_fn, state, {"image": images, "label": labels},
+                                        jax.random.key(0)) / batch_size,
+            "eval": roofline.xla_flops(lambda s, b: eval_fn(s, b), state,
+                                       {"image": images}) / batch_size}
 
 
 class TorchCase:
-  """The PyTorch eager peer of a K = 1 JaxCase: same network shapes, batch, optimiser."""
+  """The PyTorch peer of a K = 1 JaxCase: same network shapes, batch, optimiser, in one `mode`:
+  'eager' (NCHW), 'channels_last' (NHWC memory format), or 'compile' (`torch.compile` of the
+  channels-last model, `compile_backend` inductor unless told, with fused Adam); bfloat16
+  autocast when `dtype` is bfloat16."""
 
-  def __init__(self, config, image_size, batch_size, eval_batch_size, dtype, seed=0):
+  def __init__(self, config, image_size, batch_size, eval_batch_size, dtype, seed=0,
+               mode="eager", compile_backend="inductor"):
     import torch
 
     from jattn import torch_reference
 
-    self.torch = torch
+    self.torch, self.mode = torch, mode
     self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     mc = config.model
     self.model = torch_reference.for_config(mc).to(self.device)
+    self.memory_format = (torch.contiguous_format if mode == "eager" else torch.channels_last)
+    self.model = self.model.to(memory_format=self.memory_format)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,
-                                      weight_decay=config.weight_decay)
+                                      weight_decay=config.weight_decay,
+                                      **({"fused": True} if mode == "compile" else {}))
+    self.forward = (torch.compile(self.model, backend=compile_backend) if mode == "compile"
+                    else self.model)
     self.autocast = dtype == "bfloat16"
     data = np.random.default_rng(seed)
     as_tensor = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
@@ -212,12 +227,21 @@ class TorchCase:
                                                        image_size)))
     self.images_per_train_step, self.images_per_eval_step = batch_size, eval_batch_size
 
+  def compilations(self) -> int:
+    """Graphs torch.compile has compiled so far in this process (0 outside compile mode)."""
+    if self.mode != "compile":
+      return 0
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    return int(counters["stats"]["unique_graphs"])
+
   def _forward(self, images, flip):
     x = (images.float() - 127.5) / 64.0
     if flip:  # the augmentation's share of the work: one flip and one right-angle rotation
       x = torch_rot90(self.torch, self.torch.flip(x, dims=(3,)))
+    x = x.contiguous(memory_format=self.memory_format)
     with self.torch.autocast(self.device, self.torch.bfloat16, enabled=self.autocast):
-      return self.model(x).float()
+      return self.forward(x).float()
 
   def _sync(self):
     if self.device == "cuda":
@@ -268,43 +292,84 @@ def projected_hours(train_rate: float, eval_rate: float) -> float:
   return seconds / 3600
 
 
-def run_case(config, name, dtype, k, args, with_torch) -> dict:
-  """Measures one (config, dtype, K): JAX, and PyTorch beside it when asked and K = 1."""
+def _case_row(config, name, dtype, k, n, args) -> tuple[Any, dict]:
+  """(config with the row's dtype, the row's settings) of one (config, dtype, K, N)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.dtype = dtype
-  resolved = models.resolve_dtype(dtype)
-  row = {"config": name, "dtype": resolved, "parallel_folds": k,
+  row = {"config": name, "dtype": models.resolve_dtype(dtype), "parallel_folds": k,
+         "steps_per_dispatch": n,
          "s_attn_impl": models.resolve_s_attn_impl(config.model.get("s_attn_impl", "auto")),
          "image_size": args.image_size, "batch_size": args.batch_size,
          "eval_batch_size": args.eval_batch_size}
-  print(f"[{name} {resolved} K={k}] compiling ...", file=sys.stderr, flush=True)
-  peers = {"jax": JaxCase(config, args.image_size, args.batch_size, args.eval_batch_size, k)}
-  jax_case = peers["jax"]
-  row.update(compile_train_s=round(jax_case.compile_train_s, 2),
-             compile_eval_s=round(jax_case.compile_eval_s, 2),
-             xla_program_bytes=jax_case.program_bytes)
-  if with_torch and k == 1:
-    peers["torch"] = TorchCase(config, args.image_size, args.batch_size, args.eval_batch_size,
-                               resolved)
+  return config, row
+
+
+def _jax_case(config, row, args) -> JaxCase:
+  print(f"[{row['config']} {row['dtype']} K={row['parallel_folds']} "
+        f"N={row['steps_per_dispatch']}] compiling ...", file=sys.stderr, flush=True)
+  case = JaxCase(config, args.image_size, args.batch_size, args.eval_batch_size,
+                 row["parallel_folds"], n=row["steps_per_dispatch"])
+  row.update(compile_train_s=round(case.compile_train_s, 2),
+             compile_eval_s=round(case.compile_eval_s, 2), xla_program_bytes=case.program_bytes)
+  return case
+
+
+def run_case(config, name, dtype, k, args, with_torch, n=1) -> dict:
+  """Measures one (config, dtype, K, N): JAX, and PyTorch in each of `args.torch_modes` beside it
+  when asked and K = N = 1."""
+  config, row = _case_row(config, name, dtype, k, n, args)
+  peers = {"jax": _jax_case(config, row, args)}
+  if with_torch and k == 1 and n == 1:
+    for mode in args.torch_modes:
+      peers[f"torch_{mode}"] = TorchCase(config, args.image_size, args.batch_size,
+                                         args.eval_batch_size, row["dtype"], mode=mode,
+                                         compile_backend=args.torch_compile_backend)
   for phase in ("train", "eval"):
     times = {p: [] for p in peers}
     for case in peers.values():  # warm-up: compilation, caches, allocator
-      getattr(case, f"{phase}_window")(args.warmup)
+      # torch.compile compiles at the first step of each phase: one more step shows none is left
+      warmup = max(args.warmup, 2) if getattr(case, "mode", None) == "compile" else args.warmup
+      getattr(case, f"{phase}_window")(warmup)
+    compiled = {p: case.compilations() for p, case in peers.items() if p != "jax"}
     for _ in range(args.windows):  # interleaved: jax, torch, jax, torch, ...
       for p, case in peers.items():
         times[p].append(getattr(case, f"{phase}_window")(args.steps))
     for p, case in peers.items():
       images = args.steps * getattr(case, f"images_per_{phase}_step")
-      prefix = "" if p == "jax" else "torch_"
+      prefix = "" if p == "jax" else f"{p}_"
       row[f"{prefix}{phase}_images_per_s"] = round(_median_rate(times[p], images), 3)
       row[f"{prefix}{phase}_window_s"] = [round(t, 4) for t in times[p]]
-    if "torch" in peers:
-      row[f"{phase}_ratio_vs_torch"] = round(
-          row[f"{phase}_images_per_s"] / row[f"torch_{phase}_images_per_s"], 3)
+      if p != "jax":
+        row[f"{phase}_ratio_vs_{p}"] = round(
+            row[f"{phase}_images_per_s"] / row[f"{p}_{phase}_images_per_s"], 3)
+        late = case.compilations() - compiled[p]
+        row[f"{p}_compilations_in_windows"] = row.get(f"{p}_compilations_in_windows", 0) + late
+        if late:
+          print(f"jattn.benchmark: warning: {p} compiled {late} graph(s) during the timed "
+                f"{phase} windows; raise --warmup", file=sys.stderr, flush=True)
   kind, peak = _peak_memory_bytes()
   row[f"peak_{kind}_bytes_so_far"] = peak
-  del peers, jax_case
+  del peers
+  return row
+
+
+def profile_case(config, name, dtype, k, n, args) -> dict:
+  """Traces `args.steps` train dispatches of one (config, dtype, K, N) after `args.warmup` into
+  `args.profile`/<row> and reads where their time goes (`jattn.profile`); no timed windows."""
+  config, row = _case_row(config, name, dtype, k, n, args)
+  case = _jax_case(config, row, args)
+  jax.block_until_ready(case.train_window(args.warmup) if args.warmup else None)
+  where = os.path.join(args.profile, f"{name}_{row['dtype']}_K{k}_N{n}")
+  traced = profile_lib.trace(case.train_dispatch, args.steps, where)
+  sites = [path for path, _, _ in models.attention_sites(config.model)]
+  steps = args.steps * n  # training steps traced: the figures are per step, not per dispatch
+  found = profile_lib.breakdown(case.train.as_text(), traced["xplane"], steps, sites)
+  found.update(wall_s_per_step=traced["wall_s"] / steps, trace_dir=where,
+               xplane=traced["xplane"], perfetto=traced["perfetto"])
+  row["profile"] = found
+  row["train_images_per_s"] = round(k * args.batch_size / found["step_s"], 3)
+  del case
   return row
 
 
@@ -322,32 +387,43 @@ def _device_info(args) -> dict:
   return info
 
 
-def summarize(rows: list[dict], device_kind: str, peak_override: float | None) -> None:
-  """Adds FLOP-based figures, parallel-fold speed-ups and the protocol projection to each row."""
-  base = {(r["config"], r["dtype"]): r for r in rows if r["parallel_folds"] == 1}
+def summarize(rows: list[dict], device_kind: str, peak_override: float | None,
+              gbps_override: float | None = None) -> None:
+  """Adds FLOP-based figures, parallel-fold speed-ups, the protocol projection and (rows with a
+  `roofline` count) the roofline bound and achieved fraction to each row."""
+  base = {(r["config"], r["dtype"], r.get("steps_per_dispatch", 1)): r for r in rows
+          if r["parallel_folds"] == 1}
   for r in rows:
     peak = peak_override or peak_tflops(device_kind, r["dtype"])
     r["peak_tflops"] = peak
     for phase in ("train", "eval"):
-      flops = r.get(f"{phase}_flops_per_image")
-      r[f"{phase}_mfu"] = (round(flops * r[f"{phase}_images_per_s"] / (peak * 1e12), 4)
-                           if flops and peak else None)
-    one = base.get((r["config"], r["dtype"]))
+      flops, rate = r.get(f"{phase}_flops_per_image"), r.get(f"{phase}_images_per_s")
+      r[f"{phase}_mfu"] = (round(flops * rate / (peak * 1e12), 4)
+                           if flops and peak and rate else None)
+    one = base.get((r["config"], r["dtype"], r.get("steps_per_dispatch", 1)))
     # K separate runs take K times one run's time for K times its images: the K = 1 rate.
     r["train_speedup_vs_separate_runs"] = (
         round(r["train_images_per_s"] / one["train_images_per_s"], 3) if one else None)
-    r["protocol_hours"] = round(projected_hours(r["train_images_per_s"],
-                                                r["eval_images_per_s"]), 2)
+    r["protocol_hours"] = (round(projected_hours(r["train_images_per_s"],
+                                                 r["eval_images_per_s"]), 2)
+                           if r.get("eval_images_per_s") else None)
+    if r.get("roofline"):  # one fold's step on a batch, against the time per batch measured
+      r["roofline"]["bound"] = roofline.bound(
+          r["roofline"], peak, gbps_override or roofline.bandwidth_gbps(device_kind),
+          r["batch_size"] / r["train_images_per_s"])
 
 
 def format_table(rows: list[dict]) -> str:
+  modes = [m for m in TORCH_MODES if any(f"torch_{m}_train_images_per_s" in r for r in rows)]
+  torch_cols = [(f"torch {m} {phase}", f"torch_{m}_{phase}_images_per_s", "{:.1f}")
+                for m in modes for phase in ("train", "eval")]
+  torch_cols += [(f"{phase} x {m}", f"{phase}_ratio_vs_torch_{m}", "{:.2f}")
+                 for m in modes for phase in ("train", "eval")]
   cols = [("config", "config", "{}"), ("dtype", "dtype", "{}"), ("K", "parallel_folds", "{}"),
+          ("N", "steps_per_dispatch", "{}"),
           ("train img/s", "train_images_per_s", "{:.1f}"),
           ("eval img/s", "eval_images_per_s", "{:.1f}"),
-          ("torch train", "torch_train_images_per_s", "{:.1f}"),
-          ("torch eval", "torch_eval_images_per_s", "{:.1f}"),
-          ("train x torch", "train_ratio_vs_torch", "{:.2f}"),
-          ("eval x torch", "eval_ratio_vs_torch", "{:.2f}"),
+          *torch_cols,
           ("x separate", "train_speedup_vs_separate_runs", "{:.2f}"),
           ("compile s", "compile_train_s", "{:.0f}"),
           ("GFLOP/img", "train_flops_per_image", "{:.1f}"),
@@ -371,13 +447,13 @@ def format_table(rows: list[dict]) -> str:
                    for row in table)
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, flag: str = "--parallel-folds", example: str = "1,5") -> list[int]:
   try:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
     values = []
   if not values or min(values) < 1:
-    raise UserError(f"--parallel-folds {text!r}: give positive integers, e.g. 1,5")
+    raise UserError(f"{flag} {text!r}: give positive integers, e.g. {example}")
   return values
 
 
@@ -394,11 +470,29 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument("--dtype", default="float32",
                       help=f"comma-separated compute dtypes: {', '.join(models.DTYPES)}")
   parser.add_argument("--parallel-folds", default="1", help="comma-separated K, e.g. 1,5")
+  parser.add_argument("--steps-per-dispatch", default="1",
+                      help="comma-separated N: training steps per dispatch (lax.scan), e.g. 1,8")
   parser.add_argument("--torch", action="store_true",
-                      help="run the PyTorch eager peer beside each K = 1 case")
+                      help="run the PyTorch peer beside each K = N = 1 case")
+  parser.add_argument("--torch-mode", default="eager",
+                      help=f"comma-separated PyTorch modes, each a peer: {', '.join(TORCH_MODES)}")
+  parser.add_argument("--torch-compile-backend", default="inductor",
+                      help="torch.compile's backend in --torch-mode compile (default inductor)")
   parser.add_argument("--peak-tflops", type=float, default=None,
-                      help="the device's peak TFLOP/s for MFU (default: PEAK_TFLOPS by device)")
-  parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
+                      help="the device's peak TFLOP/s for MFU and the roofline (default: "
+                           "roofline.DEVICES by device kind)")
+  parser.add_argument("--peak-gbps", type=float, default=None,
+                      help="the device's memory bandwidth in GB/s for the roofline (default: "
+                           "roofline.DEVICES by device kind)")
+  parser.add_argument("--roofline", action="store_true",
+                      help="add each row's roofline: the step's FLOPs and bytes at the peaks")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="trace --steps dispatches after --warmup into DIR and print where "
+                           "their time goes, instead of timing windows")
+  parser.add_argument("--runs-per-device", default=None, metavar="K,...",
+                      help="instead: the aggregate train rate of K benchmark processes at once on "
+                           "one device, for each K (e.g. 1,2,4; first config and dtype)")
+  parser.add_argument("--steps", type=int, default=5, help="dispatches per timed window")
   parser.add_argument("--windows", type=int, default=5, help="timed windows (median taken)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the windows")
   parser.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -411,6 +505,16 @@ def parse_args(argv):
   args.overrides = overrides
   args.eval_batch_size = args.eval_batch_size or args.batch_size
   args.parallel_folds = _int_list(args.parallel_folds)
+  args.steps_per_dispatch = _int_list(args.steps_per_dispatch, "--steps-per-dispatch", "1,8")
+  args.runs_per_device = (None if args.runs_per_device is None else
+                          _int_list(args.runs_per_device, "--runs-per-device", "1,2,4"))
+  args.torch_modes = [m.strip() for m in args.torch_mode.split(",") if m.strip()]
+  if not args.torch_modes or set(args.torch_modes) - set(TORCH_MODES):
+    raise UserError(f"--torch-mode {args.torch_mode!r}: use {', '.join(TORCH_MODES)} "
+                    f"(comma-separated)")
+  for name in ("peak_tflops", "peak_gbps"):
+    if getattr(args, name) is not None and not getattr(args, name) > 0:
+      raise UserError(f"--{name.replace('_', '-')} must be a positive number")
   args.dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
   bad = [d for d in args.dtypes if d not in models.DTYPES]
   if bad or not args.dtypes:
@@ -424,27 +528,47 @@ def parse_args(argv):
 
 
 def benchmark(args) -> dict:
-  """Runs every (config, dtype, K) of `args`; returns {'device': ..., 'rows': [...]}."""
+  """Runs every (config, dtype, K, N) of `args` (or, with --runs-per-device, that measurement);
+  returns {'device': ..., 'rows': [...]}."""
   info = _device_info(args)
+  settings = {k: getattr(args, k) for k in (
+      "image_size", "batch_size", "eval_batch_size", "steps", "windows", "warmup",
+      "peak_tflops", "peak_gbps", "torch_modes", "torch_compile_backend", "profile")} | {
+          "overrides": list(args.overrides)}
+  result = {"schema": "jattn.benchmark/2", "device": info, "protocol": PROTOCOL,
+            "settings": settings}
+  if args.runs_per_device:
+    from jattn import runs_per_device  # noqa: PLC0415
+
+    return result | {"runs_per_device": runs_per_device.measure(args)}
   rows = []
   for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
     config = config_lib.apply_overrides(config_lib.load_config(spec), args.overrides)
     flops = step_flops(config, args.image_size, args.batch_size)
     for dtype in args.dtypes:
+      counts = None
+      if args.roofline:
+        with_dtype = config.copy_and_resolve_references()
+        with with_dtype.unlocked():
+          with_dtype.model.dtype = models.resolve_dtype(dtype)
+        counts = roofline.count_step(with_dtype, args.image_size, args.batch_size)
       for k in args.parallel_folds:
-        row = run_case(config, config.name, dtype, k, args, args.torch)
-        row["train_flops_per_image"] = flops["train"]
-        row["eval_flops_per_image"] = flops["eval"]
-        rows.append(row)
-        print(f"[{config.name} {row['dtype']} K={k}] train {row['train_images_per_s']:.1f} "
-              f"img/s, eval {row['eval_images_per_s']:.1f} img/s", file=sys.stderr, flush=True)
-  summarize(rows, info["device_kind"], args.peak_tflops)
-  return {"schema": "jattn.benchmark/1", "device": info, "protocol": PROTOCOL,
-          "settings": {k: getattr(args, k) for k in ("image_size", "batch_size",
-                                                     "eval_batch_size", "steps", "windows",
-                                                     "warmup", "peak_tflops")}
-          | {"overrides": list(args.overrides)},
-          "rows": rows}
+        for n in args.steps_per_dispatch:
+          if args.profile:
+            row = profile_case(config, config.name, dtype, k, n, args)
+          else:
+            row = run_case(config, config.name, dtype, k, args, args.torch, n)
+          row["train_flops_per_image"] = flops["train"]
+          row["eval_flops_per_image"] = flops["eval"]
+          if counts is not None:
+            row["roofline"] = dict(counts)
+          rows.append(row)
+          print(f"[{config.name} {row['dtype']} K={k} N={n}] train "
+                f"{row['train_images_per_s']:.1f} img/s"
+                + (f", eval {row['eval_images_per_s']:.1f} img/s" if "eval_images_per_s" in row
+                   else ""), file=sys.stderr, flush=True)
+  summarize(rows, info["device_kind"], args.peak_tflops, args.peak_gbps)
+  return result | {"rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -456,12 +580,32 @@ def main(argv: list[str] | None = None) -> None:
     result = benchmark(args)
     if args.out:
       files.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-  d = result["device"]
+  print(report(result))
+
+
+def report(result: dict) -> str:
+  """The printed report of a `benchmark` result: the device, then the table (or the profile, or
+  the runs per device), then the rooflines."""
+  d, s = result["device"], result["settings"]
   threads = f", torch threads {d['torch_threads']}" if "torch_threads" in d else ""
-  print(f"{d['device_kind']} ({d['backend']}, {d['cpu_threads']} CPU threads{threads}), "
-        f"image {args.image_size}, batch {args.batch_size}, median of {args.windows} windows "
-        f"of {args.steps} steps")
-  print(format_table(result["rows"]))
+  head = (f"{d['device_kind']} ({d['backend']}, {d['cpu_threads']} CPU threads{threads}), "
+          f"image {s['image_size']}, batch {s['batch_size']}")
+  if "runs_per_device" in result:
+    from jattn import runs_per_device  # noqa: PLC0415
+
+    return f"{head}\n{runs_per_device.format_table(result['runs_per_device'])}"
+  lines = []
+  if s.get("profile"):
+    lines.append(f"{head}, {s['steps']} dispatches traced after {s['warmup']} warm-up")
+    for r in result["rows"]:
+      lines += [f"{r['config']} {r['dtype']} K={r['parallel_folds']} "
+                f"N={r['steps_per_dispatch']}: {r['profile']['trace_dir']}",
+                profile_lib.format_table(r["profile"])]
+  else:
+    lines += [f"{head}, median of {s['windows']} windows of {s['steps']} dispatches",
+              format_table(result["rows"])]
+  roofs = roofline.format_table(result["rows"])
+  return "\n".join(lines + ([roofs] if roofs else []))
 
 
 if __name__ == "__main__":

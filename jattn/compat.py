@@ -25,10 +25,12 @@ LATER_FIELDS = {
     # The ResNets' placement and batch norm's running variance as PyTorch keeps it (issue 22).
     "model.bn_unbiased_running_var": False, "model.c_attn_stages": [0, 1],
     "model.s_attn_stages": [2, 3, 4],
+    # Several training steps per dispatch (issue 24).
+    "steps_per_dispatch": 1,
 }
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",
-                      "num_devices", "coordinator_timeout_s")
+                      "num_devices", "coordinator_timeout_s", "steps_per_dispatch")
 
 
 def later_fields(dataset: str) -> dict:

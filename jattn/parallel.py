@@ -11,6 +11,8 @@ decides how they run:
 - Folds: with K > 1 the K folds' train states are stacked along a leading axis and the step is
   `jax.vmap`ped over it; a fold that has finished (`active` False) keeps its state. With K = 1 the
   step is the plain one, so a single fold computes exactly what it always did.
+- Steps: `train_steps` runs n steps in one dispatch, a `lax.scan` of the same step over n stacked
+  batches (`batches`), for `config.steps_per_dispatch`.
 - Devices: one `jax.sharding.Mesh` with a `data` axis; batches are sharded along it (the fold
   axis is not), the train state is replicated, and XLA inserts the reductions (no pmap).
 - Processes: after `initialize_distributed()`, the mesh spans every process' devices; each
@@ -361,6 +363,12 @@ class Plan:
     return NamedSharding(self.mesh, P(DATA_AXIS) if self.num_folds == 1 else P(None, DATA_AXIS))
 
   @property
+  def train_batches(self) -> NamedSharding:
+    """The training batches of n steps stacked: [n, B, ...], or [n, K, B, ...]."""
+    return NamedSharding(self.mesh, P(None, DATA_AXIS) if self.num_folds == 1
+                         else P(None, None, DATA_AXIS))
+
+  @property
   def eval_batch(self) -> NamedSharding:
     """Test batches of one fold: [B, ...]."""
     return NamedSharding(self.mesh, P(DATA_AXIS))
@@ -399,25 +407,30 @@ def make_plan(config) -> Plan:
 # The parts of a layout that change a run's arithmetic (the order of its reductions, its
 # precision): a resume that changes one of them continues correctly, but not bit-identically.
 ARITHMETIC = ("platform", "device_kind", "devices", "processes", "parallel_folds", "position",
-              "dtype")
+              "dtype", "steps_per_dispatch")
+# What a layout recorded before a part of it was: steps_per_dispatch came later, and was 1.
+LAYOUT_DEFAULTS = {"steps_per_dispatch": 1}
 
 
-def layout(plan: Plan, position: int, num_devices: int, dtype: str) -> dict[str, Any]:
+def layout(plan: Plan, position: int, num_devices: int, dtype: str,
+           steps_per_dispatch: int = 1) -> dict[str, Any]:
   """How the plan lays out the fold at `position` (0-based) of its group, for results.json:
   the devices of the mesh (names, platform, kind), processes, folds in one program and this
-  fold's place among them (1-based), the num_devices setting and the computation dtype."""
+  fold's place among them (1-based), the num_devices setting, the computation dtype and the
+  steps run in one dispatch."""
   devices = list(plan.mesh.devices.flat)
   return {"devices": [str(d) for d in devices], "platform": devices[0].platform,
           "device_kind": devices[0].device_kind, "num_devices": num_devices,
           "processes": jax.process_count(), "parallel_folds": plan.num_folds,
-          "position": position + 1, "dtype": dtype}
+          "position": position + 1, "dtype": dtype, "steps_per_dispatch": steps_per_dispatch}
 
 
 def layout_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-  """'field old -> new' for each ARITHMETIC part that differs (the device count for devices)."""
+  """'field old -> new' for each ARITHMETIC part that differs (the device count for devices); a
+  part a layout predates counts as its LAYOUT_DEFAULTS value."""
   changes = []
   for key in ARITHMETIC:
-    old, new = before.get(key), now.get(key)
+    old, new = (x.get(key, LAYOUT_DEFAULTS.get(key)) for x in (before, now))
     if key == "devices":
       old, new = len(old or ()), len(new or ())
     if old != new:
@@ -489,6 +502,23 @@ def batch(plan: Plan, fold_batches: Sequence[Mapping[str, np.ndarray] | None],
 
   A fold that has finished passes None and gets zeros, which its masked step ignores.
   """
+  return {key: _global(plan.train_batch, local, global_shape)
+          for key, (local, global_shape) in _local_batch(plan, fold_batches, batch_size).items()}
+
+
+def batches(plan: Plan, steps: Sequence[Sequence[Mapping[str, np.ndarray] | None]],
+            batch_size: int) -> dict[str, jax.Array]:
+  """The global training batches of n steps (each step's fold batches, as `batch` takes them),
+  stacked on a leading axis for `train_steps`."""
+  locals_ = [_local_batch(plan, fold_batches, batch_size) for fold_batches in steps]
+  return {key: _global(plan.train_batches, np.stack([step[key][0] for step in locals_]),
+                       (len(steps),) + global_shape)
+          for key, (_, global_shape) in locals_[0].items()}
+
+
+def _local_batch(plan: Plan, fold_batches: Sequence[Mapping[str, np.ndarray] | None],
+                 batch_size: int) -> dict[str, tuple[np.ndarray, tuple[int, ...]]]:
+  """{key: (this process' rows of one step's batch, the global batch's shape)}."""
   template = next(b for b in fold_batches if b is not None)
   rows = batch_size // process_rows(plan)[1]
   out = {}
@@ -502,7 +532,7 @@ def batch(plan: Plan, fold_batches: Sequence[Mapping[str, np.ndarray] | None],
       global_shape = (plan.num_folds, batch_size) + local.shape[2:]
     if local.shape[plan.num_folds > 1] != rows:
       raise ValueError(f"batch {key!r} has {local.shape} rows here, expected {rows}")
-    out[key] = _global(plan.train_batch, local, global_shape)
+    out[key] = (local, global_shape)
   return out
 
 
@@ -536,12 +566,7 @@ def fold_train_step(step_fn: Callable, mesh: Mesh | None = None, donate: bool = 
   folds with `active[k]` False keep their state. With a mesh, the batch axis B is sharded over its
   `data` axis and everything else replicated. The state is donated unless `donate=False`.
   """
-  masked = jax.vmap(_masked(step_fn))
-
-  def step(state, batch, train_rng, active):
-    rngs = jax.vmap(lambda s: jax.random.fold_in(train_rng, s))(state.step)
-    return masked(state, batch, rngs, active)
-
+  step = _folds_body(step_fn)
   kwargs = {"donate_argnums": (0,)} if donate else {}
   if mesh is None:
     return jax.jit(step, **kwargs)
@@ -549,6 +574,51 @@ def fold_train_step(step_fn: Callable, mesh: Mesh | None = None, donate: bool = 
   return jax.jit(step, in_shardings=(plan.replicated, plan.train_batch, plan.replicated,
                                      plan.replicated),
                  out_shardings=(plan.replicated, plan.replicated), **kwargs)
+
+
+def _folds_body(step_fn: Callable) -> Callable:
+  """One step of K folds, unjitted: (state[K], batch[K, B, ...], train_rng, active[K])."""
+  masked = jax.vmap(_masked(step_fn))
+
+  def step(state, batch, train_rng, active):
+    rngs = jax.vmap(lambda s: jax.random.fold_in(train_rng, s))(state.step)
+    return masked(state, batch, rngs, active)
+
+  return step
+
+
+def step_body(plan: Plan, step_fn: Callable) -> Callable:
+  """The plan's step unjitted, (state, batch, train_rng, active) -> (state, metrics): what
+  `train_step` jits (one fold: rng `fold_in(train_rng, state.step)`, `active` unused)."""
+  if plan.num_folds > 1:
+    return _folds_body(step_fn)
+  return lambda state, batch, train_rng, active: step_fn(
+      state, batch, jax.random.fold_in(train_rng, state.step))
+
+
+def scan_steps(body: Callable) -> Callable:
+  """`body` (a `step_body`) over n stacked batches in one `lax.scan`: (state, batches[n, ...],
+  train_rng, active) -> (state, metrics[n, ...]). Each step is the one `body` takes alone, with
+  the state's own step counter choosing its rng."""
+  def steps(state, batches, train_rng, active):
+    return jax.lax.scan(lambda s, batch: body(s, batch, train_rng, active), state, batches)
+
+  return steps
+
+
+def train_steps(plan: Plan, step_fn: Callable) -> Callable:
+  """The plan's jitted program of n steps in one dispatch (`scan_steps`, Keras'
+  steps_per_execution): (state, batches [n, ...] from `batches`, train_rng, active) -> (state,
+  metrics [n, ...]); compiled once per n. The state is donated.
+
+  On XLA's CPU backend a step inside the scan computes the convolution weight gradients in
+  another order than the plain `train_step` (rounding-level: the same losses over a few steps,
+  parameters within ~1e-7), but the same as any other scan's step: n steps in chunks of 1, 2 or
+  n are bit-identical (tests/test_dispatch.py)."""
+  return jax.jit(scan_steps(step_body(plan, step_fn)),
+                 in_shardings=(plan.replicated, plan.train_batches, plan.replicated,
+                               plan.replicated),
+                 out_shardings=(plan.replicated, plan.replicated), donate_argnums=(0,))
 
 
 def train_step(plan: Plan, step_fn: Callable) -> Callable:

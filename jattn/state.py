@@ -39,11 +39,13 @@ class TrainState(train_state.TrainState):
   stain_max: jax.Array = None  # [2]: their maximum concentrations
 
   def apply_gradients(self, *, grads, **kwargs):
-    """One optimiser step; the learning rate follows this state's own `steps_per_epoch`."""
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
-                                        steps_per_epoch=self.steps_per_epoch)
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, **kwargs)
+    """One optimiser step; the learning rate follows this state's own `steps_per_epoch`. Its ops
+    are named `optimizer` in the program (the profile's kind `optimiser update`)."""
+    with jax.named_scope("optimizer"):
+      updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
+                                          steps_per_epoch=self.steps_per_epoch)
+      params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
 
 def normalize_stains(state: TrainState, images: jax.Array) -> jax.Array:

@@ -7,7 +7,9 @@ latest checkpoint) to `results.json`. The train state is `jattn.state`'s, the op
 `jattn.optim`'s, the config checks `jattn.validate`'s, the figures `jattn.evaluate`'s and the
 results' form `jattn.results`'. How the steps are mapped over several folds and sharded over
 devices and processes is decided by `jattn.parallel`; the loop reads the same for one fold on one
-CPU and five folds on eight GPUs.
+CPU and five folds on eight GPUs. With `config.steps_per_dispatch` N > 1 it hands the devices N
+steps at a time (one `lax.scan` over N stacked batches), cut to single steps where an epoch end or a
+checkpoint falls inside N: every step is still logged, checked and checkpointed where it was.
 
 The recipe is section 3 of the paper and the authors' code: softmax cross-entropy; Adam with
 learning rate 5e-5 and an L2 weight decay of 1e-4 added to the gradient before the moments, as
@@ -194,8 +196,10 @@ class _Fold:
   manager: Any = None
   metrics_file: Any = None
   writer: Any = None
-  pending: list = dataclasses.field(default_factory=list)
+  pending: list = dataclasses.field(default_factory=list)  # (metrics, fold k, index in dispatch)
   window_start: float = 0.0
+  window_done: int = 0  # the steps known to have run when window_start was taken
+  window_rate: float = 0.0  # images/s of the last window that waited for steps to run
   epoch_windows: list = dataclasses.field(default_factory=list)
   print_windows: bool = False  # a line per logged window (no progress bar: not a terminal)
   action: str = "write"  # what claiming the work dir takes (`_workdir_action`)
@@ -288,7 +292,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
         state = restored
         print(f"resuming {f.workdir} from step {int(state.step)} of {f.total_steps}")
       f.step = f.start_step = int(state.step)
-      f.layout = parallel.layout(plan, k, config.get("num_devices", 0), dtype)
+      f.layout = parallel.layout(plan, k, config.get("num_devices", 0), dtype,
+                                 config.get("steps_per_dispatch", 1))
       if is_main:
         f.layout_history = _record_layout(f)
     else:
@@ -299,9 +304,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
 
   train_rng = parallel.place(plan, train_rng)
   started = time.time()
-  step_fn = parallel.train_step(plan, functools.partial(
+  fold_step = functools.partial(
       train_step, augment=config.augment.to_dict(),
-      learning_rate_fn=functools.partial(optim.learning_rate_schedule, config)))
+      learning_rate_fn=functools.partial(optim.learning_rate_schedule, config))
+  per_dispatch = config.get("steps_per_dispatch", 1)
+  step_fn = (parallel.train_step(plan, fold_step) if per_dispatch == 1
+             else parallel.train_steps(plan, fold_step))
   remaining = np.array([f.total_steps - f.step for f in folds])
   bar = tqdm(total=int(remaining.max()), unit="step", dynamic_ncols=True, leave=False,
              desc=", ".join(f"fold {f.config.fold}" for f in folds), disable=None)
@@ -312,13 +320,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[
       for f in folds:
         if f.results is None:
           stack.enter_context(_open_logs(f, is_main))
-          f.window_start = time.time()
-      for batch, active in _prefetch(_global_batches(plan, folds, config)):
+          f.window_start, f.window_done = time.time(), f.step
+      for batch, active, size in _prefetch(_dispatches(plan, folds, config, per_dispatch)):
         state, metrics = step_fn(state, batch, train_rng, active)
-        bar.update()
-        for k, f in enumerate(folds):
-          if active[k]:
-            _after_step(f, k, plan, state, metrics, is_main)
+        bar.update(size)
+        for i in range(size):
+          for k, f in enumerate(folds):
+            if active[k]:
+              _after_step(f, k, plan, state, metrics, is_main,
+                          index=None if per_dispatch == 1 else i, left=size - 1 - i)
   finally:
     bar.close()
     for f in folds:
@@ -383,28 +393,66 @@ def _fold_batches(f: _Fold, config, rows: tuple[int, int]) -> Iterator[dict]:
                                   num_threads=config.loader_threads, process_rows=rows)
 
 
-def _global_batches(plan, folds: list[_Fold], config) -> Iterator[tuple[dict, np.ndarray]]:
-  """(global batch, active folds) of every step until the last fold has finished."""
-  remaining = [f.total_steps - f.step for f in folds]
+def _steps_to_save(f: _Fold, step: int) -> int:
+  """Steps from `step` to the fold's next epoch end or checkpoint (its last step is an epoch
+  end)."""
+  to_save = f.steps_per_epoch - step % f.steps_per_epoch
+  every = f.config.checkpoint_every_steps
+  return min(to_save, every - step % every) if every else to_save
+
+
+def _dispatches(plan, folds: list[_Fold], config, per_dispatch: int
+                ) -> Iterator[tuple[dict, np.ndarray, int]]:
+  """(global batch, active folds, steps) of every dispatch until the last fold has finished.
+
+  One step per dispatch when `per_dispatch` is 1; else `per_dispatch` steps stacked, or a single
+  step (stacked too) wherever an active fold's epoch end or checkpoint falls before the dispatch's
+  last step: two shapes to compile, and every save after the dispatch that ends on its step. The
+  cut depends only on the steps, so a resumed run cuts as the uninterrupted one did. No fold
+  starts or stops inside a dispatch (a fold ends at an epoch end), so `active` holds for all its
+  steps.
+  """
   rows = parallel.process_rows(plan)
   streams = [_fold_batches(f, config, rows) for f in folds]
-  for t in range(max(remaining)):
+  for active, size in _dispatch_sizes(folds, per_dispatch):
+    steps = [[next(s) if a else None for s, a in zip(streams, active, strict=True)]
+             for _ in range(size)]
+    if per_dispatch == 1:
+      yield parallel.batch(plan, steps[0], config.batch_size), active, 1
+    else:
+      yield parallel.batches(plan, steps, config.batch_size), active, size
+
+
+def _dispatch_sizes(folds: list[_Fold], per_dispatch: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(active folds, steps) of each dispatch `_dispatches` makes, from the folds' current steps."""
+  starts = [f.step for f in folds]
+  remaining = [f.total_steps - f.step for f in folds]
+  t = 0
+  while t < max(remaining):
     active = np.array([t < r for r in remaining])
-    fold_batches = [next(s) if a else None for s, a in zip(streams, active, strict=True)]
-    yield parallel.batch(plan, fold_batches, config.batch_size), active
+    size = per_dispatch if per_dispatch > 1 and all(
+        _steps_to_save(f, start + t) >= per_dispatch
+        for f, start, a in zip(folds, starts, active, strict=True) if a) else 1
+    yield active, size
+    t += size
 
 
-def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool) -> None:
-  """Logs, checks and checkpoints fold `f` (the plan's k-th) after one of its steps."""
+def _after_step(f: _Fold, k: int, plan, state, metrics, is_main: bool, index: int | None = None,
+                left: int = 0) -> None:
+  """Logs, checks and checkpoints fold `f` (the plan's k-th) after one of its steps: the
+  `index`-th of a dispatch of several (None: a dispatch of one step), `left` steps before the
+  dispatch's end (`state` is the state at that end)."""
   config = f.config
-  f.pending.append((metrics, k))
+  f.pending.append((metrics, k, index))
   f.step += 1
   epoch_end = f.step % f.steps_per_epoch == 0
   save_now = epoch_end or (
       config.checkpoint_every_steps and f.step % config.checkpoint_every_steps == 0)
+  if save_now and left:
+    raise AssertionError(f"step {f.step} is to be saved but {left} steps of its dispatch follow")
   if save_now or f.step % config.log_every_steps == 0:  # every loss is checked before a save
-    summary = _summarize_window(f, plan)
-    f.pending, f.window_start = [], time.time()
+    summary = _summarize_window(f, plan, f.step + left)
+    f.pending, f.window_start, f.window_done = [], time.time(), f.step + left
     if not np.isfinite(summary["loss"]):  # a window's mean is NaN or inf if any loss is
       _stop_nonfinite("loss", f.step, f.workdir, f.manager)
     f.epoch_windows.append(summary)
@@ -459,25 +507,34 @@ def _record_layout(f: _Fold) -> list[dict]:
                 f"({'; '.join(changes)}); resuming under this one gives a different, equally valid "
                 f"run, not the bit-identical continuation of a resume under the same layout "
                 f"(results.json: layout.history)")
-  if before != f.layout:
+  if before is None or {**parallel.LAYOUT_DEFAULTS, **before} != f.layout:
     history.append({"from_step": f.start_step, "layout": f.layout})
   results.write_json(path, history)
   return history
 
 
-def _summarize_window(f: _Fold, plan) -> dict[str, float]:
-  """The fold's mean metrics over the steps since its last summary (waits for them)."""
-  stacked = jax.device_get([m for m, _ in f.pending])
+def _summarize_window(f: _Fold, plan, done: int) -> dict[str, float]:
+  """The fold's mean metrics over the steps since its last summary (waits for them). `done` is
+  the step the wait reaches (the end of the dispatch holding the window's last step): the rate
+  counts the steps run since the last wait (a window whose steps all ran in a dispatch already
+  waited for has that dispatch's rate)."""
+  fetched = {id(m): m for m, _, _ in f.pending}
+  fetched = dict(zip(fetched, jax.device_get(list(fetched.values())), strict=True))
   seconds = time.time() - f.window_start  # after the wait: the window's steps have run
-  if plan.num_folds > 1:  # metrics of every fold: keep this one's
-    stacked = [{key: v[f.pending[0][1]] for key, v in m.items()} for m in stacked]
+  if done > f.window_done:
+    f.window_rate = (done - f.window_done) * f.config.batch_size / max(seconds, 1e-9)
+  stacked = []
+  for m, k, i in f.pending:  # the step's metrics: its index in a dispatch, then its fold
+    m = fetched[id(m)]
+    m = m if i is None else {key: v[i] for key, v in m.items()}
+    stacked.append(m if plan.num_folds == 1 else {key: v[k] for key, v in m.items()})
   return {
       "step": f.step,
       "steps": len(stacked),
       "loss": float(np.mean([m["loss"] for m in stacked])),
       "accuracy": float(np.mean([m["accuracy"] for m in stacked])),
       "learning_rate": float(stacked[-1]["learning_rate"]),  # what the optimiser last applied
-      "images_per_second": len(stacked) * f.config.batch_size / max(seconds, 1e-9),
+      "images_per_second": f.window_rate,
   }
 
 

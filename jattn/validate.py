@@ -35,6 +35,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"--config.parallel_folds={parallel_folds!r} with --config.fold={config.fold}: folds "
          f"{config.fold}..{config.fold + parallel_folds - 1} do not exist (folds are numbered 1 to "
          f"{last}); use at most {last + 1 - config.fold}")
+  per_dispatch = config.get("steps_per_dispatch", 1)
+  _check(isinstance(per_dispatch, int) and per_dispatch >= 1,
+         f"--config.steps_per_dispatch={per_dispatch!r}: the training steps run in one dispatch, "
+         f"at least 1 (1: one at a time)")
   _check(isinstance(num_devices, int) and num_devices >= 0,
          f"--config.num_devices={num_devices!r}: a device count, or 0 for all devices")
   for field in ("batch_size", "eval_batch_size", "num_epochs", "image_size", "log_every_steps"):

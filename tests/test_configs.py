@@ -92,6 +92,8 @@ def test_overrides_are_parsed_by_the_type_of_the_field():
     (["--config.fold=7"], "folds are numbered 1 to 5"),
     (["--config.batch_size=0"], "batch_size=0: must be a positive integer"),
     (["--config.tie_rule=coin"], "tie_rule='coin'"),
+    (["--config.steps_per_dispatch=0"], "steps_per_dispatch=0: the training steps run in one "
+                                        "dispatch, at least 1"),
 ])
 def test_bad_config_gives_one_line_and_writes_nothing(args, message, tmp_path, capsys):
   """A mistyped field or value stops `jattn.main` with one line naming it (exit 2, no traceback)

@@ -288,3 +288,38 @@ def test_an_old_sweep_run_again_tabulates_byte_for_byte(tmp_path):
   with open(out / "sweep.json") as f:
     manifest = json.load(f)
   assert manifest["seeds"] == [0] and {r["seed"] for r in manifest["runs"]} == {0}
+
+
+def test_two_runs_per_device_run_at_once_and_both_finish(synthetic_tree, prepared_dir, tmp_path,
+                                                         capsys):
+  """--runs-per-device 2 on the CPU: both runs start before either ends, both write results, each
+  process was given 0.9 / 2 of a device's memory (by hand: 0.45; one run keeps JAX's default)."""
+  from jattn import runs_per_device
+
+  assert runs_per_device.environment(2, {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
+  assert runs_per_device.environment(4, {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.22"}
+  assert runs_per_device.environment(1, {}) == {}
+  out = str(tmp_path / "sweep")
+  sets = [a for o in tiny_overrides(synthetic_tree[0], prepared_dir, num_epochs=1)
+          for a in ("--set", o)]
+  sweep.main(["--configs", ROWS, "--folds", "1", "--out", out, "--runs-per-device", "2", *sets])
+  printed = capsys.readouterr().out.splitlines()
+  events = [line.split()[0] if line.startswith("  start") else "done" for line in printed
+            if line.startswith("  start") or re.match(r"\[\d/2\] .* done after", line)]
+  assert events == ["start", "start", "done", "done"], printed
+  for name in ("demo_vgg19", "demo_ours"):
+    with open(os.path.join(out, name, "fold1", "results.json")) as f:
+      assert json.load(f)["train"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--runs-per-device", "0"], "--runs-per-device 0: give a number of runs >= 1"),
+    (["--runs-per-device", "2", "--launcher", "slurm"], "--runs-per-device is for the local "
+                                                        "launcher"),
+])
+def test_bad_runs_per_device_is_one_line(args, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    sweep.main(["--configs", ROWS, "--folds", "1", "--out", str(tmp_path / "s"), *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+  assert not (tmp_path / "s").exists()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jattn.models import conv as conv_lib
+from jattn.models import cpu_paths
 
 # The authors' code initialises every conv, attention included, with He (fan-out) normal weights.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -30,9 +31,10 @@ def float32_einsum(spec: str, x: jax.Array, y: jax.Array) -> jax.Array:
 
   With jattn's CPU flags (jattn/xla_cpu.py) XLA's CPU dot has no kernel for 16-bit operands
   with a float32 result, so on CPU such operands are widened to float32 first: a product of two
-  bfloat16 (or float16) numbers is exact in float32, so the sums are the same.
+  bfloat16 (or float16) numbers is exact in float32, so the sums are the same (not inside
+  `cpu_paths.off()`, which lowers the program as a GPU runs it).
   """
-  if jax.default_backend() == "cpu" and (x.dtype, y.dtype) != (jnp.float32, jnp.float32):
+  if cpu_paths.active() and (x.dtype, y.dtype) != (jnp.float32, jnp.float32):
     return jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32))
   return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 

@@ -15,7 +15,7 @@ subtract and halve, so the results match lax's to float rounding (about 1e-6 rel
 on 2 cores (batch 8): 152 -> 130 ms at 56x56x256, 147 -> 103 ms at 28x28x512; slower on larger
 maps, on block 5's 14x14 and with fewer channels, where lax's stays. The gradient is lax's own
 (Winograd's was slower there). Any other convolution, and any convolution off the CPU, is lax's
-own.
+own; inside `cpu_paths.off()` (counting the program a GPU runs) every convolution is lax's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from jattn.models import cpu_paths
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -53,10 +55,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def _plain_cpu_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                     feature_group_count, batch_group_count) -> bool:
-  """On the CPU backend, an NHWC / HWIO convolution with explicit padding, no dilation, no
-  groups: the kind both faster ways handle."""
+  """On the CPU backend (its CPU-only paths not turned off: `cpu_paths`), an NHWC / HWIO
+  convolution with explicit padding, no dilation, no groups: the kind both faster ways handle."""
   ones = (None, 1, (1, 1))
-  return (jax.default_backend() == "cpu" and lhs.ndim == 4 and dimension_numbers is not None
+  return (cpu_paths.active() and lhs.ndim == 4 and dimension_numbers is not None
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
           and not isinstance(padding, str)

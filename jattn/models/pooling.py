@@ -6,7 +6,7 @@ every training step, against 44 ms for the same gradient as element-wise work: e
 gradient goes to the first position of its 2x2 window (row-major) that holds the window's
 maximum, exactly where select-and-scatter sends it (ties included, as after a ReLU, where
 whole windows are 0). Forward and gradient are tested bit-equal to `nn.max_pool`'s. Off the
-CPU, or for a map with an odd side, this is `nn.max_pool` itself.
+CPU (or inside `cpu_paths.off()`), or for a map with an odd side, this is `nn.max_pool` itself.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jattn.models import cpu_paths
+
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """`nn.max_pool(x, (2, 2), strides=(2, 2))` on NHWC `x`."""
   _, h, w, _ = x.shape
-  if jax.default_backend() != "cpu" or h % 2 or w % 2:
+  if not cpu_paths.active() or h % 2 or w % 2:
     return nn.max_pool(x, (2, 2), strides=(2, 2))
   return _pool(x)
 
