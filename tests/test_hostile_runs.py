@@ -56,7 +56,7 @@ def test_results_record_the_layout_of_the_run(trained_run):
   device = jax.devices()[0]
   expected = {"devices": [str(device)], "platform": "cpu", "device_kind": device.device_kind,
               "num_devices": 0, "processes": 1, "parallel_folds": 1, "position": 1,
-              "dtype": "float32"}
+              "dtype": "float32", "steps_per_dispatch": 1}
   assert {k: v for k, v in layout.items() if k not in ("history", "one_layout")} == expected
   assert layout["history"] == [{"from_step": 0, "layout": expected}]
   assert layout["one_layout"] is True
