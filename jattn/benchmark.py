@@ -176,15 +176,8 @@ def step_flops(config, image_size: int, batch_size: int) -> dict[str, float]:
   On a GPU the convolutions are cuDNN custom calls, which XLA's cost analysis does not count
   (seen on an H100: 4.6 GFLOP per training image instead of ~147), and the lowered program there
   reports no analysis at all; on a CPU the Winograd convolutions do fewer products."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.s_attn_impl = "explicit"
   with cpu_paths.off():
-    model = models.build_model(config.model)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
-                                                          jnp.ones(3), 1000), variables)
+    config, state = roofline.abstract_state(config, image_size)
     images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8)
     labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     train_fn, eval_fn = fold_steps(config.augment.to_dict(), 1)

@@ -175,24 +175,34 @@ def xla_flops(fn, *args) -> float:
   return float(cost["flops"])
 
 
+def abstract_state(config, image_size: int):
+  """(config, abstract train state) of `config` as a GPU runs it, for counting: the explicit
+  S-Attn (a fused attention op is opaque to the counts) and, while the caller stays inside
+  `cpu_paths.off()`, the models' CPU-only paths off (module doc)."""
+  from jattn import models  # noqa: PLC0415 -- jattn.train imports the data stack
+  from jattn import state as state_lib  # noqa: PLC0415
+
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.s_attn_impl = "explicit"
+  model = models.build_model(config.model)
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
+                                                        jnp.ones(3), 1000), variables)
+  return config, state
+
+
 def count_step(config, image_size: int, batch_size: int) -> dict[str, Any]:
   """FLOPs and bytes of one training step of `config` (its model.dtype resolved) on a batch of
   `batch_size` uint8 images of `image_size`, counted as a GPU runs it (module doc):
   {'flops', 'bytes', 'bytes_by_part': {'parameters and optimiser', <attention module path>...,
   'other activations'}, 'largest_tensor', 'parameters'}."""
   from jattn import models, train  # noqa: PLC0415 -- jattn.train imports the data stack
-  from jattn import state as state_lib  # noqa: PLC0415
   from jattn.models import cpu_paths  # noqa: PLC0415
 
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.s_attn_impl = "explicit"  # a fused attention op is opaque to both counts
   with cpu_paths.off():
-    model = models.build_model(config.model)
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    state = jax.eval_shape(lambda v: state_lib.make_state(config, model, v, jnp.zeros(3),
-                                                          jnp.ones(3), 1000), variables)
+    config, state = abstract_state(config, image_size)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     # A fresh function: a step jax.jit has traced before keeps the program it traced.

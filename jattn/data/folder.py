@@ -253,12 +253,7 @@ def _warnings(table: labelled.Table) -> list[str]:
 
 def check_config(config) -> None:
   """The fields this source reads: folds, num_folds, mpp."""
-  folds, k = config.folds, config.get("num_folds", 5)
-  if folds == "generated" and not (isinstance(k, int) and k >= 2):
-    raise UserError(f"--config.num_folds={k!r}: the number of folds to generate, at least 2")
-  mpp = config.get("mpp", 0.0)
-  if not isinstance(mpp, (int, float)) or mpp < 0:
-    raise UserError(f"--config.mpp={mpp!r}: microns per pixel of the images, > 0 (0: unknown)")
+  labelled.check_fields(config)
 
 
 def outputs(config) -> Outputs:

@@ -379,6 +379,16 @@ def warn_all(messages: Sequence[str]) -> None:
     errors.warn(message)
 
 
+def check_fields(config) -> None:
+  """The fields the folder and TFDS sources share: num_folds (with generated folds) and mpp."""
+  folds, k = config.folds, config.get("num_folds", 5)
+  if folds == "generated" and not (isinstance(k, int) and k >= 2):
+    raise UserError(f"--config.num_folds={k!r}: the number of folds to generate, at least 2")
+  mpp = config.get("mpp", 0.0)
+  if not isinstance(mpp, (int, float)) or mpp < 0:
+    raise UserError(f"--config.mpp={mpp!r}: microns per pixel of the images, > 0 (0: unknown)")
+
+
 def fold_data(config, *, source: str, table: Table, cache: prepare.Cache, folds: Folds | None,
               prepared_dir: str, binary: ClassMap | None) -> FoldData:
   """Fold `config.fold` of `table` (whose images `cache` holds, in the same order) as a FoldData,

@@ -169,12 +169,8 @@ def prepared_dir(config, b, splits) -> str:
 
 
 def check_config(config) -> None:
-  folds, k = config.folds, config.get("num_folds", 5)
-  if folds == "generated" and not (isinstance(k, int) and k >= 2):
-    raise UserError(f"--config.num_folds={k!r}: the number of folds to generate, at least 2")
-  mpp = config.get("mpp", 0.0)
-  if not isinstance(mpp, (int, float)) or mpp < 0:
-    raise UserError(f"--config.mpp={mpp!r}: microns per pixel of the images, > 0 (0: unknown)")
+  """The fields this source reads: folds, num_folds, mpp; a manifest is the folder source's."""
+  labelled.check_fields(config)
   if config.get("manifest", ""):
     raise UserError(f"--config.manifest is for --config.dataset=folder, not {config.dataset}")
 
