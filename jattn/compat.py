@@ -28,6 +28,9 @@ LATER_FIELDS = {
     # Several training steps per dispatch (issue 24).
     "steps_per_dispatch": 1,
 }
+# Later fields whose default is not what runs before them computed: a run written before one of
+# them resumes as it was trained (`recorded_values`), not refused as another config.
+CHANGED_DEFAULTS = ("model.bn_unbiased_running_var",)
 BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                       "loader_threads", "eval_batch_size", "download", "parallel_folds",
                       "num_devices", "coordinator_timeout_s", "steps_per_dispatch")
@@ -72,4 +75,19 @@ def _leaves(config: dict, prefix: str = "") -> dict:
       out.update(_leaves(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
+  return out
+
+
+def recorded_values(stored: dict, now: dict) -> dict:
+  """{dotted field: the value its run computed} for the `CHANGED_DEFAULTS` that a run's stored
+  config predates and `now` sets otherwise: resuming the run under those values continues the
+  computation it began (a run trained with Flax's biased running variance keeps it)."""
+  out = {}
+  for key in CHANGED_DEFAULTS:
+    *parents, field = key.split(".")
+    node, current = stored, now
+    for parent in parents:
+      node, current = node.get(parent, {}), current.get(parent, {})
+    if field not in node and field in current and current[field] != LATER_FIELDS[key]:
+      out[key] = LATER_FIELDS[key]
   return out

@@ -140,6 +140,37 @@ def _workdir_action(workdir: str, config: ml_collections.ConfigDict, overwrite: 
   return "discard" if differ else "write"
 
 
+def _as_recorded(config: ml_collections.ConfigDict,
+                 workdirs: dict[int, str]) -> ml_collections.ConfigDict:
+  """`config` with the values that the runs already in `workdirs` computed for fields whose
+  default has changed since they were written (`compat.recorded_values`), so that such a run
+  resumes as it began; work dirs that disagree keep `config` (and are refused as other runs)."""
+  found = []
+  for workdir in workdirs.values():
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+      stored = files.read_json(path, f"delete {workdir} to start this run again, or use another "
+                                     f"--workdir")
+      found.append(compat.recorded_values(stored, json.loads(config.to_json())))
+  values = found[0] if found and all(f == found[0] for f in found) else {}
+  if not values:
+    return config
+  config = config.copy_and_resolve_references()
+  for key, value in values.items():
+    *parents, field = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    with node.unlocked():
+      node[field] = value
+  if jax.process_index() == 0:
+    fields = ", ".join(f"{k}={v}" for k, v in values.items())
+    print(f"{', '.join(workdirs.values())} was written before the default of "
+          f"{', '.join(values)} changed: it resumes as it was trained, with {fields} "
+          f"(--overwrite trains it anew under the new default)", flush=True)
+  return config
+
+
 def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, action: str) -> None:
   """Carries out `_workdir_action`'s answer: the other run discarded (the lock this run holds on
   the work dir kept), config.json written."""
@@ -238,6 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _train_and_evaluate(config: ml_collections.ConfigDict, plan, workdirs: dict[int, str],
                         overwrite: bool) -> dict | list[dict]:
   is_main = jax.process_index() == 0  # only process 0 writes results, metrics and TensorBoard
+  config = _as_recorded(config, workdirs)
   folds = []
   for number, fold_workdir in workdirs.items():
     fold_config = config.copy_and_resolve_references()

@@ -252,13 +252,14 @@ def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, sy
   results = open(os.path.join(trained_run, "results.json")).read()
   (old / "results.json").write_text(results)
   # The one later field whose default changed: the demo's batch-norm VGG computed with Flax's
-  # running variance before it, so its old runs resume with the value they computed with.
+  # running variance before it, so its old runs resume with the value they computed with, said.
   config = tiny_config(synthetic_tree[0], prepared_dir)
-  with pytest.raises(UserError, match=r"\(fields: model\.bn_unbiased_running_var\)"):
-    train.train_and_evaluate(config, str(old))
-  config.model.bn_unbiased_running_var = False
+  assert config.model.batch_norm and config.model.bn_unbiased_running_var
   train.train_and_evaluate(config, str(old))
-  assert "has finished" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert (f"{old} was written before the default of model.bn_unbiased_running_var changed: it "
+          f"resumes as it was trained, with model.bn_unbiased_running_var=False") in out
+  assert "has finished" in out
   assert json.loads((old / "config.json").read_text()) == stored  # nothing rewritten
   assert (old / "results.json").read_text() == results
 
@@ -273,7 +274,7 @@ def test_later_fields_hold_the_defaults():
     node = defaults
     for part in key.split("."):
       node = node[part]
-    if key == "model.bn_unbiased_running_var":  # issue 22: new runs keep PyTorch's statistics
-      assert (node, value) == (True, False)
+    if key in compat.CHANGED_DEFAULTS:  # issue 22: new runs keep PyTorch's statistics
+      assert (key, node, value) == ("model.bn_unbiased_running_var", True, False)
     else:
       assert node == value, key
