@@ -24,9 +24,6 @@ class Strata:
   mpp: tuple[float | None, ...] = ()  # microns per pixel of each value's images, where known
   mpp_note: str = ""  # where those figures come from (say so when they are estimates)
 
-  def mpp_of(self, value: str) -> float | None:
-    return self.mpp[self.values.index(value)] if self.mpp else None
-
 
 @dataclasses.dataclass(frozen=True)
 class ClassMap:

@@ -15,7 +15,6 @@ normalisation (`config.stain_norm`), channel statistics and TTA as its test eval
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -469,8 +468,3 @@ def _top_tiles(run, plan, folder, tiles, p_pos, k) -> list[dict]:
     listed.append({"file": f"top_tiles/{name}", "x": int(tiles.xs[i]), "y": int(tiles.ys[i]),
                    f"prob_{positive}": float(p_pos[i])})
   return listed
-
-
-def read_record(out: str, name: str) -> dict:
-  with open(os.path.join(out, name, "slide.json"), encoding="utf-8") as f:
-    return json.load(f)
