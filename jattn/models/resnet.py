@@ -48,6 +48,7 @@ from flax import linen as nn
 from jattn import models
 from jattn.errors import UserError
 from jattn.models import conv as conv_lib
+from jattn.models import pooling
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
 from jattn.models.norm import BatchNorm
 
@@ -187,7 +188,7 @@ class ResNet(nn.Module):
     x = _conv(self.planes[0], 7, 2, 3, self.dtype, "conv1")(x)
     x = BatchNorm(use_running_average=not train, momentum=0.1, epsilon=1e-5,
                   torch_running_var=self.bn_torch_running_var, dtype=self.dtype, name="bn1")(x)
-    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool_3x3_stride2(nn.relu(x))
     x = attend(x, 0)
     for spec in block_specs(self.block, self.stage_sizes, self.planes):
       x = Block(spec, self.block == "bottleneck", self.bn_torch_running_var, self.dtype,
