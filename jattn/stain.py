@@ -186,6 +186,7 @@ def preview(images: np.ndarray, reference: dict, *, gap: int = 2) -> np.ndarray:
   stronger and a weaker staining (another centre: `jattn.data.augment.hed_jitter`), each followed
   by its normalisation to `reference` (as `fit_reference` returns)."""
   from jattn.data import augment
+  from jattn.data import preview as preview_lib
 
   images = np.asarray(images, np.uint8)
   n = len(images)
@@ -196,13 +197,7 @@ def preview(images: np.ndarray, reference: dict, *, gap: int = 2) -> np.ndarray:
         0, 255).astype(np.uint8)
     done = normalize(shown, reference["stain_matrix"], reference["max_concentrations"])
     columns += [shown, np.clip(np.rint(np.asarray(done)), 0, 255).astype(np.uint8)]
-  size = images.shape[1]
-  step = size + gap
-  grid = np.full((n * step - gap, len(columns) * step - gap, 3), 255, np.uint8)
-  for c, column in enumerate(columns):
-    for r in range(n):
-      grid[r * step:r * step + size, c * step:c * step + size] = column[r]
-  return grid
+  return preview_lib.tile_grid(columns, gap)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,3 +132,22 @@ def test_a_stain_normalised_run_fits_records_and_applies_its_reference(tmp_path)
   without = runs.predict_probs(state.replace(stain_matrix=None, stain_max=None), images)[:, 1]
   np.testing.assert_allclose(exact, got, atol=1e-6)
   assert np.abs(without - exact).max() > 5e-6
+
+
+def test_the_preview_grid_shows_each_image_and_its_normalisation(tmp_path):
+  """`python -m jattn.stain`'s grid: per row the image as given, then its normalisation to the
+  reference, then two recolourings each followed by theirs, `gap` white pixels apart; the
+  normalised tiles are `normalize`'s output rounded, computed here on their own."""
+  image, _ = two_stain_image(seed=4)
+  images = np.stack([image, image[::-1]])
+  ref = stain.fit_reference(images)
+  grid = stain.preview(images, ref, gap=3)
+  size = image.shape[0]
+  step = size + 3
+  assert grid.shape == (2 * step - 3, 6 * step - 3, 3) and grid.dtype == np.uint8
+  assert (grid[size:step] == 255).all() and (grid[:, size:step] == 255).all()
+  want = np.clip(np.rint(np.asarray(stain.normalize(images, ref["stain_matrix"],
+                                                    ref["max_concentrations"]))), 0, 255)
+  for r in range(2):
+    np.testing.assert_array_equal(grid[r * step:r * step + size, :size], images[r])
+    np.testing.assert_array_equal(grid[r * step:r * step + size, step:step + size], want[r])

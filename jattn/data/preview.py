@@ -30,9 +30,15 @@ def augmented_grid(images: np.ndarray, augment: dict, *, samples: int = 7,
   for j in range(samples):
     out = augment_lib.augment(jax.random.key(seed * 100_003 + j), images, **augment)
     columns.append(np.clip(np.rint(np.asarray(out)), 0, 255).astype(np.uint8))
-  rows, size = images.shape[0], images.shape[1]
-  step = size + GAP
-  grid = np.full((rows * step - GAP, len(columns) * step - GAP, 3), 255, np.uint8)
+  return tile_grid(columns)
+
+
+def tile_grid(columns, gap: int = GAP) -> np.ndarray:
+  """uint8 [R*(S+gap)-gap, C*(S+gap)-gap, 3]: the C `columns` (each R images [S, S, 3]) side by
+  side on white, `gap` pixels apart."""
+  rows, size = len(columns[0]), columns[0].shape[1]
+  step = size + gap
+  grid = np.full((rows * step - gap, len(columns) * step - gap, 3), 255, np.uint8)
   for c, column in enumerate(columns):
     for r in range(rows):
       grid[r * step:r * step + size, c * step:c * step + size] = column[r]
