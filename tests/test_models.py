@@ -397,8 +397,9 @@ def test_max_pool_2x2_equals_flax_max_pool_with_ties(dtype):
   np.testing.assert_array_equal(max_pool_2x2(odd), plain(odd))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 8, 6, 5), (2, 7, 9, 4)])
-def test_stem_max_pool_3x3_stride2_equals_flax_max_pool_with_ties(shape):
+def test_stem_max_pool_3x3_stride2_equals_flax_max_pool_with_ties(shape, dtype):
   """The ResNets' stem pool (3x3 windows overlapping at stride 2, padding 1), with its
   element-wise gradient on CPU, gives nn.max_pool's outputs and gradients bit for bit, in float32
   and bfloat16, for even and odd sides, under jit and vmap: each window's gradient to its first
@@ -409,21 +410,20 @@ def test_stem_max_pool_3x3_stride2_equals_flax_max_pool_with_ties(shape):
   from jattn.models.pooling import max_pool_3x3_stride2
 
   plain = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
-  for dtype in (jnp.float32, jnp.bfloat16):
-    x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
-    x = (jnp.round(x * 2) / 2).astype(dtype)  # ReLU zeros and repeated maxima: ties everywhere
-    y = plain(x)
-    assert y.shape[1:3] == ((shape[1] + 1) // 2, (shape[2] + 1) // 2)
-    np.testing.assert_array_equal(max_pool_3x3_stride2(x), y)
-    cotangent = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
-    grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * cotangent)))(x)  # noqa: E731
-    expected = grad(plain)
-    # Overlapping windows: some positions take two or more windows' gradients, summed.
-    hits = jax.grad(lambda x: jnp.sum(plain(x)))(x.astype(jnp.float32))
-    assert int(jnp.sum(hits >= 2)) > 0
-    np.testing.assert_array_equal(grad(max_pool_3x3_stride2), expected)
-    stacked = jax.jit(jax.vmap(jax.grad(lambda x, g: jnp.sum(max_pool_3x3_stride2(x) * g))))
-    np.testing.assert_array_equal(stacked(x[None], cotangent[None])[0], expected)
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
+  x = (jnp.round(x * 2) / 2).astype(dtype)  # ReLU zeros and repeated maxima: ties everywhere
+  y = plain(x)
+  assert y.shape[1:3] == ((shape[1] + 1) // 2, (shape[2] + 1) // 2)
+  np.testing.assert_array_equal(max_pool_3x3_stride2(x), y)
+  cotangent = jax.random.normal(jax.random.key(1), y.shape).astype(dtype)
+  grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(f(x) * cotangent)))(x)  # noqa: E731
+  expected = grad(plain)
+  # Overlapping windows: some positions take two or more windows' gradients, summed.
+  hits = jax.grad(lambda x: jnp.sum(plain(x)))(x.astype(jnp.float32))
+  assert int(jnp.sum(hits >= 2)) > 0
+  np.testing.assert_array_equal(grad(max_pool_3x3_stride2), expected)
+  stacked = jax.jit(jax.vmap(jax.grad(lambda x, g: jnp.sum(max_pool_3x3_stride2(x) * g))))
+  np.testing.assert_array_equal(stacked(x[None], cotangent[None])[0], expected)
 
 
 def test_winograd_conv_equals_lax_and_is_used_where_it_pays():
