@@ -39,14 +39,22 @@ _BY_TEXT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # unambiguous in any libra
 _TENSORSTORE_ERRNO = re.compile(r"\[os_error_code='?(\d+)'?\]")
 
 
-def storage_error(error: BaseException) -> OSError | None:
-  """The full-disk / read-only / permission `OSError` behind `error` (its causes included)."""
+def causes(error: BaseException):
+  """`error` and every exception behind it (causes, contexts, an exception group's members),
+  each once."""
   seen, todo = set(), [error]
   while todo:
     e = todo.pop()
     if e is None or id(e) in seen:
       continue
     seen.add(id(e))
+    yield e
+    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def storage_error(error: BaseException) -> OSError | None:
+  """The full-disk / read-only / permission `OSError` behind `error` (its causes included)."""
+  for e in causes(error):
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
       return e
     code = _TENSORSTORE_ERRNO.search(str(e))
@@ -55,7 +63,6 @@ def storage_error(error: BaseException) -> OSError | None:
     for number in _BY_TEXT:  # C++ writers (array_record) quote strerror in a RuntimeError
       if os.strerror(number) in str(e):
         return OSError(number, os.strerror(number))
-    todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
   return None
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from jattn import files
+from jattn import errors, files
 from jattn.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,7 @@ def size_text(n: int) -> str:
 
 def _worker_death(error: BaseException) -> BaseException | None:
   """The worker death behind `error` (itself or one of its causes), or None."""
-  seen, todo = set(), [error]
-  while todo:
-    e = todo.pop()
-    if e is None or id(e) in seen:
-      continue
-    seen.add(id(e))
+  for e in errors.causes(error):
     if isinstance(e, WORKER_DEATHS):
       return e
     if isinstance(e, PIPE_ERRORS) and any(
@@ -99,7 +94,6 @@ def _worker_death(error: BaseException) -> BaseException | None:
         for frame in traceback.extract_tb(e.__traceback__)
     ):
       return e
-    todo += [e.__cause__, e.__context__]
   return None
 
 
