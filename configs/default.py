@@ -37,7 +37,7 @@ def get_config():
   config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
   # 'macenko': every image's stains normalised to a reference fitted on the fold's training
-  # images (Macenko et al., 2009; jattn.stain), in training, evaluation and predict; 'none'.
+  # images (Macenko et al., 2009; jattn.data.stain), in training, evaluation and predict; 'none'.
   config.stain_norm = "none"
 
   # The folder and TFDS sources (jattn/data/folder.py, tfds_source.py; BreakHis ignores these).
@@ -101,7 +101,7 @@ def get_config():
   # biased one), as PyTorch's; False: the biased one, as Flax's (runs written before this field).
   config.model.bn_unbiased_running_var = True
 
-  # ImageNet weights for the backbone convs, converted by `python -m jattn.convert`
+  # ImageNet weights for the backbone convs, converted by `python -m jattn.models.weights`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.
   config.pretrained = "pretrained/vgg19"
   config.pretrained_scope = "backbone"  # 'backbone' (the paper) or 'all' (every matching weight)
@@ -128,7 +128,7 @@ def get_config():
   config.checkpoint_every_steps = 0  # extra checkpoints within an epoch (0: at epoch ends only)
   config.keep_checkpoints = 3  # most recent checkpoints kept
 
-  # --- Parallelism (jattn.parallel): how a run is laid out, not what it computes ---
+  # --- Parallelism (jattn.training.parallel): how a run is laid out, not what it computes ---
   config.parallel_folds = 1  # train folds fold..fold+K-1 in one program (--workdir with {fold})
   config.num_devices = 0  # devices the batch is sharded over (0: all, of every process)
   # Training steps handed to the devices at once, one lax.scan over that many batches (Keras'

@@ -1,6 +1,6 @@
 """The paper's baseline row on ResNet-50: fine-tuned torchvision ResNet-50 without attention.
 
-  python -m jattn.convert --download resnet50       # torchvision's IMAGENET1K_V2 weights
+  python -m jattn.models.weights --download resnet50       # torchvision's IMAGENET1K_V2 weights
   python -m jattn.main --config configs/resnet50.py --config.fold=1 --workdir runs/resnet50/fold1
 
 Not a row of the paper: the tables show these runs as their own rows, never beside the paper's

@@ -1,7 +1,7 @@
 r"""The paper's model ("Ours") on ResNet-50: C-Attn after the stem and stage 1, S-Attn after stages
 2-4, placed by resolution as the paper places them on VGG19 (jattn/models/resnet.py).
 
-  python -m jattn.convert --download resnet50       # torchvision's IMAGENET1K_V2 weights
+  python -m jattn.models.weights --download resnet50       # torchvision's IMAGENET1K_V2 weights
   python -m jattn.main --config configs/resnet50_ours.py --config.fold=1 \
       --workdir runs/resnet50_ours/fold1
 

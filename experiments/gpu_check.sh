@@ -3,7 +3,7 @@
 # this order, each stage writing its JSON into OUT as it finishes (a stage that fails or runs out
 # of time is recorded in OUT/stages.json and the next one runs):
 #   1. profile.json          where a bfloat16 training step of configs/ours.py (224, batch 8) goes,
-#                            by kind of op, from a jax.profiler trace (python -m jattn.benchmark
+#                            by kind of op, from a jax.profiler trace (python -m jattn.perf.benchmark
 #                            --profile; the trace itself stays in WORK/trace)
 #   2. roofline.json         the step's roofline bound (FLOPs and bytes at the device's peaks) and
 #                            the measured fraction of it
@@ -90,7 +90,7 @@ stage() {
   printf '%s\t%s\t%s\n' "$name" "$status" $(( $(date +%s) - t0 )) >> "$WORK/stages.tsv"
 }
 
-BENCH_CMD=("$PY" -m jattn.benchmark --configs configs/ours.py --dtype "$DTYPE" "${BENCH[@]}"
+BENCH_CMD=("$PY" -m jattn.perf.benchmark --configs configs/ours.py --dtype "$DTYPE" "${BENCH[@]}"
            "${MODEL[@]}")
 stage profile 90 "${BENCH_CMD[@]}" --steps "$PROFILE_STEPS" --profile "$WORK/trace" \
   --out "$OUT/profile.json"

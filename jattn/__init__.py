@@ -1,6 +1,6 @@
 """jattn: VGG19 with C-Attn and S-Attn for BreakHis, after Wu et al., ISBI 2019."""
 
-from jattn import xla_cpu
+from jattn.core import xla_cpu
 
 __version__ = "0.1.0"
 

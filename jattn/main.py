@@ -7,7 +7,7 @@ work dir (--workdir with {fold}). Launched as several processes (SLURM, Open MPI
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), the processes train one run
 together over all their devices.
 
-This file is intentionally kept short: the logic is in `jattn.train`, importable in a notebook.
+This file is intentionally kept short: the logic is in `jattn.training.train`, importable in a notebook.
 Without --config it runs the built-in demo (configs/demo.py: a synthetic BreakHis-format data set,
 nothing to download). Running the same command again resumes from the latest checkpoint; a run
 that has finished prints its results and stops.
@@ -22,8 +22,9 @@ import sys
 
 import jax
 
-from jattn import config_lib, parallel
-from jattn.errors import exit_on_user_error
+from jattn.core import config_lib
+from jattn.training import parallel
+from jattn.core.errors import exit_on_user_error
 
 # Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
 COMPILATION_CACHE = "~/.cache/jattn/xla"
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                                               "--workdir": workdir})
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
-  from jattn import train  # here: a launch that cannot start says so before this 2 s import
+  from jattn.training import train  # here: a launch that cannot start says so before this 2 s import
 
   with exit_on_user_error("jattn.main"), parallel.telling_peers():
     train.train_and_evaluate(config, workdir, overwrite=args.overwrite)

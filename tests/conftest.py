@@ -91,7 +91,7 @@ DEVICES_SETTINGS = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, bat
 _DEVICES_SCRIPT = """
 import sys
 from jattn import train
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.conftest import DEVICES_SETTINGS as settings
 from tests.runs import tiny_config
 data_dir, prepared_dir, out = sys.argv[1:4]

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from jattn import config_lib
+from jattn.core import config_lib
 from jattn.data.breakhis import SUBTYPE_CODES, TASKS, source
 from jattn.data.fold import FoldData, Labelling
 

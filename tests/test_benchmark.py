@@ -1,4 +1,4 @@
-"""jattn.benchmark's arithmetic and command line, and experiments/gpu_check.sh run end to end at a
+"""jattn.perf.benchmark's arithmetic and command line, and experiments/gpu_check.sh run end to end at a
 tiny size on CPU (so the GPU script cannot rot). No figure is asserted: speed is only printed."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from jattn import benchmark, profile
+from jattn.perf import benchmark, profile
 from tests.runs import REPO
 
 
@@ -59,7 +59,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
   with pytest.raises(SystemExit) as e:
     benchmark.main(args)
   assert e.value.code == 2
-  assert capsys.readouterr().err == f"jattn.benchmark: error: {message}\n"
+  assert capsys.readouterr().err == f"jattn.perf.benchmark: error: {message}\n"
 
 
 def test_profile_splits_overlapping_ops_and_counts_idle_time_as_host_gaps():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jattn import compare, tables
+from jattn.evaluation import compare, tables
 from jattn.data.breakhis import published
 
 MAGS = ("40X", "100X", "200X", "400X")
@@ -24,7 +24,7 @@ LEVELS = {"image": "image_accuracy", "patient": "group_accuracy"}
 
 def _results(name, fold, seed, paper_row, figures, n_train, n_test):
   """A finished schema-2 results.json of BreakHis with the given fractions {key: {mag: value}}."""
-  return {"schema": "jattn.results/2", "name": name, "paper_row": paper_row, "fold": fold,
+  return {"schema": "jattn.evaluation.results/2", "name": name, "paper_row": paper_row, "fold": fold,
           "finished": True, "source": "breakhis", "classes": ["benign", "malignant"],
           "class_kind": "class", "group_unit": "patient",
           "binary": {"names": ["benign", "malignant"], "positive": "malignant", "of": [0, 1]},
@@ -247,7 +247,7 @@ def test_runs_that_do_not_pair_up_are_one_line(tmp_path, capsys, skip, seeds, me
     tables.main([str(tmp_path), "--compare", "ours:vgg19"])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1, err
-  assert err.startswith("jattn.tables: error: --compare ours:vgg19: the runs do not pair up")
+  assert err.startswith("jattn.evaluation.tables: error: --compare ours:vgg19: the runs do not pair up")
   assert re.search(message, err), err
   assert not (tmp_path / "tables.md").exists() and not (tmp_path / "compare.md").exists()
   tables.main([str(tmp_path)])  # the default pair is left out, and says why

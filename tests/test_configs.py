@@ -8,8 +8,10 @@ import re
 
 import pytest
 
-from jattn import config_lib, main, validate
-from jattn.errors import UserError
+from jattn.core import config_lib
+from jattn import main
+from jattn.training import validate
+from jattn.core.errors import UserError
 from tests.runs import REPO
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))

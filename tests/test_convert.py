@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from configs import default
-from jattn import convert, models
-from jattn.errors import UserError
+from jattn.models import weights as convert
+from jattn import models
+from jattn.core.errors import UserError
 from tests.torch_models import TorchVGG, randomize_
 
 NARROW = ((8, 8), (16, 16), (32,) * 4, (64,) * 4, (64,) * 4)  # width = 1/8
@@ -138,7 +139,7 @@ def test_cli_writes_weights_that_load_back(tmp_path):
   out = tmp_path / "weights"
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   run = subprocess.run(
-      [sys.executable, "-m", "jattn.convert", "--source", "reference", "--config", str(cfg),
+      [sys.executable, "-m", "jattn.models.weights", "--source", "reference", "--config", str(cfg),
        "--pth", str(pth), "--out", str(out)], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr
   loaded = convert.load_weights(str(out))
@@ -147,19 +148,19 @@ def test_cli_writes_weights_that_load_back(tmp_path):
   np.testing.assert_allclose(loaded["batch_stats"]["block1"]["bn1"]["var"],
                              tm.features[1].running_var.numpy())
   again = subprocess.run(
-      [sys.executable, "-m", "jattn.convert", "--source", "reference", "--config", str(cfg),
+      [sys.executable, "-m", "jattn.models.weights", "--source", "reference", "--config", str(cfg),
        "--pth", str(pth), "--out", str(out)], capture_output=True, text=True, env=env)
   assert again.returncode == 2 and again.stderr.count("\n") == 1
   assert "already holds converted weights" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_missing_pretrained_folder_tells_the_convert_command(tmp_path):
-  with pytest.raises(UserError, match="python -m jattn.convert --source torchvision"):
+  with pytest.raises(UserError, match="python -m jattn.models.weights --source torchvision"):
     convert.load_weights(str(tmp_path / "nowhere"))
 
 
 def test_torchvision_command_converts_a_checkpoint(tmp_path, monkeypatch, capsys):
-  """Guards against a broken `python -m jattn.convert --source torchvision --arch vgg19`, the
+  """Guards against a broken `python -m jattn.models.weights --source torchvision --arch vgg19`, the
   command the README gives for the ImageNet weights: a torchvision-layout checkpoint (narrowed to
   1/8 width: the command's full-size model is swapped for the narrow one) becomes weights that
   give torch's logits, with the class count read from the checkpoint."""

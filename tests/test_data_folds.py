@@ -13,7 +13,7 @@ from conftest import data_config
 
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import folds, scan
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jattn.data import breakhis
 from jattn.data.breakhis import scan, synthetic
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 
 def test_counts_by_class_subtype_and_magnification(synthetic_tree):

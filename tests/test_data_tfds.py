@@ -17,7 +17,7 @@ from tensorflow_datasets.core import shuffle
 
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import scan, tfds_builder
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.runs import REPO
 
 

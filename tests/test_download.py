@@ -14,11 +14,12 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from jattn import convert, download
+from jattn.models import weights as convert
+from jattn.core import download
 from jattn.data import breakhis
-from jattn.data.breakhis import cli as data_cli
+from jattn.cli import data as data_cli
 from jattn.data.breakhis import fetch
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.conftest import data_config, small_tree
 
 
@@ -288,4 +289,4 @@ def test_convert_download_refuses_a_wrong_prefix_and_needs_torch(
   with pytest.raises(SystemExit):
     convert.main(["--download", "vgg19", "--out", str(out)])
   assert capsys.readouterr().err.strip() == (
-      'jattn.convert: error: reading the checkpoint needs PyTorch: pip install -e ".[convert]"')
+      'jattn.models.weights: error: reading the checkpoint needs PyTorch: pip install -e ".[convert]"')

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jattn import evaluate
+from jattn.evaluation import evaluate
 from jattn.data.breakhis import MAGNIFICATIONS, source
 from tests.runs import breakhis_fold
 
@@ -132,7 +132,7 @@ def test_roc_plot_draws_the_roc_of_p_malignant_per_magnification(tmp_path, monke
   prob_malignant, and its legend carries that AUC."""
   from sklearn import metrics as skm
 
-  from jattn import metrics
+  from jattn.evaluation import metrics
 
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 40)

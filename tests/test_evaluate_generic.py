@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jattn import evaluate
+from jattn.evaluation import evaluate
 from jattn.data.fold import ClassMap, FoldData, Strata
 
 

@@ -12,7 +12,8 @@ import shutil
 import numpy as np
 import pytest
 
-from jattn import evaluate, external, predict
+from jattn.evaluation import evaluate
+from jattn.inference import external, predict
 from tests.conftest import small_tree
 from tests.runs import breakhis_fold
 from tests.test_hostile import one_line_error, snapshot
@@ -138,9 +139,9 @@ def test_the_same_set_as_a_folder_with_a_manifest_scores_alike(trained_run, othe
 def test_a_class_mismatch_is_one_line_and_writes_nothing(trained_run, other_tree, tmp_path,
                                                          capsys):
   before = snapshot(os.path.dirname(other_tree)), snapshot(trained_run)
-  one_line_error(lambda: evaluate.main(  # python -m jattn.evaluate
+  one_line_error(lambda: evaluate.main(  # python -m jattn.evaluation.evaluate
       ["--workdir", trained_run, f"--config.data_dir={other_tree}", "--config.task=subtype",
-       "--out", str(tmp_path / "out")]), capsys, "jattn.evaluate",
+       "--out", str(tmp_path / "out")]), capsys, "jattn.evaluation.evaluate",
       r"has the classes A, F, PT, TA, DC, LC, MC, PC, but the run was trained on benign, "
       r"malignant: a run can be scored only on a set of the same classes")
   assert (snapshot(os.path.dirname(other_tree)), snapshot(trained_run)) == before
@@ -153,14 +154,14 @@ def test_a_run_that_has_not_finished_is_one_line(trained_run, other_tree, tmp_pa
   os.remove(run / "results.json")
   before = snapshot(run)
   one_line_error(lambda: external.main(["--workdir", str(run), f"--config.data_dir={other_tree}"]),
-                 capsys, "jattn.evaluate", r"has not finished \(no results.json\): external "
+                 capsys, "jattn.evaluation.evaluate", r"has not finished \(no results.json\): external "
                                            r"validation scores a finished run")
   assert snapshot(run) == before
 
 
 def test_a_field_of_the_model_cannot_be_overridden(trained_run, capsys):
   one_line_error(lambda: external.main(["--workdir", trained_run, "--config.image_size=64"]),
-                 capsys, "jattn.evaluate", r"--config.image_size: the run's image_size is what "
+                 capsys, "jattn.evaluation.evaluate", r"--config.image_size: the run's image_size is what "
                                            r"its model was trained with")
 
 
@@ -225,12 +226,12 @@ def test_a_bad_manifest_row_is_one_line_and_writes_nothing(trained_run, other_tr
   out = tmp_path / "pred.csv"
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--manifest", manifest, "--out",
                                        str(out)]),
-                 capsys, "jattn.predict", rf"--manifest {manifest}, {message}")
+                 capsys, "jattn.inference.predict", rf"--manifest {manifest}, {message}")
   assert not out.exists()
 
 
 def test_a_manifest_without_its_columns_is_one_line(trained_run, tmp_path, capsys):
   manifest = write_manifest(tmp_path / "m.csv", [["a.png", "benign"]], header="file,class")
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--manifest", manifest]),
-                 capsys, "jattn.predict", r"no 'path' column \(its header is file,class\); give "
+                 capsys, "jattn.inference.predict", r"no 'path' column \(its header is file,class\); give "
                                           r"columns path,label\[,group\]")

@@ -26,13 +26,17 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import sweep
-from jattn import checkpoints, convert, files, inspect, main, predict, runs
-from jattn import state as state_lib
+from jattn.sweeps import sweep
+from jattn.training import checkpoints
+from jattn.models import weights as convert
+from jattn.core import files
+from jattn.inference import attention_maps as inspect, predict, runs
+from jattn import main
+from jattn.training import state as state_lib
 from jattn.data import breakhis, load_fold, prepare
-from jattn.data.breakhis import cli as data_cli
+from jattn.cli import data as data_cli
 from jattn.data.breakhis import describe, scan
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.conftest import data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
 
@@ -146,7 +150,7 @@ def test_a_float_image_is_refused_by_name(trained_run, tmp_path, capsys):
   path = tmp_path / "float.tif"
   Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(path)
   one_line_error(lambda: predict.main(["--workdir", trained_run, str(path)]), capsys,
-                 "jattn.predict", rf"{path}: a floating-point image \(mode F\)")
+                 "jattn.inference.predict", rf"{path}: a floating-point image \(mode F\)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,7 +271,7 @@ def test_no_loadable_checkpoint_is_one_line_and_moves_nothing(trained_run, tmp_p
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "default"))
   before = snapshot(workdir)
   image = os.path.join(workdir, "config.json")  # never read: the checkpoint is restored first
-  one_line_error(lambda: predict.main(["--workdir", workdir, image]), capsys, "jattn.predict",
+  one_line_error(lambda: predict.main(["--workdir", workdir, image]), capsys, "jattn.inference.predict",
                  r"no checkpoint in .*checkpoints loads \(step \d+: ValueError")
   assert snapshot(workdir) == before
 
@@ -390,7 +394,7 @@ def test_read_only_work_dirs_and_outputs_are_one_line(trained_run, synthetic_tre
                            recursive=True))[0]
   out = tmp_path / "ro" / "p.csv"
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(out), image]),
-                 capsys, "jattn.predict", rf"cannot write {out}: read-only file system")
+                 capsys, "jattn.inference.predict", rf"cannot write {out}: read-only file system")
   assert not os.path.exists(tmp_path / "ro")
 
 
@@ -411,7 +415,7 @@ def test_a_full_disk_for_predictions_is_one_line(trained_run, synthetic_tree, tm
                            recursive=True))[0]
   monkeypatch.setattr(builtins, "open", full_open)
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(out), image]),
-                 capsys, "jattn.predict", rf"cannot write {out}: no space left on device")
+                 capsys, "jattn.inference.predict", rf"cannot write {out}: no space left on device")
   assert os.listdir(tmp_path) == []  # no temporary file left behind
 
 
@@ -455,9 +459,9 @@ def test_a_file_given_as_a_folder_is_one_line(trained_run, synthetic_tree, prepa
   torch.save({"x": torch.zeros(1)}, pth)
   one_line_error(lambda: convert.main(["--source", "torchvision", "--arch", "vgg19", "--pth",
                                        str(pth), "--out", str(path)]),
-                 capsys, "jattn.convert", rf"--out {path} is a file, not a folder")
+                 capsys, "jattn.models.weights", rf"--out {path} is a file, not a folder")
   one_line_error(lambda: inspect.main(["--workdir", trained_run, "--out", str(path), str(pth)]),
-                 capsys, "jattn.inspect", rf"--out {path} is a file, not a folder")
+                 capsys, "jattn.inference.attention_maps", rf"--out {path} is a file, not a folder")
   assert path.read_text() == "keep me"
 
 
@@ -507,7 +511,7 @@ def test_a_truncated_json_in_a_work_dir_is_one_line(name, trained_run, synthetic
   one_line_error(lambda: main.main(train_args(workdir, synthetic_tree[0], prepared_dir)), capsys,
                  "jattn.main", rf"{path} is not valid JSON \(truncated or damaged")
   if name == "config.json":
-    one_line_error(lambda: predict.main(["--workdir", workdir, path]), capsys, "jattn.predict",
+    one_line_error(lambda: predict.main(["--workdir", workdir, path]), capsys, "jattn.inference.predict",
                    rf"{path} is not valid JSON")
   assert snapshot(workdir) == before
 
@@ -518,7 +522,7 @@ def test_convert_refuses_text_and_code_carrying_pickles_in_one_line(tmp_path, ca
   text = tmp_path / "notes.pth"
   text.write_text("hello world\n")
   args = ["--source", "torchvision", "--arch", "vgg19", "--out", str(tmp_path / "out")]
-  one_line_error(lambda: convert.main([*args, "--pth", str(text)]), capsys, "jattn.convert",
+  one_line_error(lambda: convert.main([*args, "--pth", str(text)]), capsys, "jattn.models.weights",
                  rf"{text}: not a readable PyTorch checkpoint \(KeyError")
 
   class Payload:
@@ -527,7 +531,7 @@ def test_convert_refuses_text_and_code_carrying_pickles_in_one_line(tmp_path, ca
 
   evil = tmp_path / "evil.pth"
   torch.save({"x": Payload()}, evil)
-  err = one_line_error(lambda: convert.main([*args, "--pth", str(evil)]), capsys, "jattn.convert",
+  err = one_line_error(lambda: convert.main([*args, "--pth", str(evil)]), capsys, "jattn.models.weights",
                        rf"{evil}: refused, because unpickling it would run code \(it calls "
                        r"\w+\.system\).*convert only checkpoints from a trusted source")
   assert "weights_only" not in err
@@ -567,11 +571,11 @@ def test_an_empty_or_unknown_image_is_named_once(trained_run, tmp_path, capsys):
   assert str(text) not in scan.check_image(str(text))
   for path in (empty, text):
     err = one_line_error(lambda p=path: predict.main(["--workdir", trained_run, str(p)]), capsys,
-                         "jattn.predict", rf"{path}: cannot decode it")
+                         "jattn.inference.predict", rf"{path}: cannot decode it")
     assert err.count(str(path)) == 1 and "BytesIO" not in err
     err = one_line_error(
         lambda p=path: inspect.main(["--workdir", trained_run, "--out", str(tmp_path / "o"),
-                                     str(p)]), capsys, "jattn.inspect", rf"{path}: cannot decode")
+                                     str(p)]), capsys, "jattn.inference.attention_maps", rf"{path}: cannot decode")
     assert "BytesIO" not in err
 
 

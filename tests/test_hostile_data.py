@@ -31,9 +31,9 @@ from PIL import Image
 
 from jattn import main
 from jattn.data import breakhis, load_fold, prepare
-from jattn.data.breakhis import cli as data_cli
+from jattn.cli import data as data_cli
 from jattn.data.breakhis import fetch, scan, synthetic
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.conftest import SMALL_PATIENTS, data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
 from tests.test_hostile import snapshot

@@ -18,7 +18,8 @@ import warnings
 import jax
 import pytest
 
-from jattn import main, train
+from jattn import main
+from jattn.training import train
 from tests.conftest import DEVICES_SETTINGS
 from tests.runs import DEMO, REPO
 from tests.test_hostile import copy_run, one_line_error, snapshot, train_args
@@ -61,7 +62,7 @@ def test_results_record_the_layout_of_the_run(trained_run):
   assert layout["history"] == [{"from_step": 0, "layout": expected}]
   assert layout["one_layout"] is True
   assert _json(os.path.join(trained_run, "layouts.json")) == layout["history"]
-  assert results["schema"] == "jattn.results/2"
+  assert results["schema"] == "jattn.evaluation.results/2"
 
 
 @pytest.mark.parametrize("run,changes", [

@@ -20,8 +20,11 @@ import pytest
 from PIL import Image
 
 from configs import default as default_config
-from experiments import benchmark_loader, slurm, sweep
-from jattn import benchmark, inspect, predict, tables
+from experiments import benchmark_loader
+from jattn.sweeps import slurm, sweep
+from jattn.perf import benchmark
+from jattn.inference import attention_maps as inspect, predict
+from jattn.evaluation import tables
 from jattn.data.breakhis import published
 from tests.runs import DEMO
 from tests.test_hostile import copy_run, one_line_error, snapshot, steps_of
@@ -133,7 +136,7 @@ def test_a_batch_size_below_one_is_one_line(size, trained_run, synthetic_tree, c
   before = snapshot(trained_run)
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--batch-size", size,
                                        some_images(synthetic_tree[0], 1)[0]]), capsys,
-                 "jattn.predict", rf"--batch-size {size}: give a positive number of images")
+                 "jattn.inference.predict", rf"--batch-size {size}: give a positive number of images")
   assert snapshot(trained_run) == before
 
 
@@ -144,7 +147,7 @@ def test_out_naming_a_folder_is_one_line(trained_run, synthetic_tree, tmp_path, 
   before = snapshot(tmp_path)
   one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(tmp_path / "results"),
                                        some_images(synthetic_tree[0], 1)[0]]), capsys,
-                 "jattn.predict", rf"--out {tmp_path / 'results'} is a folder: give the CSV file")
+                 "jattn.inference.predict", rf"--out {tmp_path / 'results'} is a folder: give the CSV file")
   assert snapshot(tmp_path) == before
 
 
@@ -174,7 +177,7 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "sub" / "Thumbs.db").write_bytes(b"\0")
   one_line_error(lambda: predict.main(["--workdir", trained_run, str(tmp_path / "empty")]), capsys,
-                 "jattn.predict", r"empty: a folder without image files \(.png, .jpg")
+                 "jattn.inference.predict", r"empty: a folder without image files \(.png, .jpg")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,9 +185,9 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
 
 
 def results(name, fold, rng, paper_row="Ours", config=None):
-  """A finished results.json as jattn.train writes it, with random fractions and clinical
+  """A finished results.json as jattn.training.train writes it, with random fractions and clinical
   metrics."""
-  r = {"schema": "jattn.results/1", "name": name, "paper_row": paper_row, "fold": fold,
+  r = {"schema": "jattn.evaluation.results/1", "name": name, "paper_row": paper_row, "fold": fold,
        "finished": True,
        **{key: {m: float(rng.uniform(0.8, 1.0)) for m in MAGS}
           for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate")},
@@ -214,7 +217,7 @@ def test_a_non_finite_clinical_figure_is_one_line(bad, tmp_path, capsys):
   runs[("ours", 2)]["clinical"]["patient"]["all"]["roc_auc"]["value"] = bad
   write_sweep(tmp_path, runs)  # json.dumps writes NaN, Infinity, -Infinity
   changed = snapshot(tmp_path)
-  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.tables",
+  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.evaluation.tables",
                  rf"ours/fold2/results.json: the figure clinical\.patient\.roc_auc \(all\) is "
                  rf"{json.dumps(bad)}, not a fraction in \[0, 1\] or null")
   assert snapshot(tmp_path) == changed
@@ -280,7 +283,7 @@ def test_a_folder_named_otherwise_than_its_config_is_read(trained_run, tmp_path,
   (tmp_path / "mine" / "fold2").mkdir()
   (tmp_path / "mine" / "fold2" / "results.json").write_text(json.dumps(other))
   before = snapshot(tmp_path)
-  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.tables",
+  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.evaluation.tables",
                  r"mine/fold2/results.json: a run of config 'demo_vgg19', but other folds of "
                  r"'mine' are runs of 'demo_ours'")
   assert snapshot(tmp_path) == before
@@ -336,7 +339,7 @@ def test_a_silent_sacct_ends_the_wait_within_its_bound(trained_run, tmp_path, mo
       capsys, "sweep", r"sacct has listed none of job 4242 in 2 calls in a row .* the jobs "
                        r"keep running \(squeue --me\)\. Run the same command when they have ended")
   assert time.monotonic() - started < 10  # submitit's second sacct call comes 2-4 s in
-  assert f"-m jattn.tables {out}` for the tables so far" in err
+  assert f"-m jattn.evaluation.tables {out}` for the tables so far" in err
   assert calls(tmp_path / "bin", "sbatch") == 1 and calls(tmp_path / "bin", "sacct") == 2
   assert snapshot(out / "demo_ours") == before
 
@@ -355,7 +358,7 @@ def test_unparsable_sbatch_output_is_reported_as_printed(tmp_path, monkeypatch, 
 
 
 def test_benchmark_help_is_whole_and_every_option_has_help(capsys):
-  """Bug: `python -m jattn.benchmark --help` ended mid-sentence ("and what the paper's"), and
+  """Bug: `python -m jattn.perf.benchmark --help` ended mid-sentence ("and what the paper's"), and
   options (the loader benchmark's --threads) had no help."""
   with pytest.raises(SystemExit) as e:
     benchmark.parse_args(["--help"])

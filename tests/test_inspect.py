@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn import inspect, models, runs
-from jattn.errors import UserError
+from jattn.inference import attention_maps as inspect, runs
+from jattn import models
+from jattn.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from jattn import compat, predict, runs, train
+from jattn.training import compat, train
+from jattn.inference import predict, runs
 from jattn.data import augment as augment_lib
 from jattn.data.breakhis import MAGNIFICATIONS
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 
 def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
   with open(os.path.join(trained_run, "results.json")) as f:
     results = json.load(f)
-  assert results["schema"] == "jattn.results/2" and results["finished"] is True
+  assert results["schema"] == "jattn.evaluation.results/2" and results["finished"] is True
   assert (results["name"], results["paper_row"], results["fold"]) == ("demo_ours", "Ours", 1)
   for key in ("image_accuracy", "group_accuracy", "group_recognition_rate"):
     assert set(results[key]) == set(MAGNIFICATIONS)
@@ -210,7 +211,7 @@ def test_ours_without_breakhis_says_what_to_download(tmp_path):
 def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, prepared_dir,
                                                              tmp_path):
   config = tiny_config(synthetic_tree[0], prepared_dir, pretrained=str(tmp_path / "vgg19"))
-  with pytest.raises(UserError, match="python -m jattn.convert --source torchvision"):
+  with pytest.raises(UserError, match="python -m jattn.models.weights --source torchvision"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jattn import evaluate, metrics
+from jattn.evaluation import evaluate, metrics
 from tests.runs import breakhis_fold
 
 

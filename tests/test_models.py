@@ -12,8 +12,8 @@ import pytest
 
 from configs import default
 from jattn import models
-from jattn import state as state_lib
-from jattn.errors import UserError
+from jattn.training import state as state_lib
+from jattn.core.errors import UserError
 from jattn.models.attention import ChannelAttention, SpatialAttention
 
 
@@ -247,7 +247,7 @@ def test_initialisers_are_he_normal_fan_out_convs_and_normal_0_01_linear_layers(
 def test_models_command_counts_parameters(capsys):
   """Guards against `python -m jattn.models` reporting wrong parameter counts (modules missed,
   attention attributed to the wrong block): its table against the count derived by hand."""
-  from jattn.models import __main__ as models_cli
+  from jattn.cli import models as models_cli
 
   models_cli.main(["--config", "configs/ours.py", "--config.model.width=0.125",
                    "--config.model.classifier_width=32", "--image-size", "32"])
@@ -312,7 +312,7 @@ def test_bfloat16_stays_close_to_float32():
   differ from float32 by at most 5% of their scale plus 0.02, and one training step's loss (and
   the next step's, after a bfloat16 update) by at most 0.02; parameters and Adam's moments stay
   float32. Guards against casting the parameters or optimiser state, or a softmax in bfloat16."""
-  from jattn import train
+  from jattn.training import train
 
   config = default.get_config()
   config.model.update(width=0.125, classifier_width=32, pool_size=1, batch_norm=True)

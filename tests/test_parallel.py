@@ -1,4 +1,4 @@
-"""Parallel folds (jattn.parallel): K folds in one program give what K separate runs give.
+"""Parallel folds (jattn.training.parallel): K folds in one program give what K separate runs give.
 
 The folds here differ in size (fold 2 loses 8 patients' training images to its test set), so they
 have different steps per epoch, epoch boundaries and learning-rate decays.
@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from jattn import optim, parallel, runs, train
-from jattn import state as state_lib
-from jattn.errors import UserError
+from jattn.training import optim, parallel, train
+from jattn.inference import runs
+from jattn.training import state as state_lib
+from jattn.core.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 # Both runs, separate and parallel: one loss logged per step, the LR halved every epoch, small

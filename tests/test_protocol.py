@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import image_file, small_tree
 
-from jattn import main, tables
+from jattn import main
+from jattn.evaluation import tables
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import scan

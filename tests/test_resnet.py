@@ -22,10 +22,13 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
-from jattn import compat, convert, models, tables, train
-from jattn import state as state_lib
-from jattn.errors import UserError
-from jattn.models import __main__ as models_cli
+from jattn.training import compat, train
+from jattn.models import weights as convert
+from jattn import models
+from jattn.evaluation import tables
+from jattn.training import state as state_lib
+from jattn.core.errors import UserError
+from jattn.cli import models as models_cli
 from jattn.models import norm, resnet
 from tests.test_download import server  # noqa: F401 -- the local HTTP server fixture
 from tests.torch_models import (
@@ -712,7 +715,7 @@ def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tm
   rows, labelled with the backbone, never with the paper's VGG19 figures beside them, even where
   a config claims a paper row."""
   from configs import ours, resnet50, resnet50_c, resnet50_ours, resnet50_s
-  from experiments import sweep
+  from jattn.sweeps import sweep
   from tests.test_hostile_tools import results, write_sweep
 
   placements = {m.__name__: (tuple(c.model.c_attn_stages), tuple(c.model.s_attn_stages))
@@ -755,7 +758,7 @@ def test_parameter_report_and_torch_peer_for_a_resnet(capsys):
   """`python -m jattn.models` on a ResNet: its rows (stem, stages, each attention module) add up
   to the hand-derived counts; the benchmark's PyTorch peer of a ResNet config is its
   TorchResNet, with as many parameters."""
-  from jattn import torch_reference
+  from jattn.perf import torch_reference
 
   models_cli.main(["--config", "configs/resnet50_ours.py", "--config.model.name=resnet18",
                    "--image-size", "64"])
@@ -799,7 +802,7 @@ def test_a_resnet_run_is_inspected_and_refuses_a_checkpoint_of_another_architect
   resolution (32x32 input: 8, 8, 4, 2, 1), columns of D' and E' summing to 1 (eqs. 4, 10). Its
   checkpoints under a config of another architecture are refused in one line, exit 2, nothing
   changed."""
-  from jattn import inspect, runs
+  from jattn.inference import attention_maps as inspect, runs
 
   with open(os.path.join(resnet_run, "results.json")) as f:
     assert json.load(f)["config"]["model"]["name"] == "resnet18"

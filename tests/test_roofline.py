@@ -1,4 +1,4 @@
-"""jattn.roofline's counts against hand computations: the FLOPs of VGG19's training step, the
+"""jattn.perf.roofline's counts against hand computations: the FLOPs of VGG19's training step, the
 bytes of products, reductions, scans and Adam's update, the bound and the device table."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jattn import config_lib, roofline
+from jattn.core import config_lib
+from jattn.perf import roofline
 from jattn.models import conv, cpu_paths, vgg
 from tests.runs import REPO
 

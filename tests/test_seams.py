@@ -3,7 +3,7 @@ sweep tabulated byte for byte, the tools beside the training loop, and no BreakH
 its source.
 
 The fixtures in tests/data were written by jattn before data sources existed (schema 1): a demo
-run of each task, the tables the old `jattn.tables` wrote for a small sweep, and the tables the old
+run of each task, the tables the old `jattn.evaluation.tables` wrote for a small sweep, and the tables the old
 `jattn.main` printed.
 """
 
@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from jattn import evaluate, results, tables
+from jattn.evaluation import evaluate, results, tables
 from jattn.data import breakhis
 from tests.runs import DEMO, REPO
 
@@ -68,7 +68,7 @@ def test_schema_1_results_are_read_as_schema_2_with_the_figures_unchanged(task):
 
 
 def test_a_sweep_of_schema_1_results_tabulates_byte_for_byte(tmp_path):
-  """tables.md and tables.csv as the old jattn.tables wrote them for the same results: the paper's
+  """tables.md and tables.csv as the old jattn.evaluation.tables wrote them for the same results: the paper's
   figures beside the row of its setting, labels of the others, clinical tables."""
   sweep = tmp_path / "sweep"
   shutil.copytree(os.path.join(DATA, "sweep_v1"), sweep)
@@ -85,11 +85,11 @@ def test_a_sweep_of_schema_1_results_tabulates_byte_for_byte(tmp_path):
 
 
 def test_the_tools_that_read_a_run_do_not_import_the_training_loop():
-  """predict, inspect and slides share the test evaluation's sharded eval path (jattn.parallel),
+  """predict, inspect and slides share the test evaluation's sharded eval path (jattn.training.parallel),
   never the training loop."""
-  code = ("import sys; import jattn.runs, jattn.predict, jattn.inspect, jattn.tables, "
-          "jattn.evaluate, jattn.state, jattn.slide, jattn.slides; "
-          "print('jattn.train' in sys.modules, 'jattn.parallel' in sys.modules)")
+  code = ("import sys; import jattn.inference.runs, jattn.inference.predict, jattn.inference.attention_maps, jattn.evaluation.tables, "
+          "jattn.evaluation.evaluate, jattn.training.state, jattn.cli.slide, jattn.slides; "
+          "print('jattn.training.train' in sys.modules, 'jattn.training.parallel' in sys.modules)")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONPATH": REPO}, check=True).stdout.split()
   assert out == ["False", "True"]

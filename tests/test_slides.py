@@ -1,4 +1,4 @@
-"""Whole-slide inference (jattn.slide, jattn.slides) on a generated pyramid of known layout, small
+"""Whole-slide inference (jattn.cli.slide, jattn.slides) on a generated pyramid of known layout, small
 generated slides and a real Aperio slide, with the shared tiny demo run (a run of all four
 BreakHis magnifications, hence --magnification).
 
@@ -21,7 +21,9 @@ import tifffile
 from PIL import Image
 from sklearn import metrics as skm
 
-from jattn import metrics, predict, slide
+from jattn.evaluation import metrics
+from jattn.inference import predict
+from jattn.cli import slide
 from jattn.slides import pipeline, tissue, writers
 from tests.runs import REPO
 
@@ -422,7 +424,7 @@ def test_a_slide_without_tissue_gives_empty_outputs_and_says_so(trained_run, tmp
 def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path):
   """A run that selected one magnification (its results.json says so) takes that one's scale;
   another is refused; a run whose results record no scale needs --tile-um."""
-  from jattn.errors import UserError
+  from jattn.core.errors import UserError
 
   def run_with(strata):
     workdir = tmp_path / f"run{len(os.listdir(tmp_path))}"

@@ -11,9 +11,13 @@ import os
 import numpy as np
 import pytest
 
-from jattn import config_lib, main, predict, runs, stain, validate
+from jattn.core import config_lib
+from jattn import main
+from jattn.inference import predict, runs
+from jattn.data import stain
+from jattn.training import validate
 from jattn.data import load_fold
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from tests.conftest import small_tree
 from tests.runs import DEMO, tiny_overrides
 
@@ -135,7 +139,7 @@ def test_a_stain_normalised_run_fits_records_and_applies_its_reference(tmp_path)
 
 
 def test_the_preview_grid_shows_each_image_and_its_normalisation(tmp_path):
-  """`python -m jattn.stain`'s grid: per row the image as given, then its normalisation to the
+  """`python -m jattn.data.stain`'s grid: per row the image as given, then its normalisation to the
   reference, then two recolourings each followed by theirs, `gap` white pixels apart; the
   normalised tiles are `normalize`'s output rounded, computed here on their own."""
   image, _ = two_stain_image(seed=4)

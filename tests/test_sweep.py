@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import sweep
-from jattn.errors import UserError
+from jattn.sweeps import sweep
+from jattn.core.errors import UserError
 from tests.runs import REPO, tiny_overrides
 
 ROWS = "configs/demo.py:vgg19,configs/demo.py:ours"
@@ -146,7 +146,7 @@ def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared
   executor (real subprocesses): one job per run; a run preempted after a checkpoint (SIGUSR2, as
   SLURM sends before preempting or at the time limit) is requeued by submitit and resumes from
   its checkpoint; all runs finish, the tables are written, and a second sweep submits nothing."""
-  from experiments.slurm import submitit  # imported there without its logging set-up
+  from jattn.sweeps.slurm import submitit  # imported there without its logging set-up
 
   out = tmp_path / "sweep"
   overrides = tiny_overrides(synthetic_tree[0], prepared_dir, checkpoint_every_steps=3)
@@ -294,7 +294,7 @@ def test_two_runs_per_device_run_at_once_and_both_finish(synthetic_tree, prepare
                                                          capsys):
   """--runs-per-device 2 on the CPU: both runs start before either ends, both write results, each
   process was given 0.9 / 2 of a device's memory (by hand: 0.45; one run keeps JAX's default)."""
-  from jattn import runs_per_device
+  from jattn.perf import runs_per_device
 
   assert runs_per_device.environment(2, {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.45"}
   assert runs_per_device.environment(4, {}) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.22"}

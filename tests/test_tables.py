@@ -9,17 +9,17 @@ import os
 import numpy as np
 import pytest
 
-from jattn import tables
+from jattn.evaluation import tables
 from jattn.data.breakhis import published
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 MAGS = ("40X", "100X", "200X", "400X")
 KEYS = ("image_accuracy", "patient_accuracy", "patient_recognition_rate")
 
 
 def _results(name, fold, paper_row, rng, finished=True):
-  """A results.json as jattn.train writes it, with random fractions."""
-  return {"schema": "jattn.results/1", "name": name, "paper_row": paper_row, "fold": fold,
+  """A results.json as jattn.training.train writes it, with random fractions."""
+  return {"schema": "jattn.evaluation.results/1", "name": name, "paper_row": paper_row, "fold": fold,
           "finished": finished,
           **{key: {m: float(rng.uniform(0.8, 1.0)) for m in MAGS} for key in KEYS},
           "num_images": dict.fromkeys(MAGS, 600), "num_patients": dict.fromkeys(MAGS, 25)}
@@ -245,7 +245,7 @@ def test_malformed_results_give_a_one_line_error(tmp_path, capsys, change, messa
     tables.main([str(tmp_path)])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
-  assert err.startswith("jattn.tables: error: ") and err.count("\n") == 1
+  assert err.startswith("jattn.evaluation.tables: error: ") and err.count("\n") == 1
   assert not (tmp_path / "tables.md").exists()
 
 

@@ -181,7 +181,7 @@ def test_splits_of_a_data_set_without_a_test_split(tfds_dir, tmp_path, capsys):
 
 
 def test_a_data_set_prepared_again_differently_is_refused(tfds_dir, tmp_path):
-  from jattn.errors import UserError
+  from jattn.core.errors import UserError
 
   config = _config(tfds_dir, tmp_path / "p", name="unnamed", num_folds=3, tie_rule="0")
   load_fold(config)

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from configs import default
-from jattn import models, optim, runs, train
-from jattn import state as state_lib
-from jattn.errors import UserError
+from jattn import models
+from jattn.training import optim, train
+from jattn.inference import runs
+from jattn.training import state as state_lib
+from jattn.core.errors import UserError
 
 
 def _config(**kw):
@@ -155,8 +157,8 @@ def test_merge_pretrained_backbone_only():
 
 
 def test_a_fresh_state_fine_tunes_converted_weights(tmp_path):
-  """config.pretrained points at `jattn.convert` output: backbone from it, the rest from init."""
-  from jattn import convert
+  """config.pretrained points at `jattn.models.weights` output: backbone from it, the rest from init."""
+  from jattn.models import weights as convert
 
   config, scratch = _tiny_state()
   converted = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32),

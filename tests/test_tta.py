@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jattn import models, parallel, runs, train, validate
-from jattn import state as state_lib
-from jattn.errors import UserError
+from jattn import models
+from jattn.training import parallel, train, validate
+from jattn.inference import runs
+from jattn.training import state as state_lib
+from jattn.core.errors import UserError
 from tests.runs import tiny_config
 
 

@@ -1,4 +1,4 @@
-"""jattn.xla_cpu: the XLA flags jattn sets for XLA's CPU backend, and that they reach XLA."""
+"""jattn.core.xla_cpu: the XLA flags jattn sets for XLA's CPU backend, and that they reach XLA."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from jattn import xla_cpu
+from jattn.core import xla_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADDED = ["--xla_disable_hlo_passes=dot-library-rewriter",

@@ -1,7 +1,7 @@
 """`python -m jattn.data`: download, synthesize and describe BreakHis, preview the augmentation
-(jattn.data.breakhis.cli)."""
+(jattn.cli.data)."""
 
-from jattn.data.breakhis.cli import main
+from jattn.cli.data import main
 
 if __name__ == "__main__":
   main()

@@ -24,10 +24,10 @@ import os
 
 import numpy as np
 
-from jattn import files
+from jattn.core import files
 from jattn.data import labelled, prepare
 from jattn.data.fold import FoldData, Outputs
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 NAME = "folder"
 GROUP_UNIT = "group"

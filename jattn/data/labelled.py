@@ -26,10 +26,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jattn import errors, files
+from jattn.core import errors, files
 from jattn.data import prepare
 from jattn.data.fold import ClassMap, FoldData, Strata
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 FOLDS_COLUMNS = ("fold", "split", "path")
 SPLITS = ("train", "test")

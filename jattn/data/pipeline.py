@@ -21,7 +21,7 @@ import numpy as np
 
 from jattn.data import sources
 from jattn.data.fold import FoldData
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 
 def load_fold(config) -> FoldData:

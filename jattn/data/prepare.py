@@ -30,8 +30,8 @@ import numpy as np
 import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from jattn import errors, files
-from jattn.errors import UserError
+from jattn.core import errors, files
+from jattn.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

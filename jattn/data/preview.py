@@ -13,11 +13,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from jattn import files
+from jattn.core import files
 from jattn.data import augment as augment_lib
 from jattn.data import prepare
 from jattn.data.breakhis import synthetic
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 GAP = 2  # white pixels between tiles
 

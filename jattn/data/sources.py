@@ -18,8 +18,8 @@ provides:
   FIELD_PIXELS                    (width, height) of its images as published: with a stratum's
                                   MPP, the field a slide tile covers (jattn.slides), or absent
 
-`load_all` is the fold-free mode that external validation (`python -m jattn.evaluate`,
-`jattn.external`) scores a finished run with: the data set prepared as `load_fold` prepares it
+`load_all` is the fold-free mode that external validation (`python -m jattn.evaluation.evaluate`,
+`jattn.inference.external`) scores a finished run with: the data set prepared as `load_fold` prepares it
 (same cache, at `config.image_size`), as one `FoldData` whose `test_indices` are every image the
 config selects (sorted), `train_indices` empty, `fold` 0, `mean` and `std` NaN (no statistics are
 computed: the run brings its own), `folds_source` saying that no folds were used, and nothing
@@ -33,7 +33,7 @@ import difflib
 import importlib
 from types import ModuleType
 
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 SOURCES = {"breakhis": "jattn.data.breakhis.source", "folder": "jattn.data.folder"}
 # Families of sources named `<prefix>NAME`: `tfds:colorectal_histology` is the TFDS source.

@@ -11,7 +11,7 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
   PLACEMENT                         {its attention placement field: the paper's placement}
   attention_sites(model_config)     [(module path, 'c_attn' | 's_attn', label)], in forward order
   without_attention(model_config)   the same backbone without attention modules
-  ignored_fields(model_config)      model fields that change nothing it computes (jattn.compat)
+  ignored_fields(model_config)      model fields that change nothing it computes (jattn.training.compat)
   is_pretrained(path) -> bool       whether a parameter path comes from ImageNet (scope 'backbone')
   parameter_groups(params)          the rows of `python -m jattn.models`
   TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
@@ -33,7 +33,7 @@ import ml_collections
 from flax import linen as nn
 from flax import traverse_util
 
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 BACKBONES = {"vgg19": "jattn.models.vgg", "resnet18": "jattn.models.resnet",
              "resnet50": "jattn.models.resnet"}

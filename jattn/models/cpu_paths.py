@@ -4,7 +4,7 @@ On XLA's CPU backend the models compute some ops another way, for speed (`conv.p
 patch-matmul and Winograd convolutions; `pooling.py`: the element-wise max-pool gradient;
 `attention.py`: 16-bit attention logits widened to float32). Inside `off()` they lower as on any
 other backend, so that a program lowered on the CPU is the one a GPU compiles: its FLOPs and bytes
-can then be counted (`jattn.roofline`), which the CPU-only paths would change (Winograd's fewer
+can then be counted (`jattn.perf.roofline`), which the CPU-only paths would change (Winograd's fewer
 products) and a GPU cannot report (its convolutions are opaque library calls to XLA's cost
 analysis).
 """

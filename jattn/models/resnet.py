@@ -46,7 +46,7 @@ import numpy as np
 from flax import linen as nn
 
 from jattn import models
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from jattn.models import conv as conv_lib
 from jattn.models import pooling
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
@@ -302,7 +302,7 @@ def parameter_groups(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
   return rows + [("fc", params["fc"])]
 
 
-# torchvision's ImageNet checkpoints (under jattn.convert.TORCHVISION_URL); the digits after '-'
+# torchvision's ImageNet checkpoints (under jattn.models.weights.TORCHVISION_URL); the digits after '-'
 # start the file's SHA-256. ResNet-50's is IMAGENET1K_V2 (torchvision's default for it since
 # 0.13); ResNet-18 has only IMAGENET1K_V1.
 TORCHVISION = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
@@ -365,7 +365,7 @@ def torch_key_map(model_config: ml_collections.ConfigDict, source: str
   `num_batches_tracked`), in its order; kind 'conv': (out, in, kh, kw) -> (kh, kw, in, out),
   'linear': transposed, 'vector' as is.
 
-  `source="reference"` adds the attention modules as `jattn.torch_reference.TorchResNet` holds
+  `source="reference"` adds the attention modules as `jattn.perf.torch_reference.TorchResNet` holds
   them (`<site>.conv1/2/3.weight`, the authors' modules: M_Q, M_K, M_V or S_Q, S_K, S_V), which
   no torchvision file has.
   """

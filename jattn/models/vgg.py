@@ -32,7 +32,7 @@ import numpy as np
 from flax import linen as nn
 
 from jattn import models
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from jattn.models import conv as conv_lib
 from jattn.models.attention import ChannelAttention, SpatialAttention, conv_init
 from jattn.models.norm import BatchNorm
@@ -270,7 +270,7 @@ def check_state_dict(state_dict, model_config) -> None:
   if not any(k.startswith("features.") for k in state_dict):
     raise UserError("the state dict is not a VGG's (no features.* keys) but config.model.name="
                     "'vgg19'; convert it with the --arch of its architecture (python -m "
-                    "jattn.convert --help lists them)")
+                    "jattn.models.weights --help lists them)")
   has_bn = "features.1.running_mean" in state_dict
   if has_bn != model_config.batch_norm:
     kind = "a batch-norm VGG (vgg19_bn)" if has_bn else "a VGG without batch norm (vgg19)"

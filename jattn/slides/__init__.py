@@ -1,4 +1,4 @@
-"""Whole-slide inference: a trained run over whole-slide images (the command: `jattn.slide`).
+"""Whole-slide inference: a trained run over whole-slide images (the command: `jattn.cli.slide`).
 
   from jattn import slides
   result = slides.run_cohort("runs/ours/fold1", ["slides/"], "slides_out",

@@ -7,7 +7,7 @@ slide's scores. With labels (a CSV with columns `slide,label`; the slide by its 
 name or path, the label one of the run's coarse labels or 1/0 for positive/negative),
 `OUT/cohort_figures.json` holds the slide-level ROC-AUC of a slide score and the sensitivity and
 specificity of calling a slide positive when its score is at least a threshold, with 95% intervals
-from a bootstrap over slides stratified by label (`jattn.metrics`, scikit-learn's figures).
+from a bootstrap over slides stratified by label (`jattn.evaluation.metrics`, scikit-learn's figures).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import os
 
 import numpy as np
 
-from jattn import errors, files, inspect, metrics
-from jattn.errors import UserError
+from jattn.core import errors, files
+from jattn.inference import attention_maps as inspect
+from jattn.evaluation import metrics
+from jattn.core.errors import UserError
 from jattn.slides import pipeline, reader, writers
 
 SCORES = ("mean", "top_k_mean", "fraction_positive")  # slide.json `scores` a cohort is judged by

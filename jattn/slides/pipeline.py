@@ -24,13 +24,16 @@ import numpy as np
 import openslide
 
 import jattn
-from jattn import files, inspect, models, results, runs
-from jattn import state as state_lib
+from jattn.core import files
+from jattn.inference import attention_maps as inspect, runs
+from jattn import models
+from jattn.evaluation import results
+from jattn.training import state as state_lib
 from jattn.data import sources
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 from jattn.slides import reader, tiler, tissue, writers
 
-SCHEMA = "jattn.slide/1"
+SCHEMA = "jattn.cli.slide/1"
 # The thumbnail the tissue mask is drawn on (and the heatmap over): its longer side at least
 # THUMBNAIL_SIDE pixels (or the slide's), or more so that a grid step spans THUMBNAIL_PER_STEP
 # pixels (a tile's tissue fraction is counted on them), but at most THUMBNAIL_MAX_SIDE.

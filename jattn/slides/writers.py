@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jattn import files
+from jattn.core import files
 from jattn.data.fold import Outputs
 
 # QuPath's colours (RGB) of a tile's classification: the positive label red, the others below.

@@ -40,7 +40,7 @@ import os
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 
 def _tally(records) -> dict:

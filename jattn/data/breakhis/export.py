@@ -18,11 +18,11 @@ import io
 import os
 import shutil
 
-from jattn import files
+from jattn.core import files
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming, source
 from jattn.data.breakhis import scan as scan_lib
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 MANIFEST = "manifest.csv"
 FOLDS = "folds.csv"

@@ -3,7 +3,7 @@
   python -m jattn.data download --data-dir data      # or config.download=True in a run
 
 The archive comes from `naming.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
-`jattn.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which checks
+`jattn.core.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which checks
 every member and the layout before anything is renamed into place; an archive it refuses is deleted
 and leaves no trace. Its publishers give no checksum, so the SHA-256 of the first download that
 unpacked as BreakHis is recorded in `<data_dir>/downloads.json`, and a later download into the same
@@ -17,10 +17,10 @@ from __future__ import annotations
 import errno
 import os
 
-from jattn import download, files
+from jattn.core import download, files
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 URL_ENV = "JATTN_BREAKHIS_URL"  # overrides naming.ARCHIVE_URL (a mirror, a local server)
 CHECKSUMS = "downloads.json"  # in the data dir: what was downloaded, its size and SHA-256

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from jattn import files
+from jattn.core import files
 from jattn.data.breakhis import naming
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 FOLDS = (1, 2, 3, 4, 5)
 GROUPS = ("train", "test")

@@ -2,7 +2,7 @@
 
 Wu et al., ISBI 2019, Tables 1 and 2: image- and patient-level accuracy (%), mean ± std over 5
 folds, per magnification, for the rows "VGG19", "VGG19 + C", "VGG19 + S" and "Ours". They are
-comparable only with runs of the paper's setting (`jattn.tables` decides which).
+comparable only with runs of the paper's setting (`jattn.evaluation.tables` decides which).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ TABLE2: dict[str, dict[str, tuple[float, float]]] = {
 FIGURES = {"image_accuracy": TABLE1, "group_accuracy": TABLE2}
 # How the markdown tables introduce these figures.
 DESCRIPTION = "the figures published by Wu et al., ISBI 2019 (Tables 1 and 2)"
-# The published row every other row is compared with by default (jattn.compare): the plain VGG19
+# The published row every other row is compared with by default (jattn.evaluation.compare): the plain VGG19
 # of the paper's ablation, which each attention module is claimed to improve on.
 BASELINE = "VGG19"
 
@@ -50,7 +50,7 @@ def setting(results: dict) -> str:
   """'' for the paper's setting (binary task, all four magnifications, ImageNet weights, 224x224,
   130 epochs, VGG19 at its widths), else what differs, e.g. '100X', 'from scratch, 64x64, 6
   epochs' or 'resnet50' (another backbone: never beside the paper's VGG19 figures).
-  `results` is in schema 2 (`jattn.results.read`)."""
+  `results` is in schema 2 (`jattn.evaluation.results.read`)."""
   config = results.get("config") if isinstance(results.get("config"), dict) else {}
   model = config.get("model") if isinstance(config.get("model"), dict) else {}
   task = "subtype" if results.get("class_kind") == "subtype" else "binary"

@@ -21,9 +21,9 @@ import tempfile
 
 from PIL import Image
 
-from jattn import files
+from jattn.core import files
 from jattn.data.breakhis import naming
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 
 def download_hint(data_dir: str, automatic: bool = True) -> str:

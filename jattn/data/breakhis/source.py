@@ -13,14 +13,14 @@ import os
 
 import numpy as np
 
-from jattn import files
+from jattn.core import files
 from jattn.data import prepare
 from jattn.data.breakhis import fetch, naming, tfds_builder
 from jattn.data.breakhis import folds as folds_lib
-from jattn.data.breakhis import published as published  # its published figures (jattn.tables)
+from jattn.data.breakhis import published as published  # its published figures (jattn.evaluation.tables)
 from jattn.data.breakhis import scan as scan_lib
 from jattn.data.fold import ClassMap, FoldData, Labelling, Outputs, Strata
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ MPP = tuple(round(6.5 / (3.3 * objective), 4) for objective in OBJECTIVES)
 # magnification's MPP, the physical field of a training image, which slide tiles cover.
 FIELD_PIXELS = (700, 460)
 # Config fields of this source added after runs were first written, with the value that reproduces
-# what an older run computed (jattn.compat).
+# what an older run computed (jattn.training.compat).
 LATER_FIELDS = {"magnifications": list(naming.MAGNIFICATIONS), "task": "binary"}
 MPP_NOTE = ("estimated from the published optics (objectives 4x-40x behind a 3.3x relay lens, "
             "6.5 um camera pixels): 6.5 / (3.3 x objective); not a calibration")
@@ -274,7 +274,7 @@ _V1_KEYS = {"patient_accuracy": "group_accuracy",
 
 
 def upgrade_v1(r: dict) -> dict:
-  """A schema 1 results dict in schema 2's form (`jattn.results.read`); the figures unchanged."""
+  """A schema 1 results dict in schema 2's form (`jattn.evaluation.results.read`); the figures unchanged."""
   out = {}
   for key, value in r.items():
     if key in _V1_KEYS:
@@ -304,5 +304,5 @@ def upgrade_v1(r: dict) -> dict:
                                 "absent": r.get("magnifications", {}).get("absent", []),
                                 "mpp": dict(zip(naming.MAGNIFICATIONS, MPP, strict=True)),
                                 "mpp_note": MPP_NOTE}},
-      upgraded_from=r["schema"], schema="jattn.results/2")
+      upgraded_from=r["schema"], schema="jattn.evaluation.results/2")
   return out

@@ -32,10 +32,10 @@ import zlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from jattn import files
+from jattn.core import files
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 # How much larger a nucleus looks at each magnification than at 40X.
 MAG_SCALE = {"40X": 1.0, "100X": 1.5, "200X": 2.1, "400X": 2.8}

@@ -29,11 +29,11 @@ from etils import epath
 from PIL import Image
 from tensorflow_datasets.core import shuffle
 
-from jattn import errors, files
+from jattn.core import errors, files
 from jattn.data import prepare
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.errors import UserError
+from jattn.core.errors import UserError
 
 SPLIT = "full"  # every image; TFDS reserves 'all' (which reads the union of splits, i.e. this one)
 

@@ -1,0 +1,2 @@
+"""The `jattn` command: one module per subcommand, each parsing its arguments and calling the
+library. Nothing in the library imports this package."""

@@ -1,0 +1,1 @@
+"""What every layer of jattn uses: user errors, file helpers, configs, downloads, XLA flags."""

@@ -1,0 +1,2 @@
+"""Figures of a run and of a sweep: metrics, the evaluator, results.json, tables and paired
+comparisons."""

@@ -1,0 +1,241 @@
+"""External validation: a finished run scored on every image of another labelled set.
+
+  python -m jattn.evaluation.evaluate --workdir RUN --config.data_dir=OTHER [--config.dataset=SOURCE]
+      [--config.FIELD=VALUE ...] [--out DIR] [--name NAME] [--batch-size 32]
+
+The other set's images come from its data source's fold-free mode (`load_all`, see
+`jattn.data.sources`), prepared at the run's `image_size`; the run's own preprocessing is
+applied to them (its checkpointed normalisation statistics and stain reference, never the other
+set's) with its `tta` (or `--config.tta`). The figures are the evaluator's (`evaluate.evaluate`,
+with the run's tie rule and bootstrap settings) over all of the set's images, written as a run's
+own test evaluation is: results.json (schema 2, plus `external`), predictions.csv and roc.png
+(two classes), into a folder of their own, `RUN/external/<name>` (`<name>`: the other data dir's
+folder name, or `--name`; `--out` chooses the folder), which appears whole or not at all and is
+replaced whole by a later evaluation of the same name.
+
+The evaluation config is the run's config.json with the overrides applied: the fields of the
+other set (`data_dir`, `dataset`, the source's own fields) are given as for training; fields that
+change what the model sees or is (`image_size`, `stain_norm`, `model.*`) are the run's and cannot
+be overridden. `prepared_dir` is reset (the other set is prepared beside it, or in
+`--config.prepared_dir`). Classes are matched by name, in any order; sets whose classes differ are
+refused in one line naming both lists.
+
+`score` is the shared path from probabilities to those files: `predict --manifest` and slide
+inference call it on a `FoldData` they build themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import ml_collections
+import numpy as np
+
+from jattn.training import compat
+from jattn.core import config_lib, errors, files
+from jattn.evaluation import evaluate, results
+from jattn.inference import runs
+from jattn.data import sources
+from jattn.data.fold import FoldData
+from jattn.core.errors import UserError, exit_on_user_error
+
+FIXED_FIELDS = ("image_size", "stain_norm", "model")  # what the run's model sees and is
+CHUNK = 2048  # images read from the memory-mapped cache at a time
+
+
+def match_classes(run_classes, set_classes, what: str) -> np.ndarray:
+  """For each of the set's classes, the run's output with the same name (so that
+  `probs[:, order]` are in the set's class order); different sets of names are a UserError."""
+  run_classes, set_classes = list(run_classes), list(set_classes)
+  if sorted(run_classes) != sorted(set_classes) or len(set(set_classes)) != len(set_classes):
+    raise UserError(f"{what} has the classes {', '.join(set_classes)}, but the run was trained on "
+                    f"{', '.join(run_classes)}: a run can be scored only on a set of the same "
+                    f"classes (matched by name)")
+  return np.array([run_classes.index(c) for c in set_classes])
+
+
+def score(config: ml_collections.ConfigDict, fold_data: FoldData, indices, probs: np.ndarray,
+          run_classes, *, what: str, normalization: dict | None = None,
+          stain_normalization: dict | None = None, external: dict | None = None
+          ) -> tuple[dict, list[dict]]:
+  """(results, predictions.csv rows) of the images `indices` of `fold_data` whose probabilities
+  over the run's classes `run_classes` are `probs` (in the run's output order): the evaluator's
+  figures with the config's tie rule and bootstrap, assembled as a run's results.json (with the
+  run's `normalization` and `stain_normalization` records, and `external` if given)."""
+  order = match_classes(run_classes, fold_data.classes, what)
+  probs = np.asarray(probs)[:, order]
+  indices = np.asarray(indices)
+  figures = evaluate.evaluate(probs, fold_data, indices, tie_rule=config.tie_rule,
+                              bootstrap_resamples=config.get("bootstrap_resamples", 0),
+                              bootstrap_seed=config.get("bootstrap_seed", 0))
+  out = results.build(config, fold_data, figures, stain_normalization=stain_normalization)
+  if normalization is not None:
+    out["normalization"] = normalization
+  if external is not None:
+    out["external"] = external
+  return out, results.prediction_rows(fold_data, indices, probs)
+
+
+def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
+  """The run's config with the other set's fields (`overrides`, `field=value`) applied."""
+  if not overrides:
+    raise UserError("give the set to evaluate on, e.g. --config.data_dir=OTHER (and "
+                    "--config.dataset=SOURCE if it is not the run's kind of data set)")
+  for item in overrides:
+    key = item.partition("=")[0]
+    if key.split(".")[0] in FIXED_FIELDS:
+      raise UserError(f"--config.{key}: the run's {key} is what its model was trained with and "
+                      f"is used as it is; leave it out")
+  stored = compat.comparable(json.loads(runs.load_config(workdir).to_json()))
+  given = {item.partition("=")[0]: item.partition("=")[2] for item in overrides}
+  if "dataset" in given and given["dataset"] != stored.get("dataset"):
+    # Another kind of data set: its own fields start from their defaults, not the run's.
+    for key, value in getattr(sources.get(given["dataset"]), "LATER_FIELDS", {}).items():
+      *parents, field = key.split(".")
+      node = stored
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[field] = value
+  stored["prepared_dir"] = ""
+  config = ml_collections.ConfigDict(stored)
+  config.lock()
+  return config_lib.apply_overrides(config, overrides)
+
+
+def default_name(config: ml_collections.ConfigDict) -> str:
+  """The other set's name: its manifest's file name (without extension) if it has one, else its
+  data dir's folder name."""
+  manifest = config.get("manifest", "")
+  if manifest:
+    return os.path.splitext(os.path.basename(os.path.normpath(manifest)))[0]
+  return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(config.data_dir))))
+
+
+def _check_out(out: str) -> None:
+  """Refuses an --out that is a file or a folder holding anything but an earlier evaluation."""
+  if not os.path.exists(out):
+    return
+  if not os.path.isdir(out):
+    raise UserError(f"--out {out} is a file: give a folder (new, or an earlier external "
+                    f"evaluation to replace)")
+  names = [n for n in os.listdir(out) if not n.startswith(".")]
+  ours = os.path.join(out, "results.json")
+  earlier = False
+  if os.path.exists(ours):
+    with open(ours, encoding="utf-8") as f:
+      try:
+        earlier = "external" in json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError):
+        earlier = False
+  if names and not earlier:
+    raise UserError(f"--out {out} holds other files ({len(names)} entries, e.g. "
+                    f"{sorted(names)[0]}) and no earlier external evaluation: give a new folder")
+
+
+def _write(out: str, result: dict, rows: list[dict], fold_data: FoldData, title: str) -> None:
+  """The evaluation's files, written into a temporary folder that then replaces `out` whole."""
+  parent = os.path.dirname(out)
+  with errors.writing(out):
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # as a folder made by os.makedirs, not mkdtemp's 0700
+    try:
+      files.atomic_write_text(os.path.join(tmp, "predictions.csv"), results.csv_text(rows))
+      if fold_data.binary is not None:
+        evaluate.write_roc_plot(os.path.join(tmp, "roc.png"), rows,
+                                positive=fold_data.binary.positive_name,
+                                stratum=fold_data.strata[0].name,
+                                order=fold_data.strata[0].values, title=title)
+      results.write_json(os.path.join(tmp, "results.json"), result)
+      old = None
+      if os.path.exists(out):  # an earlier evaluation of this name (`_check_out`)
+        old = files.temp_name(out)
+        os.replace(out, old)
+      os.replace(tmp, out)
+    except BaseException:
+      files.remove(tmp)
+      raise
+    if old is not None:
+      files.remove(old)
+
+
+def external_evaluation(workdir: str, overrides: list[str], out: str | None = None,
+                        name: str | None = None, batch_size: int | None = None) -> tuple[dict, str]:
+  """Scores the finished run in `workdir` on every image of the set `overrides` name; returns
+  (results, the folder written)."""
+  from jattn import data
+
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  run_config = runs.load_config(workdir)
+  run_results_path = os.path.join(workdir, "results.json")
+  if not os.path.exists(run_results_path):
+    raise UserError(f"{workdir} has not finished (no results.json): external validation scores a "
+                    f"finished run; train it to the end first (its python -m jattn.main command "
+                    f"resumes it)")
+  run_results = results.read(run_results_path, "it is the run's own evaluation: evaluate the run "
+                                               "again (delete it and rerun its command)")
+  config = evaluation_config(workdir, overrides)
+  batch_size = batch_size or config.eval_batch_size
+  if batch_size < 1:
+    raise UserError(f"--batch-size {batch_size}: give a positive number of images per batch")
+  source = sources.of(config)
+  source.check_config(config)
+  if not hasattr(source, "load_all"):
+    raise UserError(f"--config.dataset={source.NAME!r} cannot give all its images at once (its "
+                    f"source has no load_all), so a run cannot be evaluated on it")
+  run_outputs = runs.outputs(run_config)
+  what = f"--config.data_dir={config.data_dir}"
+  match_classes(run_outputs.classes, source.outputs(config).classes, what)  # before any data
+  name = name or default_name(config)
+  if not name or name in (".", "..") or os.sep in name:
+    raise UserError(f"--name {name!r}: give a plain folder name for RUN/external/<name>")
+  out = os.path.abspath(os.path.expanduser(out or os.path.join(workdir, "external", name)))
+  _check_out(out)
+  source.check_data_dir(config)
+  fold_data = data.load_all(config)
+  indices = np.asarray(fold_data.test_indices)
+  if not len(indices):
+    raise UserError(f"{what}: no images to evaluate on")
+  _, state = runs.restore(workdir)
+  probs = np.concatenate([
+      runs.predict_probs(state, np.asarray(fold_data.images[indices[i:i + CHUNK]]), batch_size,
+                         config.tta) for i in range(0, len(indices), CHUNK)])
+  fold_data = dataclasses.replace(fold_data, mean=np.asarray(state.image_mean),
+                                  std=np.asarray(state.image_std))
+  external = {"run": workdir, "run_name": run_config.name, "run_fold": run_config.fold,
+              "dataset": fold_data.source, "data_dir": config.data_dir,
+              "folds": fold_data.folds_source, "num_images": int(len(indices)),
+              "classes": {"run": list(run_outputs.classes), "set": list(fold_data.classes)},
+              "preprocessing": "the run's: its normalization and stain_normalization below, its "
+                               "image_size, tta as recorded"}
+  result, rows = score(config, fold_data, indices, probs, run_outputs.classes, what=what,
+                       normalization=run_results.get("normalization"),
+                       stain_normalization=run_results.get("stain_normalization"),
+                       external=external)
+  _write(out, result, rows, fold_data, f"{run_config.name} fold {run_config.fold} on {name}")
+  return result, out
+
+
+def main(argv: list[str] | None = None) -> None:
+  overrides, rest = config_lib.split_argv(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(
+      prog="python -m jattn.evaluation.evaluate", description=__doc__.split("\n")[0],
+      epilog="Name the other set with --config.FIELD=VALUE (data_dir, dataset, ...).")
+  parser.add_argument("--workdir", required=True, help="a finished run's work dir")
+  parser.add_argument("--out", help="the folder to write (default: WORKDIR/external/<name>)")
+  parser.add_argument("--name", help="the set's name (default: its data dir's folder name)")
+  parser.add_argument("--batch-size", type=int, help="images per batch (default: the run's "
+                      "eval_batch_size)")
+  args = parser.parse_args(rest)
+  with exit_on_user_error("jattn.evaluation.evaluate"):
+    result, out = external_evaluation(args.workdir, overrides, args.out, args.name,
+                                      args.batch_size)
+    print(f"{result['name']} fold {result['fold']} on {result['external']['data_dir']}: results "
+          f"in {out}\n{evaluate.format_table(result)}")
