@@ -20,8 +20,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # before J
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: find jattn
 
-from jattn.training import train  # noqa: E402
 from jattn.data import synthesize  # noqa: E402
+from jattn.training import train  # noqa: E402
 from tests.runs import tiny_config  # noqa: E402
 
 LAYOUTS = {"1 device": dict(num_devices=1), "4 devices": dict(num_devices=4),

@@ -21,8 +21,8 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # run as a script from anywhere: find jattn
 
-from jattn.evaluation import evaluate  # noqa: E402
 from jattn.core import files  # noqa: E402
+from jattn.evaluation import evaluate  # noqa: E402
 
 DEMO_TABLE_MARKER = "<!-- demo table: python experiments/readme_demo_table.py -->"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn.core import config_lib
-from jattn.training import validate
-from jattn.data import augment as augment_lib
 from jattn.cli import data as data_cli
+from jattn.core import config_lib
 from jattn.core.errors import UserError
+from jattn.data import augment as augment_lib
+from jattn.training import validate
 from tests.runs import REPO
 
 # Ruifrok & Johnston (2001), Table 1 "H&E DAB": the optical density of each stain in R, G, B.

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from jattn.evaluation import compare, tables
 from jattn.data.breakhis import published
+from jattn.evaluation import compare, report, tables
 
 MAGS = ("40X", "100X", "200X", "400X")
 FOLDS = (1, 2, 3, 4, 5)
@@ -24,7 +24,7 @@ LEVELS = {"image": "image_accuracy", "patient": "group_accuracy"}
 
 def _results(name, fold, seed, paper_row, figures, n_train, n_test):
   """A finished schema-2 results.json of BreakHis with the given fractions {key: {mag: value}}."""
-  return {"schema": "jattn.evaluation.results/2", "name": name, "paper_row": paper_row, "fold": fold,
+  return {"schema": "jattn.results/2", "name": name, "paper_row": paper_row, "fold": fold,
           "finished": True, "source": "breakhis", "classes": ["benign", "malignant"],
           "class_kind": "class", "group_unit": "patient",
           "binary": {"names": ["benign", "malignant"], "positive": "malignant", "of": [0, 1]},
@@ -108,7 +108,7 @@ def test_cells_over_folds_and_seeds(tmp_path):
   assert cells[("patient_accuracy", "vgg19", "400X")].n_runs == 14
   assert cells[("image_accuracy", "ours", "40X")].n_runs == 13
 
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   assert "5 folds expected per config (folds 1, 2, 3, 4, 5), seeds 0, 1, 2." in markdown
   assert "s the seed-to-seed spread (the mean over folds of the sample standard deviation" in (
       markdown)
@@ -206,7 +206,7 @@ def test_published_figures_are_marked_inside_or_outside_our_interval(tmp_path):
       r["image_accuracy"]["40X"] = 0.99 - 0.002 * k  # far above the paper's 91.4
       r["image_accuracy"]["200X"] = 0.934 + 0.01 * (k - 3) + 0.001 * s  # around its 93.4
       (tmp_path / tables.workdir(name, k, s) / "results.json").write_text(json.dumps(r))
-  tables.write_tables(str(tmp_path))
+  report.write(str(tmp_path))[0]
   with open(tmp_path / "compare.csv", newline="") as f:
     marks = {(r["first"], r["level"], r["magnification"]): r for r in csv.DictReader(f)
              if r["kind"] == "paper"}

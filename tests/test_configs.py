@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from jattn.core import config_lib
 from jattn import main
-from jattn.training import validate
+from jattn.core import config_lib
 from jattn.core.errors import UserError
+from jattn.training import validate
 from tests.runs import REPO
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from configs import default
-from jattn.models import weights as convert
 from jattn import models
 from jattn.core.errors import UserError
+from jattn.models import weights as convert
 from tests.torch_models import TorchVGG, randomize_
 
 NARROW = ((8, 8), (16, 16), (32,) * 4, (64,) * 4, (64,) * 4)  # width = 1/8

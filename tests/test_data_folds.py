@@ -11,9 +11,9 @@ import shutil
 import pytest
 from conftest import data_config
 
+from jattn.core.errors import UserError
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import folds, scan
-from jattn.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 from conftest import data_config, image_file
 from PIL import Image
 
+from jattn.core.errors import UserError
 from jattn.data import FoldData, load_fold, prepare, steps_per_epoch, test_batches, train_batches
 from jattn.data.breakhis import MAGNIFICATIONS, SUBTYPE_CODES, scan
-from jattn.core.errors import UserError
 
 
 def test_fold_data_holds_every_image_and_a_patient_disjoint_split(synthetic_tree, fold_data):

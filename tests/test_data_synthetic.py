@@ -11,9 +11,9 @@ import pytest
 from conftest import SMALL_PATIENTS, image_file, small_tree
 from PIL import Image
 
+from jattn.core.errors import UserError
 from jattn.data import breakhis
 from jattn.data.breakhis import scan, synthetic
-from jattn.core.errors import UserError
 
 
 def test_counts_by_class_subtype_and_magnification(synthetic_tree):

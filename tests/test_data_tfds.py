@@ -15,9 +15,9 @@ from conftest import data_config, image_file, small_tree
 from PIL import Image
 from tensorflow_datasets.core import shuffle
 
+from jattn.core.errors import UserError
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import scan, tfds_builder
-from jattn.core.errors import UserError
 from tests.runs import REPO
 
 

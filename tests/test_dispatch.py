@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
+from jattn.core.errors import UserError
 from jattn.training import optim, parallel, train, validate
 from jattn.training import state as state_lib
-from jattn.core.errors import UserError
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 # The runs here: the tests' tiny demo run (tests/runs.py) at a learning rate at which Adam's

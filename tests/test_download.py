@@ -14,12 +14,12 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from jattn.models import weights as convert
-from jattn.core import download
-from jattn.data import breakhis
 from jattn.cli import data as data_cli
-from jattn.data.breakhis import fetch
+from jattn.core import download
 from jattn.core.errors import UserError
+from jattn.data import breakhis
+from jattn.data.breakhis import fetch
+from jattn.models import weights as convert
 from tests.conftest import data_config, small_tree
 
 

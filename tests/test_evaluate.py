@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jattn.evaluation import evaluate
 from jattn.data.breakhis import MAGNIFICATIONS, source
+from jattn.evaluation import evaluate
 from tests.runs import breakhis_fold
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from jattn.evaluation import evaluate
 from jattn.data.fold import ClassMap, FoldData, Strata
+from jattn.evaluation import evaluate
 
 
 def fold(targets, groups, strata_index, *, classes=("a", "b", "c"), binary=None,

@@ -367,8 +367,8 @@ def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
   """`synthesize --format folder` writes what configs/demo_folder.py reads: a folder per class,
   a manifest whose patients and magnifications are those the BreakHis file names say, and the
   BreakHis-style folds, every patient on one side of each."""
-  from jattn.core import config_lib
   from jattn.cli import data as cli
+  from jattn.core import config_lib
   from jattn.data.breakhis import naming
   from jattn.data.breakhis import source as breakhis_source
 

@@ -26,17 +26,18 @@ import pytest
 import torch
 from PIL import Image
 
+from jattn import main
+from jattn.cli import data as data_cli
+from jattn.core import files
+from jattn.core.errors import UserError
+from jattn.data import breakhis, load_fold, prepare
+from jattn.data.breakhis import describe, scan
+from jattn.inference import attention_maps as inspect
+from jattn.inference import predict, runs
+from jattn.models import weights as convert
 from jattn.sweeps import sweep
 from jattn.training import checkpoints
-from jattn.models import weights as convert
-from jattn.core import files
-from jattn.inference import attention_maps as inspect, predict, runs
-from jattn import main
 from jattn.training import state as state_lib
-from jattn.data import breakhis, load_fold, prepare
-from jattn.cli import data as data_cli
-from jattn.data.breakhis import describe, scan
-from jattn.core.errors import UserError
 from tests.conftest import data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
 

@@ -30,10 +30,10 @@ import pytest
 from PIL import Image
 
 from jattn import main
-from jattn.data import breakhis, load_fold, prepare
 from jattn.cli import data as data_cli
-from jattn.data.breakhis import fetch, scan, synthetic
 from jattn.core.errors import UserError
+from jattn.data import breakhis, load_fold, prepare
+from jattn.data.breakhis import fetch, scan, synthetic
 from tests.conftest import SMALL_PATIENTS, data_config, small_tree
 from tests.runs import DEMO, tiny_overrides
 from tests.test_hostile import snapshot

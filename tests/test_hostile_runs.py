@@ -62,7 +62,7 @@ def test_results_record_the_layout_of_the_run(trained_run):
   assert layout["history"] == [{"from_step": 0, "layout": expected}]
   assert layout["one_layout"] is True
   assert _json(os.path.join(trained_run, "layouts.json")) == layout["history"]
-  assert results["schema"] == "jattn.evaluation.results/2"
+  assert results["schema"] == "jattn.results/2"
 
 
 @pytest.mark.parametrize("run,changes", [

@@ -21,11 +21,12 @@ from PIL import Image
 
 from configs import default as default_config
 from experiments import benchmark_loader
-from jattn.sweeps import slurm, sweep
-from jattn.perf import benchmark
-from jattn.inference import attention_maps as inspect, predict
-from jattn.evaluation import tables
 from jattn.data.breakhis import published
+from jattn.evaluation import report, tables
+from jattn.inference import attention_maps as inspect
+from jattn.inference import predict
+from jattn.perf import benchmark
+from jattn.sweeps import slurm, sweep
 from tests.runs import DEMO
 from tests.test_hostile import copy_run, one_line_error, snapshot, steps_of
 
@@ -187,7 +188,7 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
 def results(name, fold, rng, paper_row="Ours", config=None):
   """A finished results.json as jattn.training.train writes it, with random fractions and clinical
   metrics."""
-  r = {"schema": "jattn.evaluation.results/1", "name": name, "paper_row": paper_row, "fold": fold,
+  r = {"schema": "jattn.results/1", "name": name, "paper_row": paper_row, "fold": fold,
        "finished": True,
        **{key: {m: float(rng.uniform(0.8, 1.0)) for m in MAGS}
           for key in ("image_accuracy", "patient_accuracy", "patient_recognition_rate")},
@@ -252,8 +253,8 @@ def test_rows_of_another_setting_are_labelled_and_shown_without_the_papers_figur
   plain = {("ours", k): results("ours", k, rng) for k in (1, 2)}
   write_sweep(tmp_path / "old", plain)
   write_sweep(tmp_path / "new", {key: {**r, "config": paper_config()} for key, r in plain.items()})
-  old = tables.write_tables(str(tmp_path / "old"))
-  assert tables.write_tables(str(tmp_path / "new")) == old.replace(str(tmp_path / "old"),
+  old = report.write(str(tmp_path / "old"))[0]
+  assert report.write(str(tmp_path / "new"))[0] == old.replace(str(tmp_path / "old"),
                                                                    str(tmp_path / "new"))
   assert "| *paper: Ours* |" in old
   for name in ("tables.csv",):
@@ -263,7 +264,7 @@ def test_rows_of_another_setting_are_labelled_and_shown_without_the_papers_figur
   shutil.copytree(trained_run, demo / "demo_ours" / "fold1")
   with open(demo / "demo_ours" / "fold1" / "results.json") as f:
     assert json.load(f)["paper_row"] == "Ours"  # the demo reproduces the paper's row, small
-  markdown = tables.write_tables(str(demo))
+  markdown = report.write(str(demo))[0]
   label = "demo_ours (from scratch, 32x32, 2 epochs, width 1/16, classifier 16)"
   assert f"| {label} |" in markdown and "*paper:" not in markdown
   with open(demo / "tables.csv") as f:
@@ -275,7 +276,7 @@ def test_a_folder_named_otherwise_than_its_config_is_read(trained_run, tmp_path,
   demo_ours'). The folder names the row, the config name is shown; folds of one row must be runs
   of one config."""
   shutil.copytree(trained_run, tmp_path / "mine" / "fold1")
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   assert ("| mine (config demo_ours; from scratch, 32x32, 2 epochs, width 1/16, classifier 16) |"
           in markdown)
   with open(tmp_path / "mine" / "fold1" / "results.json") as f:

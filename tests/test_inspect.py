@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn.inference import attention_maps as inspect, runs
 from jattn import models
 from jattn.core.errors import UserError
+from jattn.inference import attention_maps as inspect
+from jattn.inference import runs
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from jattn.training import compat, train
-from jattn.inference import predict, runs
+from jattn.core.errors import UserError
 from jattn.data import augment as augment_lib
 from jattn.data.breakhis import MAGNIFICATIONS
-from jattn.core.errors import UserError
+from jattn.inference import predict, runs
+from jattn.training import compat, train
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 
 def test_results_json_schema(trained_run, synthetic_tree, prepared_dir):
   with open(os.path.join(trained_run, "results.json")) as f:
     results = json.load(f)
-  assert results["schema"] == "jattn.evaluation.results/2" and results["finished"] is True
+  assert results["schema"] == "jattn.results/2" and results["finished"] is True
   assert (results["name"], results["paper_row"], results["fold"]) == ("demo_ours", "Ours", 1)
   for key in ("image_accuracy", "group_accuracy", "group_recognition_rate"):
     assert set(results[key]) == set(MAGNIFICATIONS)

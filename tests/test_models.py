@@ -12,9 +12,9 @@ import pytest
 
 from configs import default
 from jattn import models
-from jattn.training import state as state_lib
 from jattn.core.errors import UserError
 from jattn.models.attention import ChannelAttention, SpatialAttention
+from jattn.training import state as state_lib
 
 
 def conv2d_chw(x, w, stride=1, pad=0):

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from jattn.training import optim, parallel, train
-from jattn.inference import runs
-from jattn.training import state as state_lib
 from jattn.core.errors import UserError
+from jattn.inference import runs
+from jattn.training import optim, parallel, train
+from jattn.training import state as state_lib
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 # Both runs, separate and parallel: one loss logged per step, the LR halved every epoch, small

@@ -13,11 +13,11 @@ import pytest
 from conftest import image_file, small_tree
 
 from jattn import main
-from jattn.evaluation import tables
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import scan
 from jattn.data.breakhis.describe import describe
+from jattn.evaluation import report, tables
 from tests.runs import tiny_overrides
 
 SUBTYPE = {"task": "subtype", "model.num_classes": 8}
@@ -97,7 +97,7 @@ def test_partial_tree_subtype_run_reports_the_absent_magnification(partial_tree,
     other[key] = {**results[key], "200X": results[key]["100X"]}
   os.makedirs(tmp_path / "sub" / "fold1")
   (tmp_path / "sub" / "fold1" / "results.json").write_text(json.dumps(other))
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   cells = {(c.table, c.column): c for c in tables.aggregate(tables.collect(str(tmp_path)))}
   assert cells[("image_accuracy", "200X")].text().endswith("(1/2)")
   assert cells[("image_accuracy", "400X")].text() == "—"

@@ -22,22 +22,22 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
-from jattn.training import compat, train
-from jattn.models import weights as convert
 from jattn import models
-from jattn.evaluation import tables
-from jattn.training import state as state_lib
-from jattn.core.errors import UserError
 from jattn.cli import models as models_cli
+from jattn.core.errors import UserError
+from jattn.evaluation import report
 from jattn.models import norm, resnet
+from jattn.models import weights as convert
+from jattn.training import compat, train
+from jattn.training import state as state_lib
 from tests.test_download import server  # noqa: F401 -- the local HTTP server fixture
 from tests.torch_models import (
-    RefCAttn,
-    RefSAttn,
-    TorchResNet,
-    TorchVGG,
-    randomize_,
-    resnet_from_config,
+  RefCAttn,
+  RefSAttn,
+  TorchResNet,
+  TorchVGG,
+  randomize_,
+  resnet_from_config,
 )
 
 # torchvision's published parameter counts (1000 classes), ResNet18/50_Weights meta "num_params".
@@ -747,7 +747,7 @@ def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tm
           **{("resnet50_ours", k): results("resnet50_ours", k, rng, config=claimed)
              for k in (1, 2)}}
   write_sweep(tmp_path, runs)
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   rows = [line.split("|")[1].strip() for line in markdown.splitlines() if line.startswith("| ")]
   assert rows.count("*paper: Ours*") == 2  # Tables 1 and 2, beside the VGG19 row only
   table1 = rows[rows.index("ours"):rows.index("ours") + 3]
@@ -802,7 +802,8 @@ def test_a_resnet_run_is_inspected_and_refuses_a_checkpoint_of_another_architect
   resolution (32x32 input: 8, 8, 4, 2, 1), columns of D' and E' summing to 1 (eqs. 4, 10). Its
   checkpoints under a config of another architecture are refused in one line, exit 2, nothing
   changed."""
-  from jattn.inference import attention_maps as inspect, runs
+  from jattn.inference import attention_maps as inspect
+  from jattn.inference import runs
 
   with open(os.path.join(resnet_run, "results.json")) as f:
     assert json.load(f)["config"]["model"]["name"] == "resnet18"

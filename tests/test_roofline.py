@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jattn.core import config_lib
-from jattn.perf import roofline
 from jattn.models import conv, cpu_paths, vgg
+from jattn.perf import roofline
 from tests.runs import REPO
 
 

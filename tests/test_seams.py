@@ -18,8 +18,8 @@ import sys
 
 import pytest
 
-from jattn.evaluation import evaluate, results, tables
 from jattn.data import breakhis
+from jattn.evaluation import evaluate, report, results
 from tests.runs import DEMO, REPO
 
 DATA = os.path.join(REPO, "tests", "data")
@@ -75,7 +75,7 @@ def test_a_sweep_of_schema_1_results_tabulates_byte_for_byte(tmp_path):
   want_md, want_csv = (open(sweep / name).read() for name in ("tables.md", "tables.csv"))
   for name in ("tables.md", "tables.csv"):
     os.remove(sweep / name)
-  markdown = tables.write_tables(str(sweep))
+  markdown = report.write(str(sweep))[0]
   assert markdown == (sweep / "tables.md").read_text()
   got_md = (sweep / "tables.md").read_text().split("\n", 1)
   assert got_md[0] == f"# Results of {sweep}"

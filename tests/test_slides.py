@@ -21,9 +21,9 @@ import tifffile
 from PIL import Image
 from sklearn import metrics as skm
 
+from jattn.cli import slide
 from jattn.evaluation import metrics
 from jattn.inference import predict
-from jattn.cli import slide
 from jattn.slides import pipeline, tissue, writers
 from tests.runs import REPO
 

@@ -11,13 +11,12 @@ import os
 import numpy as np
 import pytest
 
-from jattn.core import config_lib
 from jattn import main
-from jattn.inference import predict, runs
-from jattn.data import stain
-from jattn.training import validate
-from jattn.data import load_fold
+from jattn.core import config_lib
 from jattn.core.errors import UserError
+from jattn.data import load_fold, stain
+from jattn.inference import predict, runs
+from jattn.training import validate
 from tests.conftest import small_tree
 from tests.runs import DEMO, tiny_overrides
 

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from jattn.sweeps import sweep
 from jattn.core.errors import UserError
+from jattn.sweeps import sweep
 from tests.runs import REPO, tiny_overrides
 
 ROWS = "configs/demo.py:vgg19,configs/demo.py:ours"

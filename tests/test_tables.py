@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from jattn.evaluation import tables
-from jattn.data.breakhis import published
 from jattn.core.errors import UserError
+from jattn.data.breakhis import published
+from jattn.evaluation import report, tables
 
 MAGS = ("40X", "100X", "200X", "400X")
 KEYS = ("image_accuracy", "patient_accuracy", "patient_recognition_rate")
@@ -19,7 +19,7 @@ KEYS = ("image_accuracy", "patient_accuracy", "patient_recognition_rate")
 
 def _results(name, fold, paper_row, rng, finished=True):
   """A results.json as jattn.training.train writes it, with random fractions."""
-  return {"schema": "jattn.evaluation.results/1", "name": name, "paper_row": paper_row, "fold": fold,
+  return {"schema": "jattn.results/1", "name": name, "paper_row": paper_row, "fold": fold,
           "finished": finished,
           **{key: {m: float(rng.uniform(0.8, 1.0)) for m in MAGS} for key in KEYS},
           "num_images": dict.fromkeys(MAGS, 600), "num_patients": dict.fromkeys(MAGS, 25)}
@@ -113,7 +113,7 @@ def test_missing_and_unfinished_folds_are_shown_not_averaged(tmp_path):
   one = cells[("image_accuracy", "ours", "100X")]
   assert one.std is None and one.text() == f"{one.mean:.1f} (1/5)" and "±" not in one.text()
 
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   _, rows = _table_rows(markdown, 1)
   assert _cols(rows[0])[1] == three.text()
   assert _cols(next(r for r in rows if _cols(r)[0] == "vgg19_s"))[1:] == ["—"] * 4
@@ -137,7 +137,7 @@ def test_without_manifest_rows_are_sorted_and_folds_are_the_union(tmp_path):
 
 def test_paper_figures_beside_the_matching_rows_in_the_papers_layout(full_sweep):
   sweep, _ = full_sweep
-  markdown = tables.write_tables(str(sweep))
+  markdown = report.write(str(sweep))[0]
   cells = _cells(sweep)
   for number, key, paper in ((1, "image_accuracy", published.TABLE1),
                              (2, "patient_accuracy", published.TABLE2),
@@ -162,7 +162,7 @@ def test_paper_figures_beside_the_matching_rows_in_the_papers_layout(full_sweep)
 
 def test_csv_round_trips_and_png_is_written(full_sweep):
   sweep, _ = full_sweep
-  tables.write_tables(str(sweep))
+  report.write(str(sweep))[0]
   with open(sweep / "tables.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   assert tuple(rows[0]) == ("table", "name", "paper_row", "magnification", "mean", "std",
@@ -289,7 +289,7 @@ def test_clinical_tables_mean_and_std_over_folds_and_old_results_read(tmp_path):
   assert cells[("clinical.patient.roc_auc", "ours", "all")].n_folds == 0
   assert cells[("clinical.patient.sensitivity", "ours", "all")].n_folds == 2
   assert ("multiclass.macro_f1", "ours", "40X") not in cells  # no subtype run, no subtype table
-  markdown = tables.write_tables(str(tmp_path))
+  markdown = report.write(str(tmp_path))[0]
   assert "| Method | Metric | 40X | 100X | 200X | 400X | all |" in markdown
   assert f"| ours | ROC-AUC | {auc.text()} |" in markdown
   assert "Table 6." not in markdown and "| *paper: Ours* |" in markdown

@@ -15,10 +15,10 @@ import torch
 
 from configs import default
 from jattn import models
-from jattn.training import optim, train
-from jattn.inference import runs
-from jattn.training import state as state_lib
 from jattn.core.errors import UserError
+from jattn.inference import runs
+from jattn.training import optim, train
+from jattn.training import state as state_lib
 
 
 def _config(**kw):

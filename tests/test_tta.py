@@ -12,10 +12,10 @@ import pytest
 from flax import traverse_util
 
 from jattn import models
-from jattn.training import parallel, train, validate
-from jattn.inference import runs
-from jattn.training import state as state_lib
 from jattn.core.errors import UserError
+from jattn.inference import runs
+from jattn.training import parallel, train, validate
+from jattn.training import state as state_lib
 from tests.runs import tiny_config
 
 

@@ -1,14 +1,14 @@
 """Command line of jattn.data: fetch BreakHis, generate a synthetic tree, describe a tree and its
 folds, or preview the augmentation.
 
-  python -m jattn.data download [--data-dir data] [--url URL] [--keep-archive] [--no-image-check]
+  jattn data download [--data-dir data] [--url URL] [--keep-archive] [--no-image-check]
       [--forget-checksum]
-  python -m jattn.data synthesize --out DIR [--images-per-patient 4 | --counts real]
+  jattn data synthesize --out DIR [--images-per-patient 4 | --counts real]
       [--width 700 --height 460] [--seed 0] [--no-junk] [--odd-sizes 3] [--no-folds]
       [--format breakhis|folder]
-  python -m jattn.data describe --source DATA_DIR [--folds FOLDS_CSV_OR_MKFOLD] [--seed 0]
+  jattn data describe --source DATA_DIR [--folds FOLDS_CSV_OR_MKFOLD] [--seed 0]
       [--json] [--no-image-check] [--threads 2]
-  python -m jattn.data augment-preview --out GRID.png [--config configs/ours_stain.py]
+  jattn data augment-preview --out GRID.png [--config configs/ours_stain.py]
       [--rows 4] [--samples 7] [--seed 0] [IMAGE...]
 
 `download` fetches BreaKHis_v1.tar.gz (resumable; jattn.data.breakhis.fetch), checks and unpacks
@@ -30,11 +30,15 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
-from jattn.data.breakhis import describe, naming
-from jattn.core.errors import exit_on_user_error
+from jattn.core import config_lib, files
+from jattn.core.errors import UserError, exit_on_user_error
+from jattn.data import preview
+from jattn.data.breakhis import describe, export, fetch, naming, synthetic
+from jattn.data.breakhis import folds as folds_lib
 
-PROG = "python -m jattn.data"
+PROG = "jattn data"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,12 +90,6 @@ def _parser() -> argparse.ArgumentParser:
 def _synthesize_folder(out: str, options: dict) -> dict:
   """A synthetic BreakHis written as a folder per class with a manifest and its generated folds
   (into the new or empty folder `out`)."""
-  import tempfile
-
-  from jattn.core import files
-  from jattn.data.breakhis import export, synthetic
-  from jattn.data.breakhis import folds as folds_lib
-  from jattn.core.errors import UserError
 
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -112,8 +110,6 @@ def main(argv=None) -> None:
   args = _parser().parse_args(argv)
   with exit_on_user_error(PROG):
     if args.command == "download":
-      from jattn.data.breakhis import fetch
-
       did = fetch.ensure_breakhis(args.data_dir, url=args.url, keep_archive=args.keep_archive,
                                   forget_checksum=args.forget_checksum)
       if did == "present":
@@ -122,17 +118,12 @@ def main(argv=None) -> None:
       found = describe.describe(args.data_dir, check_images=not args.no_image_check)
       print(describe.format_description(found))
     elif args.command == "augment-preview":
-      from jattn.core import config_lib
-      from jattn.data import preview
-
       config = config_lib.load_config(args.config)
       rows, columns = preview.write_preview(config, args.out, args.images, rows=args.rows,
                                             samples=args.samples, seed=args.seed)
       print(f"wrote {args.out}: {rows} image(s), each as given and in {columns - 1} draws of "
             f"{args.config}'s augmentation {config.augment.to_dict()}")
     elif args.command == "synthesize":
-      from jattn.data.breakhis import synthetic
-
       options = dict(
           images_per_patient=args.images_per_patient, counts=args.counts, width=args.width,
           height=args.height, seed=args.seed, junk=not args.no_junk, odd_sizes=args.odd_sizes,
@@ -155,5 +146,3 @@ def main(argv=None) -> None:
   sys.stdout.flush()
 
 
-if __name__ == "__main__":
-  main()

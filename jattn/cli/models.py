@@ -1,6 +1,6 @@
 """Parameters per module and forward FLOPs of a config's model, with and without its attention.
 
-  python -m jattn.models --config configs/ours.py [--config.model.width=0.5] [--image-size 224]
+  jattn models --config configs/ours.py [--config.model.width=0.5] [--image-size 224]
 
 FLOPs come from XLA's cost analysis of the jitted forward pass (one image, before compilation);
 the attention overhead is measured against the same network with the attention modules removed.
@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core import config_lib
 from jattn import models
+from jattn.core import config_lib
 from jattn.core.errors import exit_on_user_error
+
+PROG = "jattn models"
 
 
 def parameter_table(model_config, params) -> list[tuple[str, int]]:
@@ -65,16 +67,14 @@ def report(config, image_size: int) -> str:
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   overrides, rest = config_lib.split_argv(argv)
-  parser = argparse.ArgumentParser(prog="python -m jattn.models",
+  parser = argparse.ArgumentParser(prog=PROG,
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/ours.py", help="config file[:arg]")
   parser.add_argument("--image-size", type=int, default=None,
                       help="input size for the FLOPs (default: the config's image_size)")
   args = parser.parse_args(rest)
-  with exit_on_user_error("jattn.models"):
+  with exit_on_user_error(PROG):
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     print(report(config, args.image_size or config.image_size))
 
 
-if __name__ == "__main__":
-  main()

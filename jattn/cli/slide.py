@@ -1,6 +1,6 @@
 """Predicts whole-slide images with a trained run: heatmaps, QuPath detections, slide scores.
 
-  python -m jattn.cli.slide --workdir runs/ours/fold1 SLIDE_OR_FOLDER... --out DIR \\
+  jattn slide --workdir runs/ours/fold1 SLIDE_OR_FOLDER... --out DIR \\
       [--magnification 40X] [--mpp UM] [--tile-um W[,H]] [--min-tissue 0.5] [--stride 1] \\
       [--tissue saturation|od] [--tta none|dihedral] [--top-k 8] [--batch-size 32] \\
       [--threads N] [--labels slides.csv [--score mean] [--threshold 0.5] \\
@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from jattn.training import state as state_lib
 from jattn.core.errors import UserError, exit_on_user_error
-from jattn.slides import cohort, pipeline, tissue
+from jattn.slides import cohort, pipeline, reader, tissue
+from jattn.training import state as state_lib
+
+PROG = "jattn slide"
 
 
 def _field(text: str) -> tuple[float, float]:
@@ -35,7 +37,7 @@ def _field(text: str) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.cli.slide",
+  parser = argparse.ArgumentParser(prog=PROG,
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a finished run's work dir")
   parser.add_argument("--out", required=True, help="folder for the results (one folder per slide)")
@@ -75,15 +77,13 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("slides", nargs="+", help="slide files, or folders of them (searched "
                       "recursively)")
   args = parser.parse_args(argv)
-  with exit_on_user_error("jattn.cli.slide"):
+  with exit_on_user_error(PROG):
     options = pipeline.Options(
         magnification=args.magnification, mpp=args.mpp, tile_um=args.tile_um,
         min_tissue=args.min_tissue, stride=args.stride, tissue=args.tissue, tta=args.tta,
         top_k=args.top_k, batch_size=args.batch_size, threads=args.threads,
         overwrite=args.overwrite)
     if args.benchmark:
-      from jattn.slides import reader
-
       run = pipeline.load_run(args.workdir, options)
       path = reader.slide_paths(args.slides)[0]
       plan = pipeline.plan_slide(run, path, "benchmark", options)
@@ -96,5 +96,3 @@ def main(argv: list[str] | None = None) -> None:
                       resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
 
 
-if __name__ == "__main__":
-  main()

@@ -6,11 +6,12 @@
 
 fold.py (`FoldData`: images, targets, classes, groups, strata, split), sources.py (the registry),
 prepare.py (the decoded-image cache and normalisation stats every source shares), pipeline.py
-(batches), augment.py (on-device flips, rotations, stain colours), preview.py (augment-preview);
+(batches), augment.py (on-device flips, rotations, stain colours), stain.py (Macenko stain
+normalisation), preview.py (augment-preview);
 breakhis/ (BreakHis: naming, scan, download, folds, TFDS builder, synthesizer, describe, export);
 folder.py (a folder per class, or a manifest), tfds_source.py (a prepared TFDS data set) and
 labelled.py (what those two share: the table of images, folds, the FoldData).
-The names below are imported on first use, so that `python -m jattn.data` does not load grain,
+The names below are imported on first use, so that `jattn data` does not load grain,
 JAX and TFDS.
 """
 

@@ -23,11 +23,12 @@ import csv
 import os
 
 import numpy as np
+from PIL import Image
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data import labelled, prepare
 from jattn.data.fold import FoldData, Outputs
-from jattn.core.errors import UserError
 
 NAME = "folder"
 GROUP_UNIT = "group"
@@ -311,8 +312,6 @@ class _Files:
 
 
 def _memory_needed(root: str, table: labelled.Table, sizes, image_size: int, threads: int) -> str:
-  from PIL import Image
-
   largest = max(range(len(sizes)), key=sizes.__getitem__)
   try:
     with Image.open(os.path.join(root, *table.names[largest].split("/"))) as im:

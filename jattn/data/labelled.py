@@ -25,11 +25,12 @@ import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
 from jattn.core import errors, files
+from jattn.core.errors import UserError
 from jattn.data import prepare
 from jattn.data.fold import ClassMap, FoldData, Strata
-from jattn.core.errors import UserError
 
 FOLDS_COLUMNS = ("fold", "split", "path")
 SPLITS = ("train", "test")
@@ -231,8 +232,6 @@ def check_generatable(table: Table, num_folds: int) -> list[str]:
 def generate_folds(table: Table, num_folds: int, seed: int) -> Folds:
   """K folds, each group on one side, the classes' proportions kept as far as groups allow
   (scikit-learn's `StratifiedGroupKFold`, shuffled with `seed`); fold k tests the k-th part."""
-  from sklearn.model_selection import StratifiedGroupKFold
-
   _, groups = group_index(table)
   splitter = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
   with warnings.catch_warnings():  # its warning counts images; `check_generatable` counts groups

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import FoldData
-from jattn.core.errors import UserError
 
 
 def load_fold(config) -> FoldData:

@@ -1,6 +1,6 @@
 """A picture of what a config's augmentation does: a PNG grid of augmented samples.
 
-  python -m jattn.data augment-preview --config configs/ours_stain.py --out grid.png [IMAGE...]
+  jattn data augment-preview --config configs/ours_stain.py --out grid.png [IMAGE...]
 
 Each row is one image (given files, resized as in training, or synthetic H&E-like images): the
 original first, then `samples` draws of `jattn.data.augment.augment` with the config's
@@ -14,10 +14,10 @@ import numpy as np
 from PIL import Image
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data import augment as augment_lib
 from jattn.data import prepare
 from jattn.data.breakhis import synthetic
-from jattn.core.errors import UserError
 
 GAP = 2  # white pixels between tiles
 

@@ -18,7 +18,7 @@ provides:
   FIELD_PIXELS                    (width, height) of its images as published: with a stratum's
                                   MPP, the field a slide tile covers (jattn.slides), or absent
 
-`load_all` is the fold-free mode that external validation (`python -m jattn.evaluation.evaluate`,
+`load_all` is the fold-free mode that external validation (`jattn validate-external`,
 `jattn.inference.external`) scores a finished run with: the data set prepared as `load_fold` prepares it
 (same cache, at `config.image_size`), as one `FoldData` whose `test_indices` are every image the
 config selects (sorted), `train_indices` empty, `fold` 0, `mean` and `std` NaN (no statistics are

@@ -23,20 +23,20 @@ Vahadane et al. (2016) is not offered: its sparse non-negative factorisation is 
 dictionary-learning fit per image (SPAMS, scikit-learn's `DictionaryLearning`), which does not fit
 a fixed-cost jitted step on the accelerator.
 
-  python -m jattn.data.stain --out grid.png [--workdir RUN | --reference IMAGE] [IMAGE...]
+  jattn stain --out grid.png [--workdir RUN | --reference IMAGE] [IMAGE...]
 
 writes a picture of it (`preview`).
 """
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.core.errors import UserError
+from jattn.data import augment
+from jattn.data import preview as preview_lib
 
 METHODS = ("none", "macenko")  # config.stain_norm
 BETA = 0.15  # OD a tissue pixel exceeds in every channel (Macenko et al.)
@@ -185,9 +185,6 @@ def preview(images: np.ndarray, reference: dict, *, gap: int = 2) -> np.ndarray:
   """uint8 grid: per row an image of `images` [R, S, S, 3], then the same image recoloured as a
   stronger and a weaker staining (another centre: `jattn.data.augment.hed_jitter`), each followed
   by its normalisation to `reference` (as `fit_reference` returns)."""
-  from jattn.data import augment
-  from jattn.data import preview as preview_lib
-
   images = np.asarray(images, np.uint8)
   n = len(images)
   columns = []
@@ -198,58 +195,3 @@ def preview(images: np.ndarray, reference: dict, *, gap: int = 2) -> np.ndarray:
     done = normalize(shown, reference["stain_matrix"], reference["max_concentrations"])
     columns += [shown, np.clip(np.rint(np.asarray(done)), 0, 255).astype(np.uint8)]
   return preview_lib.tile_grid(columns, gap)
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m jattn.data.stain",
-      description="A PNG grid of Macenko stain normalisation: per row an image, then two "
-                  "recolourings of it (another centre's staining), each followed by its "
-                  "normalisation to the reference.")
-  parser.add_argument("--out", required=True, help="the PNG file to write")
-  parser.add_argument("--workdir", help="use this run's recorded reference (a run trained with "
-                      "--config.stain_norm=macenko)")
-  parser.add_argument("--reference", nargs="+", help="fit the reference on these images "
-                      "(default: the images shown)")
-  parser.add_argument("--size", type=int, default=128, help="pixels per tile (default 128)")
-  parser.add_argument("--rows", type=int, default=4, help="synthetic images, without IMAGE")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("images", nargs="*", help="image files (default: synthetic H&E-like)")
-  args = parser.parse_args(argv)
-  with exit_on_user_error("jattn.data.stain"):
-    from PIL import Image
-
-    from jattn.core import files
-    from jattn.data import preview as preview_lib
-    from jattn.inference.predict import load_images
-
-    if args.size < 16 or args.rows < 1:
-      raise UserError(f"--size {args.size} --rows {args.rows}: give at least 16 pixels and 1 row")
-    images = (load_images(args.images, args.size) if args.images
-              else preview_lib.synthetic.sample_images(args.rows, args.size, args.seed))
-    if args.workdir:
-      reference = run_reference(args.workdir)
-    else:
-      reference = fit_reference(load_images(args.reference, args.size) if args.reference
-                                else images, what="the reference images")
-    grid = preview(images, reference)
-    with files.atomic_path(args.out) as tmp:
-      Image.fromarray(grid).save(tmp, format="PNG", optimize=True)
-    print(f"wrote {args.out}: {len(images)} rows of 6 tiles")
-
-
-def run_reference(workdir: str) -> dict[str, np.ndarray]:
-  """The stain reference a run recorded in its train state; one line when it has none."""
-  from jattn.inference import runs
-
-  config, state = runs.restore(workdir)
-  if state.stain_matrix is None:
-    raise UserError(f"{workdir} was trained without stain normalisation "
-                    f"(config.stain_norm={config.get('stain_norm', 'none')!r}): give --reference "
-                    f"IMAGE... instead")
-  return {"stain_matrix": np.asarray(state.stain_matrix),
-          "max_concentrations": np.asarray(state.stain_max)}
-
-
-if __name__ == "__main__":
-  main()

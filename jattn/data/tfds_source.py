@@ -25,9 +25,9 @@ import os
 import numpy as np
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data import labelled, prepare
 from jattn.data.fold import FoldData, Outputs
-from jattn.core.errors import UserError
 
 NAME = "tfds"
 PREFIX = "tfds:"

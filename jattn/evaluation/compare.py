@@ -1,7 +1,7 @@
 """Can one row beat another? Paired differences over folds x seeds, and our cells against the
 published figures.
 
-  python -m jattn.evaluation.tables SWEEP --compare ours:vgg19 [--compare A:B ...]
+  jattn tables SWEEP --compare ours:vgg19 [--compare A:B ...]
 
 Two sets of runs (two rows of a sweep, or `DIR/ROW`, a row of another sweep folder of the same
 data source) pair up run by run: the same fold and the same seed. Per stratum (column) and level
@@ -37,8 +37,8 @@ import numpy as np
 import scipy.stats
 
 from jattn.core import files
-from jattn.evaluation import tables
 from jattn.core.errors import UserError
+from jattn.evaluation import tables
 
 LEVEL = 0.95  # of every interval
 

@@ -16,7 +16,7 @@ Every figure is computed from the probabilities passed in, so any way of produci
 the mean over test-time flips) is evaluated the same way. A stratum value without test images is
 absent from every per-stratum map.
 
-As a command, `python -m jattn.evaluation.evaluate --workdir RUN --config.data_dir=OTHER ...` scores a
+As a command, `jattn validate-external --workdir RUN --config.data_dir=OTHER ...` scores a
 finished run on every image of another labelled set (external validation: `jattn.inference.external`).
 """
 
@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jattn.core import files
-from jattn.evaluation import metrics
 from jattn.data.fold import FoldData
+from jattn.evaluation import metrics
 
 ALL = "all"  # the key of the figures over every evaluated image together
 
@@ -256,14 +256,3 @@ def _report_columns(results: dict) -> list[str]:
   if len(strata) == 1:
     return list(next(iter(strata.values()))["values"])
   return [f"{name}={v}" for name, s in strata.items() for v in s["values"]]
-
-
-def main(argv: list[str] | None = None) -> None:
-  """External validation (`jattn.inference.external.main`); this module stays NumPy only until called."""
-  from jattn.inference import external
-
-  external.main(argv)
-
-
-if __name__ == "__main__":
-  main()

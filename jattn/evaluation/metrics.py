@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 BINARY_METRICS = ("sensitivity", "specificity", "balanced_accuracy", "f1", "roc_auc")
@@ -191,8 +192,6 @@ def clinical_metrics(*, labels: np.ndarray, scores: np.ndarray, predictions: np.
 
 def roc_figure(groups: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str):
   """A matplotlib Figure with one ROC curve per group {name: (0/1 labels, scores)}."""
-  from matplotlib.figure import Figure  # no pyplot: no global backend, Agg when saving
-
   fig = Figure(figsize=(5.5, 5), layout="constrained")
   ax = fig.subplots()
   for name, (labels, scores) in groups.items():

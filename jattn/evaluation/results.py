@@ -1,6 +1,6 @@
 """results.json and predictions.csv of a finished run: the schema, its assembly and its reading.
 
-Schema `jattn.evaluation.results/2` (this module is its one home): the evaluator's figures
+Schema `jattn.results/2` (this module is its one home): the evaluator's figures
 (`jattn.evaluation.evaluate.evaluate`: per-stratum maps, `clinical`, `per_class`, `group_figures`, `strata`)
 and what they are figures of: `source`, `classes`, `class_kind`, `binary` (the classes' coarse
 labels and the positive one), `group_unit`, `subclasses`, the run's `layout`, `normalization`,
@@ -22,12 +22,12 @@ import numpy as np
 
 import jattn
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import FoldData
-from jattn.core.errors import UserError
 
-SCHEMA = "jattn.evaluation.results/2"
-V1 = "jattn.evaluation.results/1"
+SCHEMA = "jattn.results/2"
+V1 = "jattn.results/1"
 SCHEMAS = (V1, SCHEMA)
 REQUIRED = ("schema", "name", "paper_row", "fold", "finished")
 

@@ -1,6 +1,6 @@
 """The paper's Tables 1 and 2 (and the group recognition rate) from a sweep folder.
 
-  python -m jattn.evaluation.tables sweeps/paper [--compare ours:vgg19]
+  jattn tables sweeps/paper [--compare ours:vgg19]
 
 A sweep folder holds one training run per row, fold and seed, `SWEEP/<name>/fold<k>/` (seed 0)
 or `SWEEP/<name>/seed<s>/fold<k>/`, each finished run with its `results.json`, and usually the
@@ -31,7 +31,6 @@ SWEEP/compare.md and SWEEP/compare.csv.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -43,11 +42,12 @@ from types import ModuleType
 import numpy as np
 
 from jattn.core import files
-from jattn.evaluation import results
+from jattn.core.errors import UserError
 from jattn.data import sources
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.evaluation import results
 from jattn.evaluation.evaluate import ALL  # the column over every tested stratum together
 from jattn.evaluation.metrics import BINARY_METRICS
+from matplotlib.figure import Figure
 
 MANIFEST = "sweep.json"
 
@@ -541,8 +541,6 @@ def format_csv(cells: list[Cell], shape: Layout) -> str:
 def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
   """Ours (filled, ± sample std) beside the published figures (open), per config and stratum, of
   Tables 1 and 2, as PNG."""
-  from matplotlib.figure import Figure  # no pyplot: no global backend, Agg when saving
-
   by_key = {(c.table, c.name, c.column): c for c in cells}
   columns = sweep.layout.columns
   fig = Figure(figsize=(13, 4.8), layout="constrained")
@@ -580,45 +578,3 @@ def plot(sweep: Sweep, cells: list[Cell], path: str) -> None:
   fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=120)
-
-
-def write_all(sweep_dir: str, compare: list[str] | None = None) -> tuple[str, str]:
-  """Writes tables.md, tables.csv, tables.png and the paired comparisons (jattn.evaluation.compare: those of
-  `compare`, FIRST:SECOND, else the default ones), compare.md and compare.csv, into the sweep
-  folder, once everything has been read and checked; returns both Markdowns."""
-  from jattn.evaluation import compare as comparing  # noqa: PLC0415 - it builds on this module
-
-  sweep = collect(sweep_dir)
-  cells = aggregate(sweep)
-  comparisons = comparing.compute(sweep, compare)
-  markdown = format_markdown(sweep, cells)
-  files.atomic_write_text(os.path.join(sweep_dir, "tables.md"), markdown)
-  files.atomic_write_text(os.path.join(sweep_dir, "tables.csv"), format_csv(cells, sweep.layout))
-  plot(sweep, cells, os.path.join(sweep_dir, "tables.png"))
-  return markdown, comparing.write(comparisons)
-
-
-def write_tables(sweep_dir: str, compare: list[str] | None = None) -> str:
-  """Writes the tables and comparisons (`write_all`); returns the tables' Markdown."""
-  return write_all(sweep_dir, compare)[0]
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.evaluation.tables",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the folder a sweep wrote")
-  parser.add_argument("--compare", action="append", metavar="FIRST:SECOND",
-                      help="paired comparison of two rows (a row of another sweep as DIR/ROW) over "
-                           "the same folds and seeds (repeatable; default: each row against the "
-                           "baseline row of its setting)")
-  args = parser.parse_args(argv)
-  with exit_on_user_error("jattn.evaluation.tables"):
-    markdown, comparisons = write_all(args.sweep_dir, args.compare)
-    print(markdown)
-    print(comparisons)
-    print(f"wrote tables.md, tables.csv, tables.png, compare.md and compare.csv in "
-          f"{args.sweep_dir}")
-
-
-if __name__ == "__main__":
-  main()

@@ -10,7 +10,7 @@ For each C-Attn module (eqs. 1-6) the channel affinity D' is C x C, each column 
 (eq. 4), and A_c = D'^T M_V is added to the features; shown are D' itself and the spatial map of
 the norm of A_c over channels (where the channel attention changes the features most).
 
-  python -m jattn.inference.attention_maps --workdir runs/demo_ours/fold1 IMAGE_OR_FOLDER... --out attention/ \
+  jattn inspect --workdir runs/demo_ours/fold1 IMAGE_OR_FOLDER... --out attention/ \
       [--position 0.5,0.5]
 
 writes one PNG per image with the input, the maps overlaid on it and the affinity matrices:
@@ -21,19 +21,22 @@ tell them apart (`figure_names`). Folders are read as by `jattn.inference.predic
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image
 
-from jattn.core import files
 from jattn import models
+from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.inference import runs
+from jattn.inference.predict import image_paths, load_images
 from jattn.training import state as state_lib
-from jattn.core.errors import UserError, exit_on_user_error
 
 
 @jax.jit
@@ -104,9 +107,6 @@ def received(e_prime: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
   """A heat map (any size) upsampled onto a uint8 RGB image, with matplotlib's 'jet' colours."""
-  from matplotlib import colormaps
-  from PIL import Image
-
   heat = np.asarray(heat, np.float64)
   span = heat.max() - heat.min()
   heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
@@ -119,8 +119,6 @@ def figure(image: np.ndarray, maps: dict, index: int, position: tuple[float, flo
   """One matplotlib figure: the image, each module's maps over it, and each C-Attn's D'.
 
   Made without pyplot (no global backend switched, e.g. in a notebook; Agg when saved)."""
-  from matplotlib.figure import Figure
-
   panels = [("input", image, None)]
   for m in maps.values():
     key = m["label"]
@@ -203,8 +201,6 @@ def _clashes(names: dict[int, str], keep_single: bool = False) -> list[list[int]
 def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
                    position: tuple[float, float] = (0.5, 0.5)) -> list[str]:
   """Writes one PNG per image (or per image in a folder) into out_dir; returns their paths."""
-  from jattn.inference.predict import image_paths, load_images
-
   files.require_folder(out_dir, "--out")
   unique = {}
   for path in image_paths(list(paths)):  # an image given twice is drawn once
@@ -234,32 +230,3 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
       fig.savefig(tmp, format="png", dpi=100)
     written.append(target)
   return written
-
-
-def _position(text: str) -> tuple[float, float]:
-  try:
-    r, c = (float(x) for x in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r}: give row,col as fractions, e.g. 0.5,0.5") from None
-  if not (0 <= r <= 1 and 0 <= c <= 1):
-    raise argparse.ArgumentTypeError(f"{text!r}: row and col are fractions between 0 and 1")
-  return r, c
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.inference.attention_maps",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a run's work dir")
-  parser.add_argument("--out", required=True, help="folder for the PNGs")
-  parser.add_argument("--position", type=_position, default=(0.5, 0.5),
-                      help="query position for S-Attn maps, as row,col fractions (default 0.5,0.5)")
-  parser.add_argument("images", nargs="+", help="image files, or folders of them (searched "
-                      "recursively)")
-  args = parser.parse_args(argv)
-  with exit_on_user_error("jattn.inference.attention_maps"):
-    for path in inspect_images(args.workdir, args.images, args.out, args.position):
-      print(path)
-
-
-if __name__ == "__main__":
-  main()

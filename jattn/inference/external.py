@@ -1,6 +1,6 @@
 """External validation: a finished run scored on every image of another labelled set.
 
-  python -m jattn.evaluation.evaluate --workdir RUN --config.data_dir=OTHER [--config.dataset=SOURCE]
+  jattn validate-external --workdir RUN --config.data_dir=OTHER [--config.dataset=SOURCE]
       [--config.FIELD=VALUE ...] [--out DIR] [--name NAME] [--batch-size 32]
 
 The other set's images come from its data source's fold-free mode (`load_all`, see
@@ -26,23 +26,22 @@ inference call it on a `FoldData` they build themselves.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 
 import ml_collections
 import numpy as np
 
-from jattn.training import compat
+from jattn import data
 from jattn.core import config_lib, errors, files
-from jattn.evaluation import evaluate, results
-from jattn.inference import runs
+from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import FoldData
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.evaluation import evaluate, results
+from jattn.inference import runs
+from jattn.training import compat
 
 FIXED_FIELDS = ("image_size", "stain_norm", "model")  # what the run's model sees and is
 CHUNK = 2048  # images read from the memory-mapped cache at a time
@@ -170,14 +169,12 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
                         name: str | None = None, batch_size: int | None = None) -> tuple[dict, str]:
   """Scores the finished run in `workdir` on every image of the set `overrides` name; returns
   (results, the folder written)."""
-  from jattn import data
-
   workdir = os.path.abspath(os.path.expanduser(workdir))
   run_config = runs.load_config(workdir)
   run_results_path = os.path.join(workdir, "results.json")
   if not os.path.exists(run_results_path):
     raise UserError(f"{workdir} has not finished (no results.json): external validation scores a "
-                    f"finished run; train it to the end first (its python -m jattn.main command "
+                    f"finished run; train it to the end first (its jattn train command "
                     f"resumes it)")
   run_results = results.read(run_results_path, "it is the run's own evaluation: evaluate the run "
                                                "again (delete it and rerun its command)")
@@ -221,21 +218,3 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
                        external=external)
   _write(out, result, rows, fold_data, f"{run_config.name} fold {run_config.fold} on {name}")
   return result, out
-
-
-def main(argv: list[str] | None = None) -> None:
-  overrides, rest = config_lib.split_argv(sys.argv[1:] if argv is None else argv)
-  parser = argparse.ArgumentParser(
-      prog="python -m jattn.evaluation.evaluate", description=__doc__.split("\n")[0],
-      epilog="Name the other set with --config.FIELD=VALUE (data_dir, dataset, ...).")
-  parser.add_argument("--workdir", required=True, help="a finished run's work dir")
-  parser.add_argument("--out", help="the folder to write (default: WORKDIR/external/<name>)")
-  parser.add_argument("--name", help="the set's name (default: its data dir's folder name)")
-  parser.add_argument("--batch-size", type=int, help="images per batch (default: the run's "
-                      "eval_batch_size)")
-  args = parser.parse_args(rest)
-  with exit_on_user_error("jattn.evaluation.evaluate"):
-    result, out = external_evaluation(args.workdir, overrides, args.out, args.name,
-                                      args.batch_size)
-    print(f"{result['name']} fold {result['fold']} on {result['external']['data_dir']}: results "
-          f"in {out}\n{evaluate.format_table(result)}")

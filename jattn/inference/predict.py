@@ -1,8 +1,8 @@
 """Predictions of a trained run for any images, with a group vote when names allow one.
 
-  python -m jattn.inference.predict --workdir runs/ours/fold1 IMAGE_OR_FOLDER... [--out FILE.csv]
+  jattn predict --workdir runs/ours/fold1 IMAGE_OR_FOLDER... [--out FILE.csv]
       [--tta dihedral] [--batch-size 32]
-  python -m jattn.inference.predict --workdir runs/ours/fold1 --manifest FILE.csv [--results FILE.json] ...
+  jattn predict --workdir runs/ours/fold1 --manifest FILE.csv [--results FILE.json] ...
 
 A folder stands for every image file under it (IMAGE_EXTENSIONS, any case, in sorted order,
 subfolders included); hidden files and folders (`.DS_Store`, `._*`) and anything else (`Thumbs.db`,
@@ -33,23 +33,18 @@ convention (a folder per class) the parent folder is the class, never the group.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
-import io
 import os
-import sys
 
 import numpy as np
 
-from jattn.evaluation import evaluate
-from jattn.core import files
-from jattn.inference import runs
-from jattn.training import state
-from jattn.data import sources
+from jattn.core.errors import UserError
+from jattn.data import sources, stain
 from jattn.data.fold import FoldData, Strata
 from jattn.data.prepare import decode_resize
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.evaluation import evaluate
+from jattn.inference import external, runs
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # the files of a folder read
 
@@ -161,11 +156,11 @@ def predict(workdir: str, paths: list[str], batch_size: int = 32,
   """One row per image (see the module docstring); `paths` may name folders (`image_paths`), or
   `manifest` a CSV of images with labels (then `paths` must be empty); `tta` None uses the run's
   config.tta."""
-  return _predict(workdir, paths, batch_size, tta, manifest)[0]
+  return predict_and_score(workdir, paths, batch_size, tta, manifest)[0]
 
 
-def _predict(workdir: str, paths: list[str], batch_size: int, tta: str | None,
-             manifest_file: str | None) -> tuple[list[dict], dict | None]:
+def predict_and_score(workdir: str, paths: list[str], batch_size: int, tta: str | None,
+                      manifest_file: str | None) -> tuple[list[dict], dict | None]:
   """(rows, the evaluator's results of a manifest's images, or None without a manifest)."""
   if batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: give a positive number of images per batch "
@@ -252,9 +247,6 @@ def _score_manifest(config, run_state, outputs, manifest: Manifest, rows: list[d
   """The evaluator's results (as results.json) of a manifest's images: groups from its `group`
   column (the file name's where it has none, else each image alone), strata from its further
   columns (the file name's where it has none, else the manifest as one stratum)."""
-  from jattn.inference import external
-  from jattn.data import stain
-
   n = len(rows)
   unit = outputs.group_unit
   named = all(r[f"{unit}_id"] for r in rows)
@@ -293,48 +285,3 @@ def _score_manifest(config, run_state, outputs, manifest: Manifest, rows: list[d
                 "groups_from": ("the manifest's group column" if manifest.groups is not None
                                 else "file names" if named else "none: each image alone")})
   return result
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.inference.predict",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a run's work dir (python -m jattn.main)")
-  parser.add_argument("--out", help="CSV file to write (default: standard output)")
-  parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-  parser.add_argument("--tta", choices=state.TTA_MODES,
-                      help="test-time augmentation (default: the run's config.tta)")
-  parser.add_argument("--manifest", help="a CSV of images with labels: columns path,label[,group]"
-                      "[,<stratum>...], paths relative to the CSV; adds label, correctness and "
-                      "the figures")
-  parser.add_argument("--results", help="with --manifest: write the figures as this JSON file "
-                      "(results.json's form)")
-  parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP), or folders "
-                      "of them (searched recursively)")
-  args = parser.parse_args(argv)
-  with exit_on_user_error("jattn.inference.predict"):
-    for flag, path in (("--out", args.out), ("--results", args.results)):
-      if path and os.path.isdir(path):  # refused before any work, not after it
-        kind, name = ("CSV", "predictions.csv") if flag == "--out" else ("JSON", "results.json")
-        raise UserError(f"{flag} {path} is a folder: give the {kind} file to write, e.g. "
-                        f"{os.path.join(path, name)}")
-    if args.results and not args.manifest:
-      raise UserError("--results needs --manifest: only images with labels have figures")
-    rows, figures = _predict(args.workdir, args.images, args.batch_size, args.tta, args.manifest)
-    if figures is not None:
-      print(f"{len(rows)} images of {args.manifest}:\n{evaluate.format_table(figures)}",
-            file=sys.stderr)
-      if args.results:
-        from jattn.evaluation import results
-
-        results.write_json(args.results, figures)
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    if args.out:
-      files.atomic_write_text(args.out, text.getvalue())
-    else:
-      sys.stdout.write(text.getvalue())
-
-if __name__ == "__main__":
-  main()

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jattn.training import checkpoints, parallel
 from jattn.core import files
-from jattn.training import state as state_lib
+from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import Outputs
-from jattn.core.errors import UserError
+from jattn.training import checkpoints, parallel
+from jattn.training import state as state_lib
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, state_lib.TrainSta
   with checkpoints.manager(workdir, create=False) as mngr:
     state = checkpoints.restore_latest(mngr, state_lib.abstract_state(config))
     if state is None:
-      raise UserError(f"{workdir} has no checkpoint yet; train it first (python -m jattn.main)")
+      raise UserError(f"{workdir} has no checkpoint yet; train it first (jattn train)")
     step = int(state.step)
     per_epoch = checkpoints.recorded_steps_per_epoch(mngr, step)
     if not os.path.exists(os.path.join(workdir, "results.json")):
@@ -123,3 +123,14 @@ def predict_probs(state: state_lib.TrainState, images: np.ndarray, batch_size: i
          for start in range(0, len(images), predictor.batch_size)]
   num_classes = out[0].shape[-1] if out else 2
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+
+
+def stain_reference(workdir: str) -> dict[str, np.ndarray]:
+  """The stain reference a run recorded in its train state; one line when it has none."""
+  config, state = restore(workdir)
+  if state.stain_matrix is None:
+    raise UserError(f"{workdir} was trained without stain normalisation "
+                    f"(config.stain_norm={config.get('stain_norm', 'none')!r}): give --reference "
+                    f"IMAGE... instead")
+  return {"stain_matrix": np.asarray(state.stain_matrix),
+          "max_concentrations": np.asarray(state.stain_max)}

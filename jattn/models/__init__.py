@@ -13,7 +13,7 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
   without_attention(model_config)   the same backbone without attention modules
   ignored_fields(model_config)      model fields that change nothing it computes (jattn.training.compat)
   is_pretrained(path) -> bool       whether a parameter path comes from ImageNet (scope 'backbone')
-  parameter_groups(params)          the rows of `python -m jattn.models`
+  parameter_groups(params)          the rows of `jattn models`
   TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
   state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
   check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)

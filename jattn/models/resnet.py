@@ -289,7 +289,7 @@ def is_pretrained(path: Sequence[str]) -> bool:
 
 
 def parameter_groups(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
-  """(row label, subtree) of the parameter table of `python -m jattn.models`: the stem, each
+  """(row label, subtree) of the parameter table of `jattn models`: the stem, each
   stage's blocks, each attention module after the part it follows, the head."""
   rows = [("stem", {k: params[k] for k in ("conv1", "bn1")})]
   for stage in STAGES:

@@ -223,7 +223,7 @@ def is_pretrained(path: tuple[str, ...]) -> bool:
 
 
 def parameter_groups(params) -> list[tuple[str, Any]]:
-  """(row label, subtree) of the parameter table of `python -m jattn.models`."""
+  """(row label, subtree) of the parameter table of `jattn models`."""
   rows = []
   for name in sorted(params, key=lambda n: (not n.startswith("block"), n)):
     if name.startswith("block"):

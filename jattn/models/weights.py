@@ -20,21 +20,20 @@ that needs arbitrary code to unpickle is refused.
 
 Command line (writes weights that a config's ``pretrained`` field points at)::
 
-  python -m jattn.models.weights --download vgg19      # fetch, check and convert into pretrained/vgg19
-  python -m jattn.models.weights --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth \
+  jattn convert --download vgg19      # fetch, check and convert into pretrained/vgg19
+  jattn convert --source torchvision --arch vgg19 --pth vgg19-dcbb9e9d.pth \
       --out pretrained/vgg19
-  python -m jattn.models.weights --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
+  jattn convert --source torchvision --arch vgg19_bn --pth vgg19_bn-c79401a0.pth \
       --out pretrained/vgg19_bn
-  python -m jattn.models.weights --download resnet50   # torchvision's IMAGENET1K_V2 (resnet18: V1)
-  python -m jattn.models.weights --source torchvision --arch resnet50 --pth resnet50-11ad3fa6.pth \
+  jattn convert --download resnet50   # torchvision's IMAGENET1K_V2 (resnet18: V1)
+  jattn convert --source torchvision --arch resnet50 --pth resnet50-11ad3fa6.pth \
       --out pretrained/resnet50
-  python -m jattn.models.weights --source reference --config configs/reference.py \
+  jattn convert --source reference --config configs/reference.py \
       --pth cls_model_125.pth --out pretrained/reference
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -49,11 +48,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from jattn.core import download, files
 from jattn import models
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.core import config_lib, download, files
+from jattn.core.errors import UserError
 
 SOURCES = ("torchvision", "reference")
 WEIGHTS_SUBDIR = "weights"
@@ -161,8 +161,6 @@ def torchvision_model_config(arch: str, num_classes: int = 1000) -> ml_collectio
 
 def save_weights(variables: Mapping[str, Any], out_dir: str, info: Mapping[str, Any]) -> None:
   """Writes converted variables (Orbax) and a small info.json into out_dir."""
-  import orbax.checkpoint as ocp
-
   out_dir = os.path.abspath(out_dir)
   target = os.path.join(out_dir, WEIGHTS_SUBDIR)
   if os.path.exists(target):
@@ -180,17 +178,15 @@ def load_weights(path: str, model_config: ml_collections.ConfigDict | None = Non
   With `model_config`, a missing folder names the command that converts weights for its backbone,
   and weights converted for another backbone (their info.json) are refused in one line.
   """
-  import orbax.checkpoint as ocp
-
   arch = "vgg19" if model_config is None else models.of(model_config).torchvision_arch(
       model_config)
   target = os.path.join(os.path.abspath(path), WEIGHTS_SUBDIR)
   if not os.path.isdir(target):
     name = TORCHVISION_FILES[arch]
     raise UserError(
-        f"pretrained={path!r}: no converted weights there. Run python -m jattn.models.weights "
+        f"pretrained={path!r}: no converted weights there. Run jattn convert "
         f"--download {arch} --out {path}, or download torchvision's {arch} weights "
-        f"({TORCHVISION_URL}{name}) and run: python -m jattn.models.weights --source torchvision "
+        f"({TORCHVISION_URL}{name}) and run: jattn convert --source torchvision "
         f"--arch {arch} --pth {name} --out {path} (or set --config.pretrained='' to train from "
         f"scratch)")
   info_path = os.path.join(os.path.abspath(path), INFO_FILE)
@@ -202,7 +198,7 @@ def load_weights(path: str, model_config: ml_collections.ConfigDict | None = Non
       raise UserError(
           f"pretrained={path!r} holds weights converted for a {models.name_of(stored)} "
           f"({INFO_FILE}), but config.model.name={models.name_of(model_config)!r}; convert "
-          f"{arch}'s: python -m jattn.models.weights --download {arch} --out OTHER_FOLDER, and point "
+          f"{arch}'s: jattn convert --download {arch} --out OTHER_FOLDER, and point "
           f"--config.pretrained at it")
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(target)
@@ -241,7 +237,7 @@ def download_torchvision(arch: str, out: str | None = None, *, base_url: str | N
   url += name
   pth = os.path.join(os.path.dirname(out), name)
   prefix = name.rsplit("-", 1)[1].removesuffix(".pth")
-  hint = (f"download {url} by hand and run python -m jattn.models.weights --source torchvision --arch "
+  hint = (f"download {url} by hand and run jattn convert --source torchvision --arch "
           f"{arch} --pth {name} --out {out}")
   fetched = not os.path.exists(pth)
   if fetched:
@@ -265,49 +261,25 @@ def download_torchvision(arch: str, out: str | None = None, *, base_url: str | N
   return out
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m jattn.models.weights",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--source", choices=SOURCES)
-  parser.add_argument("--arch", choices=sorted(archs()), help="torchvision architecture")
-  parser.add_argument("--config", help="for --source reference: the config whose model it is")
-  parser.add_argument("--pth", help="the PyTorch state dict (.pth)")
-  parser.add_argument("--out", help="folder to write; point config.pretrained at it")
-  parser.add_argument("--download", choices=sorted(TORCHVISION_FILES),
-                      help="fetch torchvision's ImageNet checkpoint and convert it (into "
-                      "pretrained/ARCH unless --out)")
-  parser.add_argument("--keep-pth", action="store_true", help="with --download: keep the .pth")
-  args = parser.parse_args(argv)
-  if args.download:
-    with exit_on_user_error("jattn.models.weights"):
-      download_torchvision(args.download, args.out, keep_pth=args.keep_pth)
-    return
-  for flag in ("source", "pth", "out"):
-    if getattr(args, flag) is None:
-      parser.error(f"--{flag} is required (or --download ARCH: {', '.join(TORCHVISION_FILES)})")
-  with exit_on_user_error("jattn.models.weights"):
-    files.require_folder(args.out, "--out")
-    state_dict = load_state_dict(args.pth)
-    if args.source == "torchvision":
-      if not args.arch:
-        raise UserError(f"--source torchvision needs --arch (one of {', '.join(sorted(archs()))})")
-      classes = _backbone(args.arch).torchvision_model_config(args.arch, state_dict).num_classes
-      model_config = torchvision_model_config(args.arch, classes)
-    else:
-      if not args.config:
-        raise UserError("--source reference needs --config (e.g. configs/reference.py)")
-      from jattn.core.config_lib import load_config  # noqa: PLC0415
-
-      model_config = load_config(args.config).model
-    variables = torch_to_flax(state_dict, model_config, args.source)
-    n = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables.get("params", {})))
-    save_weights(variables, args.out, {
-        "source": args.source, "arch": args.arch, "config": args.config,
-        "pth": os.path.abspath(args.pth), "sha256": _sha256(args.pth), "num_params": int(n),
-        "model": model_config.to_dict(),
-    })
-    print(f"wrote {n:,} parameters from {args.pth} to {args.out}")
-
-
-if __name__ == "__main__":
-  main()
+def convert(source: str, pth: str, out: str, *, arch: str | None = None,
+            config: str | None = None) -> int:
+  """Converts the PyTorch state dict `pth` (torchvision's `arch`, or the authors' model of the
+  config file `config`) into `out` (`save_weights`); returns the number of parameters."""
+  files.require_folder(out, "--out")
+  state_dict = load_state_dict(pth)
+  if source == "torchvision":
+    if not arch:
+      raise UserError(f"--source torchvision needs --arch (one of {', '.join(sorted(archs()))})")
+    classes = _backbone(arch).torchvision_model_config(arch, state_dict).num_classes
+    model_config = torchvision_model_config(arch, classes)
+  else:
+    if not config:
+      raise UserError("--source reference needs --config (e.g. configs/reference.py)")
+    model_config = config_lib.load_config(config).model
+  variables = torch_to_flax(state_dict, model_config, source)
+  n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables.get("params", {}))))
+  save_weights(variables, out, {
+      "source": source, "arch": arch, "config": config, "pth": os.path.abspath(pth),
+      "sha256": _sha256(pth), "num_params": n, "model": model_config.to_dict(),
+  })
+  return n

@@ -1,12 +1,12 @@
 """How fast jattn trains and evaluates on this machine, beside PyTorch, and what the paper's
 protocol would cost here.
 
-  python -m jattn.perf.benchmark --configs configs/ours.py,configs/vgg19.py --torch --out bench.json
-  python -m jattn.perf.benchmark --dtype float32,bfloat16 --parallel-folds 1,5 --peak-tflops 989
-  python -m jattn.perf.benchmark --torch --torch-mode eager,channels_last,compile --roofline
-  python -m jattn.perf.benchmark --profile trace/          # where the step's time goes (jattn.perf.profile)
-  python -m jattn.perf.benchmark --steps-per-dispatch 1,8  # steps per dispatch (lax.scan)
-  python -m jattn.perf.benchmark --runs-per-device 1,2,4   # K processes on one device at once
+  jattn benchmark --configs configs/ours.py,configs/vgg19.py --torch --out bench.json
+  jattn benchmark --dtype float32,bfloat16 --parallel-folds 1,5 --peak-tflops 989
+  jattn benchmark --torch --torch-mode eager,channels_last,compile --roofline
+  jattn benchmark --profile trace/          # where the step's time goes (jattn.perf.profile)
+  jattn benchmark --steps-per-dispatch 1,8  # steps per dispatch (lax.scan)
+  jattn benchmark --runs-per-device 1,2,4   # K processes on one device at once
 
 For each config, dtype, number K of parallel folds and number N of steps per dispatch it
 measures, on random weights and random uint8 images (no data set, nothing downloaded): train-step
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import resource
@@ -49,14 +48,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core import config_lib, files
 from jattn import models
-from jattn.training import parallel, train
-from jattn.perf import roofline
-from jattn.perf import profile as profile_lib
-from jattn.training import state as state_lib
-from jattn.core.errors import UserError, exit_on_user_error
+from jattn.core import config_lib
+from jattn.core.errors import UserError
 from jattn.models import cpu_paths
+from jattn.perf import profile as profile_lib
+from jattn.perf import roofline
+from jattn.training import parallel, train
+from jattn.training import state as state_lib
 
 # The paper's protocol: 4 configs x 5 folds x 130 epochs; BreakHis' 7,909 images split ~70/30.
 PROTOCOL = {"configs": 4, "folds": 5, "epochs": 130, "train_images": 5500, "test_images": 2409}
@@ -454,7 +453,7 @@ def _int_list(text: str, flag: str = "--parallel-folds", example: str = "1,5") -
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m jattn.perf.benchmark",
+  parser = argparse.ArgumentParser(prog="jattn benchmark",
                                    description=" ".join(__doc__.split("\n\n")[0].split()),
                                    epilog="--config.FIELD=VALUE overrides apply to every config.")
   parser.add_argument("--configs", default="configs/ours.py",
@@ -523,20 +522,21 @@ def parse_args(argv):
   return args
 
 
-def benchmark(args) -> dict:
-  """Runs every (config, dtype, K, N) of `args` (or, with --runs-per-device, that measurement);
-  returns {'device': ..., 'rows': [...]}."""
-  info = _device_info(args)
+def result_header(args) -> dict:
+  """What every benchmark result begins with: its schema, the device, the protocol and the
+  settings of `args`."""
   settings = {k: getattr(args, k) for k in (
       "image_size", "batch_size", "eval_batch_size", "steps", "windows", "warmup",
       "peak_tflops", "peak_gbps", "torch_modes", "torch_compile_backend", "profile")} | {
           "overrides": list(args.overrides)}
-  result = {"schema": "jattn.perf.benchmark/2", "device": info, "protocol": PROTOCOL,
-            "settings": settings}
-  if args.runs_per_device:
-    from jattn.perf import runs_per_device  # noqa: PLC0415
+  return {"schema": "jattn.benchmark/2", "device": _device_info(args), "protocol": PROTOCOL,
+          "settings": settings}
 
-    return result | {"runs_per_device": runs_per_device.measure(args)}
+
+def benchmark(args) -> dict:
+  """Runs every (config, dtype, K, N) of `args`; returns {'device': ..., 'rows': [...], ...}."""
+  result = result_header(args)
+  info = result["device"]
   rows = []
   for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
     config = config_lib.apply_overrides(config_lib.load_config(spec), args.overrides)
@@ -567,29 +567,23 @@ def benchmark(args) -> dict:
   return result | {"rows": rows}
 
 
-def main(argv: list[str] | None = None) -> None:
-  argv = sys.argv[1:] if argv is None else argv
-  with exit_on_user_error("jattn.perf.benchmark"):
-    args = parse_args(argv)
-    if args.torch:
-      from jattn.perf import torch_reference  # noqa: F401  (a missing torch is a one-line error)
-    result = benchmark(args)
-    if args.out:
-      files.atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-  print(report(result))
+def require_torch() -> None:
+  """Imports the PyTorch transcription of the models (a missing torch is a one-line error)."""
+  from jattn.perf import torch_reference  # noqa: F401, PLC0415 -- optional: torch
+
+def report_head(result: dict) -> str:
+  """The first line of a benchmark report: the device and the image and batch sizes."""
+  d, s = result["device"], result["settings"]
+  threads = f", torch threads {d['torch_threads']}" if "torch_threads" in d else ""
+  return (f"{d['device_kind']} ({d['backend']}, {d['cpu_threads']} CPU threads{threads}), "
+          f"image {s['image_size']}, batch {s['batch_size']}")
 
 
 def report(result: dict) -> str:
-  """The printed report of a `benchmark` result: the device, then the table (or the profile, or
-  the runs per device), then the rooflines."""
-  d, s = result["device"], result["settings"]
-  threads = f", torch threads {d['torch_threads']}" if "torch_threads" in d else ""
-  head = (f"{d['device_kind']} ({d['backend']}, {d['cpu_threads']} CPU threads{threads}), "
-          f"image {s['image_size']}, batch {s['batch_size']}")
-  if "runs_per_device" in result:
-    from jattn.perf import runs_per_device  # noqa: PLC0415
-
-    return f"{head}\n{runs_per_device.format_table(result['runs_per_device'])}"
+  """The printed report of a `benchmark` result: the device, then the table (or the profile),
+  then the rooflines."""
+  s = result["settings"]
+  head = report_head(result)
   lines = []
   if s.get("profile"):
     lines.append(f"{head}, {s['steps']} dispatches traced after {s['warmup']} warm-up")
@@ -602,7 +596,3 @@ def report(result: dict) -> str:
               format_table(result["rows"])]
   roofs = roofline.format_table(result["rows"])
   return "\n".join(lines + ([roofs] if roofs else []))
-
-
-if __name__ == "__main__":
-  main()

@@ -1,6 +1,6 @@
 """Where a training step's time goes, by kind of op, read from a `jax.profiler` trace.
 
-  python -m jattn.perf.benchmark --profile DIR [--steps 5] [--dtype bfloat16]
+  jattn benchmark --profile DIR [--steps 5] [--dtype bfloat16]
 
 The benchmark compiles the step, warms it up, then traces `--steps` steps run back to back as
 training runs them (dispatched ahead, waited for at the end) into DIR (TensorBoard's profile
@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+from jax.profiler import ProfileData
 
 KINDS = ("convolutions", "convolution gradients", "attention einsums",
          "attention softmax and element-wise", "matmuls", "optimiser update", "pooling",
@@ -210,8 +211,6 @@ def device_events(xplane_path: str, op_names: set[str], module: str
                   ) -> list[tuple[float, float, str]]:
   """(start ns, end ns, HLO op name) of every op of `module` the trace's devices ran: a GPU's
   "XLA Ops" line, or (a CPU) the host threads' events that carry an `hlo_op` stat."""
-  from jax.profiler import ProfileData  # noqa: PLC0415 -- jaxlib's reader of the xplane.pb
-
   data = ProfileData.from_file(xplane_path)
   events = []
   for plane in data.planes:

@@ -1,8 +1,8 @@
 """A lower bound on a training step's time: its FLOPs at the device's peak compute and the bytes it
 must move at the device's memory bandwidth, whichever takes longer.
 
-  python -m jattn.perf.benchmark --roofline                 # beside the measured step: the fraction
-  python -m jattn.perf.benchmark --roofline --peak-tflops 0.4 --peak-gbps 60   # a CPU: give its peaks
+  jattn benchmark --roofline                 # beside the measured step: the fraction
+  jattn benchmark --roofline --peak-tflops 0.4 --peak-gbps 60   # a CPU: give its peaks
 
 The step is counted as a GPU runs it: lowered on the CPU backend with the models' CPU-only paths
 off (`jattn.models.cpu_paths`), so that the convolutions are direct ones (on a GPU they are cuDNN
@@ -32,6 +32,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jattn import models
+from jattn.models import cpu_paths
+from jattn.training import state as state_lib
+from jattn.training import train
 
 # Dense (no sparsity) peak TFLOP/s per compute dtype and memory bandwidth (GB/s), matched in order
 # against device_kind (so the NVL and PCIe parts before the SXM ones, GH200 before H200). The
@@ -179,9 +184,6 @@ def abstract_state(config, image_size: int):
   """(config, abstract train state) of `config` as a GPU runs it, for counting: the explicit
   S-Attn (a fused attention op is opaque to the counts) and, while the caller stays inside
   `cpu_paths.off()`, the models' CPU-only paths off (module doc)."""
-  from jattn import models  # noqa: PLC0415 -- jattn.training.train imports the data stack
-  from jattn.training import state as state_lib  # noqa: PLC0415
-
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.s_attn_impl = "explicit"
@@ -198,10 +200,6 @@ def count_step(config, image_size: int, batch_size: int) -> dict[str, Any]:
   `batch_size` uint8 images of `image_size`, counted as a GPU runs it (module doc):
   {'flops', 'bytes', 'bytes_by_part': {'parameters and optimiser', <attention module path>...,
   'other activations'}, 'largest_tensor', 'parameters'}."""
-  from jattn import models  # noqa: PLC0415 -- jattn.training.train imports the data stack
-  from jattn.training import train  # noqa: PLC0415 -- jattn.training.train imports the data stack
-  from jattn.models import cpu_paths  # noqa: PLC0415
-
   with cpu_paths.off():
     config, state = abstract_state(config, image_size)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),

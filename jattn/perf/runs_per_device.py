@@ -1,6 +1,6 @@
 """Several training processes on one device at once: their memory shares and aggregate rate.
 
-  python -m jattn.perf.benchmark --runs-per-device 1,2,4 [--dtype bfloat16] [--steps 10 --windows 5]
+  jattn benchmark --runs-per-device 1,2,4 [--dtype bfloat16] [--steps 10 --windows 5]
 
 For each K, K benchmark processes (this module's `child`) start together on the device, each
 with `XLA_PYTHON_CLIENT_MEM_FRACTION` = `memory_fraction(K)` of its memory (a GPU's; the CPU
@@ -21,6 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from jattn.core import config_lib
+from jattn.core.errors import UserError
+from jattn.perf import benchmark
 
 MEMORY_SHARE = 0.9  # of a device's memory, split between the runs on it
 
@@ -73,8 +77,6 @@ def measure(args, timeout_s: float = 1800.0) -> list[dict]:
         if p.returncode:
           errors.append(err.strip().splitlines()[-1] if err.strip() else f"exit {p.returncode}")
       if errors:
-        from jattn.core.errors import UserError  # noqa: PLC0415
-
         raise UserError(f"--runs-per-device {k}: a benchmark process failed: {errors[0]}")
       results = []
       for i in range(k):
@@ -124,8 +126,6 @@ def child(argv: list[str]) -> None:
   parser.add_argument("--index", type=int, required=True, help="this process' number, 0..K-1")
   parser.add_argument("--processes", type=int, required=True, help="K")
   known, rest = parser.parse_known_args(argv)
-  from jattn.perf import benchmark  # noqa: PLC0415 -- JAX starts here, with its fraction
-  from jattn.core import config_lib  # noqa: PLC0415 -- JAX starts here, with its fraction
 
   args = benchmark.parse_args(rest)
   config = config_lib.apply_overrides(config_lib.load_config(args.configs), args.overrides)
@@ -142,6 +142,16 @@ def child(argv: list[str]) -> None:
   rate = args.steps * case.images_per_train_step / statistics.median(e - s for s, e in windows)
   with open(os.path.join(known.barrier, f"{known.index}.json"), "w") as f:
     json.dump({"train_images_per_s": rate, "windows": windows}, f)
+
+
+def benchmark_result(args) -> dict:
+  """The benchmark's result (`benchmark.result_header`) with the rows of `measure`."""
+  return benchmark.result_header(args) | {"runs_per_device": measure(args)}
+
+
+def report(result: dict) -> str:
+  """The printed report of a `benchmark_result`."""
+  return f"{benchmark.report_head(result)}\n{format_table(result['runs_per_device'])}"
 
 
 if __name__ == "__main__":

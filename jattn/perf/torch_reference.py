@@ -11,7 +11,9 @@ narrow models quickly. PyTorch is an optional extra: `pip install -e ".[convert]
 
 from __future__ import annotations
 
+from jattn import models
 from jattn.core.errors import UserError
+from jattn.models import resnet, vgg
 
 try:
   import torch
@@ -237,9 +239,6 @@ def resnet_from_config(model_config, planes) -> TorchResNet:
 
 def for_config(model_config) -> nn.Module:
   """The transcription of jattn's model for `config.model` (any backbone), torchvision's layout."""
-  from jattn import models  # noqa: PLC0415 -- jattn's models are needed only here
-  from jattn.models import resnet, vgg  # noqa: PLC0415
-
   mc = model_config
   transcriptions = {vgg: lambda: from_config(mc, vgg.block_widths(mc.width)),
                     resnet: lambda: resnet_from_config(mc, resnet.stage_planes(mc.width))}

@@ -18,9 +18,9 @@ import os
 import numpy as np
 
 from jattn.core import errors, files
-from jattn.inference import attention_maps as inspect
-from jattn.evaluation import metrics
 from jattn.core.errors import UserError
+from jattn.evaluation import metrics
+from jattn.inference import attention_maps as inspect
 from jattn.slides import pipeline, reader, writers
 
 SCORES = ("mean", "top_k_mean", "fraction_positive")  # slide.json `scores` a cohort is judged by

@@ -22,18 +22,20 @@ import time
 import jax
 import numpy as np
 import openslide
+from tqdm import tqdm
 
 import jattn
-from jattn.core import files
-from jattn.inference import attention_maps as inspect, runs
 from jattn import models
-from jattn.evaluation import results
-from jattn.training import state as state_lib
-from jattn.data import sources
+from jattn.core import files
 from jattn.core.errors import UserError
+from jattn.data import sources
+from jattn.evaluation import results
+from jattn.inference import attention_maps as inspect
+from jattn.inference import runs
 from jattn.slides import reader, tiler, tissue, writers
+from jattn.training import state as state_lib
 
-SCHEMA = "jattn.cli.slide/1"
+SCHEMA = "jattn.slide/1"
 # The thumbnail the tissue mask is drawn on (and the heatmap over): its longer side at least
 # THUMBNAIL_SIDE pixels (or the slide's), or more so that a grid step spans THUMBNAIL_PER_STEP
 # pixels (a tile's tissue fraction is counted on them), but at most THUMBNAIL_MAX_SIDE.
@@ -204,7 +206,7 @@ def load_run(workdir: str, options: Options) -> Run:
   results_path = os.path.join(path, "results.json")
   if not os.path.exists(results_path):
     raise UserError(f"{workdir} is not a finished run (no results.json): slide inference takes the "
-                    f"training scale from a finished run's results; run its python -m jattn.main "
+                    f"training scale from a finished run's results; run its jattn train "
                     f"command again to finish it")
   figures = results.read(results_path, "train the run again to rewrite it")
   outputs = runs.outputs(config)
@@ -276,8 +278,6 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
   keep, probs, infer_s, done = [], [], 0.0, 0
   streamed = time.perf_counter()
   try:
-    from tqdm import tqdm
-
     with tqdm(total=len(candidates), unit="tile", disable=None if options.progress else True,
               desc=plan.name, leave=False) as bar:
       for index, images in tiler.stream(

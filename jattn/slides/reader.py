@@ -22,8 +22,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from jattn.data.prepare import resize_rgb
 from jattn.core.errors import UserError
+from jattn.data.prepare import resize_rgb
 
 # A level may be this much coarser than the training images' pixels and still be used (resampled
 # to the field); beyond it, a coarser level is not used, and level 0 is refused.
@@ -64,7 +64,7 @@ def open_slide(path: str) -> openslide.OpenSlide:
   except openslide.OpenSlideUnsupportedFormatError:
     raise UserError(f"{path}: not a whole-slide image OpenSlide reads (Aperio .svs, Hamamatsu "
                     f".ndpi, MIRAX .mrxs, tiled pyramidal TIFF, ...); a plain image goes through "
-                    f"python -m jattn.inference.predict instead") from None
+                    f"jattn predict instead") from None
   except openslide.OpenSlideError as e:
     raise UserError(f"{path}: OpenSlide cannot open this slide ({e}); is the file complete?"
                     ) from None

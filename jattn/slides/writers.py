@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from jattn.core import files
 from jattn.data.fold import Outputs
@@ -76,8 +77,6 @@ def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float]
                 grid, heat: np.ndarray, positive_name: str, title: str) -> None:
   """heatmap.png: the thumbnail, each tile's P(positive) over it (a cell of one grid step centred
   on the tile's centre), the tissue mask's outline and a colour bar."""
-  from matplotlib.figure import Figure  # no pyplot: no global state, Agg when saving
-
   h, w = thumbnail.shape[:2]
   fig = Figure(figsize=(8, 8 * h / w + 0.8), layout="constrained")
   ax = fig.subplots()

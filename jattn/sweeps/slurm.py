@@ -2,7 +2,7 @@
 and seed) per array task.
 
 `experiments/sweep.py --launcher slurm --partition P [--gpus-per-run N] [--time HH:MM:SS]
-[--max-parallel K]` calls `submit_and_wait`. Each array task runs the same `python -m jattn.main`
+[--max-parallel K]` calls `submit_and_wait`. Each array task runs the same `jattn train`
 command as the local launcher, its output appended to the run's log.txt. When SLURM preempts a
 task or its time limit nears, submitit calls `RunTask.checkpoint`, which resubmits the same
 command: jattn resumes the run from its last checkpoint. submitit's own files for a task (the

@@ -3,12 +3,12 @@
 The tables are the paper's Tables 1 and 2 (and more) from those runs, the comparisons the rows'
 paired differences (jattn.evaluation.compare).
 
-  python experiments/sweep.py                        # the paper's four rows, folds 1-5
-  python experiments/sweep.py --set num_epochs=130 --set data_dir=/data/breakhis
-  python experiments/sweep.py --demo                 # the four rows on the demo data, folds 1-2
-  python experiments/sweep.py --rows resnet50        # the four rows on ResNet-50 (also --demo)
+  jattn sweep                        # the paper's four rows, folds 1-5
+  jattn sweep --set num_epochs=130 --set data_dir=/data/breakhis
+  jattn sweep --demo                 # the four rows on the demo data, folds 1-2
+  jattn sweep --rows resnet50        # the four rows on ResNet-50 (also --demo)
 
-Each run is `python -m jattn.main --config SPEC --workdir OUT/<name>/fold<k> --config.fold=k`
+Each run is `jattn train --config SPEC --workdir OUT/<name>/fold<k> --config.fold=k`
 plus the `--set` overrides, its output appended to its work dir's log.txt. `--seeds 0,1,2` trains
 every config and fold with each seed (`--config.seed=s`), seed 0 as above and seed s into
 OUT/<name>/seed<s>/fold<k>; sweep.json records the rows, folds, seeds and runs. A finished run
@@ -18,12 +18,12 @@ so the same command can be run again after any interruption. With several GPUs
 otherwise runs go one after another. `--runs-per-device K` runs K at a time on each GPU (or on
 the CPU), each given 0.9 / K of the GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION,
 `jattn.perf.runs_per_device.memory_fraction`). The tables and paired comparisons come from
-`python -m jattn.evaluation.tables OUT`, which can also be run on its own, also while a sweep is still
+`jattn tables OUT`, which can also be run on its own, also while a sweep is still
 running.
 
-  python experiments/sweep.py --launcher slurm --partition gpu --gpus-per-run 1 --time 24:00:00
+  jattn sweep --launcher slurm --partition gpu --gpus-per-run 1 --time 24:00:00
 
-submits the unfinished runs to SLURM as one job array through submitit (experiments/slurm.py),
+submits the unfinished runs to SLURM as one job array through submitit (`jattn.sweeps.slurm`),
 requeued on preemption or time-out to resume from their checkpoints, and waits for them.
 `--parallel-folds K` trains K consecutive folds of a config in one process
 (`--config.parallel_folds=K --config.fold=<first>`, work dir `OUT/<name>/fold{fold}`); its
@@ -32,7 +32,6 @@ output goes to the first fold's log.txt.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -42,15 +41,14 @@ import sys
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as a script from anywhere: find jattn and configs
+from jattn.core import config_lib, files
+from jattn.core.errors import UserError
+from jattn.evaluation import report, tables
+from jattn.perf import runs_per_device as runs_per_device_lib
+from jattn.training import validate
 
-from jattn.core import config_lib, files  # noqa: E402
-from jattn.evaluation import tables  # noqa: E402
-from jattn.training import validate  # noqa: E402
-from jattn.perf import runs_per_device as runs_per_device_lib  # noqa: E402
-from jattn.core.errors import UserError, exit_on_user_error  # noqa: E402
-
+# The repository that holds configs/ (a config spec is found relative to it, too) and sweeps/.
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAPER_ROWS = ["configs/vgg19.py", "configs/vgg19_c.py", "configs/vgg19_s.py", "configs/ours.py"]
 DEMO_ROWS = ["configs/demo.py:vgg19", "configs/demo.py:vgg19_c", "configs/demo.py:vgg19_s",
              "configs/demo.py:ours"]
@@ -154,7 +152,7 @@ def group_folds(runs: list[dict], parallel_folds: int) -> list[list[dict]]:
 
 def build_command(out: str, group: list[dict], overrides: list[str], parallel_folds: int = 1
                   ) -> list[str]:
-  """The `python -m jattn.main` command that trains (or resumes) a group of runs, on any launcher.
+  """The `jattn train` command that trains (or resumes) a group of runs, on any launcher.
 
   With parallel_folds > 1 the work dir is a template that jattn.main fills in for each fold.
   """
@@ -206,7 +204,7 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
   tables (and the paired comparisons, SWEEP/compare.md).
 
   Runs go to the local GPUs (`runs_per_device` at a time on each), or, given `make_executor`
-  (folder -> submitit executor), to one submitit job array (experiments/slurm.py).
+  (folder -> submitit executor), to one submitit job array (`jattn.sweeps.slurm`).
   """
   out = os.path.abspath(out)
   runs = plan(configs, folds, overrides, seeds)
@@ -248,7 +246,7 @@ def sweep(configs: list[str], folds: list[int], out: str, overrides: list[str],
     log = os.path.join(task["workdir"], task["log"])
     raise UserError(f"{_label(task['runs'])} failed ({status}): {_last_line(log)} (full log: "
                     f"{log}); fix it and run the sweep again, finished runs are kept")
-  text, comparisons = tables.write_all(out)  # checks every results.json before saying all is well
+  text, comparisons = report.write(out)  # checks every results.json before saying all is well
   print(f"all {len(runs)} runs finished in {(time.time() - started) / 60:.1f} min", flush=True)
   return text + "\n" + comparisons
 
@@ -280,67 +278,3 @@ def _run_local(tasks: list[dict], slots: list[str | None], done, runs_per_device
         for f in futures:
           f.cancel()  # a failure (often bad input, the same for every run) stops the sweep
         break
-
-
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python experiments/sweep.py",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", help="comma-separated config specs (default: the paper's rows)")
-  parser.add_argument("--folds", default=None, help="comma-separated folds (default 1,2,3,4,5)")
-  parser.add_argument("--seeds", default=None,
-                      help="comma-separated seeds (config.seed), every row and fold trained with "
-                           "each; seed 0 in OUT/<name>/fold<k>, seed s in OUT/<name>/seed<s>/"
-                           "fold<k> (default: each config's own seed, in OUT/<name>/fold<k>)")
-  parser.add_argument("--out", default=None,
-                      help="sweep folder (default sweeps/paper or sweeps/demo)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="config override passed to every run (repeatable)")
-  parser.add_argument("--demo", action="store_true",
-                      help="the four rows on the built-in demo data, folds 1 and 2")
-  parser.add_argument("--rows", choices=sorted(ROWS), default="paper",
-                      help="the four rows of the paper on its VGG19 (default) or on ResNet-50")
-  parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                      help="local GPUs (default), or a SLURM job array through submitit")
-  parser.add_argument("--partition", help="slurm: the partition to submit to")
-  parser.add_argument("--gpus-per-run", type=int, default=1, help="slurm: GPUs per run (1)")
-  parser.add_argument("--time", default="24:00:00",
-                      help="slurm: time limit per job, HH:MM:SS; a run that needs longer is "
-                           "requeued and resumes (default 24:00:00)")
-  parser.add_argument("--max-parallel", type=int, default=None,
-                      help="slurm: most runs at a time (the array's %%K; default all)")
-  parser.add_argument("--parallel-folds", type=int, default=1, metavar="K",
-                      help="train K consecutive folds of a config in one process")
-  parser.add_argument("--runs-per-device", type=int, default=1, metavar="K",
-                      help="local: K runs at a time on each GPU (or the CPU), each with 0.9/K of "
-                           "its memory (default 1)")
-  args = parser.parse_args(argv)
-  with exit_on_user_error("sweep"):
-    configs = args.configs.split(",") if args.configs else ROWS[args.rows][args.demo]
-    default_folds = "1,2" if args.demo else "1,2,3,4,5"
-    try:
-      folds = [int(f) for f in (args.folds or default_folds).split(",")]
-    except ValueError:
-      raise UserError(f"--folds {args.folds!r}: give fold numbers like 1,2,3") from None
-    seeds = parse_seeds(args.seeds)
-    if args.parallel_folds < 1:
-      raise UserError(f"--parallel-folds {args.parallel_folds}: give a number of folds >= 1")
-    if args.runs_per_device < 1:
-      raise UserError(f"--runs-per-device {args.runs_per_device}: give a number of runs >= 1")
-    if args.runs_per_device > 1 and args.launcher != "local":
-      raise UserError("--runs-per-device is for the local launcher; a SLURM array task gets "
-                      "its own GPU (ask for smaller ones, or run the sweep on the node)")
-    make_executor = None
-    if args.launcher == "slurm":  # checked before anything is written
-      from jattn.sweeps import slurm  # noqa: PLC0415 - submitit is needed only for this launcher
-
-      make_executor = slurm.slurm_executor(args.partition, args.gpus_per_run, args.time,
-                                           args.max_parallel)
-    folder = ("demo" if args.demo else "paper") if args.rows == "paper" else (
-        f"demo_{args.rows}" if args.demo else args.rows)
-    out = args.out or os.path.join(REPO, "sweeps", folder)
-    print(sweep(configs, folds, out, args.set, args.parallel_folds, make_executor, seeds,
-                args.runs_per_device))
-
-
-if __name__ == "__main__":
-  main()

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import clusters, distributed
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -93,8 +94,6 @@ def _detect_cluster(timeout_s: float) -> dict[str, Any]:
   """The coordinator address, process count and id JAX would detect under SLURM or Open MPI
   (through JAX's own cluster detection, a private module: {} if it is not there)."""
   try:
-    from jax._src import clusters
-
     address, count, index, local_ids = clusters.ClusterEnv.auto_detect_unset_distributed_params(
         None, None, None, None, None, int(timeout_s))
   except Exception:  # noqa: BLE001 -- then jax.distributed.initialize() detects it itself
@@ -287,8 +286,6 @@ class PeerFailed(UserError):
 
 
 def _client():
-  from jax._src import distributed  # the runtime's key-value store: no public handle to it
-
   return distributed.global_state.client
 
 

@@ -18,12 +18,12 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jattn.models import weights as convert
-from jattn.core import errors
 from jattn import models
-from jattn.training import optim
-from jattn.data import stain
+from jattn.core import errors
 from jattn.data import augment as augment_lib
+from jattn.data import stain
+from jattn.models import weights as convert
+from jattn.training import optim
 
 TTA_MODES = ("none", "dihedral")  # config.tta: test-time augmentation of eval_step
 

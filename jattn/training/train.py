@@ -39,15 +39,14 @@ import optax
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from jattn.training import checkpoints, compat, optim, parallel, validate
 from jattn import data, models
 from jattn.core import errors, files
-from jattn.evaluation import evaluate, results
-from jattn.data import stain
-from jattn.training import state as state_lib
-from jattn.data import augment as augment_lib
-from jattn.data import sources
 from jattn.core.errors import UserError
+from jattn.data import augment as augment_lib
+from jattn.data import sources, stain
+from jattn.evaluation import evaluate, results
+from jattn.training import checkpoints, compat, optim, parallel, validate
+from jattn.training import state as state_lib
 from jattn.training.state import TrainState
 
 LONG_BOOTSTRAP = 1_000_000  # resamples x test groups from which evaluation says it bootstraps

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from jattn.evaluation import metrics
 from jattn import models
-from jattn.data import stain
-from jattn.training import state
-from jattn.data import augment, sources
 from jattn.core.errors import UserError
+from jattn.data import augment, sources, stain
+from jattn.evaluation import metrics
+from jattn.training import state
 
 
 def _check(ok: bool, message: str) -> None:

@@ -2,7 +2,7 @@
 
 naming.py (classes, subtypes, magnifications, file names, patients), scan.py (the tree), fetch.py
 (download), folds.py (the three fold forms), tfds_builder.py (`Breakhis` and its preparation),
-synthetic.py (a synthetic tree for tests and the demo), describe.py (`python -m jattn.data
+synthetic.py (a synthetic tree for tests and the demo), describe.py (`jattn data
 describe`), source.py (the source: `load_fold` -> FoldData), published.py (the paper's figures).
 The naming facts are re-exported here; the rest is imported where it is used.
 """

@@ -1,4 +1,4 @@
-"""`python -m jattn.data describe`: the counts and problems of a BreakHis tree and its folds.
+"""`jattn data describe`: the counts and problems of a BreakHis tree and its folds.
 
 `describe` reads DATA_DIR (the folder that holds BreaKHis_v1; it writes nothing) and prints, per
 fold, split and magnification, image and patient counts by class, then every problem it found.
@@ -37,10 +37,10 @@ from __future__ import annotations
 
 import os
 
+from jattn.core.errors import UserError
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.core.errors import UserError
 
 
 def _tally(records) -> dict:

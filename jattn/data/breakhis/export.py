@@ -7,7 +7,7 @@
 With the manifest, `--config.dataset=folder --config.manifest=OUT/manifest.csv
 --config.group=patient --config.strata=magnification --config.positive_class=malignant` sees the
 same images, patients, magnifications and (with `--config.folds=OUT/folds.csv`) folds as the
-BreakHis source (`configs/demo_folder.py`). `python -m jattn.data synthesize --format folder`
+BreakHis source (`configs/demo_folder.py`). `jattn data synthesize --format folder`
 writes a synthetic BreakHis in this form.
 """
 
@@ -19,10 +19,10 @@ import os
 import shutil
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming, source
 from jattn.data.breakhis import scan as scan_lib
-from jattn.core.errors import UserError
 
 MANIFEST = "manifest.csv"
 FOLDS = "folds.csv"

@@ -1,6 +1,6 @@
 """Fetching BreakHis: download the official archive into the data dir and unpack it, once.
 
-  python -m jattn.data download --data-dir data      # or config.download=True in a run
+  jattn data download --data-dir data      # or config.download=True in a run
 
 The archive comes from `naming.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
 `jattn.core.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which checks
@@ -18,9 +18,9 @@ import errno
 import os
 
 from jattn.core import download, files
+from jattn.core.errors import UserError
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.core.errors import UserError
 
 URL_ENV = "JATTN_BREAKHIS_URL"  # overrides naming.ARCHIVE_URL (a mirror, a local server)
 CHECKSUMS = "downloads.json"  # in the data dir: what was downloaded, its size and SHA-256
@@ -58,7 +58,7 @@ def ensure_breakhis(data_dir: str, *, url: str | None = None, keep_archive: bool
       print(f"downloading {url} into {data_dir}", flush=True)
       forget = (f"The expected SHA-256 is that of the first download into {data_dir}, recorded "
                 f"in {checksums}; if the archive served now is the right one, forget the old one "
-                f"with `python -m jattn.data download --data-dir {data_dir} --forget-checksum`. ")
+                f"with `jattn data download --data-dir {data_dir} --forget-checksum`. ")
       digest = download.fetch(url, archive, sha256=known, hint=hint, desc=naming.ARCHIVE,
                               on_mismatch=forget)
     print(f"unpacking {archive}", flush=True)

@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from jattn.core import files
-from jattn.data.breakhis import naming
 from jattn.core.errors import UserError
+from jattn.data.breakhis import naming
 
 FOLDS = (1, 2, 3, 4, 5)
 GROUPS = ("train", "test")
@@ -353,7 +353,7 @@ def validate_folds(
   if problems:
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     raise UserError(
-        f"{problems[0]}{more}; list them with `python -m jattn.data describe --source DATA_DIR "
+        f"{problems[0]}{more}; list them with `jattn data describe --source DATA_DIR "
         f"--folds {folds.source}`"
     )
   others = [f"{p} (fold {fold}, the one being run, is not affected)"

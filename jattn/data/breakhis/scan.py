@@ -19,11 +19,12 @@ import posixpath
 import tarfile
 import tempfile
 
+import tqdm
 from PIL import Image
 
 from jattn.core import files
-from jattn.data.breakhis import naming
 from jattn.core.errors import UserError
+from jattn.data.breakhis import naming
 
 
 def download_hint(data_dir: str, automatic: bool = True) -> str:
@@ -31,7 +32,7 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
 
   `automatic` adds the command that downloads it (left out when that command is what failed).
   """
-  command = (f"; `python -m jattn.data download --data-dir {data_dir}` does both" if automatic
+  command = (f"; `jattn data download --data-dir {data_dir}` does both" if automatic
              else "")
   return (
       f"download {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL}) and unpack it into "
@@ -293,7 +294,5 @@ def unreadable_images(data_dir: str, records, *, threads: int = 2, progress: boo
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     results = pool.map(check_image, full, chunksize=16)
     if progress:
-      import tqdm
-
       results = tqdm.tqdm(results, total=len(full), desc="Checking images", unit="img")
     return {p: why for p, why in zip(paths, results, strict=True) if why is not None}

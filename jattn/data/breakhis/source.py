@@ -14,13 +14,16 @@ import os
 import numpy as np
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data import prepare
 from jattn.data.breakhis import fetch, naming, tfds_builder
 from jattn.data.breakhis import folds as folds_lib
-from jattn.data.breakhis import published as published  # its published figures (jattn.evaluation.tables)
+from jattn.data.breakhis import (
+  published as published,  # its published figures (jattn.evaluation.tables)
+)
 from jattn.data.breakhis import scan as scan_lib
+from jattn.data.breakhis import synthetic as synthetic_lib
 from jattn.data.fold import ClassMap, FoldData, Labelling, Outputs, Strata
-from jattn.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +152,6 @@ def _load(config, every_image: bool) -> FoldData:
       scan_lib.has_images_tree(data_dir) or scan_lib.has_archive(data_dir)
   )
   if synthetic:  # before creating anything in a wrong folder
-    from jattn.data.breakhis import synthetic as synthetic_lib
 
     synthetic_lib.check_target(data_dir, prepared_dir)
   else:
@@ -304,5 +306,5 @@ def upgrade_v1(r: dict) -> dict:
                                 "absent": r.get("magnifications", {}).get("absent", []),
                                 "mpp": dict(zip(naming.MAGNIFICATIONS, MPP, strict=True)),
                                 "mpp_note": MPP_NOTE}},
-      upgraded_from=r["schema"], schema="jattn.evaluation.results/2")
+      upgraded_from=r["schema"], schema="jattn.results/2")
   return out

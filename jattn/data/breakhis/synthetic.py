@@ -13,8 +13,8 @@ density vary per patient, and the class ranges touch at their edges, so a small 
 texture, which it can at 48-64 px. Nuclei are larger at higher magnification. Generation is
 deterministic for a seed (each image has its own random stream) and runs on a thread pool.
 
-  python -m jattn.data synthesize --out /tmp/breakhis --images-per-patient 4
-  python -m jattn.data synthesize --out /tmp/breakhis_full --counts real   # 7,909 images
+  jattn data synthesize --out /tmp/breakhis --images-per-patient 4
+  jattn data synthesize --out /tmp/breakhis_full --counts real   # 7,909 images
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import time
 import zlib
 
 import numpy as np
+import tqdm
 from PIL import Image, ImageDraw, ImageFilter
 
 from jattn.core import files
+from jattn.core.errors import UserError
 from jattn.data.breakhis import folds as folds_lib
 from jattn.data.breakhis import naming
-from jattn.core.errors import UserError
 
 # How much larger a nucleus looks at each magnification than at 40X.
 MAG_SCALE = {"40X": 1.0, "100X": 1.5, "200X": 2.1, "400X": 2.8}
@@ -402,8 +403,6 @@ def synthesize(
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
       done = pool.map(write, range(len(plan)), chunksize=8)
       if progress:
-        import tqdm
-
         done = tqdm.tqdm(done, total=len(plan), desc="Synthesizing BreakHis", unit="img")
       for _ in done:
         pass

@@ -30,10 +30,10 @@ from PIL import Image
 from tensorflow_datasets.core import shuffle
 
 from jattn.core import errors, files
+from jattn.core.errors import UserError
 from jattn.data import prepare
 from jattn.data.breakhis import naming
 from jattn.data.breakhis import scan as scan_lib
-from jattn.core.errors import UserError
 
 SPLIT = "full"  # every image; TFDS reserves 'all' (which reads the union of splits, i.e. this one)
 
