@@ -3,7 +3,7 @@
 # this order, each stage writing its JSON into OUT as it finishes (a stage that fails or runs out
 # of time is recorded in OUT/stages.json and the next one runs):
 #   1. profile.json          where a bfloat16 training step of configs/ours.py (224, batch 8) goes,
-#                            by kind of op, from a jax.profiler trace (python -m jattn.perf.benchmark
+#                            by kind of op, from a jax.profiler trace (jattn benchmark
 #                            --profile; the trace itself stays in WORK/trace)
 #   2. roofline.json         the step's roofline bound (FLOPs and bytes at the device's peaks) and
 #                            the measured fraction of it
@@ -12,7 +12,7 @@
 #   4. dispatch.json         1 and 8 steps per dispatch (lax.scan)
 #   5. runs_per_device.json  the aggregate rate of 1, 2 and 4 benchmark processes on the GPU
 #   6. epoch.json            one epoch of configs/ours.py on a synthetic BreakHis-size tree through
-#                            python -m jattn.main (8 steps per dispatch), only if 150 s are left
+#                            jattn train (8 steps per dispatch), only if 150 s are left
 # then summary.txt, printed last. At most 8 files go into OUT; the trace, the synthetic data and
 # the caches go into WORK (default: a new folder under /tmp).
 #

@@ -2,7 +2,7 @@
 
   python experiments/readme_demo_table.py            # about 45 s on 2 CPU cores
 
-The README shows what `python -m jattn.main --config configs/demo.py` prints at its end. The demo
+The README shows what `jattn train --config configs/demo.py` prints at its end. The demo
 is deterministic on a given machine, so the table is kept true by regenerating it rather than by
 editing it: this runs the demo in a temporary work dir (the demo data stay in their usual cache,
 ~/.cache/jattn/demo) and replaces the fenced block that follows the `DEMO_TABLE_MARKER` comment in

@@ -1,4 +1,4 @@
-"""`python experiments/sweep.py [...]`: the same as `jattn sweep [...]` (jattn.cli.sweep), kept for
+"""`jattn sweep [...]`: the same as `jattn sweep [...]` (jattn.cli.sweep), kept for
 the command lines of earlier sweeps."""
 
 import os

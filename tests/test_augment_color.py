@@ -90,7 +90,7 @@ def test_out_of_range_strength_is_one_line_naming_the_field():
 
 
 def test_augment_preview_writes_the_grid(tmp_path, capsys):
-  """Guards `python -m jattn.data augment-preview`: a PNG of rows x (1 + samples) tiles at the
+  """Guards `jattn data augment-preview`: a PNG of rows x (1 + samples) tiles at the
   config's image size, the first column the images as given."""
   image = np.random.default_rng(3).integers(0, 256, (20, 30, 3)).astype(np.uint8)
   Image.fromarray(image).save(tmp_path / "in.png")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from jattn.cli import benchmark as benchmark_cli
 from jattn.perf import benchmark, profile
 from tests.runs import REPO
 
@@ -57,9 +58,9 @@ def test_summary_speedup_mfu_and_protocol_hours():
 ])
 def test_bad_arguments_are_one_line_errors(args, message, capsys):
   with pytest.raises(SystemExit) as e:
-    benchmark.main(args)
+    benchmark_cli.main(args)
   assert e.value.code == 2
-  assert capsys.readouterr().err == f"jattn.perf.benchmark: error: {message}\n"
+  assert capsys.readouterr().err == f"jattn benchmark: error: {message}\n"
 
 
 def test_profile_splits_overlapping_ops_and_counts_idle_time_as_host_gaps():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from jattn.cli import tables as tables_cli
 from jattn.data.breakhis import published
 from jattn.evaluation import compare, report, tables
 
@@ -153,7 +154,7 @@ def test_paired_differences_and_their_corrected_interval(tmp_path, capsys):
   runs = _write_sweep(tmp_path / "sweep", ROWS)
   sweep_dir = tmp_path / "sweep"
   of = lambda name: {(k, s): r for (n, k, s), r in runs.items() if n == name}
-  tables.main([str(sweep_dir)])  # the default pairs: each row against the paper's VGG19 row
+  tables_cli.main([str(sweep_dir)])  # the default pairs: each row against the paper's VGG19 row
   printed = capsys.readouterr().out
   md = (sweep_dir / "compare.md").read_text()
   assert md in printed and "Table C1. ours − vgg19" in md and "Table C2. extra − vgg19" in md
@@ -182,7 +183,7 @@ def test_paired_differences_and_their_corrected_interval(tmp_path, capsys):
   # Asked for by name, and a row of another sweep folder, give the same figures.
   other = tmp_path / "other"
   shutil.copytree(sweep_dir / "vgg19", other / "base")
-  tables.main([str(sweep_dir), "--compare", f"ours:{other}/base", "--compare", "ours:extra"])
+  tables_cli.main([str(sweep_dir), "--compare", f"ours:{other}/base", "--compare", "ours:extra"])
   with open(sweep_dir / "compare.csv", newline="") as f:
     again = [r for r in csv.DictReader(f) if r["kind"] == "difference"]
   assert {r["second"] for r in again} == {f"{other}/base", "extra"}
@@ -244,13 +245,13 @@ def test_published_figures_are_marked_inside_or_outside_our_interval(tmp_path):
 def test_runs_that_do_not_pair_up_are_one_line(tmp_path, capsys, skip, seeds, message):
   _write_sweep(tmp_path, {"vgg19": ("VGG19", 0.0), "ours": ("Ours", 0.0)}, seeds=seeds, skip=skip)
   with pytest.raises(SystemExit) as e:
-    tables.main([str(tmp_path), "--compare", "ours:vgg19"])
+    tables_cli.main([str(tmp_path), "--compare", "ours:vgg19"])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1, err
-  assert err.startswith("jattn.evaluation.tables: error: --compare ours:vgg19: the runs do not pair up")
+  assert err.startswith("jattn tables: error: --compare ours:vgg19: the runs do not pair up")
   assert re.search(message, err), err
   assert not (tmp_path / "tables.md").exists() and not (tmp_path / "compare.md").exists()
-  tables.main([str(tmp_path)])  # the default pair is left out, and says why
+  tables_cli.main([str(tmp_path)])  # the default pair is left out, and says why
   assert "Not compared: ours − vgg19: " in (tmp_path / "compare.md").read_text()
 
 
@@ -263,7 +264,7 @@ def test_a_bad_compare_spec_is_one_line(tmp_path, capsys, spec, message):
   _write_sweep(tmp_path, {"vgg19": ("VGG19", 0.0), "ours": ("Ours", 0.0)}, seeds=(0,),
                folds=(1, 2))
   with pytest.raises(SystemExit) as e:
-    tables.main([str(tmp_path), "--compare", spec])
+    tables_cli.main([str(tmp_path), "--compare", spec])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and re.search(message, err)
 

@@ -105,7 +105,7 @@ def test_bad_config_gives_one_line_and_writes_nothing(args, message, tmp_path, c
     main.main(["--config", "configs/ours.py", "--workdir", str(workdir), *args])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1, err
-  assert err.startswith("jattn.main: error: ") and re.search(message, err), err
+  assert err.startswith("jattn train: error: ") and re.search(message, err), err
   assert not workdir.exists()
 
 

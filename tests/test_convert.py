@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from configs import default
+from jattn.cli import convert as convert_cli
 from jattn import models
 from jattn.core.errors import UserError
 from jattn.models import weights as convert
@@ -155,12 +156,12 @@ def test_cli_writes_weights_that_load_back(tmp_path):
 
 
 def test_missing_pretrained_folder_tells_the_convert_command(tmp_path):
-  with pytest.raises(UserError, match="python -m jattn.models.weights --source torchvision"):
+  with pytest.raises(UserError, match="jattn convert --source torchvision"):
     convert.load_weights(str(tmp_path / "nowhere"))
 
 
 def test_torchvision_command_converts_a_checkpoint(tmp_path, monkeypatch, capsys):
-  """Guards against a broken `python -m jattn.models.weights --source torchvision --arch vgg19`, the
+  """Guards against a broken `jattn convert --source torchvision --arch vgg19`, the
   command the README gives for the ImageNet weights: a torchvision-layout checkpoint (narrowed to
   1/8 width: the command's full-size model is swapped for the narrow one) becomes weights that
   give torch's logits, with the class count read from the checkpoint."""
@@ -176,7 +177,7 @@ def test_torchvision_command_converts_a_checkpoint(tmp_path, monkeypatch, capsys
 
   monkeypatch.setattr(convert, "torchvision_model_config", narrow)
   out = tmp_path / "weights"
-  convert.main(["--source", "torchvision", "--arch", "vgg19", "--pth", str(pth),
+  convert_cli.main(["--source", "torchvision", "--arch", "vgg19", "--pth", str(pth),
                 "--out", str(out)])
   n = sum(p.numel() for p in tm.parameters())
   assert capsys.readouterr().out == f"wrote {n:,} parameters from {pth} to {out}\n"

@@ -1,4 +1,4 @@
-"""`python -m jattn.data`: describe (text and --json), synthesize, and one-line errors."""
+"""`jattn data`: describe (text and --json), synthesize, and one-line errors."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
   assert result.stdout == ""
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in result.stderr
-  assert lines[0].startswith("python -m jattn.data: error: data_dir ")
+  assert lines[0].startswith("jattn data: error: data_dir ")
   assert "BreaKHis_v1.tar.gz" in lines[0]
 
 

@@ -14,6 +14,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
+from jattn.cli import convert as convert_cli
 from jattn.cli import data as data_cli
 from jattn.core import download
 from jattn.core.errors import UserError
@@ -257,7 +258,7 @@ def test_convert_download_fetches_checks_converts_and_removes_the_pth(
   monkeypatch.setitem(convert.TORCHVISION_FILES, "vgg19", name)
   monkeypatch.setenv(convert.TORCHVISION_URL_ENV, server.url + "/models/")
   out = tmp_path / "pretrained" / "vgg19"
-  convert.main(["--download", "vgg19", "--out", str(out)])
+  convert_cli.main(["--download", "vgg19", "--out", str(out)])
   got = convert.load_weights(str(out))
   mc = convert.torchvision_model_config("vgg19", 10)
   mc.width, mc.classifier_width = 0.125, 32
@@ -280,13 +281,13 @@ def test_convert_download_refuses_a_wrong_prefix_and_needs_torch(
   monkeypatch.setenv(convert.TORCHVISION_URL_ENV, server.url)
   out = tmp_path / "pretrained" / "vgg19"
   with pytest.raises(SystemExit):
-    convert.main(["--download", "vgg19", "--out", str(out)])
+    convert_cli.main(["--download", "vgg19", "--out", str(out)])
   err = capsys.readouterr().err
   assert "checksum mismatch" in err and "expected 00000000" in err
   assert os.listdir(tmp_path / "pretrained") == []
 
   monkeypatch.setitem(sys.modules, "torch", None)
   with pytest.raises(SystemExit):
-    convert.main(["--download", "vgg19", "--out", str(out)])
+    convert_cli.main(["--download", "vgg19", "--out", str(out)])
   assert capsys.readouterr().err.strip() == (
-      'jattn.models.weights: error: reading the checkpoint needs PyTorch: pip install -e ".[convert]"')
+      'jattn convert: error: reading the checkpoint needs PyTorch: pip install -e ".[convert]"')

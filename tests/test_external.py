@@ -12,6 +12,9 @@ import shutil
 import numpy as np
 import pytest
 
+from jattn.cli import predict as predict_cli
+from jattn.cli import validate_external as external_cli
+from jattn.cli import validate_external as evaluate_cli
 from jattn.evaluation import evaluate
 from jattn.inference import external, predict
 from tests.conftest import small_tree
@@ -45,7 +48,7 @@ def test_external_validation_equals_predict_and_the_evaluator_by_hand(trained_ru
                                                                       tmp_path, capsys):
   run = str(tmp_path / "run")
   shutil.copytree(trained_run, run)  # the shared run stays as it is
-  external.main(["--workdir", run, f"--config.data_dir={other_tree}"])
+  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
   out = os.path.join(run, "external", "centre2")
   assert f"results in {out}" in capsys.readouterr().out
   assert sorted(os.listdir(out)) == ["predictions.csv", "results.json", "roc.png"]
@@ -96,7 +99,7 @@ def test_external_validation_equals_predict_and_the_evaluator_by_hand(trained_ru
 
   # A second evaluation of the same name replaces the folder whole.
   os.remove(os.path.join(out, "roc.png"))
-  external.main(["--workdir", run, f"--config.data_dir={other_tree}"])
+  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
   assert sorted(os.listdir(out)) == ["predictions.csv", "results.json", "roc.png"]
   assert [n for n in os.listdir(os.path.join(run, "external")) if n != "centre2"] == []
 
@@ -111,8 +114,8 @@ def test_the_same_set_as_a_folder_with_a_manifest_scores_alike(trained_run, othe
   run = str(tmp_path / "run")
   shutil.copytree(trained_run, run)
   folder = export.to_folder(other_tree, str(tmp_path / "as_folder"))
-  external.main(["--workdir", run, f"--config.data_dir={other_tree}"])
-  external.main(["--workdir", run, "--config.dataset=folder",
+  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
+  external_cli.main(["--workdir", run, "--config.dataset=folder",
                  f"--config.data_dir={folder['out']}", f"--config.manifest={folder['manifest']}",
                  "--config.group=patient", "--config.strata=magnification",
                  "--config.positive_class=malignant", "--name", "folder"])
@@ -139,9 +142,9 @@ def test_the_same_set_as_a_folder_with_a_manifest_scores_alike(trained_run, othe
 def test_a_class_mismatch_is_one_line_and_writes_nothing(trained_run, other_tree, tmp_path,
                                                          capsys):
   before = snapshot(os.path.dirname(other_tree)), snapshot(trained_run)
-  one_line_error(lambda: evaluate.main(  # python -m jattn.evaluation.evaluate
+  one_line_error(lambda: evaluate_cli.main(  # jattn validate-external
       ["--workdir", trained_run, f"--config.data_dir={other_tree}", "--config.task=subtype",
-       "--out", str(tmp_path / "out")]), capsys, "jattn.evaluation.evaluate",
+       "--out", str(tmp_path / "out")]), capsys, "jattn validate-external",
       r"has the classes A, F, PT, TA, DC, LC, MC, PC, but the run was trained on benign, "
       r"malignant: a run can be scored only on a set of the same classes")
   assert (snapshot(os.path.dirname(other_tree)), snapshot(trained_run)) == before
@@ -153,15 +156,15 @@ def test_a_run_that_has_not_finished_is_one_line(trained_run, other_tree, tmp_pa
   shutil.copytree(trained_run, run)
   os.remove(run / "results.json")
   before = snapshot(run)
-  one_line_error(lambda: external.main(["--workdir", str(run), f"--config.data_dir={other_tree}"]),
-                 capsys, "jattn.evaluation.evaluate", r"has not finished \(no results.json\): external "
+  one_line_error(lambda: external_cli.main(["--workdir", str(run), f"--config.data_dir={other_tree}"]),
+                 capsys, "jattn validate-external", r"has not finished \(no results.json\): external "
                                            r"validation scores a finished run")
   assert snapshot(run) == before
 
 
 def test_a_field_of_the_model_cannot_be_overridden(trained_run, capsys):
-  one_line_error(lambda: external.main(["--workdir", trained_run, "--config.image_size=64"]),
-                 capsys, "jattn.evaluation.evaluate", r"--config.image_size: the run's image_size is what "
+  one_line_error(lambda: external_cli.main(["--workdir", trained_run, "--config.image_size=64"]),
+                 capsys, "jattn validate-external", r"--config.image_size: the run's image_size is what "
                                            r"its model was trained with")
 
 
@@ -185,7 +188,7 @@ def test_predict_with_a_manifest_gives_labels_correctness_and_group_figures(trai
     rows.append([os.path.relpath(path, tmp_path), ["benign", "malignant"][label], group, mag])
   manifest = write_manifest(tmp_path / "set.csv", rows)  # paths relative to its folder
   out, figures = tmp_path / "pred.csv", tmp_path / "figures.json"
-  predict.main(["--workdir", trained_run, "--manifest", manifest, "--out", str(out),
+  predict_cli.main(["--workdir", trained_run, "--manifest", manifest, "--out", str(out),
                 "--results", str(figures)])
   assert "image accuracy" in capsys.readouterr().err
   with open(out) as f:
@@ -224,14 +227,14 @@ def test_a_bad_manifest_row_is_one_line_and_writes_nothing(trained_run, other_tr
   row = [v.format(first=first, second=second) for v in row]
   manifest = write_manifest(tmp_path / "bad.csv", [[first, "benign", "g0", "40X"], row])
   out = tmp_path / "pred.csv"
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--manifest", manifest, "--out",
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--manifest", manifest, "--out",
                                        str(out)]),
-                 capsys, "jattn.inference.predict", rf"--manifest {manifest}, {message}")
+                 capsys, "jattn predict", rf"--manifest {manifest}, {message}")
   assert not out.exists()
 
 
 def test_a_manifest_without_its_columns_is_one_line(trained_run, tmp_path, capsys):
   manifest = write_manifest(tmp_path / "m.csv", [["a.png", "benign"]], header="file,class")
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--manifest", manifest]),
-                 capsys, "jattn.inference.predict", r"no 'path' column \(its header is file,class\); give "
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--manifest", manifest]),
+                 capsys, "jattn predict", r"no 'path' column \(its header is file,class\); give "
                                           r"columns path,label\[,group\]")

@@ -260,7 +260,7 @@ def _refused(tmp_path, capsys, pattern, *, manifest="", data_dir="unused", **kw)
   args = ["--config", DEMO, "--workdir", str(tmp_path / "run"),
           *[f"--config.{o}" for o in tiny_overrides(data_dir, "", manifest=manifest, **kw)]]
   before = snapshot(tmp_path)
-  err = one_line_error(lambda: main.main(args), capsys, "jattn.main", pattern)
+  err = one_line_error(lambda: main.main(args), capsys, "jattn train", pattern)
   assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
   return err
 
@@ -355,7 +355,7 @@ def test_a_changed_tree_is_refused_not_used_stale(tmp_path, capsys):
                 manifest=manifest, group="patient", num_folds=2, tie_rule="adipose")]]
   before = snapshot(tmp_path)
   capsys.readouterr()  # what preparing printed
-  one_line_error(lambda: main.main(config), capsys, "jattn.main",
+  one_line_error(lambda: main.main(config), capsys, "jattn train",
                  rf"the images of {re.escape(manifest)} changed since "
                  rf"{re.escape(str(tmp_path / 'data' / 'prepared'))} was prepared from them \(1 "
                  r"added or resized, 1 removed or resized, e\.g\. adipose/adipose0_0\.png\): "

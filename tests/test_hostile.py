@@ -26,6 +26,10 @@ import pytest
 import torch
 from PIL import Image
 
+from jattn.cli import predict as predict_cli
+from jattn.cli import inspect as inspect_cli
+from jattn.cli import convert as convert_cli
+from jattn.cli import sweep as sweep_cli
 from jattn import main
 from jattn.cli import data as data_cli
 from jattn.core import files
@@ -125,7 +129,7 @@ def test_a_link_cycle_is_one_line(tmp_path, capsys):
   data_dir = small_tree(tmp_path / "data")
   os.symlink(os.path.join(data_dir, *DC[:4]), os.path.join(data_dir, *DC, "loop"))
   one_line_error(lambda: data_cli.main(["describe", "--source", data_dir, "--no-image-check"]),
-                 capsys, "python -m jattn.data", r"loop is a link to .*malignant.* link cycle")
+                 capsys, "jattn data", r"loop is a link to .*malignant.* link cycle")
 
 
 def test_a_16_bit_png_is_scaled_not_saturated(linked_tree):
@@ -150,8 +154,8 @@ def test_a_float_image_is_refused_by_name(trained_run, tmp_path, capsys):
   """Images with no 8-bit form (mode F) are refused by name, not decoded wrongly."""
   path = tmp_path / "float.tif"
   Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(path)
-  one_line_error(lambda: predict.main(["--workdir", trained_run, str(path)]), capsys,
-                 "jattn.inference.predict", rf"{path}: a floating-point image \(mode F\)")
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, str(path)]), capsys,
+                 "jattn predict", rf"{path}: a floating-point image \(mode F\)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ def test_bad_checkpoint_settings_are_one_line(override, message, synthetic_tree,
   a negative one crashed in Orbax, checkpoint_every_steps=-5 acted as 5."""
   workdir = tmp_path / "w"
   args = train_args(workdir, synthetic_tree[0], prepared_dir) + [f"--config.{override}"]
-  one_line_error(lambda: main.main(args), capsys, "jattn.main", message)
+  one_line_error(lambda: main.main(args), capsys, "jattn train", message)
   assert not workdir.exists()  # refused before anything is written
 
 
@@ -272,7 +276,7 @@ def test_no_loadable_checkpoint_is_one_line_and_moves_nothing(trained_run, tmp_p
     shutil.rmtree(os.path.join(workdir, "checkpoints", str(step), "default"))
   before = snapshot(workdir)
   image = os.path.join(workdir, "config.json")  # never read: the checkpoint is restored first
-  one_line_error(lambda: predict.main(["--workdir", workdir, image]), capsys, "jattn.inference.predict",
+  one_line_error(lambda: predict_cli.main(["--workdir", workdir, image]), capsys, "jattn predict",
                  r"no checkpoint in .*checkpoints loads \(step \d+: ValueError")
   assert snapshot(workdir) == before
 
@@ -313,7 +317,7 @@ def test_a_full_disk_while_checkpointing_is_one_line(method, trained_run, synthe
   monkeypatch.setattr(ocp.CheckpointManager, "save", save)
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
   one_line_error(lambda: main.main(train_args(workdir, synthetic_tree[0], prepared_dir)), capsys,
-                 "jattn.main", rf"cannot write {workdir}/checkpoints: no space left on device "
+                 "jattn train", rf"cannot write {workdir}/checkpoints: no space left on device "
                                r"\(errno ENOSPC\); free some space .* everything written before")
   after = snapshot(workdir)
   kept = [k for k in before if k != "metrics.jsonl"]  # the training log may grow
@@ -390,12 +394,12 @@ def test_read_only_work_dirs_and_outputs_are_one_line(trained_run, synthetic_tre
   readonly(monkeypatch, tmp_path / "ro")
   workdir = tmp_path / "ro" / "run"
   one_line_error(lambda: main.main(train_args(workdir, synthetic_tree[0], prepared_dir)), capsys,
-                 "jattn.main", rf"cannot write {workdir}: read-only file system \(errno EROFS\)")
+                 "jattn train", rf"cannot write {workdir}: read-only file system \(errno EROFS\)")
   image = sorted(glob.glob(os.path.join(synthetic_tree[0], "BreaKHis_v1", "**", "*.png"),
                            recursive=True))[0]
   out = tmp_path / "ro" / "p.csv"
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(out), image]),
-                 capsys, "jattn.inference.predict", rf"cannot write {out}: read-only file system")
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--out", str(out), image]),
+                 capsys, "jattn predict", rf"cannot write {out}: read-only file system")
   assert not os.path.exists(tmp_path / "ro")
 
 
@@ -415,8 +419,8 @@ def test_a_full_disk_for_predictions_is_one_line(trained_run, synthetic_tree, tm
   image = sorted(glob.glob(os.path.join(synthetic_tree[0], "BreaKHis_v1", "**", "*.png"),
                            recursive=True))[0]
   monkeypatch.setattr(builtins, "open", full_open)
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(out), image]),
-                 capsys, "jattn.inference.predict", rf"cannot write {out}: no space left on device")
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--out", str(out), image]),
+                 capsys, "jattn predict", rf"cannot write {out}: no space left on device")
   assert os.listdir(tmp_path) == []  # no temporary file left behind
 
 
@@ -455,14 +459,14 @@ def test_a_file_given_as_a_folder_is_one_line(trained_run, synthetic_tree, prepa
   path = tmp_path / "a_file"
   path.write_text("keep me")
   one_line_error(lambda: main.main(train_args(path, synthetic_tree[0], prepared_dir)), capsys,
-                 "jattn.main", rf"--workdir {path} is a file, not a folder")
+                 "jattn train", rf"--workdir {path} is a file, not a folder")
   pth = tmp_path / "w.pth"
   torch.save({"x": torch.zeros(1)}, pth)
-  one_line_error(lambda: convert.main(["--source", "torchvision", "--arch", "vgg19", "--pth",
+  one_line_error(lambda: convert_cli.main(["--source", "torchvision", "--arch", "vgg19", "--pth",
                                        str(pth), "--out", str(path)]),
-                 capsys, "jattn.models.weights", rf"--out {path} is a file, not a folder")
-  one_line_error(lambda: inspect.main(["--workdir", trained_run, "--out", str(path), str(pth)]),
-                 capsys, "jattn.inference.attention_maps", rf"--out {path} is a file, not a folder")
+                 capsys, "jattn convert", rf"--out {path} is a file, not a folder")
+  one_line_error(lambda: inspect_cli.main(["--workdir", trained_run, "--out", str(path), str(pth)]),
+                 capsys, "jattn inspect", rf"--out {path} is a file, not a folder")
   assert path.read_text() == "keep me"
 
 
@@ -484,7 +488,7 @@ def test_the_archive_path_stands_for_its_folder(linked_tree, capsys):
     os.remove(archive)
   other = os.path.join(data_dir, "Folds.csv")
   one_line_error(lambda: data_cli.main(["describe", "--source", other]), capsys,
-                 "python -m jattn.data", rf"data_dir {other} is a file: set it to the folder")
+                 "jattn data", rf"data_dir {other} is a file: set it to the folder")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -495,7 +499,7 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path, capsys):
   path = tmp_path / "bad.py"
   path.write_text("def get_config(:\n  pass\n")
   one_line_error(lambda: main.main(["--config", str(path), "--workdir", str(tmp_path / "w")]),
-                 capsys, "jattn.main", rf"config file {path}, line 1: invalid syntax")
+                 capsys, "jattn train", rf"config file {path}, line 1: invalid syntax")
   assert not (tmp_path / "w").exists()
 
 
@@ -510,9 +514,9 @@ def test_a_truncated_json_in_a_work_dir_is_one_line(name, trained_run, synthetic
     f.truncate(40)
   before = snapshot(workdir)
   one_line_error(lambda: main.main(train_args(workdir, synthetic_tree[0], prepared_dir)), capsys,
-                 "jattn.main", rf"{path} is not valid JSON \(truncated or damaged")
+                 "jattn train", rf"{path} is not valid JSON \(truncated or damaged")
   if name == "config.json":
-    one_line_error(lambda: predict.main(["--workdir", workdir, path]), capsys, "jattn.inference.predict",
+    one_line_error(lambda: predict_cli.main(["--workdir", workdir, path]), capsys, "jattn predict",
                    rf"{path} is not valid JSON")
   assert snapshot(workdir) == before
 
@@ -523,7 +527,7 @@ def test_convert_refuses_text_and_code_carrying_pickles_in_one_line(tmp_path, ca
   text = tmp_path / "notes.pth"
   text.write_text("hello world\n")
   args = ["--source", "torchvision", "--arch", "vgg19", "--out", str(tmp_path / "out")]
-  one_line_error(lambda: convert.main([*args, "--pth", str(text)]), capsys, "jattn.models.weights",
+  one_line_error(lambda: convert_cli.main([*args, "--pth", str(text)]), capsys, "jattn convert",
                  rf"{text}: not a readable PyTorch checkpoint \(KeyError")
 
   class Payload:
@@ -532,7 +536,7 @@ def test_convert_refuses_text_and_code_carrying_pickles_in_one_line(tmp_path, ca
 
   evil = tmp_path / "evil.pth"
   torch.save({"x": Payload()}, evil)
-  err = one_line_error(lambda: convert.main([*args, "--pth", str(evil)]), capsys, "jattn.models.weights",
+  err = one_line_error(lambda: convert_cli.main([*args, "--pth", str(evil)]), capsys, "jattn convert",
                        rf"{evil}: refused, because unpickling it would run code \(it calls "
                        r"\w+\.system\).*convert only checkpoints from a trusted source")
   assert "weights_only" not in err
@@ -571,12 +575,12 @@ def test_an_empty_or_unknown_image_is_named_once(trained_run, tmp_path, capsys):
   text.write_text("not an image")
   assert str(text) not in scan.check_image(str(text))
   for path in (empty, text):
-    err = one_line_error(lambda p=path: predict.main(["--workdir", trained_run, str(p)]), capsys,
-                         "jattn.inference.predict", rf"{path}: cannot decode it")
+    err = one_line_error(lambda p=path: predict_cli.main(["--workdir", trained_run, str(p)]), capsys,
+                         "jattn predict", rf"{path}: cannot decode it")
     assert err.count(str(path)) == 1 and "BytesIO" not in err
     err = one_line_error(
-        lambda p=path: inspect.main(["--workdir", trained_run, "--out", str(tmp_path / "o"),
-                                     str(p)]), capsys, "jattn.inference.attention_maps", rf"{path}: cannot decode")
+        lambda p=path: inspect_cli.main(["--workdir", trained_run, "--out", str(tmp_path / "o"),
+                                     str(p)]), capsys, "jattn inspect", rf"{path}: cannot decode")
     assert "BytesIO" not in err
 
 
@@ -584,18 +588,18 @@ def test_sweep_checks_folds_and_results_before_saying_all_is_well(tmp_path, caps
   """Bugs: `--folds 7` created fold7/ before refusing it; a corrupt results.json was reported
   after 'all 1 runs finished'."""
   out = tmp_path / "sweep"
-  one_line_error(lambda: sweep.main(["--configs", "configs/demo.py:ours", "--folds", "7",
-                                     "--out", str(out)]), capsys, "sweep",
+  one_line_error(lambda: sweep_cli.main(["--configs", "configs/demo.py:ours", "--folds", "7",
+                                     "--out", str(out)]), capsys, "jattn sweep",
                  r"--folds 7: configs/demo.py:ours.s folds are numbered 1 to 5")
   assert not out.exists()
   results = out / "demo_ours" / "fold1" / "results.json"
   results.parent.mkdir(parents=True)
   results.write_text('{"schema": "jattn.res')
   with pytest.raises(SystemExit) as e:
-    sweep.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--out", str(out)])
+    sweep_cli.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--out", str(out)])
   printed = capsys.readouterr()
   assert e.value.code == 2 and "all 1 runs finished" not in printed.out
-  assert re.search(rf"sweep: error: {results} is not valid JSON", printed.err), printed.err
+  assert re.search(rf"jattn sweep: error: {results} is not valid JSON", printed.err), printed.err
 
 
 def test_a_second_run_on_the_same_work_dir_is_refused(trained_run, synthetic_tree, prepared_dir,
@@ -607,7 +611,7 @@ def test_a_second_run_on_the_same_work_dir_is_refused(trained_run, synthetic_tre
   before = snapshot(workdir)
   with files.locked_or_refuse(workdir):
     one_line_error(lambda: main.main(train_args(workdir, synthetic_tree[0], prepared_dir)),
-                   capsys, "jattn.main", rf"--workdir {workdir} is in use by another process")
+                   capsys, "jattn train", rf"--workdir {workdir} is in use by another process")
   assert snapshot(workdir) == before
 
 

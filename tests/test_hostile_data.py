@@ -80,7 +80,7 @@ def test_demo_refuses_to_fill_a_folder_that_holds_other_files(tmp_path, capsys):
   (patches / "empty_folder").mkdir()
   before, paths = snapshot(patches), listing(patches)
   one_line(lambda: main.main(["--config", DEMO, "--workdir", str(tmp_path / "run"),
-                              f"--config.data_dir={patches}"]), capsys, "jattn.main",
+                              f"--config.data_dir={patches}"]), capsys, "jattn train",
            rf"data_dir {re.escape(str(patches))} holds no BreaKHis_v1 but other files \(3 entries, "
            r"e\.g\. colon\): a synthetic data set is generated only into ~/\.cache/jattn/demo or a "
            r"new or empty folder.*set --config\.data_dir to such a folder")
@@ -228,7 +228,7 @@ def test_a_fake_archive_is_refused_unrecorded_and_the_genuine_one_then_downloads
   before = snapshot(data_dir)
   args = ["download", "--data-dir", str(data_dir), "--url", url + "/BreaKHis_v1.tar.gz",
           "--no-image-check"]
-  one_line(lambda: data_cli.main(args), capsys, "python -m jattn.data",
+  one_line(lambda: data_cli.main(args), capsys, "jattn data",
            rf"BreaKHis_v1\.tar\.gz is not the BreakHis archive \({REFUSED[kind]}\): nothing was "
            rf"unpacked; download it again from {re.escape(breakhis.ARCHIVE_URL)}")
   assert sorted(os.listdir(data_dir)) == [".lock", "notes.txt"]
@@ -263,7 +263,7 @@ def test_a_checksum_mismatch_names_downloads_json_and_forget_checksum_forgets_it
   capsys.readouterr()
   before = snapshot(data_dir)
   checksums = re.escape(str(data_dir / fetch.CHECKSUMS))
-  one_line(lambda: data_cli.main(args), capsys, "python -m jattn.data",
+  one_line(lambda: data_cli.main(args), capsys, "jattn data",
            rf"checksum mismatch \(SHA-256 {hashlib.sha256(other).hexdigest()[:16]}\.\.\., expected "
            rf"{hashlib.sha256(genuine).hexdigest()}\); the file was discarded\. The expected "
            rf"SHA-256 is that of the first download into .*, recorded in {checksums}; .*`python -m "
@@ -284,7 +284,7 @@ def test_a_redirect_loop_is_named_as_such(server, tmp_path, capsys):
   httpd, url = server
   httpd.redirects["/loop"] = url + "/loop"
   args = ["download", "--data-dir", str(tmp_path), "--url", url + "/loop"]
-  _, err = one_line(lambda: data_cli.main(args), capsys, "python -m jattn.data",
+  _, err = one_line(lambda: data_cli.main(args), capsys, "jattn data",
                     rf"too many redirects from {re.escape(url)}/loop \(more than 30, a redirect "
                     r"loop\): that server or mirror is misconfigured, the network is fine; use "
                     r"another URL, or download http")
@@ -307,7 +307,7 @@ def test_an_image_size_too_large_for_the_disk_is_refused_before_writing(
   assert needed > 100 * shutil.disk_usage(prepared_dir).free
   args = ["--config", DEMO, "--workdir", str(tmp_path / "run"),
           *[f"--config.{o}" for o in tiny_overrides(data_dir, prepared_dir, image_size=size)]]
-  one_line(lambda: main.main(args), capsys, "jattn.main",
+  one_line(lambda: main.main(args), capsys, "jattn train",
            rf"--config\.image_size=1000000 needs a decoded-image cache of "
            rf"{needed / 2**30:,.1f} GiB \({n} images x 1000000 x 1000000 x 3 bytes\) in "
            rf"{re.escape(os.path.join(prepared_dir, 'cache', '1000000'))}, but its file system has "
@@ -360,7 +360,7 @@ def test_a_worker_that_dies_is_one_line_and_the_rerun_prepares(
           *[f"--config.{o}" for o in tiny_overrides(tree, prepared)]]
   with monkeypatch.context() as m:
     m.setattr(module, name, replacement)
-    out, err = one_line(lambda: main.main(args), capsys, "jattn.main",
+    out, err = one_line(lambda: main.main(args), capsys, "jattn train",
                         rf"{re.escape(lead)} of {re.escape(tree)} into {re.escape(prepared)} "
                         rf"{re.escape(verb)} \({re.escape(named)}.*\)(, most likely for lack of "
                         r"memory)?: preparing 64 images \([\d.]+ MiB of PNGs\) at 32x32 with "

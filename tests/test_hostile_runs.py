@@ -24,7 +24,7 @@ from tests.conftest import DEVICES_SETTINGS
 from tests.runs import DEMO, REPO
 from tests.test_hostile import copy_run, one_line_error, snapshot, train_args
 
-PROG = "jattn.main"
+PROG = "jattn train"
 EVERY_STEP = 10**9  # _cut_back to it keeps every checkpoint
 
 
@@ -199,19 +199,19 @@ def test_a_peer_that_never_starts_or_stops_is_one_line_on_every_process(syntheti
     assert [line for line in lines if "error" in line.lower()] == lines[-1:], (name, lines)
     errors[name] = lines[-1] + "\n"
   assert errors["alone 0"] == (
-      f"jattn.main: error: process(es) 1 of 2 did not join process 0 (the coordinator) at "
+      f"jattn train: error: process(es) 1 of 2 did not join process 0 (the coordinator) at "
       f"127.0.0.1:{lone} within 3 s (--config.coordinator_timeout_s); start every process with "
       f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{lone} JAX_NUM_PROCESSES=2 and its own JAX_PROCESS_ID\n")
   assert f"waiting up to 3 s at 127.0.0.1:{lone} for process(es) 1" in outputs["alone 0"][0]
-  assert re.fullmatch(r"jattn.main: error: process 1 of 2: process 0 \(the coordinator\) did not "
+  assert re.fullmatch(r"jattn train: error: process 1 of 2: process 0 \(the coordinator\) did not "
                       r"answer at 127.0.0.1:\d+ within 3 s \(--config.coordinator_timeout_s\); "
                       r".*\n", errors["alone 1"])
-  line = ("jattn.main: error: process 1 was started with another config than process 0 (fields: "
+  line = ("jattn train: error: process 1 was started with another config than process 0 (fields: "
           "batch_size); start every process with the same command\n")
   assert errors["config 0"] == errors["config 1"] == line
   missing = f"data_dir {tmp_path / 'elsewhere' / tree} does not exist: "
-  assert errors["stops 1"].startswith(f"jattn.main: error: {missing}")
-  assert errors["stops 0"].startswith(f"jattn.main: error: process 1 of 2 stopped: {missing}")
+  assert errors["stops 1"].startswith(f"jattn train: error: {missing}")
+  assert errors["stops 0"].startswith(f"jattn train: error: process 1 of 2 stopped: {missing}")
   assert os.listdir(tmp_path) == ["elsewhere"]
   assert os.listdir(tmp_path / "elsewhere") == []
 

@@ -21,6 +21,10 @@ from PIL import Image
 
 from configs import default as default_config
 from experiments import benchmark_loader
+from jattn.cli import predict as predict_cli
+from jattn.cli import inspect as inspect_cli
+from jattn.cli import sweep as sweep_cli
+from jattn.cli import tables as tables_cli
 from jattn.data.breakhis import published
 from jattn.evaluation import report, tables
 from jattn.inference import attention_maps as inspect
@@ -69,7 +73,7 @@ def test_inspect_writes_one_figure_per_image_when_names_clash(trained_run, synth
   out.mkdir()
   (out / "notes.txt").write_text("kept")
   run_before = snapshot(trained_run)
-  inspect.main(["--workdir", trained_run, "--out", str(out), str(tmp_path / "a" / "x" / "one.png"),
+  inspect_cli.main(["--workdir", trained_run, "--out", str(out), str(tmp_path / "a" / "x" / "one.png"),
                 str(tmp_path / "b" / "x" / "one.png"), str(tmp_path / "c")])
   printed = capsys.readouterr().out.split()
   expected = ["a_x_one_attention.png", "b_x_one_attention.png", "two_attention.png"]
@@ -101,13 +105,13 @@ def test_predict_and_inspect_warn_that_a_run_is_unfinished(trained_run, syntheti
   epochs = 2  # tests/runs.py's tiny runs
   before = snapshot(workdir)
   image = some_images(synthetic_tree[0], 1)[0]
-  predict.main(["--workdir", workdir, image])
+  predict_cli.main(["--workdir", workdir, image])
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "Traceback" not in err, err
   assert err == (f"jattn: warning: demo_ours fold 1 has not finished training (no results.json): "
                  f"its latest checkpoint is step {step} of {total} ({step * epochs // total} of "
                  f"{epochs} epochs done); using that partly trained model\n")
-  inspect.main(["--workdir", workdir, "--out", str(tmp_path / "maps"), image])
+  inspect_cli.main(["--workdir", workdir, "--out", str(tmp_path / "maps"), image])
   assert capsys.readouterr().err == err
   assert snapshot(workdir) == before
 
@@ -119,11 +123,11 @@ def test_predict_and_inspect_warn_that_a_run_is_unfinished(trained_run, syntheti
   recorded["custom_metadata"] = {}
   with open(metadata, "w") as f:
     json.dump(recorded, f)
-  predict.main(["--workdir", workdir, image])
+  predict_cli.main(["--workdir", workdir, image])
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"latest checkpoint is step {step}, of a run of 2 epochs" in err
 
-  predict.main(["--workdir", trained_run, image])  # a finished run: no warning
+  predict_cli.main(["--workdir", trained_run, image])  # a finished run: no warning
   assert capsys.readouterr().err == ""
 
 
@@ -135,9 +139,9 @@ def test_predict_and_inspect_warn_that_a_run_is_unfinished(trained_run, syntheti
 def test_a_batch_size_below_one_is_one_line(size, trained_run, synthetic_tree, capsys):
   """Bug: --batch-size 0 and -1 were tracebacks (range() step 0; an empty batch)."""
   before = snapshot(trained_run)
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--batch-size", size,
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--batch-size", size,
                                        some_images(synthetic_tree[0], 1)[0]]), capsys,
-                 "jattn.inference.predict", rf"--batch-size {size}: give a positive number of images")
+                 "jattn predict", rf"--batch-size {size}: give a positive number of images")
   assert snapshot(trained_run) == before
 
 
@@ -146,9 +150,9 @@ def test_out_naming_a_folder_is_one_line(trained_run, synthetic_tree, tmp_path, 
   (tmp_path / "results").mkdir()
   (tmp_path / "results" / "old.csv").write_text("kept")
   before = snapshot(tmp_path)
-  one_line_error(lambda: predict.main(["--workdir", trained_run, "--out", str(tmp_path / "results"),
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--out", str(tmp_path / "results"),
                                        some_images(synthetic_tree[0], 1)[0]]), capsys,
-                 "jattn.inference.predict", rf"--out {tmp_path / 'results'} is a folder: give the CSV file")
+                 "jattn predict", rf"--out {tmp_path / 'results'} is a folder: give the CSV file")
   assert snapshot(tmp_path) == before
 
 
@@ -171,14 +175,14 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
   (folder / "notes.txt").write_text("not an image")
   expected = [folder / "b" / "a.PNG", folder / "b" / "deeper" / "c.jpg", folder / "b" / "m.tif",
               folder / "z.png"]
-  predict.main(["--workdir", trained_run, str(folder)])
+  predict_cli.main(["--workdir", trained_run, str(folder)])
   rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
   assert [r["file"] for r in rows] == [str(p) for p in expected]
   assert all(0 <= float(r["prob_malignant"]) <= 1 for r in rows)
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "sub" / "Thumbs.db").write_bytes(b"\0")
-  one_line_error(lambda: predict.main(["--workdir", trained_run, str(tmp_path / "empty")]), capsys,
-                 "jattn.inference.predict", r"empty: a folder without image files \(.png, .jpg")
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, str(tmp_path / "empty")]), capsys,
+                 "jattn predict", r"empty: a folder without image files \(.png, .jpg")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,13 +216,13 @@ def test_a_non_finite_clinical_figure_is_one_line(bad, tmp_path, capsys):
   runs = {("ours", k): results("ours", k, rng) for k in (1, 2)}
   runs[("ours", 2)]["clinical"]["image"]["40X"]["sensitivity"]["value"] = None  # undefined: fine
   write_sweep(tmp_path, runs)
-  tables.main([str(tmp_path)])
+  tables_cli.main([str(tmp_path)])
   capsys.readouterr()
   before = snapshot(tmp_path)
   runs[("ours", 2)]["clinical"]["patient"]["all"]["roc_auc"]["value"] = bad
   write_sweep(tmp_path, runs)  # json.dumps writes NaN, Infinity, -Infinity
   changed = snapshot(tmp_path)
-  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.evaluation.tables",
+  one_line_error(lambda: tables_cli.main([str(tmp_path)]), capsys, "jattn tables",
                  rf"ours/fold2/results.json: the figure clinical\.patient\.roc_auc \(all\) is "
                  rf"{json.dumps(bad)}, not a fraction in \[0, 1\] or null")
   assert snapshot(tmp_path) == changed
@@ -284,7 +288,7 @@ def test_a_folder_named_otherwise_than_its_config_is_read(trained_run, tmp_path,
   (tmp_path / "mine" / "fold2").mkdir()
   (tmp_path / "mine" / "fold2" / "results.json").write_text(json.dumps(other))
   before = snapshot(tmp_path)
-  one_line_error(lambda: tables.main([str(tmp_path)]), capsys, "jattn.evaluation.tables",
+  one_line_error(lambda: tables_cli.main([str(tmp_path)]), capsys, "jattn tables",
                  r"mine/fold2/results.json: a run of config 'demo_vgg19', but other folds of "
                  r"'mine' are runs of 'demo_ours'")
   assert snapshot(tmp_path) == before
@@ -318,8 +322,8 @@ def test_no_sacct_is_one_line_before_submitting(tmp_path, monkeypatch, capsys):
   fake_slurm(tmp_path / "bin", sacct=False)
   monkeypatch.setenv("PATH", str(tmp_path / "bin"))
   out = tmp_path / "sweep"
-  one_line_error(lambda: sweep.main(["--configs", f"{DEMO}:ours", "--out", str(out), *SLURM]),
-                 capsys, "sweep", r"--launcher slurm: no sacct on PATH")
+  one_line_error(lambda: sweep_cli.main(["--configs", f"{DEMO}:ours", "--out", str(out), *SLURM]),
+                 capsys, "jattn sweep", r"--launcher slurm: no sacct on PATH")
   assert calls(tmp_path / "bin", "sbatch") == 0 and not out.exists()
 
 
@@ -336,8 +340,8 @@ def test_a_silent_sacct_ends_the_wait_within_its_bound(trained_run, tmp_path, mo
   before = snapshot(out / "demo_ours")
   started = time.monotonic()
   err = one_line_error(
-      lambda: sweep.main(["--configs", f"{DEMO}:ours,{DEMO}:vgg19", "--out", str(out), *SLURM]),
-      capsys, "sweep", r"sacct has listed none of job 4242 in 2 calls in a row .* the jobs "
+      lambda: sweep_cli.main(["--configs", f"{DEMO}:ours,{DEMO}:vgg19", "--out", str(out), *SLURM]),
+      capsys, "jattn sweep", r"sacct has listed none of job 4242 in 2 calls in a row .* the jobs "
                        r"keep running \(squeue --me\)\. Run the same command when they have ended")
   assert time.monotonic() - started < 10  # submitit's second sacct call comes 2-4 s in
   assert f"-m jattn.evaluation.tables {out}` for the tables so far" in err
@@ -349,8 +353,8 @@ def test_unparsable_sbatch_output_is_reported_as_printed(tmp_path, monkeypatch, 
   """Bug: sbatch output without a job id was reported as 'sbatch refused the job array'."""
   fake_slurm(tmp_path / "bin", sbatch_says="Job accepted by the gateway")
   monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-  one_line_error(lambda: sweep.main(["--configs", f"{DEMO}:ours", "--out", str(tmp_path / "s"),
-                                     *SLURM]), capsys, "sweep",
+  one_line_error(lambda: sweep_cli.main(["--configs", f"{DEMO}:ours", "--out", str(tmp_path / "s"),
+                                     *SLURM]), capsys, "jattn sweep",
                  r"sbatch printed 'Job accepted by the gateway', not 'Submitted batch job <id>'")
 
 
@@ -359,7 +363,7 @@ def test_unparsable_sbatch_output_is_reported_as_printed(tmp_path, monkeypatch, 
 
 
 def test_benchmark_help_is_whole_and_every_option_has_help(capsys):
-  """Bug: `python -m jattn.perf.benchmark --help` ended mid-sentence ("and what the paper's"), and
+  """Bug: `jattn benchmark --help` ended mid-sentence ("and what the paper's"), and
   options (the loader benchmark's --threads) had no help."""
   with pytest.raises(SystemExit) as e:
     benchmark.parse_args(["--help"])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jattn.cli import inspect as inspect_cli
 from jattn import models
 from jattn.core.errors import UserError
 from jattn.inference import attention_maps as inspect
@@ -65,7 +66,7 @@ def test_cli_writes_one_overlay_per_image(trained_run, synthetic_tree, tmp_path)
     paths += [os.path.join(root, f) for f in sorted(files) if f.endswith(".png")][:1]
     if len(paths) == 2:
       break
-  inspect.main(["--workdir", trained_run, "--out", str(tmp_path / "maps"), "--position",
+  inspect_cli.main(["--workdir", trained_run, "--out", str(tmp_path / "maps"), "--position",
                 "0.25,0.75", *paths])
   written = sorted(os.listdir(tmp_path / "maps"))
   assert written == sorted(os.path.basename(p)[:-4] + "_attention.png" for p in paths)

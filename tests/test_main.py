@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from jattn.cli import predict as predict_cli
 from jattn.core.errors import UserError
 from jattn.data import augment as augment_lib
 from jattn.data.breakhis import MAGNIFICATIONS
@@ -134,7 +135,7 @@ def test_predict_matches_the_evaluation(trained_run, synthetic_tree, tmp_path):
   for root, _, files in os.walk(data_dir):
     paths += [os.path.join(root, n) for n in files if n in names and "mkfold" not in root]
   out = tmp_path / "pred.csv"
-  predict.main(["--workdir", trained_run, "--out", str(out), *paths])
+  predict_cli.main(["--workdir", trained_run, "--out", str(out), *paths])
   with open(out) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == len(paths) == 5
@@ -211,7 +212,7 @@ def test_ours_without_breakhis_says_what_to_download(tmp_path):
 def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, prepared_dir,
                                                              tmp_path):
   config = tiny_config(synthetic_tree[0], prepared_dir, pretrained=str(tmp_path / "vgg19"))
-  with pytest.raises(UserError, match="python -m jattn.models.weights --source torchvision"):
+  with pytest.raises(UserError, match="jattn convert --source torchvision"):
     train.train_and_evaluate(config, str(tmp_path / "w"))
 
 

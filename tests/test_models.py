@@ -235,7 +235,7 @@ def test_initialisers_are_he_normal_fan_out_convs_and_normal_0_01_linear_layers(
   assert len(biases) == 16 + 3 and all(np.all(np.asarray(b) == 0) for b in biases)
 
 
-# `python -m jattn.models` at width 1/8 (8-8, 16-16, 32 x4, 64 x4, 64 x4 channels), 2 classes,
+# `jattn models` at width 1/8 (8-8, 16-16, 32 x4, 64 x4, 64 x4 channels), 2 classes,
 # classifier width 32, pool 7, C-Attn (kernel 4) on blocks 1-2, S-Attn (r = 8) on blocks 3-5:
 #   block 1 convs: 3*8*9+8 + 8*8*9+8                   =     808;  C-Attn 33 * 8^2   =  2,112
 #   block 2 convs: 8*16*9+16 + 16*16*9+16              =   3,488;  C-Attn 33 * 16^2  =  8,448
@@ -245,7 +245,7 @@ def test_initialisers_are_he_normal_fan_out_convs_and_normal_0_01_linear_layers(
 #   classifier:    64*49*32+32 + 32*32+32 + 32*2+2     = 101,506
 #   convs 313,672 + classifier 101,506 + attention 22,080 = 437,258
 def test_models_command_counts_parameters(capsys):
-  """Guards against `python -m jattn.models` reporting wrong parameter counts (modules missed,
+  """Guards against `jattn models` reporting wrong parameter counts (modules missed,
   attention attributed to the wrong block): its table against the count derived by hand."""
   from jattn.cli import models as models_cli
 

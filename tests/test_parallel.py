@@ -372,6 +372,6 @@ def test_a_process_count_unlike_the_coordinators_is_one_line(tmp_path):
     procs[0].kill()
     procs[0].wait()
   assert procs[1].returncode == 2 and err.count("\n") == 1, err
-  assert err == (f"jattn.main: error: JAX_NUM_PROCESSES=3, but the coordinator at 127.0.0.1:{port} "
+  assert err == (f"jattn train: error: JAX_NUM_PROCESSES=3, but the coordinator at 127.0.0.1:{port} "
                  f"runs 2 processes; start every process with the same JAX_NUM_PROCESSES\n")
   assert not (tmp_path / "w").exists()

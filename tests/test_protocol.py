@@ -48,8 +48,8 @@ def _one_line_error(capsys, args, data_dir, prepared_dir, **kw) -> str:
     _main(args, data_dir, prepared_dir, **kw)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("jattn.main: error: ")
-  return err[0].removeprefix("jattn.main: error: ")
+  assert len(err) == 1 and err[0].startswith("jattn train: error: ")
+  return err[0].removeprefix("jattn train: error: ")
 
 
 def test_partial_tree_subtype_run_reports_the_absent_magnification(partial_tree, tmp_path, capsys,

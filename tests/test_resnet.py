@@ -22,6 +22,9 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
+from jattn.cli import inspect as inspect_cli
+from jattn.cli import convert as convert_cli
+from jattn.cli import sweep as sweep_cli
 from jattn import models
 from jattn.cli import models as models_cli
 from jattn.core.errors import UserError
@@ -590,7 +593,7 @@ def test_bad_model_config_is_one_line_exit_2(overrides, match, capsys):
     models_cli.main(["--config", "configs/resnet50_ours.py", *overrides])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-  assert err.startswith("jattn.models: error: ") and re.search(match, err.rstrip()), err
+  assert err.startswith("jattn models: error: ") and re.search(match, err.rstrip()), err
 
 
 def test_c_attn_kernel_larger_than_the_map_is_refused():
@@ -648,14 +651,14 @@ def test_download_and_pth_commands_convert_a_resnet(server, tmp_path, monkeypatc
   monkeypatch.setitem(convert.TORCHVISION_FILES, "resnet50", name)
   monkeypatch.setenv(convert.TORCHVISION_URL_ENV, server.url + "/models/")
   downloaded = tmp_path / "pretrained" / "resnet50"
-  convert.main(["--download", "resnet50", "--out", str(downloaded)])
+  convert_cli.main(["--download", "resnet50", "--out", str(downloaded)])
   assert sorted(os.listdir(tmp_path / "pretrained")) == ["resnet50"]  # the .pth is gone
   narrow = _mc("resnet50", 10, NARROW)
   monkeypatch.setattr(convert, "torchvision_model_config",  # --pth converts at full width
                       lambda arch, classes=1000: narrow if (arch, classes) == ("resnet50", 10)
                       else None)
   converted = tmp_path / "converted"
-  convert.main(["--source", "torchvision", "--arch", "resnet50", "--pth", str(pth), "--out",
+  convert_cli.main(["--source", "torchvision", "--arch", "resnet50", "--pth", str(pth), "--out",
                 str(converted)])
   got, again = (convert.load_weights(str(p), mc) for p in (downloaded, converted))
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(again), strict=True):
@@ -688,7 +691,7 @@ def test_missing_or_foreign_pretrained_weights_name_the_backbones_conversion(tmp
   VGG19-BN's for a batch-norm VGG); weights converted for another backbone are refused."""
   r50 = default.get_config().model
   r50.name = "resnet50"
-  with pytest.raises(UserError, match=r"no converted weights there\. Run python -m jattn\.convert "
+  with pytest.raises(UserError, match=r"no converted weights there\. Run jattn convert "
                                       r"--download resnet50 --out .*resnet50-11ad3fa6\.pth") as e:
     convert.load_weights(str(tmp_path / "nowhere"), r50)
   assert "\n" not in str(e.value)
@@ -701,7 +704,7 @@ def test_missing_or_foreign_pretrained_weights_name_the_backbones_conversion(tmp
   convert.save_weights(variables, str(tmp_path / "vgg"), {"model": mc.to_dict()})
   with pytest.raises(UserError, match=r"pretrained='.*vgg' holds weights converted for a vgg19 "
                                       r"\(info\.json\), but config\.model\.name='resnet50'; "
-                                      r"convert resnet50's: python -m jattn\.convert --download "
+                                      r"convert resnet50's: jattn convert --download "
                                       r"resnet50"):
     convert.load_weights(str(tmp_path / "vgg"), r50)
 
@@ -732,8 +735,8 @@ def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tm
   planned = []
   monkeypatch.setattr(sweep, "sweep", lambda configs, folds, out, *a: planned.append(
       (configs, folds, os.path.relpath(out, sweep.REPO))) or "")
-  sweep.main(["--rows", "resnet50"])
-  sweep.main(["--rows", "resnet50", "--demo"])
+  sweep_cli.main(["--rows", "resnet50"])
+  sweep_cli.main(["--rows", "resnet50", "--demo"])
   names = ["resnet50", "resnet50_c", "resnet50_s", "resnet50_ours"]
   assert planned == [([f"configs/{n}.py" for n in names], [1, 2, 3, 4, 5], "sweeps/resnet50"),
                      ([f"configs/demo.py:{n}" for n in names], [1, 2], "sweeps/demo_resnet50")]
@@ -755,7 +758,7 @@ def test_resnet50_rows_are_the_papers_ablation_and_tabulate_as_their_own_rows(tm
 
 
 def test_parameter_report_and_torch_peer_for_a_resnet(capsys):
-  """`python -m jattn.models` on a ResNet: its rows (stem, stages, each attention module) add up
+  """`jattn models` on a ResNet: its rows (stem, stages, each attention module) add up
   to the hand-derived counts; the benchmark's PyTorch peer of a ResNet config is its
   TorchResNet, with as many parameters."""
   from jattn.perf import torch_reference
@@ -827,7 +830,7 @@ def test_a_resnet_run_is_inspected_and_refuses_a_checkpoint_of_another_architect
   (other / "config.json").write_text(json.dumps(stored))
   before = sorted(p for p in other.rglob("*"))
   with pytest.raises(SystemExit) as e:
-    inspect.main(["--workdir", str(other), "--out", str(tmp_path / "o"), png])
+    inspect_cli.main(["--workdir", str(other), "--out", str(tmp_path / "o"), png])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1, err
   assert re.match(r"jattn\.inspect: error: the checkpoints in .* do not fit the model of this "

@@ -156,5 +156,5 @@ def test_an_unknown_source_or_model_is_one_line(tmp_path, capsys, field, value, 
   before = snapshot(tmp_path)
   one_line_error(lambda: main.main(["--config", DEMO, "--workdir", str(tmp_path / "run"),
                                     f"--config.{field}={value}"]),
-                 capsys, "jattn.main", message)
+                 capsys, "jattn train", message)
   assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()

@@ -138,7 +138,7 @@ def test_a_stain_normalised_run_fits_records_and_applies_its_reference(tmp_path)
 
 
 def test_the_preview_grid_shows_each_image_and_its_normalisation(tmp_path):
-  """`python -m jattn.data.stain`'s grid: per row the image as given, then its normalisation to the
+  """`jattn stain`'s grid: per row the image as given, then its normalisation to the
   reference, then two recolourings each followed by theirs, `gap` white pixels apart; the
   normalised tiles are `normalize`'s output rounded, computed here on their own."""
   image, _ = two_stain_image(seed=4)

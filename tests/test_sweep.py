@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from jattn.cli import sweep as sweep_cli
 from jattn.core.errors import UserError
 from jattn.sweeps import sweep
 from tests.runs import REPO, tiny_overrides
@@ -42,7 +43,7 @@ def test_stopped_sweep_does_not_repeat_finished_runs(synthetic_tree, prepared_di
   log = os.path.join(out, "demo_vgg19", "fold1", "log.txt")
   log_size = os.path.getsize(log)
 
-  sweep.main(["--configs", ROWS, "--folds", "1", "--out", out, *sets])
+  sweep_cli.main(["--configs", ROWS, "--folds", "1", "--out", out, *sets])
   printed = capsys.readouterr().out
   assert "2 runs, 1 finished before, 1 to run" in printed
   assert os.path.getmtime(first) == stamp and os.path.getsize(log) == log_size  # not run again
@@ -54,7 +55,7 @@ def test_stopped_sweep_does_not_repeat_finished_runs(synthetic_tree, prepared_di
   for name in ("tables.md", "tables.csv", "tables.png"):
     assert os.path.exists(os.path.join(out, name))
 
-  sweep.main(["--configs", ROWS, "--folds", "1", "--out", out, *sets])
+  sweep_cli.main(["--configs", ROWS, "--folds", "1", "--out", out, *sets])
   assert "2 finished before, 0 to run" in capsys.readouterr().out
 
 
@@ -118,7 +119,7 @@ def test_bad_slurm_options_give_one_line_and_write_nothing(args, sbatch, message
   monkeypatch.setenv("PATH", str(bin_dir))
   out = tmp_path / "sweep"
   with pytest.raises(SystemExit) as e:
-    sweep.main(["--configs", ROWS, "--out", str(out), "--launcher", "slurm", *args])
+    sweep_cli.main(["--configs", ROWS, "--out", str(out), "--launcher", "slurm", *args])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
   assert not out.exists()
@@ -166,7 +167,7 @@ def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared
     while time.time() < deadline and not result.done():
       steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()] if (
           workdir / "checkpoints").is_dir() else []
-      found = _process_running("jattn.main", str(workdir)) if steps and max(steps) >= 3 else None
+      found = _process_running("jattn train", str(workdir)) if steps and max(steps) >= 3 else None
       if found:
         os.kill(found[1], signal.SIGUSR2)  # to submitit's process running the task
         break
@@ -228,7 +229,7 @@ def test_seeds_plan_every_config_fold_and_seed_into_its_own_work_dir():
 def test_bad_seeds_are_one_line_and_write_nothing(args, message, tmp_path, capsys):
   out = tmp_path / "sweep"
   with pytest.raises(SystemExit) as e:
-    sweep.main(["--configs", ROWS, "--out", str(out), *args])
+    sweep_cli.main(["--configs", ROWS, "--out", str(out), *args])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
   assert not out.exists()
@@ -244,7 +245,7 @@ def test_seeds_on_the_demo_train_each_seed_into_its_layout(trained_run, syntheti
   first = out / "demo_ours" / "fold1" / "results.json"
   stamp = os.path.getmtime(first)
   sets = [a for o in tiny_overrides(synthetic_tree[0], prepared_dir) for a in ("--set", o)]
-  sweep.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--seeds", "0,1",
+  sweep_cli.main(["--configs", "configs/demo.py:ours", "--folds", "1", "--seeds", "0,1",
               "--out", str(out), *sets])
   printed = capsys.readouterr().out
   assert "2 runs, 1 finished before, 1 to run" in printed and "demo_ours fold 1 seed 1 done" in (
@@ -302,7 +303,7 @@ def test_two_runs_per_device_run_at_once_and_both_finish(synthetic_tree, prepare
   out = str(tmp_path / "sweep")
   sets = [a for o in tiny_overrides(synthetic_tree[0], prepared_dir, num_epochs=1)
           for a in ("--set", o)]
-  sweep.main(["--configs", ROWS, "--folds", "1", "--out", out, "--runs-per-device", "2", *sets])
+  sweep_cli.main(["--configs", ROWS, "--folds", "1", "--out", out, "--runs-per-device", "2", *sets])
   printed = capsys.readouterr().out.splitlines()
   events = [line.split()[0] if line.startswith("  start") else "done" for line in printed
             if line.startswith("  start") or re.match(r"\[\d/2\] .* done after", line)]
@@ -319,7 +320,7 @@ def test_two_runs_per_device_run_at_once_and_both_finish(synthetic_tree, prepare
 ])
 def test_bad_runs_per_device_is_one_line(args, message, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
-    sweep.main(["--configs", ROWS, "--folds", "1", "--out", str(tmp_path / "s"), *args])
+    sweep_cli.main(["--configs", ROWS, "--folds", "1", "--out", str(tmp_path / "s"), *args])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
   assert not (tmp_path / "s").exists()

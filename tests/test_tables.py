@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from jattn.cli import tables as tables_cli
 from jattn.core.errors import UserError
 from jattn.data.breakhis import published
 from jattn.evaluation import report, tables
@@ -189,7 +190,7 @@ def test_csv_round_trips_and_png_is_written(full_sweep):
 
 def test_cli_prints_the_tables(full_sweep, capsys):
   sweep, _ = full_sweep
-  tables.main([str(sweep)])
+  tables_cli.main([str(sweep)])
   out = capsys.readouterr().out
   assert out.startswith(f"# Results of {sweep}") and "| *paper: Ours* |" in out
   assert (sweep / "tables.md").read_text() in out
@@ -211,7 +212,7 @@ def test_a_sweep_still_running_counts_the_finished_runs(full_sweep, capsys, mani
   (sweep / "extra" / "fold5" / "results.json").unlink()  # submitted, not started
   if not manifest:
     (sweep / "sweep.json").unlink()
-  tables.main([str(sweep)])
+  tables_cli.main([str(sweep)])
   out = capsys.readouterr().out
   unfinished = next(line for line in out.splitlines() if line.startswith("Unfinished runs"))
   assert sorted(unfinished.split(": ")[1].rstrip(".").split(", ")) == ["extra fold 5",
@@ -242,10 +243,10 @@ def test_malformed_results_give_a_one_line_error(tmp_path, capsys, change, messa
   with pytest.raises(UserError, match=message):
     tables.collect(str(tmp_path))
   with pytest.raises(SystemExit) as exit_info:
-    tables.main([str(tmp_path)])
+    tables_cli.main([str(tmp_path)])
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
-  assert err.startswith("jattn.evaluation.tables: error: ") and err.count("\n") == 1
+  assert err.startswith("jattn tables: error: ") and err.count("\n") == 1
   assert not (tmp_path / "tables.md").exists()
 
 

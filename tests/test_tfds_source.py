@@ -162,7 +162,7 @@ def _refused(tmp_path, capsys, pattern, data_dir, **kw):
   args = ["--config", DEMO, "--workdir", str(tmp_path / "run"),
           *[f"--config.{o}" for o in tiny_overrides(data_dir, "", **kw)]]
   before = snapshot(data_dir)
-  one_line_error(lambda: main.main(args), capsys, "jattn.main", pattern)
+  one_line_error(lambda: main.main(args), capsys, "jattn train", pattern)
   assert snapshot(data_dir) == before and not (tmp_path / "run").exists()
 
 
