@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from configs import default
-from jattn.cli import convert as convert_cli
 from jattn import models
+from jattn.cli import convert as convert_cli
 from jattn.core.errors import UserError
 from jattn.models import weights as convert
 from tests.torch_models import TorchVGG, randomize_

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from jattn.core.errors import UserError
-from jattn.training import optim, parallel, train, validate
+from jattn.training import dispatch, optim, parallel, train, validate
 from jattn.training import state as state_lib
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
@@ -99,7 +99,7 @@ class _Fold:
 
 
 def _sizes(folds, n):
-  return [(tuple(active), size) for active, size in train._dispatch_sizes(folds, n)]
+  return [(tuple(active), size) for active, size in dispatch.sizes(folds, n)]
 
 
 def test_dispatches_are_cut_at_epoch_ends_and_checkpoints():

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jattn.cli import predict as predict_cli
-from jattn.cli import validate_external as external_cli
 from jattn.cli import validate_external as evaluate_cli
+from jattn.cli import validate_external as external_cli
 from jattn.evaluation import evaluate
-from jattn.inference import external, predict
+from jattn.inference import predict
 from tests.conftest import small_tree
 from tests.runs import breakhis_fold
 from tests.test_hostile import one_line_error, snapshot

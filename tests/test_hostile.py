@@ -26,20 +26,17 @@ import pytest
 import torch
 from PIL import Image
 
-from jattn.cli import predict as predict_cli
-from jattn.cli import inspect as inspect_cli
-from jattn.cli import convert as convert_cli
-from jattn.cli import sweep as sweep_cli
 from jattn import main
+from jattn.cli import convert as convert_cli
 from jattn.cli import data as data_cli
+from jattn.cli import inspect as inspect_cli
+from jattn.cli import predict as predict_cli
+from jattn.cli import sweep as sweep_cli
 from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import breakhis, load_fold, prepare
 from jattn.data.breakhis import describe, scan
-from jattn.inference import attention_maps as inspect
-from jattn.inference import predict, runs
-from jattn.models import weights as convert
-from jattn.sweeps import sweep
+from jattn.inference import runs
 from jattn.training import checkpoints
 from jattn.training import state as state_lib
 from tests.conftest import data_config, small_tree

@@ -19,7 +19,7 @@ import jax
 import pytest
 
 from jattn import main
-from jattn.training import train
+from jattn.training import test_evaluation
 from tests.conftest import DEVICES_SETTINGS
 from tests.runs import DEMO, REPO
 from tests.test_hostile import copy_run, one_line_error, snapshot, train_args
@@ -246,7 +246,7 @@ def test_a_long_bootstrap_says_so(trained_run, synthetic_tree, prepared_dir, tmp
   threshold is lowered to the run's 1,000 resamples x 25 test patients of a magnification)."""
   workdir = copy_run(trained_run, tmp_path / "run")
   _cut_back(workdir, EVERY_STEP)  # evaluated again from its last checkpoint
-  monkeypatch.setattr(train, "LONG_BOOTSTRAP", 1000)
+  monkeypatch.setattr(test_evaluation, "LONG_BOOTSTRAP", 1000)
   main.main(train_args(workdir, synthetic_tree[0], prepared_dir))
   with open(os.path.join(trained_run, "predictions.csv")) as f:
     patients = len({row["patient_id"] for row in csv.DictReader(f)})

@@ -21,16 +21,15 @@ from PIL import Image
 
 from configs import default as default_config
 from experiments import benchmark_loader
-from jattn.cli import predict as predict_cli
 from jattn.cli import inspect as inspect_cli
+from jattn.cli import predict as predict_cli
 from jattn.cli import sweep as sweep_cli
 from jattn.cli import tables as tables_cli
 from jattn.data.breakhis import published
 from jattn.evaluation import report, tables
 from jattn.inference import attention_maps as inspect
-from jattn.inference import predict
 from jattn.perf import benchmark
-from jattn.sweeps import slurm, sweep
+from jattn.sweeps import slurm
 from tests.runs import DEMO
 from tests.test_hostile import copy_run, one_line_error, snapshot, steps_of
 

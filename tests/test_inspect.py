@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jattn.cli import inspect as inspect_cli
 from jattn import models
+from jattn.cli import inspect as inspect_cli
 from jattn.core.errors import UserError
 from jattn.inference import attention_maps as inspect
 from jattn.inference import runs

@@ -20,8 +20,8 @@ from jattn.cli import predict as predict_cli
 from jattn.core.errors import UserError
 from jattn.data import augment as augment_lib
 from jattn.data.breakhis import MAGNIFICATIONS
-from jattn.inference import predict, runs
-from jattn.training import compat, train
+from jattn.inference import runs
+from jattn.training import compat, train, workdirs
 from tests.runs import DEMO, REPO, tiny_config, tiny_overrides
 
 
@@ -216,6 +216,12 @@ def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, pre
     train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
+
+def _claim(workdir: str, config, overwrite: bool) -> None:
+  """Claims `workdir` for `config` as the training loop does: refused, kept or rewritten."""
+  workdirs.claim(workdir, config, workdirs.action(workdir, config, overwrite))
+
+
 def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tree, prepared_dir,
                                                       tmp_path):
   workdir = tmp_path / "old"
@@ -225,14 +231,14 @@ def test_overwrite_discards_a_run_with_another_config(trained_run, synthetic_tre
   (workdir / "results.json").write_text("{}")
   new = tiny_config(synthetic_tree[0], prepared_dir, seed=5)
   with pytest.raises(UserError, match=r"different config \(fields: seed\)"):
-    train._check_workdir(str(workdir), new, overwrite=False)
+    _claim(str(workdir), new, overwrite=False)
   assert (workdir / "results.json").exists()
-  train._check_workdir(str(workdir), new, overwrite=True)
+  _claim(str(workdir), new, overwrite=True)
   assert not (workdir / "results.json").exists()
   assert runs.load_config(str(workdir)).seed == 5
   # fields that only change logging may differ when a run is resumed
   relogged = tiny_config(synthetic_tree[0], prepared_dir, seed=5, log_every_steps=7)
-  train._check_workdir(str(workdir), relogged, overwrite=False)
+  _claim(str(workdir), relogged, overwrite=False)
 
 
 def test_a_run_written_before_later_config_fields_is_not_refused(trained_run, synthetic_tree,

@@ -22,11 +22,11 @@ from flax import linen as nn
 from flax import traverse_util
 
 from configs import default
-from jattn.cli import inspect as inspect_cli
-from jattn.cli import convert as convert_cli
-from jattn.cli import sweep as sweep_cli
 from jattn import models
+from jattn.cli import convert as convert_cli
+from jattn.cli import inspect as inspect_cli
 from jattn.cli import models as models_cli
+from jattn.cli import sweep as sweep_cli
 from jattn.core.errors import UserError
 from jattn.evaluation import report
 from jattn.models import norm, resnet

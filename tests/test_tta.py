@@ -14,7 +14,7 @@ from flax import traverse_util
 from jattn import models
 from jattn.core.errors import UserError
 from jattn.inference import runs
-from jattn.training import parallel, train, validate
+from jattn.training import parallel, test_evaluation, validate
 from jattn.training import state as state_lib
 from tests.runs import tiny_config
 
@@ -86,7 +86,7 @@ def test_evaluation_records_tta(trained_run):
   data = load_fold(config)
   plan = parallel.make_plan(config)
   p_eval = parallel.eval_step(plan, functools.partial(state_lib.eval_step, tta="dihedral"))
-  results, rows = train._evaluate_fold(config, state, data, plan, p_eval)
+  results, rows = test_evaluation.evaluate_fold(config, state, data, plan, p_eval)
   assert results["tta"] == "dihedral" and results["config"]["tta"] == "dihedral"
   images = np.asarray(data.images)[data.test_indices]
   want = runs.predict_probs(state, images, tta="dihedral")[:, 1]

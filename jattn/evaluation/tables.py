@@ -40,6 +40,7 @@ import re
 from types import ModuleType
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from jattn.core import files
 from jattn.core.errors import UserError
@@ -47,7 +48,6 @@ from jattn.data import sources
 from jattn.evaluation import results
 from jattn.evaluation.evaluate import ALL  # the column over every tested stratum together
 from jattn.evaluation.metrics import BINARY_METRICS
-from matplotlib.figure import Figure
 
 MANIFEST = "sweep.json"
 

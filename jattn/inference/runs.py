@@ -87,7 +87,7 @@ def _sharded_eval(tta: str) -> tuple[parallel.Plan, object]:
 class Predictor:
   """A run's jitted eval step over every local device, as the test evaluation runs it.
 
-  The path of `train._evaluate_fold`: `state.eval_step` (stain normalisation, statistics, TTA)
+  The path of `test_evaluation.evaluate_fold`: `state.eval_step` (stain normalisation, statistics, TTA)
   jitted by `parallel.eval_step` with the batch sharded over a `data` mesh of every device
   (`parallel.eval_images`), the state replicated. `predict`, `predict_probs`, external validation
   and slide inference all go through `__call__`.

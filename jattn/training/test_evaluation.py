@@ -1,0 +1,68 @@
+"""The test evaluation at the end of training: every test image predicted once, the evaluator's
+figures and the rows of predictions.csv."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from jattn import data
+from jattn.core import files
+from jattn.data import stain
+from jattn.evaluation import evaluate, results
+from jattn.training import parallel
+from jattn.training.fold_run import FoldRun
+
+LONG_BOOTSTRAP = 1_000_000  # resamples x test groups from which evaluation says it bootstraps
+
+
+def evaluate_fold(config, state, fold_data, plan, p_eval) -> tuple[dict, list[dict]]:
+  """Predicts every test image once; returns the results' figures and one row per image."""
+  batch_size = plan.eval_batch_size(config.eval_batch_size)  # a multiple of the device count
+  index, probs = [], []
+  for batch in data.test_batches(fold_data, batch_size, num_threads=config.loader_threads,
+                                 process_rows=parallel.process_rows(plan)):
+    mask = np.asarray(batch["mask"])
+    out = p_eval(state, {"image": parallel.eval_images(plan, batch["image"], batch_size)})
+    probs.append(np.asarray(out["probs"])[mask])
+    index.append(np.asarray(batch["index"])[mask])
+  index, probs = np.concatenate(index), np.concatenate(probs)
+  if sorted(index.tolist()) != sorted(np.asarray(fold_data.test_indices).tolist()):
+    raise AssertionError("the test loader did not yield every test image exactly once")
+  resamples = config.get("bootstrap_resamples", 0)
+  num_groups = len(np.unique(fold_data.groups[index]))
+  if len(fold_data.classes) == 2 and resamples * num_groups >= LONG_BOOTSTRAP:
+    print(f"fold {config.fold}: 95% intervals of the clinical metrics from {resamples:,} "
+          f"bootstrap resamples of the {num_groups} test {fold_data.group_unit}s, per "
+          f"{' and '.join(x.name for x in fold_data.strata)} and level ...", flush=True)
+  figures = evaluate.evaluate(probs, fold_data, index, tie_rule=config.tie_rule,
+                              bootstrap_resamples=resamples,
+                              bootstrap_seed=config.get("bootstrap_seed", 0))
+  reference = None
+  if state.stain_matrix is not None:
+    reference = stain.describe(
+        state.stain_matrix, state.stain_max,
+        f"the median of the estimates of the {len(fold_data.train_indices)} training images of "
+        f"fold {config.fold} (at most {stain.REFERENCE_PIXELS} pixels each), at "
+        f"{config.image_size}x{config.image_size}")
+  return (results.build(config, fold_data, figures, stain_normalization=reference),
+          results.prediction_rows(fold_data, index, probs))
+
+
+def write(fold: FoldRun, rows: list[dict]) -> None:
+  """Writes the fold's predictions.csv, roc.png (two classes), test accuracies to TensorBoard and
+  results.json (last: a run is finished once it exists), and prints its table."""
+  files.atomic_write_text(os.path.join(fold.workdir, "predictions.csv"), results.csv_text(rows))
+  if fold.data.binary is not None:
+    evaluate.write_roc_plot(os.path.join(fold.workdir, "roc.png"), rows,
+                            positive=fold.data.binary.positive_name,
+                            stratum=fold.data.strata[0].name, order=fold.data.strata[0].values,
+                            title=fold.name)
+  with SummaryWriter(os.path.join(fold.workdir, "tensorboard")) as writer:
+    for m, v in fold.results["image_accuracy"].items():
+      writer.add_scalar(f"test/image_accuracy_{m}", v, fold.step)
+  results_path = os.path.join(fold.workdir, "results.json")
+  results.write_json(results_path, fold.results)
+  print(f"{fold.name}: results in {results_path}\n{evaluate.format_table(fold.results)}")
