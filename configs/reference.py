@@ -7,7 +7,8 @@ convs of kernel 7, stride 4, padding 3, the learning rate halved at epochs 30 an
 horizontal flips with a rotation of at most 3.14 degrees (the code passes [-pi, pi] to
 torchvision's RandomRotation, which reads degrees; ours fills the few corner pixels by reflection
 where torchvision fills them black). Also converts the authors' checkpoints:
-python -m jattn.models.weights --source reference --config configs/reference.py --pth X.pth --out DIR
+python -m jattn.models.weights --source reference --config configs/reference.py --pth X.pth --out
+DIR
 """
 
 import math

@@ -1,5 +1,6 @@
-"""jattn.perf.benchmark's arithmetic and command line, and experiments/gpu_check.sh run end to end at a
-tiny size on CPU (so the GPU script cannot rot). No figure is asserted: speed is only printed."""
+"""jattn.perf.benchmark's arithmetic and command line, and experiments/gpu_check.sh run end to end
+at a tiny size on CPU (so the GPU script cannot rot). No figure is asserted: speed is only
+printed."""
 
 from __future__ import annotations
 

@@ -156,16 +156,17 @@ def test_a_run_that_has_not_finished_is_one_line(trained_run, other_tree, tmp_pa
   shutil.copytree(trained_run, run)
   os.remove(run / "results.json")
   before = snapshot(run)
-  one_line_error(lambda: external_cli.main(["--workdir", str(run), f"--config.data_dir={other_tree}"]),
-                 capsys, "jattn validate-external", r"has not finished \(no results.json\): external "
-                                           r"validation scores a finished run")
+  one_line_error(lambda: external_cli.main(["--workdir", str(run),
+                                            f"--config.data_dir={other_tree}"]),
+                 capsys, "jattn validate-external",
+                 r"has not finished \(no results.json\): external validation scores a finished run")
   assert snapshot(run) == before
 
 
 def test_a_field_of_the_model_cannot_be_overridden(trained_run, capsys):
   one_line_error(lambda: external_cli.main(["--workdir", trained_run, "--config.image_size=64"]),
-                 capsys, "jattn validate-external", r"--config.image_size: the run's image_size is what "
-                                           r"its model was trained with")
+                 capsys, "jattn validate-external",
+                 r"--config.image_size: the run's image_size is what its model was trained with")
 
 
 def write_manifest(path, rows, header="path,label,group,magnification") -> str:
@@ -227,8 +228,8 @@ def test_a_bad_manifest_row_is_one_line_and_writes_nothing(trained_run, other_tr
   row = [v.format(first=first, second=second) for v in row]
   manifest = write_manifest(tmp_path / "bad.csv", [[first, "benign", "g0", "40X"], row])
   out = tmp_path / "pred.csv"
-  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--manifest", manifest, "--out",
-                                       str(out)]),
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--manifest", manifest,
+                                           "--out", str(out)]),
                  capsys, "jattn predict", rf"--manifest {manifest}, {message}")
   assert not out.exists()
 

@@ -533,7 +533,8 @@ def test_convert_refuses_text_and_code_carrying_pickles_in_one_line(tmp_path, ca
 
   evil = tmp_path / "evil.pth"
   torch.save({"x": Payload()}, evil)
-  err = one_line_error(lambda: convert_cli.main([*args, "--pth", str(evil)]), capsys, "jattn convert",
+  err = one_line_error(lambda: convert_cli.main([*args, "--pth", str(evil)]), capsys,
+                       "jattn convert",
                        rf"{evil}: refused, because unpickling it would run code \(it calls "
                        r"\w+\.system\).*convert only checkpoints from a trusted source")
   assert "weights_only" not in err
@@ -572,8 +573,8 @@ def test_an_empty_or_unknown_image_is_named_once(trained_run, tmp_path, capsys):
   text.write_text("not an image")
   assert str(text) not in scan.check_image(str(text))
   for path in (empty, text):
-    err = one_line_error(lambda p=path: predict_cli.main(["--workdir", trained_run, str(p)]), capsys,
-                         "jattn predict", rf"{path}: cannot decode it")
+    err = one_line_error(lambda p=path: predict_cli.main(["--workdir", trained_run, str(p)]),
+                         capsys, "jattn predict", rf"{path}: cannot decode it")
     assert err.count(str(path)) == 1 and "BytesIO" not in err
     err = one_line_error(
         lambda p=path: inspect_cli.main(["--workdir", trained_run, "--out", str(tmp_path / "o"),

@@ -72,8 +72,9 @@ def test_inspect_writes_one_figure_per_image_when_names_clash(trained_run, synth
   out.mkdir()
   (out / "notes.txt").write_text("kept")
   run_before = snapshot(trained_run)
-  inspect_cli.main(["--workdir", trained_run, "--out", str(out), str(tmp_path / "a" / "x" / "one.png"),
-                str(tmp_path / "b" / "x" / "one.png"), str(tmp_path / "c")])
+  inspect_cli.main(["--workdir", trained_run, "--out", str(out),
+                    str(tmp_path / "a" / "x" / "one.png"), str(tmp_path / "b" / "x" / "one.png"),
+                    str(tmp_path / "c")])
   printed = capsys.readouterr().out.split()
   expected = ["a_x_one_attention.png", "b_x_one_attention.png", "two_attention.png"]
   assert printed == [str(out / name) for name in expected]
@@ -149,8 +150,9 @@ def test_out_naming_a_folder_is_one_line(trained_run, synthetic_tree, tmp_path, 
   (tmp_path / "results").mkdir()
   (tmp_path / "results" / "old.csv").write_text("kept")
   before = snapshot(tmp_path)
-  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--out", str(tmp_path / "results"),
-                                       some_images(synthetic_tree[0], 1)[0]]), capsys,
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--out",
+                                           str(tmp_path / "results"),
+                                           some_images(synthetic_tree[0], 1)[0]]), capsys,
                  "jattn predict", rf"--out {tmp_path / 'results'} is a folder: give the CSV file")
   assert snapshot(tmp_path) == before
 
@@ -180,8 +182,8 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
   assert all(0 <= float(r["prob_malignant"]) <= 1 for r in rows)
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "sub" / "Thumbs.db").write_bytes(b"\0")
-  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, str(tmp_path / "empty")]), capsys,
-                 "jattn predict", r"empty: a folder without image files \(.png, .jpg")
+  one_line_error(lambda: predict_cli.main(["--workdir", trained_run, str(tmp_path / "empty")]),
+                 capsys, "jattn predict", r"empty: a folder without image files \(.png, .jpg")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -372,6 +372,7 @@ def test_a_process_count_unlike_the_coordinators_is_one_line(tmp_path):
     procs[0].kill()
     procs[0].wait()
   assert procs[1].returncode == 2 and err.count("\n") == 1, err
-  assert err == (f"jattn train: error: JAX_NUM_PROCESSES=3, but the coordinator at 127.0.0.1:{port} "
-                 f"runs 2 processes; start every process with the same JAX_NUM_PROCESSES\n")
+  assert err == (f"jattn train: error: JAX_NUM_PROCESSES=3, but the coordinator at "
+                 f"127.0.0.1:{port} runs 2 processes; start every process with the same "
+                 f"JAX_NUM_PROCESSES\n")
   assert not (tmp_path / "w").exists()

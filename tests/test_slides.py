@@ -1,6 +1,6 @@
-"""Whole-slide inference (jattn.cli.slide, jattn.slides) on a generated pyramid of known layout, small
-generated slides and a real Aperio slide, with the shared tiny demo run (a run of all four
-BreakHis magnifications, hence --magnification).
+"""Whole-slide inference (jattn.cli.slide, jattn.slides) on a generated pyramid of known layout,
+small generated slides and a real Aperio slide, with the shared tiny demo run (a run of all four
+BreakHis magnifications, hence --stratum, or its BreakHis alias --magnification).
 
 Independent computations: OpenSlide cutting each tile's region for `predict`, the level and tile
 size from the MPPs by hand, scikit-learn's figures of hand-computed slide scores.
@@ -186,8 +186,8 @@ def test_geojson_is_one_qupath_detection_per_tile(pyramid_out):
 def test_level_and_tile_size_follow_the_training_scale(pyramid, trained_run):
   """100X (0.197 um/px) on level 0's 0.2: 1.5% coarser, within the tolerance, so level 0
   resampled; 200X (0.0985) needs twice level 0's resolution: refused (below)."""
-  run = pipeline.load_run(trained_run, pipeline.Options(magnification="100X"))
-  plan = pipeline.plan_slide(run, pyramid, "p", pipeline.Options(magnification="100X"))
+  run = pipeline.load_run(trained_run, pipeline.Options(stratum="100X"))
+  plan = pipeline.plan_slide(run, pyramid, "p", pipeline.Options(stratum="100X"))
   assert plan.scale.level == 0
   assert plan.scale.read_px == (round(700 * 0.197 / MPP0), round(460 * 0.197 / MPP0))
   assert plan.scale.tile_px == plan.scale.read_px
@@ -223,7 +223,7 @@ def test_tile_fractions_equal_a_direct_count():
 # Small generated slides: a cohort, an unreadable region, a kill during writing.
 
 SMALL = (1024, 768)  # (w, h) at --mpp 0.5 with --tile-um 128: 4 x 3 tiles of 256 px
-SMALL_OPTIONS = ["--mpp", "0.5", "--tile-um", "128", "--magnification", "40X", "--top-k", "1",
+SMALL_OPTIONS = ["--mpp", "0.5", "--tile-um", "128", "--stratum", "40X", "--top-k", "1",
                  "--bootstrap-resamples", "200"]
 
 
@@ -394,7 +394,7 @@ def test_one_line_failures_write_nothing(pyramid, small_slides, trained_run, tmp
   _one_line(capsys, [*run, str(tmp_path / "gone.svs"), "--magnification", "40X"],
             r"gone.svs: no such slide file")
   _one_line(capsys, [*run, pyramid], r"was trained on 4 magnifications at different scales .*"
-                                     r"--magnification")
+                                     r"--stratum")
   _one_line(capsys, [*run, pyramid, "--magnification", "200X"],
             r"pyramid.tif: the 200X field .* needs 0.0985 um per pixel, but the slide's finest "
             r"level \(level 0\) has 0.2 um per pixel, 2.03x coarser, beyond the 10% tolerance")
@@ -443,8 +443,8 @@ def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path
   assert field.stratum == {"axis": "magnification", "value": "100X"}
   assert field.needed_mpp == 0.197
   assert field.field_um == pytest.approx((700 * 0.197, 460 * 0.197))
-  with pytest.raises(UserError, match=r"--magnification 40X: .* was not trained on it"):
-    pipeline.load_run(one, pipeline.Options(magnification="40X"))
+  with pytest.raises(UserError, match=r"--stratum 40X: .* was not trained on it"):
+    pipeline.load_run(one, pipeline.Options(stratum="40X"))
   unscaled = run_with({"magnification": {**strata["magnification"], "mpp": {}}})
   with pytest.raises(UserError, match=r"record no microns per pixel.*--tile-um"):
     pipeline.load_run(unscaled, pipeline.Options())

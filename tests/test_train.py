@@ -157,7 +157,8 @@ def test_merge_pretrained_backbone_only():
 
 
 def test_a_fresh_state_fine_tunes_converted_weights(tmp_path):
-  """config.pretrained points at `jattn.models.weights` output: backbone from it, the rest from init."""
+  """config.pretrained points at `jattn.models.weights` output: backbone from it, the rest from
+  init."""
   from jattn.models import weights as convert
 
   config, scratch = _tiny_state()

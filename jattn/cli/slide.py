@@ -1,7 +1,7 @@
 """Predicts whole-slide images with a trained run: heatmaps, QuPath detections, slide scores.
 
   jattn slide --workdir runs/ours/fold1 SLIDE_OR_FOLDER... --out DIR \\
-      [--magnification 40X] [--mpp UM] [--tile-um W[,H]] [--min-tissue 0.5] [--stride 1] \\
+      [--stratum 40X] [--mpp UM] [--tile-um W[,H]] [--min-tissue 0.5] [--stride 1] \\
       [--tissue saturation|od] [--tta none|dihedral] [--top-k 8] [--batch-size 32] \\
       [--threads N] [--labels slides.csv [--score mean] [--threshold 0.5] \\
       [--bootstrap-resamples 1000] [--bootstrap-seed 0]] [--overwrite] [--benchmark]
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="a finished run's work dir")
   parser.add_argument("--out", required=True, help="folder for the results (one folder per slide)")
-  parser.add_argument("--magnification", "--stratum", dest="magnification",
-                      help="the stratum (BreakHis: the magnification) whose scale tiles are read "
-                           "at; required for a run trained on several")
+  parser.add_argument("--stratum", "--magnification", dest="stratum",
+                      help="the stratum whose scale tiles are read at (--magnification is its "
+                           "BreakHis alias); required for a run trained on strata at several "
+                           "scales")
   parser.add_argument("--mpp", type=float, help="the slide's microns per pixel at level 0, "
                       "overriding its metadata (needed when it has none)")
   parser.add_argument("--tile-um", type=_field, help="the field a tile covers, W,H in um "
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   with exit_on_user_error(PROG):
     options = pipeline.Options(
-        magnification=args.magnification, mpp=args.mpp, tile_um=args.tile_um,
+        stratum=args.stratum, mpp=args.mpp, tile_um=args.tile_um,
         min_tissue=args.min_tissue, stride=args.stride, tissue=args.tissue, tta=args.tta,
         top_k=args.top_k, batch_size=args.batch_size, threads=args.threads,
         overwrite=args.overwrite)

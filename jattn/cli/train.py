@@ -9,10 +9,10 @@ work dir (--workdir with {fold}). Launched as several processes (SLURM, Open MPI
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), the processes train one run
 together over all their devices.
 
-This file is intentionally kept short: the logic is in `jattn.training.train`, importable in a notebook.
-Without --config it runs the built-in demo (configs/demo.py: a synthetic BreakHis-format data set,
-nothing to download). Running the same command again resumes from the latest checkpoint; a run
-that has finished prints its results and stops.
+This file is intentionally kept short: the logic is in `jattn.training.train`, importable in a
+notebook. Without --config it runs the built-in demo (configs/demo.py: a synthetic BreakHis-format
+data set, nothing to download). Running the same command again resumes from the latest checkpoint; a
+run that has finished prints its results and stops.
 """
 
 from __future__ import annotations

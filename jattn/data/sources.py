@@ -19,11 +19,11 @@ provides:
                                   MPP, the field a slide tile covers (jattn.slides), or absent
 
 `load_all` is the fold-free mode that external validation (`jattn validate-external`,
-`jattn.inference.external`) scores a finished run with: the data set prepared as `load_fold` prepares it
-(same cache, at `config.image_size`), as one `FoldData` whose `test_indices` are every image the
-config selects (sorted), `train_indices` empty, `fold` 0, `mean` and `std` NaN (no statistics are
-computed: the run brings its own), `folds_source` saying that no folds were used, and nothing
-about folds read, generated or written. A source without it cannot be used for external
+`jattn.inference.external`) scores a finished run with: the data set prepared as `load_fold`
+prepares it (same cache, at `config.image_size`), as one `FoldData` whose `test_indices` are every
+image the config selects (sorted), `train_indices` empty, `fold` 0, `mean` and `std` NaN (no
+statistics are computed: the run brings its own), `folds_source` saying that no folds were used, and
+nothing about folds read, generated or written. A source without it cannot be used for external
 validation (one line says so).
 """
 

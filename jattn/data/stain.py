@@ -15,9 +15,9 @@ enough tissue, or whose two stains cannot be told apart, is left as it is.
 A run with `config.stain_norm='macenko'` fits its reference once, on its fold's training images
 (`fit_reference`: the median of their estimates), keeps it in its train state (`state.TrainState`,
 so in every checkpoint) and in results.json (`stain_normalization`);
-`jattn.training.state.normalize_stains` applies it to every image in the train step (before augmentation),
-in the eval step (before test-time flips), in `predict`, external evaluation and slides alike, in
-float32.
+`jattn.training.state.normalize_stains` applies it to every image in the train step (before
+augmentation), in the eval step (before test-time flips), in `predict`, external evaluation and
+slides alike, in float32.
 
 Vahadane et al. (2016) is not offered: its sparse non-negative factorisation is an iterative
 dictionary-learning fit per image (SPAMS, scikit-learn's `DictionaryLearning`), which does not fit

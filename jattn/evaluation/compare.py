@@ -20,8 +20,9 @@ would resample 5 values and ignore the same overlap. The same interval, over a r
 means, is the one within which the tables look for the published figure.
 
 Without `--compare`, each row is compared with the baseline row of its setting: the row that
-reproduces the data source's published baseline (`published.BASELINE`; BreakHis: the paper's
-VGG19). Writes SWEEP/compare.md and SWEEP/compare.csv (`jattn.evaluation.tables` calls `compute` and `write`).
+reproduces the data source's published baseline (`published.BASELINE`; BreakHis: the paper's VGG19).
+Writes SWEEP/compare.md and SWEEP/compare.csv (`jattn.evaluation.tables` calls `compute` and
+`write`).
 """
 
 from __future__ import annotations

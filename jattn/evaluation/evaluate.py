@@ -1,23 +1,23 @@
 """Test-set figures of a fold from per-image probabilities and the fold's description (NumPy).
 
-What is reported comes from the `FoldData` alone (`jattn.data.fold`), never from a data set's
-name: image-level figures per stratum value (BreakHis: per magnification, the paper's Table 1)
-and over all; the majority vote of each group's images per stratum value (BreakHis: a patient's
-images at one magnification, Table 2), a tie going to `tie_rule` (two classes) or to the tied class
-with the highest mean probability, then the first (more classes); the recognition rate of Spanhol
-et al. (2016), the mean over groups of the fraction of their images classified correctly.
-Group-level figures (votes, group accuracy, group ROC-AUC) are reported only when every group's
-images carry one label; otherwise they are omitted and `group_figures` says why, while the
-bootstrap still resamples groups. Two classes with a positive one (`FoldData.binary`) add
-clinical metrics with group-bootstrap 95% intervals (`jattn.evaluation.metrics`, scikit-learn); more classes
-add per-class precision, recall and F1 and k x k confusion matrices.
+What is reported comes from the `FoldData` alone (`jattn.data.fold`), never from a data set's name:
+image-level figures per stratum value (BreakHis: per magnification, the paper's Table 1) and over
+all; the majority vote of each group's images per stratum value (BreakHis: a patient's images at one
+magnification, Table 2), a tie going to `tie_rule` (two classes) or to the tied class with the
+highest mean probability, then the first (more classes); the recognition rate of Spanhol et al.
+(2016), the mean over groups of the fraction of their images classified correctly. Group-level
+figures (votes, group accuracy, group ROC-AUC) are reported only when every group's images carry one
+label; otherwise they are omitted and `group_figures` says why, while the bootstrap still resamples
+groups. Two classes with a positive one (`FoldData.binary`) add clinical metrics with
+group-bootstrap 95% intervals (`jattn.evaluation.metrics`, scikit-learn); more classes add per-class
+precision, recall and F1 and k x k confusion matrices.
 
 Every figure is computed from the probabilities passed in, so any way of producing them (one pass,
 the mean over test-time flips) is evaluated the same way. A stratum value without test images is
 absent from every per-stratum map.
 
-As a command, `jattn validate-external --workdir RUN --config.data_dir=OTHER ...` scores a
-finished run on every image of another labelled set (external validation: `jattn.inference.external`).
+As a command, `jattn validate-external --workdir RUN --config.data_dir=OTHER ...` scores a finished
+run on every image of another labelled set (external validation: `jattn.inference.external`).
 """
 
 from __future__ import annotations

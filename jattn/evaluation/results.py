@@ -1,12 +1,12 @@
 """results.json and predictions.csv of a finished run: the schema, its assembly and its reading.
 
 Schema `jattn.results/2` (this module is its one home): the evaluator's figures
-(`jattn.evaluation.evaluate.evaluate`: per-stratum maps, `clinical`, `per_class`, `group_figures`, `strata`)
-and what they are figures of: `source`, `classes`, `class_kind`, `binary` (the classes' coarse
-labels and the positive one), `group_unit`, `subclasses`, the run's `layout`, `normalization`,
-`stain_normalization`, `data`, `config`, `versions`, `train`. Runs written under schema 1
-(BreakHis only, with patient-named keys) are read as schema 2 (`read`), so old runs and sweeps
-keep printing and tabulating.
+(`jattn.evaluation.evaluate.evaluate`: per-stratum maps, `clinical`, `per_class`, `group_figures`,
+`strata`) and what they are figures of: `source`, `classes`, `class_kind`, `binary` (the classes'
+coarse labels and the positive one), `group_unit`, `subclasses`, the run's `layout`,
+`normalization`, `stain_normalization`, `data`, `config`, `versions`, `train`. Runs written under
+schema 1 (BreakHis only, with patient-named keys) are read as schema 2 (`read`), so old runs and
+sweeps keep printing and tabulating.
 """
 
 from __future__ import annotations

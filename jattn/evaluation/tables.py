@@ -2,31 +2,31 @@
 
   jattn tables sweeps/paper [--compare ours:vgg19]
 
-A sweep folder holds one training run per row, fold and seed, `SWEEP/<name>/fold<k>/` (seed 0)
-or `SWEEP/<name>/seed<s>/fold<k>/`, each finished run with its `results.json`, and usually the
-manifest `SWEEP/sweep.json` written by experiments/sweep.py (row order, expected folds, seeds and
-runs). The folder names the row; where its runs' config.name differs (a config run into a folder of
-another name), the row shows it, and all folds of a row must be runs of one config. Every cell is
-the mean and sample standard deviation over the folds that finished and have the figure; a cell
-short of folds says so (`(3/5)`: e.g. a fold without test images in that stratum), one with none
-shows `—`. With several seeds a fold's figure is the mean over its seeds, and each cell adds the
-seed-to-seed spread (the mean over folds of the standard deviation over a fold's seeds) and the
-runs behind it (`(seeds 0.8; 15/15)`); with one seed the tables are as before seeds. The columns
-are the strata the results report (BreakHis: the magnifications), the group level is the results'
-group unit (BreakHis: the patient), so nothing here knows a data set. Where the runs' data
-source has published figures (BreakHis: Wu et al., ISBI 2019), each row that reproduces a published
-row is followed by it, but only for runs of the published setting (the source's `setting`); a row of
-another setting is labelled with what differs (`ours_100X (100X)`, `demo_ours (from scratch,
-64x64, 6 epochs, width 1/16, classifier 64)`) and shown without them. A figure the tables read must
-be a fraction in [0, 1] or null (undefined): NaN or infinity in a results.json is refused by name.
-When the sweep holds binary runs with clinical metrics, Tables 4-5 give sensitivity, specificity,
-balanced accuracy, F1 and ROC-AUC at image and group level; when it holds runs of more than two
-classes (BreakHis' subtype task), Table 6 gives their balanced accuracy, macro F1 and per-class F1.
-Results written before these figures existed are read as they are (their cells in the new tables
-are missing); results of schema 1 are read as schema 2 (`jattn.evaluation.results.read`).
-Writes SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png, and the paired comparisons of
-jattn.evaluation.compare (`--compare FIRST:SECOND`, else each row against its setting's baseline row),
-SWEEP/compare.md and SWEEP/compare.csv.
+A sweep folder holds one training run per row, fold and seed, `SWEEP/<name>/fold<k>/` (seed 0) or
+`SWEEP/<name>/seed<s>/fold<k>/`, each finished run with its `results.json`, and usually the manifest
+`SWEEP/sweep.json` written by experiments/sweep.py (row order, expected folds, seeds and runs). The
+folder names the row; where its runs' config.name differs (a config run into a folder of another
+name), the row shows it, and all folds of a row must be runs of one config. Every cell is the mean
+and sample standard deviation over the folds that finished and have the figure; a cell short of
+folds says so (`(3/5)`: e.g. a fold without test images in that stratum), one with none shows `—`.
+With several seeds a fold's figure is the mean over its seeds, and each cell adds the seed-to-seed
+spread (the mean over folds of the standard deviation over a fold's seeds) and the runs behind it
+(`(seeds 0.8; 15/15)`); with one seed the tables are as before seeds. The columns are the strata the
+results report (BreakHis: the magnifications), the group level is the results' group unit (BreakHis:
+the patient), so nothing here knows a data set. Where the runs' data source has published figures
+(BreakHis: Wu et al., ISBI 2019), each row that reproduces a published row is followed by it, but
+only for runs of the published setting (the source's `setting`); a row of another setting is
+labelled with what differs (`ours_100X (100X)`, `demo_ours (from scratch, 64x64, 6 epochs, width
+1/16, classifier 64)`) and shown without them. A figure the tables read must be a fraction in [0, 1]
+or null (undefined): NaN or infinity in a results.json is refused by name. When the sweep holds
+binary runs with clinical metrics, Tables 4-5 give sensitivity, specificity, balanced accuracy, F1
+and ROC-AUC at image and group level; when it holds runs of more than two classes (BreakHis' subtype
+task), Table 6 gives their balanced accuracy, macro F1 and per-class F1. Results written before
+these figures existed are read as they are (their cells in the new tables are missing); results of
+schema 1 are read as schema 2 (`jattn.evaluation.results.read`). Writes SWEEP/tables.md,
+SWEEP/tables.csv and SWEEP/tables.png, and the paired comparisons of jattn.evaluation.compare
+(`--compare FIRST:SECOND`, else each row against its setting's baseline row), SWEEP/compare.md and
+SWEEP/compare.csv.
 """
 
 from __future__ import annotations

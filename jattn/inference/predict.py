@@ -21,14 +21,14 @@ run that has not finished (no results.json) is used from its latest checkpoint, 
 saying how far it got.
 
 With --manifest (a CSV with columns `path,label`, optionally `group` and stratum columns, one row
-per image, paths relative to the CSV's folder) the images are the manifest's and each row also
-gives its `label` and whether the prediction is `correct`; the group and strata come from the
-manifest (where it has those columns; the file name otherwise), the group vote is scored
-(`<unit>_vote_correct`), and the evaluator's figures of the whole manifest (`jattn.evaluation.evaluate`, as
-for a run's test set: per stratum, per group, clinical metrics with bootstrap intervals) are
-printed on stderr as a run prints its table, and written as a results.json with --results. A
-group is only ever what the manifest or the data source's file naming says: in the ImageFolder
-convention (a folder per class) the parent folder is the class, never the group.
+per image, paths relative to the CSV's folder) the images are the manifest's and each row also gives
+its `label` and whether the prediction is `correct`; the group and strata come from the manifest
+(where it has those columns; the file name otherwise), the group vote is scored
+(`<unit>_vote_correct`), and the evaluator's figures of the whole manifest
+(`jattn.evaluation.evaluate`, as for a run's test set: per stratum, per group, clinical metrics with
+bootstrap intervals) are printed on stderr as a run prints its table, and written as a results.json
+with --results. A group is only ever what the manifest or the data source's file naming says: in the
+ImageFolder convention (a folder per class) the parent folder is the class, never the group.
 """
 
 from __future__ import annotations

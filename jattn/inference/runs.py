@@ -5,8 +5,9 @@
   probs = runs.predict_probs(state, images)    # uint8 [N, S, S, 3] -> P(class) [N, classes]
   predictor = runs.Predictor(state, 32, tta)   # the same, one batch at a time (slides)
 
-Training (`jattn.training.train`) writes a run; this module only reads one (through `jattn.training.state`), so
-tools that look at a run stand beside the training loop rather than on it.
+Training (`jattn.training.train`) writes a run; this module only reads one (through
+`jattn.training.state`), so tools that look at a run stand beside the training loop rather than on
+it.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def _sharded_eval(tta: str) -> tuple[parallel.Plan, object]:
 class Predictor:
   """A run's jitted eval step over every local device, as the test evaluation runs it.
 
-  The path of `test_evaluation.evaluate_fold`: `state.eval_step` (stain normalisation, statistics, TTA)
-  jitted by `parallel.eval_step` with the batch sharded over a `data` mesh of every device
+  The path of `test_evaluation.evaluate_fold`: `state.eval_step` (stain normalisation, statistics,
+  TTA) jitted by `parallel.eval_step` with the batch sharded over a `data` mesh of every device
   (`parallel.eval_images`), the state replicated. `predict`, `predict_probs`, external validation
   and slide inference all go through `__call__`.
   """

@@ -7,13 +7,12 @@ C-Attn and S-Attn (models/attention.py) where its config places them.
 A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what only it knows:
 
   check(model_config, image_size)   its config fields (one UserError naming the field)
-  build(model_config) -> nn.Module
-  PLACEMENT                         {its attention placement field: the paper's placement}
-  attention_sites(model_config)     [(module path, 'c_attn' | 's_attn', label)], in forward order
-  without_attention(model_config)   the same backbone without attention modules
-  ignored_fields(model_config)      model fields that change nothing it computes (jattn.training.compat)
-  is_pretrained(path) -> bool       whether a parameter path comes from ImageNet (scope 'backbone')
-  parameter_groups(params)          the rows of `jattn models`
+  build(model_config) -> nn.Module PLACEMENT                         {its attention placement field:
+  the paper's placement} attention_sites(model_config)     [(module path, 'c_attn' | 's_attn',
+  label)], in forward order without_attention(model_config)   the same backbone without attention
+  modules ignored_fields(model_config)      model fields that change nothing it computes
+  (jattn.training.compat) is_pretrained(path) -> bool       whether a parameter path comes from
+  ImageNet (scope 'backbone') parameter_groups(params)          the rows of `jattn models`
   TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
   state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
   check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)

@@ -302,8 +302,8 @@ def parameter_groups(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
   return rows + [("fc", params["fc"])]
 
 
-# torchvision's ImageNet checkpoints (under jattn.models.weights.TORCHVISION_URL); the digits after '-'
-# start the file's SHA-256. ResNet-50's is IMAGENET1K_V2 (torchvision's default for it since
+# torchvision's ImageNet checkpoints (under jattn.models.weights.TORCHVISION_URL); the digits after
+# '-' start the file's SHA-256. ResNet-50's is IMAGENET1K_V2 (torchvision's default for it since
 # 0.13); ResNet-18 has only IMAGENET1K_V1.
 TORCHVISION = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
 

@@ -11,7 +11,8 @@ Two key layouts are understood, each backbone (``jattn.models``) giving its key 
   class names are swapped relative to the paper: its ``SpatialAttention`` (conv1, conv2, conv3) is
   the paper's C-Attn (M_Q, M_K, M_V) and its ``ChannelAttention`` is the paper's S-Attn (S_Q, S_K,
   S_V). When a block has both, the code runs S-Attn first, and so do we. For a ResNet, the same
-  modules after its stages as ``jattn.perf.torch_reference.TorchResNet`` holds them (``<site>.conv1``..).
+  modules after its stages as ``jattn.perf.torch_reference.TorchResNet`` holds them
+  (``<site>.conv1``..).
 
 Conv weights go from torch's (out, in, kh, kw) to Flax's (kh, kw, in, out); linear weights are
 transposed; the first classifier layer's inputs are permuted from torch's (c, h, w) flattening to
@@ -222,8 +223,8 @@ def download_torchvision(arch: str, out: str | None = None, *, base_url: str | N
                          keep_pth: bool = False) -> str:
   """Downloads torchvision's `arch` checkpoint, checks it, converts it into `out`; returns `out`.
 
-  `out` defaults to pretrained/<arch>; the .pth goes next to it (resumable, `jattn.core.download`) and
-  is deleted after conversion unless `keep_pth` (a .pth already there is used, and kept).
+  `out` defaults to pretrained/<arch>; the .pth goes next to it (resumable, `jattn.core.download`)
+  and is deleted after conversion unless `keep_pth` (a .pth already there is used, and kept).
   """
   if arch not in TORCHVISION_FILES:
     raise UserError(f"--download {arch!r}: use one of {sorted(TORCHVISION_FILES)}")

@@ -8,17 +8,17 @@ protocol would cost here.
   jattn benchmark --steps-per-dispatch 1,8  # steps per dispatch (lax.scan)
   jattn benchmark --runs-per-device 1,2,4   # K processes on one device at once
 
-For each config, dtype, number K of parallel folds and number N of steps per dispatch it
-measures, on random weights and random uint8 images (no data set, nothing downloaded): train-step
-and eval-step throughput (images/s, the median of --windows timed windows of --steps dispatches
-after a warm-up, each ended by `jax.block_until_ready`), compile time, XLA's memory estimate of
-the compiled step and the device's peak memory (GPU memory stats; the process' peak RSS on CPU),
-model FLOPs per image from XLA's cost analysis (of the step as a GPU runs it: the CPU-only paths
-off, `jattn.perf.roofline`) and MFU against the device's peak (`roofline.DEVICES` or --peak-tflops).
-K parallel folds are K train states stacked on a leading axis, stepped by one vmapped program
+For each config, dtype, number K of parallel folds and number N of steps per dispatch it measures,
+on random weights and random uint8 images (no data set, nothing downloaded): train-step and
+eval-step throughput (images/s, the median of --windows timed windows of --steps dispatches after a
+warm-up, each ended by `jax.block_until_ready`), compile time, XLA's memory estimate of the compiled
+step and the device's peak memory (GPU memory stats; the process' peak RSS on CPU), model FLOPs per
+image from XLA's cost analysis (of the step as a GPU runs it: the CPU-only paths off,
+`jattn.perf.roofline`) and MFU against the device's peak (`roofline.DEVICES` or --peak-tflops). K
+parallel folds are K train states stacked on a leading axis, stepped by one vmapped program
 (`fold_steps`); their rate is set against K separate runs (K times the K = 1 time). N steps per
-dispatch are one `lax.scan` over N stacked batches, as `--config.steps_per_dispatch=N` trains.
-With --torch, the PyTorch transcription of the same network (jattn.perf.torch_reference) runs with the
+dispatch are one `lax.scan` over N stacked batches, as `--config.steps_per_dispatch=N` trains. With
+--torch, the PyTorch transcription of the same network (jattn.perf.torch_reference) runs with the
 same shapes in the same process, in each --torch-mode (eager; channels_last; compile:
 `torch.compile` of the channels-last model with fused Adam), with bfloat16 autocast when the row's
 dtype is bfloat16; every peer's timed windows are interleaved with JAX's so that load from other

@@ -61,8 +61,8 @@ def measure(args, timeout_s: float = 1800.0) -> list[dict]:
   for k in args.runs_per_device:
     with tempfile.TemporaryDirectory(prefix="jattn-runs-per-device-") as folder:
       procs = [subprocess.Popen(
-          [sys.executable, "-m", "jattn.perf.runs_per_device", "--barrier", folder, "--index", str(i),
-           "--processes", str(k), *_child_args(args)],
+          [sys.executable, "-m", "jattn.perf.runs_per_device", "--barrier", folder,
+           "--index", str(i), "--processes", str(k), *_child_args(args)],
           env=environment(k), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for i in range(k)]
       print(f"[runs per device] {k} process(es) ...", file=sys.stderr, flush=True)

@@ -1,15 +1,15 @@
-"""Whole-slide inference: a trained run over whole-slide images (the command: `jattn.cli.slide`).
+"""Whole-slide inference: a trained run over whole-slide images (the command: `jattn slide`).
 
   from jattn import slides
   result = slides.run_cohort("runs/ours/fold1", ["slides/"], "slides_out",
-                             slides.Options(magnification="40X"))
+                             slides.Options(stratum="40X"))
 
 A slide is tiled at the training images' physical field (`reader`: its MPP, the pyramid level,
 the tile size), its tissue found on the thumbnail (`tissue`), its tissue tiles streamed through
 the run's eval step (`tiler`, `pipeline`), and its results written into OUT/<slide name>/
 (`writers`): tiles.csv, heatmap.png, heatmap.npy, tiles.geojson (QuPath detections), slide.json
 and top_tiles/*.png; a cohort adds OUT/cohort.csv and, against labels, cohort_figures.json
-(`cohort`). The README's "Whole-slide inference" section describes every file and option.
+(`cohort`). docs/slides.md describes every file and option.
 """
 
 from jattn.slides.cohort import run_cohort

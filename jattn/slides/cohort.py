@@ -1,13 +1,14 @@
 """A cohort of slides through one run, slide after slide, and slide-level figures against labels.
 
 Every slide is opened and scaled before the first is predicted (`pipeline.plan_slide`), so a bad
-file stops the cohort in one line before any work. A slide whose results are already in OUT (from
-an earlier, perhaps killed, run of the same command) is skipped; `OUT/cohort.csv` lists every
-slide's scores. With labels (a CSV with columns `slide,label`; the slide by its output name, file
-name or path, the label one of the run's coarse labels or 1/0 for positive/negative),
+file stops the cohort in one line before any work. A slide whose results are already in OUT (from an
+earlier, perhaps killed, run of the same command) is skipped; `OUT/cohort.csv` lists every slide's
+scores. With labels (a CSV with columns `slide,label`; the slide by its output name, file name or
+path, the label one of the run's coarse labels or 1/0 for positive/negative),
 `OUT/cohort_figures.json` holds the slide-level ROC-AUC of a slide score and the sensitivity and
 specificity of calling a slide positive when its score is at least a threshold, with 95% intervals
-from a bootstrap over slides stratified by label (`jattn.evaluation.metrics`, scikit-learn's figures).
+from a bootstrap over slides stratified by label (`jattn.evaluation.metrics`, scikit-learn's
+figures).
 """
 
 from __future__ import annotations

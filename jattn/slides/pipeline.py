@@ -4,8 +4,8 @@
   plan = pipeline.plan_slide(run, path, name, options)  # the slide opened: MPP, level, tile size
   record = pipeline.predict_slide(run, plan, out, options)  # OUT/<name>/; returns its slide.json
 
-Everything that can be refused (a run that is not finished, a mixed-magnification run without
---magnification, a file that is not a slide, no MPP, a field finer than level 0) is refused by
+Everything that can be refused (a run that is not finished, a run of strata at several scales
+without --stratum, a file that is not a slide, no MPP, a field finer than level 0) is refused by
 `load_run` and `plan_slide`, which read no pixels, before any slide is predicted or any file is
 written. Tiles go through the run's eval step sharded over the local devices (`runs.Predictor`, the
 path of the training's test evaluation and of `predict`), which applies the run's stain
@@ -49,7 +49,7 @@ DEFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
 class Options:
   """How slides are tiled and predicted (the command's options; `check` refuses bad values)."""
 
-  magnification: str | None = None  # the strata value whose scale to use (--magnification)
+  stratum: str | None = None  # the strata value whose scale to use (--stratum)
   mpp: float | None = None  # overrides the slide's level-0 um per pixel
   tile_um: tuple[float, float] | None = None  # overrides the field (width, height), um
   min_tissue: float = 0.5
@@ -83,7 +83,7 @@ class Options:
 
   def settings(self) -> dict:
     """What decides a slide's results (a finished slide is reused only under the same)."""
-    return {"magnification": self.magnification, "mpp": self.mpp,
+    return {"stratum": self.stratum, "mpp": self.mpp,
             "tile_um": list(self.tile_um) if self.tile_um else None,
             "min_tissue": self.min_tissue, "stride": self.stride, "tissue": self.tissue,
             "tta": self.tta, "top_k": self.top_k}
@@ -113,7 +113,7 @@ def training_field(workdir: str, config, figures: dict, options: Options) -> Fie
   """The field of one training image: the source's image size (`FIELD_PIXELS`) at the MPP that
   results.json records for the chosen stratum (`strata.<axis>.mpp`), or `--tile-um`."""
   with_mpp = {axis: s for axis, s in (figures.get("strata") or {}).items() if s.get("mpp")}
-  value = options.magnification
+  value = options.stratum
   training_mpp, stratum, mpp_source = None, None, "none recorded"
   if with_mpp:
     axis, s = next(iter(with_mpp.items()))
@@ -123,14 +123,14 @@ def training_field(workdir: str, config, figures: dict, options: Options) -> Fie
         scales = ", ".join(f"{v}: {s['mpp'][v]:g} um/px" for v in selected)
         raise UserError(
             f"{workdir} was trained on {len(selected)} {axis}s at different scales ({scales}): "
-            f"choose the scale tiles are read at with --magnification, e.g. --magnification "
+            f"choose the scale tiles are read at with --stratum, e.g. --stratum "
             f"{selected[0]}")
       value = selected[0] if selected else None
     elif value not in s["values"]:
-      raise UserError(f"--magnification {value}: not a {axis} of this run's data; use one of "
+      raise UserError(f"--stratum {value}: not a {axis} of this run's data; use one of "
                       f"{', '.join(selected)}")
     elif value not in selected:
-      raise UserError(f"--magnification {value}: {workdir} was not trained on it (its {axis}s: "
+      raise UserError(f"--stratum {value}: {workdir} was not trained on it (its {axis}s: "
                       f"{', '.join(selected)}); use one of those, or a run trained on {value}")
     if value is not None:
       training_mpp = float(s["mpp"][value])
@@ -138,7 +138,7 @@ def training_field(workdir: str, config, figures: dict, options: Options) -> Fie
       mpp_source = (f"results.json strata.{axis}.mpp[{value}]"
                     + (f" ({s['mpp_note']})" if s.get("mpp_note") else ""))
   elif value is not None:
-    raise UserError(f"--magnification {value}: {workdir}'s results record no strata with a scale "
+    raise UserError(f"--stratum {value}: {workdir}'s results record no strata with a scale "
                     f"(microns per pixel); leave it out and give the field with --tile-um W,H")
   source = sources.of(config)
   field_px = getattr(source, "FIELD_PIXELS", None)
@@ -252,8 +252,10 @@ def finished(out: str, plan: Plan, run: Run, options: Options) -> dict | None:
                     f"use another --out")
   record = files.read_json(path, f"remove {target} to predict the slide again")
   want = {"run": run.workdir, "slide": os.path.abspath(plan.path), **options.settings()}
-  have = {"run": record.get("run", {}).get("workdir"), "slide": record.get("slide"),
-          **record.get("settings", {})}
+  settings = dict(record.get("settings", {}))
+  if "magnification" in settings:  # slide.json written before the option's generic name
+    settings["stratum"] = settings.pop("magnification")
+  have = {"run": record.get("run", {}).get("workdir"), "slide": record.get("slide"), **settings}
   changed = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
   if changed and not options.overwrite:
     raise UserError(f"{target} holds results of another setting ({'; '.join(changed)}); pass "

@@ -157,7 +157,7 @@ def choose_scale(slide: openslide.OpenSlide, path: str, mpp: SlideMpp,
         f"{path}: {what} needs {needed_mpp:g} um per pixel, but the slide's finest level (level "
         f"0) has {finest:g} um per pixel, {finest / needed_mpp:.2f}x coarser, beyond the "
         f"{TOLERANCE:.0%} tolerance (upsampling would invent the detail the model was trained "
-        f"on); use a run of a lower magnification (or --magnification with a coarser one), or a "
+        f"on); use a run of a coarser stratum (or --stratum with a coarser one), or a "
         f"finer scan")
   level = 0
   for k, d in enumerate(slide.level_downsamples):

@@ -181,8 +181,7 @@ def submit_and_wait(out: str, tasks: list[dict], make_executor: Callable[[str], 
         f"id>/, linked from each run's work dir as 'submitit'", flush=True)
   by_job = {job.job_id: task for job, task in zip(jobs, tasks, strict=True)}
   later = (f"the jobs keep running (squeue --me). Run the same command when they have ended to "
-           f"resubmit what did not finish, or `{sys.executable} -m jattn.evaluation.tables {out}` for the "
-           f"tables so far.")
+           f"resubmit what did not finish, or `jattn tables {out}` for the tables so far.")
   try:
     for job in _as_completed(jobs, ids, later):
       try:

@@ -2,8 +2,8 @@
 normalisation, then the fold's channel statistics), the evaluation step, a fresh state from a
 config (ImageNet weights merged) and its abstract shape.
 
-Training (`jattn.training.train`), reading a run (`jattn.inference.runs`), `predict`, `inspect` and slide inference
-import this, never the training loop.
+Training (`jattn.training.train`), reading a run (`jattn.inference.runs`), `predict`, `inspect` and
+slide inference import this, never the training loop.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ class TrainState(train_state.TrainState):
 
 def normalize_stains(state: TrainState, images: jax.Array) -> jax.Array:
   """Images [B, H, W, 3] (0-255) normalised to the run's stain reference, per image, in float32
-  (Macenko: `jattn.data.stain.normalize`); returned as they are when the run has none. The train step
-  applies it before augmentation, the eval step before test-time flips: every image a model sees
-  has been through it."""
+  (Macenko: `jattn.data.stain.normalize`); returned as they are when the run has none. The train
+  step applies it before augmentation, the eval step before test-time flips: every image a model
+  sees has been through it."""
   if state.stain_matrix is None:
     return images
   return stain.normalize(images, state.stain_matrix, state.stain_max)
@@ -109,8 +109,8 @@ def warn_if_from_scratch(config: ml_collections.ConfigDict) -> None:
 def make_state(config, model, variables, image_mean, image_std, steps_per_epoch,
                stain_reference=None) -> TrainState:
   """A TrainState of `variables` with the config's optimiser and the fold's image statistics (and
-  stain reference, `jattn.data.stain.fit_reference`'s, with config.stain_norm='macenko'; without one, a
-  placeholder of its shapes: for abstract shapes and benchmarks, never for training)."""
+  stain reference, `jattn.data.stain.fit_reference`'s, with config.stain_norm='macenko'; without
+  one, a placeholder of its shapes: for abstract shapes and benchmarks, never for training)."""
   wants = config.get("stain_norm", "none") != "none"
   if not wants and stain_reference is not None:
     raise ValueError("a stain reference for a config with stain_norm='none'")

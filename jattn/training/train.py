@@ -2,14 +2,15 @@
 
 `train_step` (here) and `state.eval_step` are pure functions of their arguments (no Python side
 effects), run under `jax.jit`; everything with side effects (data, checkpoints, logs, the progress
-bar) lives in `train_and_evaluate`, the one function that runs a fold from start (or from its
-latest checkpoint) to `results.json`. The train state is `jattn.training.state`'s, the optimiser
-`jattn.training.optim`'s, the config checks `jattn.training.validate`'s, the figures `jattn.evaluation.evaluate`'s and the
-results' form `jattn.evaluation.results`'. How the steps are mapped over several folds and sharded over
-devices and processes is decided by `jattn.training.parallel`; the loop reads the same for one fold on one
-CPU and five folds on eight GPUs. With `config.steps_per_dispatch` N > 1 it hands the devices N
-steps at a time (one `lax.scan` over N stacked batches), cut to single steps where an epoch end or a
-checkpoint falls inside N: every step is still logged, checked and checkpointed where it was.
+bar) lives in `train_and_evaluate`, the one function that runs a fold from start (or from its latest
+checkpoint) to `results.json`. The train state is `jattn.training.state`'s, the optimiser
+`jattn.training.optim`'s, the config checks `jattn.training.validate`'s, the figures
+`jattn.evaluation.evaluate`'s and the results' form `jattn.evaluation.results`'. How the steps are
+mapped over several folds and sharded over devices and processes is decided by
+`jattn.training.parallel`; the loop reads the same for one fold on one CPU and five folds on eight
+GPUs. With `config.steps_per_dispatch` N > 1 it hands the devices N steps at a time (one `lax.scan`
+over N stacked batches), cut to single steps where an epoch end or a checkpoint falls inside N:
+every step is still logged, checked and checkpointed where it was.
 
 The recipe is section 3 of the paper and the authors' code: softmax cross-entropy; Adam with
 learning rate 5e-5 and an L2 weight decay of 1e-4 added to the gradient before the moments, as
@@ -102,11 +103,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   With `config.parallel_folds` K > 1, folds fold..fold+K-1 are trained in one program, each into
   `workdir` with `{fold}` replaced by its number, with the steps of K separate runs (summed in
   another order: equally valid runs, not bit-identical ones); the result is then the list of their
-  results. How the step runs (vmapped over folds, sharded over the devices of
-  every process) is `jattn.training.parallel`'s business; this loop reads the same either way. Every work
-  dir is locked for the whole run: a second run started on one of them is refused. Nothing is
-  written into a work dir before every check that can fail has passed (the config, the weights,
-  the data): a failed start leaves a new work dir absent and an existing one as it was.
+  results. How the step runs (vmapped over folds, sharded over the devices of every process) is
+  `jattn.training.parallel`'s business; this loop reads the same either way. Every work dir is
+  locked for the whole run: a second run started on one of them is refused. Nothing is written into
+  a work dir before every check that can fail has passed (the config, the weights, the data): a
+  failed start leaves a new work dir absent and an existing one as it was.
   """
   validate.validate_config(config)
   fold_dirs = workdirs.fold_workdirs(config, workdir)
@@ -149,8 +150,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
     fold.data = data.load_fold(fold.config)
     fold.steps_per_epoch = data.steps_per_epoch(fold.data, config.batch_size)
     if fold.steps_per_epoch == 0:
-      raise UserError(f"fold {fold.config.fold} has {len(fold.data.train_indices)} training images, "
-                      f"fewer than one batch of --config.batch_size={config.batch_size}")
+      raise UserError(f"fold {fold.config.fold} has {len(fold.data.train_indices)} training "
+                      f"images, fewer than one batch of --config.batch_size={config.batch_size}")
     fold.total_steps = fold.steps_per_epoch * config.num_epochs
     # The fold's stain reference, from its training images (a finished fold's state is never
     # stepped: make_state gives it a placeholder).
@@ -168,8 +169,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
   dtype = models.resolve_dtype(config.model.dtype)
   states = []
   for k, fold in enumerate(folds):
-    state = parallel.place(plan, state_lib.make_state(fold.config, model, variables, fold.data.mean,
-                                                      fold.data.std, fold.steps_per_epoch, fold.stain))
+    state = parallel.place(plan, state_lib.make_state(
+        fold.config, model, variables, fold.data.mean, fold.data.std, fold.steps_per_epoch,
+        fold.stain))
     if fold.results is None:
       fold.manager = checkpoints.manager(fold.workdir, config.keep_checkpoints)
       restored = checkpoints.restore_latest(fold.manager, state)
@@ -206,7 +208,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
         if fold.results is None:
           stack.enter_context(log_windows.open_logs(fold, is_main))
           fold.window_start, fold.window_done = time.time(), fold.step
-      for batch, active, size in dispatch.prefetch(dispatch.dispatches(plan, folds, config, per_dispatch)):
+      batches = dispatch.prefetch(dispatch.dispatches(plan, folds, config, per_dispatch))
+      for batch, active, size in batches:
         state, metrics = step_fn(state, batch, train_rng, active)
         bar.update(size)
         for i in range(size):
@@ -225,7 +228,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
     if fold.results is not None:
       continue
     fold_state = parallel.unstack(plan, state, k)
-    fold.results, rows = test_evaluation.evaluate_fold(fold.config, fold_state, fold.data, plan, p_eval)
+    fold.results, rows = test_evaluation.evaluate_fold(fold.config, fold_state, fold.data, plan,
+                                                       p_eval)
     fold.results["train"] = {"epochs": config.num_epochs, "steps": fold.step,
                           "steps_per_epoch": fold.steps_per_epoch,
                           "wall_time_this_session_s": round(time.time() - started, 1)}
@@ -242,8 +246,8 @@ def _sync(name: str) -> None:
   parallel.sync(name)
 
 
-def _after_step(fold: FoldRun, k: int, plan, state, metrics, is_main: bool, index: int | None = None,
-                left: int = 0) -> None:
+def _after_step(fold: FoldRun, k: int, plan, state, metrics, is_main: bool,
+                index: int | None = None, left: int = 0) -> None:
   """Logs, checks and checkpoints `fold` (the plan's k-th) after one of its steps: the
   `index`-th of a dispatch of several (None: a dispatch of one step), `left` steps before the
   dispatch's end (`state` is the state at that end)."""
@@ -263,8 +267,9 @@ def _after_step(fold: FoldRun, k: int, plan, state, metrics, is_main: bool, inde
     fold.epoch_windows.append(summary)
     if fold.print_windows and fold.step % config.log_every_steps == 0:
       where = f"fold {config.fold}, " if plan.num_folds > 1 else ""
-      print(f"{where}step {fold.step}/{fold.total_steps}: training loss {summary['loss']:.4f}, training "
-            f"accuracy {summary['accuracy']:.3f}, {summary['images_per_second']:.0f} images/s",
+      print(f"{where}step {fold.step}/{fold.total_steps}: training loss {summary['loss']:.4f}, "
+            f"training accuracy {summary['accuracy']:.3f}, "
+            f"{summary['images_per_second']:.0f} images/s",
             flush=True)
     if is_main:
       fold.metrics_file.write(json.dumps(summary) + "\n")

@@ -3,13 +3,14 @@
   jattn data download --data-dir data      # or config.download=True in a run
 
 The archive comes from `naming.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
-`jattn.core.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which checks
-every member and the layout before anything is renamed into place; an archive it refuses is deleted
-and leaves no trace. Its publishers give no checksum, so the SHA-256 of the first download that
-unpacked as BreakHis is recorded in `<data_dir>/downloads.json`, and a later download into the same
-data dir (after the tree was deleted, or on another machine with the file copied along) must match
-it (`forget_checksum=True`, `download --forget-checksum`, drops the record first). The archive is
-then deleted unless asked to keep it. A data dir that already holds BreaKHis_v1 is left untouched.
+`jattn.core.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which
+checks every member and the layout before anything is renamed into place; an archive it refuses is
+deleted and leaves no trace. Its publishers give no checksum, so the SHA-256 of the first download
+that unpacked as BreakHis is recorded in `<data_dir>/downloads.json`, and a later download into the
+same data dir (after the tree was deleted, or on another machine with the file copied along) must
+match it (`forget_checksum=True`, `download --forget-checksum`, drops the record first). The archive
+is then deleted unless asked to keep it. A data dir that already holds BreaKHis_v1 is left
+untouched.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ TABLE2: dict[str, dict[str, tuple[float, float]]] = {
 FIGURES = {"image_accuracy": TABLE1, "group_accuracy": TABLE2}
 # How the markdown tables introduce these figures.
 DESCRIPTION = "the figures published by Wu et al., ISBI 2019 (Tables 1 and 2)"
-# The published row every other row is compared with by default (jattn.evaluation.compare): the plain VGG19
-# of the paper's ablation, which each attention module is claimed to improve on.
+# The published row every other row is compared with by default (jattn.evaluation.compare): the
+# plain VGG19 of the paper's ablation, which each attention module is claimed to improve on.
 BASELINE = "VGG19"
 
 # The paper's setting (section 3; configs/default.py holds the same values) for the config fields

@@ -276,7 +276,8 @@ _V1_KEYS = {"patient_accuracy": "group_accuracy",
 
 
 def upgrade_v1(r: dict) -> dict:
-  """A schema 1 results dict in schema 2's form (`jattn.evaluation.results.read`); the figures unchanged."""
+  """A schema 1 results dict in schema 2's form (`jattn.evaluation.results.read`); the figures
+  unchanged."""
   out = {}
   for key, value in r.items():
     if key in _V1_KEYS:
