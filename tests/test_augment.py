@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.scipy import ndimage
 
-from jattn.data.augment import augment, rotate, rotate90
+from jattn.data import augment as augment_lib
+from jattn.data.augment import augment, rotate90
 
 
 def _images(shape=(16, 9, 9, 3), dtype=np.uint8, seed=0):
@@ -110,6 +111,13 @@ def test_uniform_with_zero_angle_is_exact():
   for image, result in zip(images, out, strict=True):
     _index_of(result.astype(np.uint8), [image, np.fliplr(image), np.flipud(image),
                                         np.flipud(np.fliplr(image))])
+
+
+def rotate(images, degrees):
+  """The uniform rotation path of `augment` (rotation='uniform') at given angles: bilinear,
+  counter-clockwise about the centre, reflected at the borders."""
+  degrees = jnp.broadcast_to(jnp.asarray(degrees, jnp.float32), images.shape[:1])
+  return augment_lib._bilinear_warp(images, augment_lib._rotation_matrices(degrees))
 
 
 def test_rotate_by_90_degrees_matches_rotate90():

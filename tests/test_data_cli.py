@@ -99,7 +99,7 @@ def test_synthesize_command(tmp_path):
 
 def test_describe_folds_generated_is_the_default(synthetic_tree):
   """Guards against `--folds generated` being refused although the help names it the default
-  (issue 12)."""
+ ."""
   data_dir, _ = synthetic_tree
   default = _run("describe", "--source", data_dir, "--json", "--no-image-check")
   named = _run("describe", "--source", data_dir, "--folds", "generated", "--json",
@@ -111,7 +111,7 @@ def test_describe_folds_generated_is_the_default(synthetic_tree):
 
 def test_describe_lists_missing_folds(tmp_path):
   """Guards against `describe` reporting `problems (0)` for an mkfold tree missing fold 3 and a
-  Folds.csv without fold 5, which training refuses (issue 12)."""
+  Folds.csv without fold 5, which training refuses."""
   from conftest import small_tree
 
   data_dir = small_tree(tmp_path / "data", junk=False, odd_sizes=0)

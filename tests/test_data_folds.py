@@ -243,7 +243,7 @@ def test_fold_without_training_images_or_a_class_is_refused(records):
 
 def test_missing_folds_are_problems_of_describe_and_of_their_own_runs(records):
   """Guards against `describe` reporting no problem for folds that a run of them refuses
-  (issue 12: an mkfold tree missing fold 3, a Folds.csv without fold 5)."""
+  (an mkfold tree missing fold 3, a Folds.csv without fold 5)."""
   split = {r.file_name: "train" for r in records}
   chosen = folds.Folds("x.csv", {1: split, 2: split, 4: split, 5: split})
   problems, _ = folds.check_folds(chosen, records)

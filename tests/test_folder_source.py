@@ -1,4 +1,4 @@
-"""The folder source (issue 20): one data set through two sources gives the same figures, folds of
+"""The folder source: one data set through two sources gives the same figures, folds of
 a multi-class tree with groups counted by hand, figures recomputed by hand from predictions.csv,
 and every bad input one line with nothing written."""
 

@@ -1,4 +1,4 @@
-"""Hostile and unlucky inputs (issue 12): no silently wrong data, a corrupt checkpoint falls back,
+"""Hostile and unlucky inputs: no silently wrong data, a corrupt checkpoint falls back,
 and every failure the user can fix is one line on stderr, exit status 2, no traceback, with nothing
 already written changed.
 

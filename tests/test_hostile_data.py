@@ -1,4 +1,4 @@
-"""Hostile data, downloads and preparation (issue 17): synthetic data never lands beside a user's
+"""Hostile data, downloads and preparation: synthetic data never lands beside a user's
 files, a fake archive is refused before it is kept or vouched for, a cache too large for the disk
 is refused before it is started, a preparation whose worker dies says so and reruns, and the
 messages of a redirect loop, of TFDS and of `describe` say what is true.

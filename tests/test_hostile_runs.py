@@ -1,4 +1,4 @@
-"""Hostile runs (issue 17): layouts and reproducibility, failed starts that leave nothing behind,
+"""Hostile runs: layouts and reproducibility, failed starts that leave nothing behind,
 multi-process launches that end in one line within their bound, and config values that would
 stall a run. Every refusal is one line on stderr, exit status 2, nothing already written changed.
 """

@@ -1,4 +1,4 @@
-"""Hostile and unlucky use of the tools that read runs and sweeps (issue 17): predict, inspect,
+"""Hostile and unlucky use of the tools that read runs and sweeps: predict, inspect,
 tables, the SLURM launcher and the benchmark commands. Every failure the user can fix is one line
 on stderr, exit status 2, no traceback, with nothing already written changed.
 

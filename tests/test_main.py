@@ -282,7 +282,7 @@ def test_later_fields_hold_the_defaults():
     node = defaults
     for part in key.split("."):
       node = node[part]
-    if key in compat.CHANGED_DEFAULTS:  # issue 22: new runs keep PyTorch's statistics
+    if key in compat.CHANGED_DEFAULTS:  # new runs keep PyTorch's statistics
       assert (key, node, value) == ("model.bn_unbiased_running_var", True, False)
     else:
       assert node == value, key

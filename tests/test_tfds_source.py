@@ -1,4 +1,4 @@
-"""The TFDS source (issue 20) on small builders defined here, prepared as array_record and read
+"""The TFDS source on small builders defined here, prepared as array_record and read
 back from their files alone: labels, groups, strata, splits and generated folds checked against
 what the builders generated, and the bad inputs one line."""
 

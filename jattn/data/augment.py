@@ -118,15 +118,6 @@ def rotate90(images: jax.Array, k: jax.Array | int) -> jax.Array:
   return _integer_warp(images, jnp.asarray(QUARTER_TURNS)[k])
 
 
-def rotate(images: jax.Array, degrees: jax.Array | float) -> jax.Array:
-  """Rotates [B, H, W, C] images counter-clockwise by `degrees` (scalar or [B]) about their centre.
-
-  Bilinear; points outside the image are filled by reflection. Returns float32.
-  """
-  degrees = jnp.broadcast_to(jnp.asarray(degrees, jnp.float32), images.shape[:1])
-  return _bilinear_warp(images, _rotation_matrices(degrees))
-
-
 def dihedral(images: jax.Array, i: int) -> jax.Array:
   """The i-th of the 8 flips and right-angle turns of [B, H, W, C] images (0 is the identity).
 

@@ -19,13 +19,13 @@ LATER_FIELDS = {
     "augment.contrast": 0.0, "augment.saturation": 0.0, "tta": "none",
     "bootstrap_resamples": 1000, "bootstrap_seed": 0, "model.s_attn_impl": "auto",
     "coordinator_timeout_s": 300.0, "dataset": "breakhis", "model.name": "vgg19",
-    # The folder and TFDS sources' fields and stain normalisation (issue 20).
+    # The folder and TFDS sources' fields and stain normalisation.
     "manifest": "", "classes": "", "group": "", "strata": "", "mpp": 0.0, "num_folds": 5,
     "positive_class": "", "stain_norm": "none",
-    # The ResNets' placement and batch norm's running variance as PyTorch keeps it (issue 22).
+    # The ResNets' placement and batch norm's running variance as PyTorch keeps it.
     "model.bn_unbiased_running_var": False, "model.c_attn_stages": [0, 1],
     "model.s_attn_stages": [2, 3, 4],
-    # Several training steps per dispatch (issue 24).
+    # Several training steps per dispatch.
     "steps_per_dispatch": 1,
 }
 # Later fields whose default is not what runs before them computed: a run written before one of
