@@ -1,6 +1,6 @@
 """The seams between the data sources, the evaluator and the results: results of schema 1 read
-as schema 2 with every figure unchanged, an old sweep tabulated byte for byte, the tools beside the training loop, and no BreakHis name outside
-its source.
+as schema 2 with every figure unchanged, an old sweep tabulated byte for byte, the tools beside
+the training loop, and no BreakHis name outside its source.
 
 The fixtures in tests/data were written by jattn before data sources existed (schema 1): a demo run
 of each task, the tables the old `jattn.evaluation.tables` wrote for a small sweep, and the tables
