@@ -1,22 +1,15 @@
 """XLA flags for jattn's steps on XLA's CPU backend, set in XLA_FLAGS before JAX starts.
 
-Measured side by side with PyTorch eager on 2 cores (224x224, batch 8, float32, `python -m
-jattn.perf.benchmark --torch`), jaxlib 0.10.2's CPU backend loses where its default pass
-`dot-library-rewriter` hands convolutions and dots to YNNPACK together with the work around them:
-
-- It fuses the classifier's batch-8 matrix products with block 5's max-pool into one YNNPACK
-  graph, which takes about 1 s per eval step of the paper's model against 35 ms for the same
-  products alone (the whole forward pass: 3.9 s, and 2.9 s with a classifier 64 wide).
-- Convolution weight gradients (a convolution whose "kernel" is the output gradient) run 3-5x
-  slower than PyTorch's in the first blocks (block 1, 64 channels: 0.97 s against 0.23 s).
+By default jaxlib's CPU backend, in its pass `dot-library-rewriter`, hands convolutions and dots
+to YNNPACK together with the work around them: the classifier's matrix products fused with block
+5's max-pool into one YNNPACK graph, convolution weight gradients (a convolution whose "kernel" is
+the output gradient) fused with their neighbours.
 
 `--xla_disable_hlo_passes=dot-library-rewriter` turns that pass off, and
 `--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution` sends each dot
-and each convolution to YNNPACK on its own, nothing fused into it (weight gradients: 0.37 s in
-block 1, 0.24 s in block 2, against 0.97 s and 1.36 s by default). With the element-wise max-pool
-gradient (jattn/models/pooling.py), the paper's model's train step went from 0.72x to 1.06x
-PyTorch's speed and its eval step from 0.66x to 1.08x (README, Performance). The flags touch only
-XLA's CPU compiler: GPU and TPU programs compile as before.
+and each convolution to YNNPACK on its own, nothing fused into it. What they were measured to
+change is in docs/performance.md. The flags touch only XLA's CPU compiler: GPU and TPU programs
+compile as before.
 
 A flag XLA does not know aborts the process, and these are experimental, so they are set only
 for the jaxlib versions they were measured on (TESTED_JAXLIB). A flag already in XLA_FLAGS is

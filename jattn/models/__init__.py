@@ -70,8 +70,7 @@ def resolve_dtype(dtype: str, backend: str | None = None) -> str:
 
 
 def resolve_s_attn_impl(impl: str) -> str:
-  """'auto' is the explicit einsums everywhere: measured at batch 8 (README, Performance), the
-  fused dot_product_attention is no faster on an H100 (cuDNN, bfloat16) and slower on CPU."""
+  """'auto' is the explicit einsums everywhere (why: docs/performance.md, fused S-Attn)."""
   return "explicit" if impl == "auto" else impl
 
 

@@ -3,19 +3,18 @@
 
 A convolution whose windows do not overlap (kernel = stride, no padding) is a reshape and one matrix
 product. C-Attn's query and key convs (eq. 1: 4x4, stride 4, no padding, in the paper) are such
-convolutions; on XLA's CPU backend the convolution and its gradients run several times slower than
-PyTorch's (block 1 of the paper's model, batch 8), while the same sums as a matrix product over 4x4
-patches are plain matmuls (C-Attn on block 1: 25-35% faster, forward and backward).
+convolutions; on XLA's CPU backend they are computed as that matrix product over 4x4 patches,
+forward and backward.
 
 VGG's 3x3 convolutions (stride 1, padding 1) on float32 maps of side 28 to 56 with at least 256
 input channels (blocks 3 and 4 at 224x224) are computed on CPU, in the forward pass, by Winograd's
 F(2x2, 3x3) algorithm: each 2x2 block of outputs from a 4x4 input tile with 16 products per
 channel pair instead of 36, as 16 matrix products over the tiles. The transforms only add,
-subtract and halve, so the results match lax's to float rounding (about 1e-6 relative). Measured
-on 2 cores (batch 8): 152 -> 130 ms at 56x56x256, 147 -> 103 ms at 28x28x512; slower on larger
-maps, on block 5's 14x14 and with fewer channels, where lax's stays. The gradient is lax's own
-(Winograd's was slower there). Any other convolution, and any convolution off the CPU, is lax's
-own; inside `cpu_paths.off()` (counting the program a GPU runs) every convolution is lax's.
+subtract and halve, so the results match lax's to float rounding (about 1e-6 relative). Larger
+maps, block 5's 14x14 and fewer channels keep lax's (where Winograd measured slower:
+docs/performance.md). The gradient is lax's own (Winograd's was slower there). Any other
+convolution, and any convolution off the CPU, is lax's own; inside `cpu_paths.off()` (counting
+the program a GPU runs) every convolution is lax's.
 """
 
 from __future__ import annotations
