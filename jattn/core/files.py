@@ -5,14 +5,20 @@ there runs under `locked(folder)`, and every file appears whole or not at all: i
 temporary name in the same folder and renamed into place (`os.replace` is atomic on POSIX); a full
 disk or read-only storage while writing is a one-line `UserError` naming the file. A run's work dir
 is held with `locked_or_refuse` (a second run is refused, not queued), and `read_json` turns a file
-cut short into one line.
+cut short into one line. `read_csv` is how every CSV a user gives is read (manifests, folds, slide
+labels): UTF-8 with or without a byte-order mark, blank rows skipped, and a file in another
+encoding, a workbook, a NUL byte or a field over the csv module's size limit one line naming the
+file (and line).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -103,6 +109,85 @@ def read_json(path: str, remedy: str) -> Any:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{path} is not valid JSON (truncated or damaged: {e}); {remedy}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Csv:
+  """A CSV as read by `read_csv`: its header (names stripped) and its non-blank rows."""
+
+  path: str
+  header: tuple[str, ...]
+  rows: tuple[tuple[int, tuple[str, ...]], ...]  # (line number, values as written)
+
+  def records(self):
+    """(line, {column: value}) per row; a value the row lacks is '' (extra values are dropped)."""
+    for line, values in self.rows:
+      yield line, {c: values[i] if i < len(values) else "" for i, c in enumerate(self.header)}
+
+
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-32's start with these too
+_WORKBOOK_MAGIC = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0")  # .xlsx (a zip) and the older .xls
+
+
+def read_csv(path: str, what: str = "") -> Csv:
+  """The header and rows of the CSV at `path`, read whole. UTF-8, with or without a byte-order
+  mark; a row that is empty or only commas and spaces is skipped. Anything else is one
+  `UserError` naming the file (`what`, e.g. '--labels ', comes before it) and, where there is one,
+  the line: a file that cannot be read, a spreadsheet workbook, UTF-16 or other non-UTF-8 text
+  (with the fix: save it as UTF-8), a NUL byte, or a field longer than `csv.field_size_limit()`
+  characters (131,072 unless changed: most often an unclosed quote that runs on)."""
+  where = f"{what}{path}"
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f"{where}: cannot read it ({e.strerror or e})") from None
+  save = ("save it as UTF-8 (in a spreadsheet: 'CSV UTF-8'; or `iconv -f latin1 -t utf-8`) and "
+          "run again")
+  if data.startswith(_WORKBOOK_MAGIC):
+    raise UserError(f"{where} is a spreadsheet workbook, not a CSV: save it as CSV (UTF-8)")
+  if data.startswith(_UTF16_BOMS):
+    raise UserError(f"{where} is UTF-16 text (it starts with a UTF-16 byte-order mark), not "
+                    f"UTF-8: {save}")
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise UserError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; "
+                    f"perhaps Latin-1 or Windows-1252, as spreadsheets often save): {save}"
+                    ) from None
+  if "\0" in text:
+    line = text.count("\n", 0, text.index("\0")) + 1
+    raise UserError(f"{where} line {line} holds a NUL byte: not a text CSV; save it as CSV "
+                    f"(UTF-8)")
+  reader = csv.reader(io.StringIO(text, newline=""))
+  rows = []
+  try:
+    for values in reader:
+      if any(v.strip() for v in values):
+        rows.append((reader.line_num, tuple(values)))
+  except csv.Error as e:
+    limit = csv.field_size_limit()
+    if "field limit" in str(e):
+      raise UserError(f"{where} line {reader.line_num}: a field longer than {limit:,} "
+                      f"characters, more than a CSV cell may hold here (most often an unclosed "
+                      f"quote \" that runs on over later lines): fix that row") from None
+    raise UserError(f"{where} line {reader.line_num}: not a valid CSV row ({e})") from None
+  if not rows:
+    return Csv(path, (), ())
+  (_, first), *rows = rows
+  header = tuple(c.strip().lstrip("\ufeff").strip() for c in first)
+  return Csv(path, header, tuple(rows))
+
+
+def separator_hint(header) -> str:
+  """' (...)' when a header that lacks the columns looks separated by ';' or tabs, else ''."""
+  joined = ",".join(header)
+  for sep, name in ((";", "semicolons"), ("\t", "tabs")):
+    if len(header) == 1 and sep in joined:
+      return (f" (its header looks separated by {name}: save it comma-separated, as a "
+              f"spreadsheet's 'CSV UTF-8 (comma delimited)')")
+  return ""
 
 
 def temp_name(path: str) -> str:

@@ -9,7 +9,8 @@ Two ways to say what the images are:
 - a manifest, `--config.manifest=FILE.csv`: columns `path,label`, optionally a group column
   (`group`, or the one `--config.group` names, e.g. `patient`), the stratum columns
   `--config.strata=centre,...` names and an `mpp` column (microns per pixel; else
-  `--config.mpp`). Paths are relative to the CSV's folder. The images are cached in the row order.
+  `--config.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or absolute. The
+  images are cached in the row order; the CSV is read by `files.read_csv`.
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
 (ImageFolder: class, then path; manifest: its rows) under the prepared dir's lock (`prepared_dir`
@@ -19,8 +20,9 @@ never used stale. Folds: `jattn.data.labelled`.
 
 from __future__ import annotations
 
-import csv
+import math
 import os
+import posixpath
 
 import numpy as np
 from PIL import Image
@@ -70,6 +72,23 @@ def prepared_dir(config) -> str:
     return os.path.join(prepare.default_prepared_dir(os.path.dirname(manifest)),
                         f"manifest-{os.path.basename(manifest)}")
   return os.path.join(prepare.default_prepared_dir(_data_dir(config)), "folder")
+
+
+def image_path(root: str, name: str) -> str:
+  """The file of an image name ('/'-separated, as the table holds it): relative to `root`, or an
+  absolute path as written; a '..' is resolved as written (it may leave `root`)."""
+  return os.path.normpath(os.path.join(root, *name.split("/")) if not posixpath.isabs(name)
+                          else name)
+
+
+def _not_a_file(path: str) -> str:
+  """Why `path` is no image file, as the end of a sentence that starts with it."""
+  if os.path.islink(path) and not os.path.exists(path):
+    return (f"is a symbolic link to {os.readlink(path)}, which does not exist (moved or deleted): "
+            f"restore that file or remove the link")
+  if os.path.isdir(path):
+    return "is a folder, not an image file"
+  return "does not exist" if not os.path.lexists(path) else "is not a regular file"
 
 
 def _is_image(name: str) -> bool:
@@ -135,9 +154,13 @@ def scan_folder(config) -> tuple[labelled.Table, list[int]]:
     if not images:
       raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                       f"put its images in it, or remove it")
+    for p in images:
+      full = image_path(data_dir, f"{name}/{p}")
+      if not os.path.isfile(full):
+        raise UserError(f"{full} in class folder {folder} {_not_a_file(full)}")
     names += [f"{name}/{p}" for p in images]
     labels += [c] * len(images)
-  sizes = [os.path.getsize(os.path.join(data_dir, *n.split("/"))) for n in names]
+  sizes = [os.path.getsize(image_path(data_dir, n)) for n in names]
   mpp = _mpp(config)
   table = labelled.Table(
       names=tuple(names), labels=np.asarray(labels, np.int32), classes=classes,
@@ -165,63 +188,60 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
   strata = labelled.names_of(config.get("strata", ""))
   requested = labelled.names_of(config.get("classes", ""))
   default_mpp = _mpp(config)
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    header = [c.strip() for c in reader.fieldnames or []]
-    reader.fieldnames = header
-    named = {**({group_column: "--config.group"} if config.get("group", "") else {}),
-             **dict.fromkeys(strata, "--config.strata")}
-    missing = [c for c in [*COLUMNS, *named] if c not in header]
-    if missing:
-      by = f" (named by {named[missing[0]]})" if missing[0] in named else ""
-      raise UserError(f"{path} has no column {missing[0]!r}{by}: its columns are "
-                      f"{','.join(header) or 'none'}; a manifest has the columns "
-                      f"{','.join(COLUMNS)}, optionally a group, strata and mpp")
-    has_group = group_column in header
-    names, labels, groups, sizes, mpps, first = [], [], [], [], [], {}
-    axes = {s: [] for s in strata}
-    for row in reader:
-      line = reader.line_num
-      name = labelled.normalise_path(row["path"] or "")
-      if not name:
-        raise UserError(f"{path} line {line}: empty path")
-      full = os.path.normpath(os.path.join(root, name))
-      if full in first:
-        raise UserError(f"{path} line {line}: {name} is listed again (first on line "
-                        f"{first[full]}); list each image once")
-      first[full] = line
-      if not os.path.isfile(full):
-        raise UserError(f"{path} line {line}: {full} does not exist (paths are relative to the "
-                        f"manifest's folder {root})")
-      label = (row["label"] or "").strip()
-      if not label:
-        raise UserError(f"{path} line {line}: empty label")
-      if requested and label not in requested:
-        raise UserError(f"{path} line {line}: label {label!r} is not one of --config.classes="
-                        f"{','.join(requested)}")
-      for s in strata:
-        value = (row[s] or "").strip()
-        if not value:
-          raise UserError(f"{path} line {line}: empty {s} (a stratum column, --config.strata)")
-        axes[s].append(value)
-      if has_group:
-        group = (row[group_column] or "").strip()
-        if not group:
-          raise UserError(f"{path} line {line}: empty {group_column}")
-        groups.append(group)
-      mpp = default_mpp
-      if (row.get("mpp") or "").strip():
-        try:
-          mpp = float(row["mpp"])
-        except ValueError:
-          mpp = -1.0
-        if not mpp > 0:
-          raise UserError(f"{path} line {line}: mpp {row['mpp']!r} is not a positive number of "
-                          f"microns per pixel (leave it empty where unknown)")
-      names.append(name)
-      labels.append(label)
-      sizes.append(os.path.getsize(full))
-      mpps.append(mpp)
+  read = files.read_csv(path)
+  header = list(read.header)
+  named = {**({group_column: "--config.group"} if config.get("group", "") else {}),
+           **dict.fromkeys(strata, "--config.strata")}
+  missing = [c for c in [*COLUMNS, *named] if c not in header]
+  if missing:
+    by = f" (named by {named[missing[0]]})" if missing[0] in named else ""
+    raise UserError(f"{path} has no column {missing[0]!r}{by}: its columns are "
+                    f"{','.join(header) or 'none'}{files.separator_hint(header)}; a manifest has "
+                    f"the columns {','.join(COLUMNS)}, optionally a group, strata and mpp")
+  has_group = group_column in header
+  names, labels, groups, sizes, mpps, first = [], [], [], [], [], {}
+  axes = {s: [] for s in strata}
+  for line, row in read.records():
+    name = labelled.normalise_path(row["path"])
+    if not name:
+      raise UserError(f"{path} line {line}: empty path")
+    full = image_path(root, name)
+    if full in first:
+      raise UserError(f"{path} line {line}: {name} is listed again (first on line "
+                      f"{first[full]}); list each image once")
+    first[full] = line
+    if not os.path.isfile(full):
+      raise UserError(f"{path} line {line}: {full} {_not_a_file(full)} (paths are relative to "
+                      f"the manifest's folder {root}, or absolute)")
+    label = row["label"].strip()
+    if not label:
+      raise UserError(f"{path} line {line}: empty label")
+    if requested and label not in requested:
+      raise UserError(f"{path} line {line}: label {label!r} is not one of --config.classes="
+                      f"{','.join(requested)}")
+    for s in strata:
+      value = row[s].strip()
+      if not value:
+        raise UserError(f"{path} line {line}: empty {s} (a stratum column, --config.strata)")
+      axes[s].append(value)
+    if has_group:
+      group = row[group_column].strip()
+      if not group:
+        raise UserError(f"{path} line {line}: empty {group_column}")
+      groups.append(group)
+    mpp = default_mpp
+    if row.get("mpp", "").strip():
+      try:
+        mpp = float(row["mpp"])
+      except ValueError:
+        mpp = -1.0
+      if not (math.isfinite(mpp) and mpp > 0):
+        raise UserError(f"{path} line {line}: mpp {row['mpp']!r} is not a positive number of "
+                        f"microns per pixel (leave it empty where unknown)")
+    names.append(name)
+    labels.append(label)
+    sizes.append(os.path.getsize(full))
+    mpps.append(mpp)
   if not names:
     raise UserError(f"{path} has a header but no rows")
   classes = labelled.classes_of(requested, labels, path)
@@ -306,7 +326,7 @@ class _Files:
   def __getitems__(self, indices):
     out = []
     for i in indices:
-      with open(os.path.join(self.root, *self.names[i].split("/")), "rb") as f:
+      with open(image_path(self.root, self.names[i]), "rb") as f:
         out.append({"image": f.read(), "name": self.names[i]})
     return out
 
@@ -314,7 +334,7 @@ class _Files:
 def _memory_needed(root: str, table: labelled.Table, sizes, image_size: int, threads: int) -> str:
   largest = max(range(len(sizes)), key=sizes.__getitem__)
   try:
-    with Image.open(os.path.join(root, *table.names[largest].split("/"))) as im:
+    with Image.open(image_path(root, table.names[largest])) as im:
       pixels = im.size[0] * im.size[1]
   except Exception:  # noqa: BLE001 -- unreadable: its own error comes when it is decoded
     pixels = 1024 * 1024

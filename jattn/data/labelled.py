@@ -156,32 +156,30 @@ def read_folds_csv(path: str) -> Folds:
                     f"rows, or --config.folds=generated")
   splits: dict[int, dict[str, str]] = collections.defaultdict(dict)
   first: dict[tuple[int, str], int] = {}
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    header = [c.strip() for c in reader.fieldnames or []]
-    missing = [c for c in FOLDS_COLUMNS if c not in header]
-    if missing:
-      raise UserError(f"{path} lacks the column(s) {', '.join(missing)}: a folds CSV has the "
-                      f"columns {','.join(FOLDS_COLUMNS)} (found: {','.join(header) or 'none'})")
-    reader.fieldnames = header
-    for row in reader:
-      line = reader.line_num
-      text = (row["fold"] or "").strip()
-      if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{path} line {line}: fold {text!r} is not a fold number 1, 2, ...")
-      side = (row["split"] or "").strip().lower()
-      if side not in SPLITS:
-        raise UserError(f"{path} line {line}: split {row['split']!r} is neither 'train' nor "
-                        f"'test'")
-      name = normalise_path(row["path"] or "")
-      if not name:
-        raise UserError(f"{path} line {line}: empty path")
-      fold = int(text)
-      if (fold, name) in first:
-        raise UserError(f"{path} line {line}: {name} is listed again in fold {fold} (first on "
-                        f"line {first[fold, name]}); every image appears once per fold")
-      first[fold, name] = line
-      splits[fold][name] = side
+  read = files.read_csv(path)
+  header = read.header
+  missing = [c for c in FOLDS_COLUMNS if c not in header]
+  if missing:
+    raise UserError(f"{path} lacks the column(s) {', '.join(missing)}: a folds CSV has the "
+                    f"columns {','.join(FOLDS_COLUMNS)} (found: {','.join(header) or 'none'})"
+                    f"{files.separator_hint(header)}")
+  for line, row in read.records():
+    text = row["fold"].strip()
+    if not (text.isascii() and text.isdigit() and len(text) <= 6) or int(text) < 1:
+      raise UserError(f"{path} line {line}: fold {text!r} is not a fold number 1, 2, ...")
+    side = row["split"].strip().lower()
+    if side not in SPLITS:
+      raise UserError(f"{path} line {line}: split {row['split']!r} is neither 'train' nor "
+                      f"'test'")
+    name = normalise_path(row["path"])
+    if not name:
+      raise UserError(f"{path} line {line}: empty path")
+    fold = int(text)
+    if (fold, name) in first:
+      raise UserError(f"{path} line {line}: {name} is listed again in fold {fold} (first on "
+                      f"line {first[fold, name]}); every image appears once per fold")
+    first[fold, name] = line
+    splits[fold][name] = side
   if not splits:
     raise UserError(f"{path} has a header but no rows")
   return Folds(os.path.abspath(path), dict(sorted(splits.items())))

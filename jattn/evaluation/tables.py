@@ -345,17 +345,14 @@ def workdir(name: str, fold: int, seed: int = 0) -> str:
 def _read_manifest(path: str) -> tuple[list[str], list[int], list[_Run]]:
   """Rows, folds and expected runs of sweep.json; a manifest without seeds (written before
   them) is of seed 0."""
+  manifest = files.read_json(path, "fix it or delete it")
   try:
-    with open(path) as f:
-      manifest = json.load(f)
     names, folds = list(manifest["names"]), [int(k) for k in manifest["folds"]]
     seeds = [int(s) for s in manifest.get("seeds", [0])]
     runs = [_Run(r["name"], int(r["fold"]), int(r.get("seed", 0)), r["workdir"], "seed" in r)
             for r in manifest.get("runs", ())] or [
         _Run(n, k, s, workdir(n, k, s), "seeds" in manifest)
         for n in names for s in seeds for k in folds]
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}: not valid JSON ({e}); fix it or delete it") from None
   except KeyError as e:
     raise UserError(f"{path}: missing key {e}; fix it or delete it") from None
   except (TypeError, ValueError, AttributeError) as e:

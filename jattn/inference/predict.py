@@ -101,20 +101,13 @@ class Manifest:
 def read_manifest(file: str) -> Manifest:
   """A --manifest CSV, checked: a missing column, an empty value, a missing or repeated file is
   one UserError naming the file and line (labels are checked against a run's classes later)."""
-  try:
-    with open(file, encoding="utf-8-sig", newline="") as f:
-      reader = csv.reader(f)
-      header = next(reader, None)
-      body = [(reader.line_num, row) for row in reader if any(v.strip() for v in row)]
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"--manifest {file}: cannot read this CSV ({e.__class__.__name__}: {e})"
-                    ) from None
-  header = [h.strip() for h in header or []]
+  read = files.read_csv(file, "--manifest ")
+  header, body = list(read.header), read.rows
   for column in ("path", "label"):
     if column not in header:
       raise UserError(f"--manifest {file}: no {column!r} column (its header is "
-                      f"{','.join(header) or 'empty'}); give columns path,label[,group]"
-                      f"[,<stratum>...]")
+                      f"{','.join(header) or 'empty'}){files.separator_hint(header)}; give "
+                      f"columns path,label[,group][,<stratum>...]")
   repeated = sorted({h for h in header if header.count(h) > 1 or not h})
   if repeated:
     raise UserError(f"--manifest {file}: column {repeated[0]!r} is "

@@ -13,7 +13,6 @@ figures).
 
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
@@ -33,11 +32,11 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
   column is one line, slides it does not name are left out of the figures (one warning)."""
   if not os.path.isfile(path):
     raise UserError(f"--labels {path}: no such file; give a CSV with columns slide,label")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    rows = list(csv.DictReader(f))
-  if not rows or not {"slide", "label"} <= set(rows[0]):
+  read = files.read_csv(path, "--labels ")
+  if not read.rows or not {"slide", "label"} <= set(read.header):
     raise UserError(f"--labels {path}: expected a CSV with a header row naming the columns slide "
-                    f"and label, and one row per slide")
+                    f"and label, and one row per slide (its header: "
+                    f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
   keys = {}
   for plan in plans:
     base = os.path.basename(plan.path)
@@ -46,15 +45,15 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
       keys.setdefault(key, plan.name)
   known = {n.casefold(): n for n in names}
   out, unmatched = {}, []
-  for line, row in enumerate(rows, 2):
-    label = (row["label"] or "").strip()
+  for line, row in read.records():
+    label = row["label"].strip()
     value = {"1": 1, "0": 0}.get(label)
     if value is None and label.casefold() in known:
       value = int(known[label.casefold()] == positive)
     if value is None:
       raise UserError(f"--labels {path}, line {line}: label {label!r} is none of "
                       f"{', '.join(names)} (or 1/0 for {positive}/not)")
-    slide = (row["slide"] or "").strip()
+    slide = row["slide"].strip()
     name = keys.get(slide) or keys.get(os.path.normpath(slide))
     if name is None:
       unmatched.append(slide)

@@ -66,46 +66,45 @@ def read_folds_csv(path: str) -> Folds:
   """Reads a Folds.csv; a malformed one (column, fold, mag, grp, repeated row): `UserError`."""
   if not os.path.isfile(path):
     raise UserError(f"folds file {path} does not exist")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    reader = csv.DictReader(f)
-    header = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
+  read = files.read_csv(path)
+  header = read.header
+  missing = [c for c in COLUMNS if c not in header]
+  if missing:
+    raise UserError(
+        f"{path} lacks the column(s) {', '.join(missing)}: a Folds.csv needs the columns "
+        f"{','.join(COLUMNS)} (found: {','.join(header) or 'no header'})"
+        f"{files.separator_hint(header)}"
+    )
+  splits: dict[int, dict[str, str]] = collections.defaultdict(dict)
+  first_line: dict[tuple[int, str], int] = {}
+  for line, row in read.records():
+    fold_text = row["fold"].strip()
+    if not (fold_text.isascii() and fold_text.isdigit() and len(fold_text) <= 6
+            and int(fold_text) in FOLDS):
+      raise UserError(f"{path} line {line}: fold {fold_text!r} is not a fold number 1..5")
+    fold = int(fold_text)
+    group = row["grp"].strip().lower()
+    if group not in GROUPS:
+      raise UserError(f"{path} line {line}: grp {row['grp']!r} is neither 'train' nor 'test'")
+    mag = _parse_mag(row["mag"])
+    if mag is None:
+      raise UserError(f"{path} line {line}: mag {row['mag']!r} is not one of 40, 100, 200, 400")
+    name = row["filename"].strip().replace("\\", "/").rsplit("/", 1)[-1]
+    if not name:
+      raise UserError(f"{path} line {line}: empty filename")
+    name_mag = _name_mag(name)
+    if name_mag is not None and name_mag != mag:
       raise UserError(
-          f"{path} lacks the column(s) {', '.join(missing)}: a Folds.csv needs the columns "
-          f"{','.join(COLUMNS)} (found: {','.join(header) or 'no header'})"
+          f"{path} line {line}: mag {row['mag']} disagrees with the file name {name} "
+          f"(which says {name_mag}); fix the row"
       )
-    reader.fieldnames = header
-    splits: dict[int, dict[str, str]] = collections.defaultdict(dict)
-    first_line: dict[tuple[int, str], int] = {}
-    for row in reader:
-      line = reader.line_num
-      fold_text = (row["fold"] or "").strip()
-      if not fold_text.isdigit() or int(fold_text) not in FOLDS:
-        raise UserError(f"{path} line {line}: fold {fold_text!r} is not a fold number 1..5")
-      fold = int(fold_text)
-      group = (row["grp"] or "").strip().lower()
-      if group not in GROUPS:
-        raise UserError(f"{path} line {line}: grp {row['grp']!r} is neither 'train' nor 'test'")
-      mag = _parse_mag(row["mag"] or "")
-      if mag is None:
-        raise UserError(f"{path} line {line}: mag {row['mag']!r} is not one of 40, 100, 200, 400")
-      name = (row["filename"] or "").strip().replace("\\", "/").rsplit("/", 1)[-1]
-      if not name:
-        raise UserError(f"{path} line {line}: empty filename")
-      name_mag = _name_mag(name)
-      if name_mag is not None and name_mag != mag:
-        raise UserError(
-            f"{path} line {line}: mag {row['mag']} disagrees with the file name {name} "
-            f"(which says {name_mag}); fix the row"
-        )
-      if (fold, name) in first_line:
-        raise UserError(
-            f"{path} line {line}: {name} is listed again in fold {fold} (first on line "
-            f"{first_line[fold, name]}); every image appears once per fold"
-        )
-      first_line[fold, name] = line
-      splits[fold][name] = group
+    if (fold, name) in first_line:
+      raise UserError(
+          f"{path} line {line}: {name} is listed again in fold {fold} (first on line "
+          f"{first_line[fold, name]}); every image appears once per fold"
+      )
+    first_line[fold, name] = line
+    splits[fold][name] = group
   if not splits:
     raise UserError(f"{path} has a header but no rows")
   return Folds(source=os.path.abspath(path), splits=dict(sorted(splits.items())))
