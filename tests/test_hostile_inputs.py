@@ -24,10 +24,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from jattn import main, predict, tables
+from jattn import main
+from jattn.core.errors import UserError
 from jattn.data import folder, labelled, load_fold
 from jattn.data.breakhis import folds as breakhis_folds
-from jattn.errors import UserError
+from jattn.evaluation import tables
+from jattn.inference import predict
 from jattn.slides import cohort
 from tests.conftest import data_config
 from tests.runs import DEMO, tiny_overrides
@@ -66,7 +68,7 @@ def _refused_cli(tmp_path, capsys, pattern, **overrides) -> str:
   args = ["--config", DEMO, "--workdir", str(tmp_path / "run"),
           *[f"--config.{o}" for o in tiny_overrides(kw.pop("data_dir", "unused"), "", **kw)]]
   before = snapshot(tmp_path)
-  err = one_line_error(lambda: main.main(args), capsys, "jattn.main", pattern)
+  err = one_line_error(lambda: main.main(args), capsys, "jattn train", pattern)
   assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
   prepared = [os.path.join(r, d) for r, dirs, _ in os.walk(tmp_path) for d in dirs
               if d == "jattn_prepared"]

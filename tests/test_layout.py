@@ -50,7 +50,7 @@ def _function_imports() -> list[tuple[str, int, str]]:
           for node in ast.walk(fn):
             if isinstance(node, ast.Import):
               found += [(os.path.relpath(path, REPO), node.lineno, a.name) for a in node.names]
-            elif isinstance(node, ast.ImportFrom):  # jattn's modules by name: `from jattn.x import y`
+            elif isinstance(node, ast.ImportFrom):  # jattn modules by name: from jattn.x import y
               module = node.module or ""
               found += [(os.path.relpath(path, REPO), node.lineno,
                          f"{module}.{a.name}" if module.startswith("jattn") else module)

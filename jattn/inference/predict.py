@@ -33,12 +33,12 @@ ImageFolder convention (a folder per class) the parent folder is the class, neve
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 
 import numpy as np
 
+from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import sources, stain
 from jattn.data.fold import FoldData, Strata
