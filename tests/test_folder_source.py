@@ -16,6 +16,7 @@ from PIL import Image
 from jattn import main
 from jattn.data import load_fold
 from jattn.data.breakhis import export
+from jattn.errors import UserError
 from jattn.data.breakhis import folds as breakhis_folds
 from tests.conftest import data_config
 from tests.runs import DEMO, tiny_overrides
@@ -395,3 +396,43 @@ def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
   patient_of = {r["path"]: r["patient"] for r in rows}
   train = {patient_of[p] for p, s in sides.items() if s == "train"}
   assert not train & {patient_of[p] for p, s in sides.items() if s == "test"}
+
+
+def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path, capsys):
+  """One adipose patient for 3 folds: the fold that tests it trains on no adipose; the refusal
+  says that adipose has 1 patient for 3 folds and that a class needs 2. With 2 adipose patients
+  the warning names --config.num_folds=2, and 2 folds do train on and test both classes."""
+  rows = [(f"a/{c}{p}_{i}.png", c, f"{c}{p}") for c, n in (("adipose", 1), ("tumour", 5))
+          for p in range(n) for i in range(2)]
+  manifest = _small(str(tmp_path), rows)
+  config = lambda fold, k, prepared: _folder_config(manifest, tmp_path / prepared, strata="",
+                                                    num_folds=k, fold=fold)
+  refusals = []
+  for fold in (1, 2, 3):  # the one fold whose test side holds adipose0
+    try:
+      d = load_fold(config(fold, 3, "p"))
+      assert set(d.targets[d.train_indices].tolist()) == {0, 1}
+    except UserError as e:
+      refusals.append((fold, str(e)))
+  assert len(refusals) == 1, refusals
+  fold, line = refusals[0]
+  assert re.fullmatch(
+      rf"fold {fold} of .*\.csv has no training images of the class\(es\) adipose: the model "
+      r"could never predict them; adipose has only 1 patient\(s\) for 3 folds: a class needs at "
+      r"least 2 patients \(one to train on, one to test\), which adipose lack\(s\): add patients "
+      r"of adipose or leave the class out of --config\.classes", line), line
+  capsys.readouterr()
+
+  rows += [(f"a/adipose1_{i}.png", "adipose", "adipose1") for i in range(2)]
+  manifest = _small(str(tmp_path / "two"), rows)
+  tested = {}
+  for fold in (1, 2, 3):
+    load_fold(config(fold, 3, "p3"))
+  err = capsys.readouterr().err
+  assert "adipose has only 2 patient(s) for 3 folds: with --config.num_folds=2 or fewer" in err
+  assert "(--config.num_folds=2 or fewer can test it in every fold)" in err
+  for fold in (1, 2):  # the advice taken: both folds train on and test both classes
+    d = load_fold(config(fold, 2, "p2"))
+    tested[fold] = (set(d.targets[d.train_indices].tolist()),
+                    set(d.targets[d.test_indices].tolist()))
+  assert tested == {1: ({0, 1}, {0, 1}), 2: ({0, 1}, {0, 1})}
