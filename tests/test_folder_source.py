@@ -16,8 +16,8 @@ from PIL import Image
 from jattn import main
 from jattn.data import load_fold
 from jattn.data.breakhis import export
-from jattn.errors import UserError
 from jattn.data.breakhis import folds as breakhis_folds
+from jattn.errors import UserError
 from tests.conftest import data_config
 from tests.runs import DEMO, tiny_overrides
 from tests.test_hostile import one_line_error, snapshot
