@@ -45,6 +45,56 @@ FIXED_FIELDS = ("image_size", "stain_norm", "model")  # what the run's model see
 CHUNK = 2048  # images read from the memory-mapped cache at a time
 
 
+STAIN_FLAGS = ("--stain-norm", "--stain_norm")  # what a user may try at scoring time
+
+
+def stain_norm_asked(argv) -> str | None:
+  """The stain normalisation a scoring command's arguments ask for (`--config.stain_norm=V`,
+  `--stain-norm V`), or None."""
+  overrides, rest = config_lib.split_argv(list(argv))
+  for item in overrides:
+    if item.partition("=")[0] == "stain_norm":
+      return item.partition("=")[2]
+  for i, arg in enumerate(rest):
+    flag, eq, value = arg.partition("=")
+    if flag in STAIN_FLAGS:
+      return value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+  return None
+
+
+def stain_norm_refusal(asked: str, workdir: str | None) -> str:
+  """The one line refusing a stain normalisation asked for at scoring time: the run applies the
+  one it was trained with, so another needs another run."""
+  try:
+    trained = runs.load_config(workdir).get("stain_norm", "none") if workdir else None
+  except UserError:
+    trained = None
+  was = f"stain_norm={trained}" if trained else "its own stain_norm"
+  if trained is not None and asked == trained:
+    return (f"stain normalisation {asked!r}: the run was trained with {was} and applies it when "
+            f"scoring already; leave the option out")
+  return (f"stain normalisation {asked!r} cannot be chosen when scoring: the run's model was "
+          f"trained with {was} and is scored with it; to score with {asked or 'another'} "
+          f"normalisation, retrain with `--config.stain_norm={asked or 'macenko'}`")
+
+
+def refuse_stain_norm(argv, prog: str) -> None:
+  """Exits with the refusal (status 2) if `argv` of a scoring command asks for a stain
+  normalisation; does nothing otherwise."""
+  asked = stain_norm_asked(argv)
+  if asked is None:
+    return
+  known, _ = _workdir_parser().parse_known_args(list(argv))
+  with exit_on_user_error(prog):
+    raise UserError(stain_norm_refusal(asked, known.workdir))
+
+
+def _workdir_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--workdir")
+  return parser
+
+
 def match_classes(run_classes, set_classes, what: str) -> np.ndarray:
   """For each of the set's classes, the run's output with the same name (so that
   `probs[:, order]` are in the set's class order); different sets of names are a UserError."""
@@ -85,6 +135,8 @@ def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.Conf
                     "--config.dataset=SOURCE if it is not the run's kind of data set)")
   for item in overrides:
     key = item.partition("=")[0]
+    if key == "stain_norm":
+      raise UserError(stain_norm_refusal(item.partition("=")[2], workdir))
     if key.split(".")[0] in FIXED_FIELDS:
       raise UserError(f"--config.{key}: the run's {key} is what its model was trained with and "
                       f"is used as it is; leave it out")
@@ -221,7 +273,9 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
 
 
 def main(argv: list[str] | None = None) -> None:
-  overrides, rest = config_lib.split_argv(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  refuse_stain_norm(argv, "jattn.evaluate")
+  overrides, rest = config_lib.split_argv(argv)
   parser = argparse.ArgumentParser(
       prog="python -m jattn.evaluate", description=__doc__.split("\n")[0],
       epilog="Name the other set with --config.FIELD=VALUE (data_dir, dataset, ...).")

@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                       "(results.json's form)")
   parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP), or folders "
                       "of them (searched recursively)")
+  from jattn import external
+
+  external.refuse_stain_norm(sys.argv[1:] if argv is None else argv, "jattn.predict")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.predict"):
     for flag, path in (("--out", args.out), ("--results", args.results)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from jattn import state as state_lib
 from jattn.errors import UserError, exit_on_user_error
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="time the first slide's tiles (reading, inference, both); write nothing")
   parser.add_argument("slides", nargs="+", help="slide files, or folders of them (searched "
                       "recursively)")
+  from jattn import external
+
+  external.refuse_stain_norm(sys.argv[1:] if argv is None else argv, "jattn.slide")
   args = parser.parse_args(argv)
   with exit_on_user_error("jattn.slide"):
     options = pipeline.Options(
