@@ -7,7 +7,7 @@ model and recipe. Nothing to download; a minute on a laptop CPU:
   python -m jattn.main --config configs/demo_folder.py --workdir runs/demo_folder/fold1
 
 The folds are 5 stratified patient folds drawn by scikit-learn (seed 0), written to
-~/.cache/jattn/demo_folder/jattn_prepared/manifest-manifest.csv/folds/; with
+~/.cache/jattn/prepared/manifest-manifest-<hash>/folds/; with
 `--config.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
 folds instead.
 """

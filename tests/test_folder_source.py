@@ -436,3 +436,44 @@ def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path
     tested[fold] = (set(d.targets[d.train_indices].tolist()),
                     set(d.targets[d.test_indices].tolist()))
   assert tested == {1: ({0, 1}, {0, 1}), 2: ({0, 1}, {0, 1})}
+
+
+def test_the_prepared_cache_is_never_written_into_the_data(tmp_path, monkeypatch):
+  """Without --config.prepared_dir a manifest is prepared into the user's cache,
+  `manifest-<stem>-<sha256 of its absolute path, NUL, its bytes>[:16]`, and its read-only data
+  folder gains no file; a run prepared in the old place beside the data keeps using it."""
+  import hashlib
+  import stat
+
+  from tests.test_hostile import snapshot
+
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+  data = tmp_path / "data"
+  manifest = _small(str(data))
+  before = snapshot(data)
+  modes = {}
+  for folder, dirs, _ in os.walk(data):
+    for d in [folder, *[os.path.join(folder, x) for x in dirs]]:
+      modes[d] = os.stat(d).st_mode
+  try:
+    for d in modes:
+      os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
+    fold = load_fold(_folder_config(manifest, "", strata="", num_folds=3, fold=1))
+  finally:
+    for d, mode in modes.items():
+      os.chmod(d, mode)
+  assert snapshot(data) == before and not (data / "jattn_prepared").exists()
+  with open(manifest, "rb") as f:
+    digest = hashlib.sha256(os.path.abspath(manifest).encode() + b"\0" + f.read()).hexdigest()
+  assert os.listdir(cache / "jattn" / "prepared") == [f"manifest-manifest-{digest[:16]}"]
+  assert len(fold.train_indices) + len(fold.test_indices) == 12
+
+  old = data / "jattn_prepared" / "manifest-manifest.csv"  # where jattn used to prepare
+  again = load_fold(_folder_config(manifest, str(old), strata="", num_folds=3, fold=1))
+  assert old.is_dir()
+  resumed = load_fold(_folder_config(manifest, "", strata="", num_folds=3, fold=1))
+  assert os.listdir(cache / "jattn" / "prepared") == [f"manifest-manifest-{digest[:16]}"]
+  np.testing.assert_array_equal(resumed.images, again.images)
+  from jattn.data import folder
+  assert folder.prepared_dir(_folder_config(manifest, "", strata="")) == str(old)
