@@ -451,3 +451,17 @@ def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path
   with open(os.path.join(trained_run, "config.json")) as f:
     image_size = json.load(f)["image_size"]
   assert field.needed_mpp == pytest.approx(50.0 / image_size)  # the network input's pixels
+
+
+def test_a_second_cohort_call_keeps_the_first_calls_rows(small_slides, trained_run, tmp_path):
+  """Two calls into one --out: cohort.csv lists the first call's slides with the rows it wrote
+  (read back by content) and the second call's slide after them."""
+  out = tmp_path / "out"
+  slide.main(["--workdir", trained_run, *small_slides[:2], "--out", str(out), *SMALL_OPTIONS])
+  first = _rows(out / "cohort.csv")
+  assert [r["name"] for r in first] == ["s0", "s1"]
+  slide.main(["--workdir", trained_run, small_slides[2], "--out", str(out), *SMALL_OPTIONS])
+  rows = _rows(out / "cohort.csv")
+  assert [r["name"] for r in rows] == ["s0", "s1", "s2"] and rows[:2] == first
+  mean = np.mean([float(r["prob_malignant"]) for r in _rows(out / "s2" / "tiles.csv")])
+  assert float(rows[2]["mean_prob_malignant"]) == pytest.approx(mean, abs=1e-6)

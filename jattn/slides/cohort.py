@@ -13,6 +13,7 @@ from a bootstrap over slides stratified by label (`jattn.metrics`, scikit-learn'
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -121,6 +122,7 @@ def run_cohort(workdir: str, paths: list[str], out: str,
         records.append(done[plan.name])
       else:
         records.append(pipeline.predict_slide(run, plan, out, options))
+    records = _earlier(out, {r["name"] for r in records}) + records
     rows = [_row(r, b.positive_name, slide_labels, score, threshold) for r in records]
     writers.cohort_csv(os.path.join(out, "cohort.csv"), rows)
     result = {"slides": records, "figures": None}
@@ -131,6 +133,23 @@ def run_cohort(workdir: str, paths: list[str], out: str,
       print(format_figures(result["figures"]), flush=True)
   print(f"{len(records)} slide(s): {os.path.join(out, 'cohort.csv')}", flush=True)
   return result
+
+
+def _earlier(out: str, names: set[str]) -> list[dict]:
+  """The slide.json records of the slides an earlier call listed in OUT/cohort.csv and this call
+  does not score again (a slide scored again replaces its row), in their order there."""
+  path = os.path.join(out, "cohort.csv")
+  if not os.path.isfile(path):
+    return []
+  with open(path, newline="") as f:
+    listed = [row["name"] for row in csv.DictReader(f) if row.get("name")]
+  kept = []
+  for name in listed:
+    record = os.path.join(out, name, "slide.json")
+    if name not in names and os.path.isfile(record):
+      with open(record) as f:
+        kept.append(json.load(f))
+  return kept
 
 
 def _row(record: dict, positive: str, labels: dict | None, score: str, threshold: float) -> dict:
