@@ -1,7 +1,8 @@
 """Predicts whole-slide images with a trained run: heatmaps, QuPath detections, slide scores.
 
   python -m jattn.slide --workdir runs/ours/fold1 SLIDE_OR_FOLDER... --out DIR \\
-      [--magnification 40X] [--mpp UM] [--tile-um W[,H]] [--min-tissue 0.5] [--stride 1] \\
+      [--magnification 40X] [--mpp UM] [--mpp-csv slides.csv] [--tile-um W[,H]] \\
+      [--min-tissue 0.5] [--stride 1] \\
       [--tissue saturation|od] [--tta none|dihedral] [--top-k 8] [--batch-size 32] \\
       [--threads N] [--labels slides.csv [--score mean] [--threshold 0.5] \\
       [--bootstrap-resamples 1000] [--bootstrap-seed 0]] [--overwrite] [--benchmark]
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
                            "at; required for a run trained on several")
   parser.add_argument("--mpp", type=float, help="the slide's microns per pixel at level 0, "
                       "overriding its metadata (needed when it has none)")
+  parser.add_argument("--mpp-csv", help="CSV slide,mpp: a slide's level-0 microns per pixel, "
+                      "over --mpp and its metadata (other columns ignored: the --labels CSV may "
+                      "carry an mpp column; an empty cell leaves the slide to --mpp or its "
+                      "metadata)")
   parser.add_argument("--tile-um", type=_field, help="the field a tile covers, W,H in um "
                       "(default: a training image's)")
   parser.add_argument("--min-tissue", type=float, default=0.5,
@@ -97,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
       raise UserError("--score and --threshold judge slides against --labels: give --labels too")
     cohort.run_cohort(args.workdir, args.slides, args.out, options, labels=args.labels,
                       score=args.score, threshold=args.threshold,
-                      resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
+                      resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
+                      mpp_csv=args.mpp_csv)
 
 
 if __name__ == "__main__":
