@@ -1,19 +1,27 @@
 """The built-in demo: nothing to download, a few minutes on a laptop CPU.
 
-  python -m jattn.main --config configs/demo.py
+  jattn train --config configs/demo.py
 
 It generates a small synthetic BreakHis-format tree once (82 patients, 4 images per patient and
 magnification, into ~/.cache/jattn/demo), then trains a narrow VGG19 with C-Attn and S-Attn at
 64x64 from scratch and evaluates it as the paper does. The figures show that the pipeline learns;
 they say nothing about BreakHis. With an argument it runs another row of the paper's ablation on
-the same data (this is what `python experiments/sweep.py --demo` runs):
+the same data (this is what `jattn sweep --demo` runs):
 
-  python -m jattn.main --config configs/demo.py:vgg19     # also :vgg19_c, :vgg19_s, :ours
+  jattn train --config configs/demo.py:vgg19     # also :vgg19_c, :vgg19_s, :ours
 
 and the same four rows on a narrow ResNet-50 (planes 8-8-16-32, batch norm kept as PyTorch does),
-`python experiments/sweep.py --demo --rows resnet50`:
+`jattn sweep --demo --rows resnet50`:
 
-  python -m jattn.main --config configs/demo.py:resnet50_ours   # also :resnet50, :resnet50_c, ...
+  jattn train --config configs/demo.py:resnet50_ours   # also :resnet50, :resnet50_c, ...
+
+and on a narrow ResNet-18 (the ResNet-50 rows with `model.name` resnet18: basic blocks, planes
+8-8-16-32), named demo_resnet18*:
+
+  jattn train --config configs/demo.py:resnet18_ours   # also :resnet18, :resnet18_c, ...
+
+A run's name follows the model it trains: `--config.model.name=resnet18` on a resnet50 row names
+it demo_resnet18_... (`config_lib.apply_overrides`).
 """
 
 import importlib
@@ -22,13 +30,19 @@ from jattn.data.breakhis import synthetic
 
 ROWS = ("vgg19", "vgg19_c", "vgg19_s", "ours")  # the paper's ablation, as configs/<row>.py
 RESNET50_ROWS = ("resnet50", "resnet50_c", "resnet50_s", "resnet50_ours")  # the same on ResNet-50
+RESNET18_ROWS = tuple(r.replace("resnet50", "resnet18") for r in RESNET50_ROWS)  # and ResNet-18
 
 
 def get_config(row="ours"):
-  if row not in ROWS + RESNET50_ROWS:
+  every = ROWS + RESNET50_ROWS + RESNET18_ROWS
+  if row not in every:
     raise ValueError(f"no row {row!r}; use one of "
-                     f"{', '.join(f'configs/demo.py:{r}' for r in ROWS + RESNET50_ROWS)}")
-  config = importlib.import_module(f"configs.{row}").get_config()  # the paper's row, full size
+                     f"{', '.join(f'configs/demo.py:{r}' for r in every)}")
+  resnet18 = row in RESNET18_ROWS  # the ResNet-50 row's config with the ResNet-18 backbone
+  module = row.replace("resnet18", "resnet50") if resnet18 else row
+  config = importlib.import_module(f"configs.{module}").get_config()  # the paper's row, full size
+  if resnet18:
+    config.model.name = "resnet18"
   config.name = f"demo_{row}"
 
   config.data_dir = synthetic.DEMO_DIR  # synthetic data goes only there or into an empty folder

@@ -2,12 +2,12 @@
 images per class with a manifest (patient, magnification, microns per pixel), the demo's small
 model and recipe. Nothing to download; a minute on a laptop CPU:
 
-  python -m jattn.data synthesize --format folder --out ~/.cache/jattn/demo_folder \\
+  jattn data synthesize --format folder --out ~/.cache/jattn/demo_folder \\
       --images-per-patient 4 --width 175 --height 115
-  python -m jattn.main --config configs/demo_folder.py --workdir runs/demo_folder/fold1
+  jattn train --config configs/demo_folder.py --workdir runs/demo_folder/fold1
 
 The folds are 5 stratified patient folds drawn by scikit-learn (seed 0), written to
-~/.cache/jattn/demo_folder/jattn_prepared/manifest-manifest.csv/folds/; with
+~/.cache/jattn/prepared/manifest-manifest-<hash>/folds/; with
 `--config.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
 folds instead.
 """

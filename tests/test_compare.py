@@ -288,3 +288,49 @@ def test_corrected_interval_is_wider_than_the_naive_t_interval():
       (naive[1] - 3.0) * np.sqrt((1 / 5 + 3 / 7) / (1 / 5)))
   assert compare.corrected_interval([2.0], 0.4) == (2.0, None, None)
   assert compare.corrected_interval(values, None) == (3.0, None, None)
+
+
+def _constant_shift_sweep(sweep, folds, shift):
+  """Two rows whose every figure differs by exactly `shift` (a fraction) on every fold and seed."""
+  runs = _write_sweep(sweep, {"vgg19": ("VGG19", 0.0), "ours": ("Ours", 0.0)}, seeds=(0,),
+                      folds=folds)
+  for (name, k, s), r in runs.items():
+    if name == "ours":
+      base = runs[("vgg19", k, s)]
+      for key in ("image_accuracy", "group_accuracy", "group_recognition_rate"):
+        r[key] = {m: base[key][m] + shift for m in MAGS}
+      (sweep / tables.workdir(name, k, s) / "results.json").write_text(json.dumps(r))
+  return runs
+
+
+@pytest.mark.parametrize("folds,reason", [((1, 2), "2 folds"),
+                                          ((1, 2, 3), "identical per-fold values")])
+def test_no_interval_is_claimed_from_two_folds_or_identical_differences(tmp_path, folds, reason):
+  """-4 points on every fold: at 2 folds (t with 1 degree of freedom) or with zero variance of
+  the differences the cell says why no interval is given, and is never bold; the CSV leaves low
+  and high empty."""
+  _constant_shift_sweep(tmp_path, folds, -0.04)
+  tables_cli.main([str(tmp_path)])
+  md = (tmp_path / "compare.md").read_text()
+  rows = [line for line in md.splitlines() if line.startswith(("| image |", "| patient |"))]
+  assert len(rows) == 2
+  n = len(folds)
+  for line in rows:
+    cells = [c.strip() for c in line.strip("|").split("|")][1:]
+    assert cells == [f"-4.0 (no interval: {reason}), wins 0/{n}"] * 4
+    assert "**" not in line and "[" not in line
+  with open(tmp_path / "compare.csv", newline="") as f:
+    diffs = [r for r in csv.DictReader(f) if r["kind"] == "difference"]
+  assert len(diffs) == 8
+  assert all(float(r["mean"]) == pytest.approx(-4.0) and r["low"] == r["high"] == ""
+             for r in diffs)
+
+
+def test_three_folds_of_different_differences_get_their_interval():
+  """The boundary: 3 folds whose differences differ get the corrected t interval (by hand)."""
+  d = compare.Difference("a", "b", "image", "40X", ((1, 0, -4.0), (2, 0, -3.0), (3, 0, -5.0)),
+                         0.5)
+  half = scipy.stats.t.ppf(0.975, 2) * np.sqrt((1 / 3 + 0.5) * 1.0)  # s^2 of -4, -3, -5 is 1
+  assert d.text() == f"**-4.0 [{-4 - half:+.1f}, {-4 + half:+.1f}]**, wins 0/3"
+  assert compare.no_interval([1.0, 2.0], 0.5) == "2 folds"
+  assert compare.no_interval([1.0, 2.0, 3.0], None) == "image counts not recorded"

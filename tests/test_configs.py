@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 
@@ -66,6 +67,30 @@ def test_demo_rows_follow_the_paper_rows():
     assert demo.synthetic.enabled and not demo.pretrained
 
 
+def test_demo_resnet18_rows_and_a_run_named_after_the_model_it_trains():
+  """The ResNet-18 demo rows are the ResNet-50 rows with the other backbone, named for it; and
+  `--config.model.name=resnet18` on a resnet50 row renames the run (unless a name is given)."""
+  demo = os.path.join(REPO, "configs", "demo.py")
+  for row in ("resnet50", "resnet50_c", "resnet50_s", "resnet50_ours"):
+    r50 = config_lib.load_config(f"{demo}:{row}")
+    r18 = config_lib.load_config(f"{demo}:{row.replace('50', '18')}")
+    assert (r18.name, r18.model.name) == (f"demo_resnet18{row[len('resnet50'):]}", "resnet18")
+    a, b = json.loads(r50.to_json()), json.loads(r18.to_json())
+    for d in (a, b):
+      del d["name"], d["model"]["name"]
+    assert a == b
+    validate.validate_config(r18)
+  config = config_lib.load_config(f"{demo}:resnet50_ours")
+  config_lib.apply_overrides(config, ["model.name=resnet18"])
+  assert (config.name, config.model.name) == ("demo_resnet18_ours", "resnet18")
+  config = config_lib.load_config(f"{demo}:resnet50_ours")
+  config_lib.apply_overrides(config, ["name=mine", "model.name=resnet18"])
+  assert config.name == "mine"
+  config = config_lib.load_config(f"{demo}:ours")  # no model in the name: left as it is
+  config_lib.apply_overrides(config, ["model.name=resnet50"])
+  assert config.name == "demo_ours"
+
+
 def test_overrides_are_parsed_by_the_type_of_the_field():
   config = config_lib.load_config(os.path.join(REPO, "configs", "ours.py"))
   overrides, rest = config_lib.split_argv(
@@ -118,4 +143,6 @@ def test_bad_config_argument():
                           f"configs/demo.py:vgg19_c, configs/demo.py:vgg19_s, "
                           f"configs/demo.py:ours, configs/demo.py:resnet50, "
                           f"configs/demo.py:resnet50_c, configs/demo.py:resnet50_s, "
-                          f"configs/demo.py:resnet50_ours")
+                          f"configs/demo.py:resnet50_ours, configs/demo.py:resnet18, "
+                          f"configs/demo.py:resnet18_c, configs/demo.py:resnet18_s, "
+                          f"configs/demo.py:resnet18_ours")

@@ -194,7 +194,7 @@ def test_predict_with_a_manifest_gives_labels_correctness_and_group_figures(trai
   assert "image accuracy" in capsys.readouterr().err
   with open(out) as f:
     got = list(csv.DictReader(f))
-  assert [r["file"] for r in got] == [r[0] for r in rows]
+  assert [r["file_name"] for r in got] == [r[0] for r in rows]
   assert [r["label"] for r in got] == [r[1] for r in rows]
   assert [r["patient_id"] for r in got] == [r[2] for r in rows]
   assert all(r["correct"] == str(r["prediction"] == r["label"]).lower() for r in got)

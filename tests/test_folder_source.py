@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from jattn import main
+from jattn.core.errors import UserError
 from jattn.data import load_fold
 from jattn.data.breakhis import export
 from jattn.data.breakhis import folds as breakhis_folds
@@ -396,3 +397,84 @@ def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
   patient_of = {r["path"]: r["patient"] for r in rows}
   train = {patient_of[p] for p, s in sides.items() if s == "train"}
   assert not train & {patient_of[p] for p, s in sides.items() if s == "test"}
+
+
+def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path, capsys):
+  """One adipose patient for 3 folds: the fold that tests it trains on no adipose; the refusal
+  says that adipose has 1 patient for 3 folds and that a class needs 2. With 2 adipose patients
+  the warning names --config.num_folds=2, and 2 folds do train on and test both classes."""
+  rows = [(f"a/{c}{p}_{i}.png", c, f"{c}{p}") for c, n in (("adipose", 1), ("tumour", 5))
+          for p in range(n) for i in range(2)]
+  manifest = _small(str(tmp_path), rows)
+  config = lambda fold, k, prepared: _folder_config(manifest, tmp_path / prepared, strata="",
+                                                    num_folds=k, fold=fold)
+  refusals = []
+  for fold in (1, 2, 3):  # the one fold whose test side holds adipose0
+    try:
+      d = load_fold(config(fold, 3, "p"))
+      assert set(d.targets[d.train_indices].tolist()) == {0, 1}
+    except UserError as e:
+      refusals.append((fold, str(e)))
+  assert len(refusals) == 1, refusals
+  fold, line = refusals[0]
+  assert re.fullmatch(
+      rf"fold {fold} of .*\.csv has no training images of the class\(es\) adipose: the model "
+      r"could never predict them; adipose has only 1 patient\(s\) for 3 folds: a class needs at "
+      r"least 2 patients \(one to train on, one to test\), which adipose lack\(s\): add patients "
+      r"of adipose or leave the class out of --config\.classes", line), line
+  capsys.readouterr()
+
+  rows += [(f"a/adipose1_{i}.png", "adipose", "adipose1") for i in range(2)]
+  manifest = _small(str(tmp_path / "two"), rows)
+  tested = {}
+  for fold in (1, 2, 3):
+    load_fold(config(fold, 3, "p3"))
+  err = capsys.readouterr().err
+  assert "adipose has only 2 patient(s) for 3 folds: with --config.num_folds=2 or fewer" in err
+  assert "(--config.num_folds=2 or fewer can test it in every fold)" in err
+  for fold in (1, 2):  # the advice taken: both folds train on and test both classes
+    d = load_fold(config(fold, 2, "p2"))
+    tested[fold] = (set(d.targets[d.train_indices].tolist()),
+                    set(d.targets[d.test_indices].tolist()))
+  assert tested == {1: ({0, 1}, {0, 1}), 2: ({0, 1}, {0, 1})}
+
+
+def test_the_prepared_cache_is_never_written_into_the_data(tmp_path, monkeypatch):
+  """Without --config.prepared_dir a manifest is prepared into the user's cache,
+  `manifest-<stem>-<sha256 of its absolute path, NUL, its bytes>[:16]`, and its read-only data
+  folder gains no file; a run prepared in the old place beside the data keeps using it."""
+  import hashlib
+  import stat
+
+  from tests.test_hostile import snapshot
+
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+  data = tmp_path / "data"
+  manifest = _small(str(data))
+  before = snapshot(data)
+  modes = {}
+  for folder, dirs, _ in os.walk(data):
+    for d in [folder, *[os.path.join(folder, x) for x in dirs]]:
+      modes[d] = os.stat(d).st_mode
+  try:
+    for d in modes:
+      os.chmod(d, stat.S_IRUSR | stat.S_IXUSR)
+    fold = load_fold(_folder_config(manifest, "", strata="", num_folds=3, fold=1))
+  finally:
+    for d, mode in modes.items():
+      os.chmod(d, mode)
+  assert snapshot(data) == before and not (data / "jattn_prepared").exists()
+  with open(manifest, "rb") as f:
+    digest = hashlib.sha256(os.path.abspath(manifest).encode() + b"\0" + f.read()).hexdigest()
+  assert os.listdir(cache / "jattn" / "prepared") == [f"manifest-manifest-{digest[:16]}"]
+  assert len(fold.train_indices) + len(fold.test_indices) == 12
+
+  old = data / "jattn_prepared" / "manifest-manifest.csv"  # where jattn used to prepare
+  again = load_fold(_folder_config(manifest, str(old), strata="", num_folds=3, fold=1))
+  assert old.is_dir()
+  resumed = load_fold(_folder_config(manifest, "", strata="", num_folds=3, fold=1))
+  assert os.listdir(cache / "jattn" / "prepared") == [f"manifest-manifest-{digest[:16]}"]
+  np.testing.assert_array_equal(resumed.images, again.images)
+  from jattn.data import folder
+  assert folder.prepared_dir(_folder_config(manifest, "", strata="")) == str(old)

@@ -178,7 +178,7 @@ def test_predict_reads_a_folder_for_its_image_files(trained_run, synthetic_tree,
               folder / "z.png"]
   predict_cli.main(["--workdir", trained_run, str(folder)])
   rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-  assert [r["file"] for r in rows] == [str(p) for p in expected]
+  assert [r["file_name"] for r in rows] == [str(p) for p in expected]
   assert all(0 <= float(r["prob_malignant"]) <= 1 for r in rows)
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "sub" / "Thumbs.db").write_bytes(b"\0")

@@ -140,7 +140,7 @@ def test_predict_matches_the_evaluation(trained_run, synthetic_tree, tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == len(paths) == 5
   for row in rows:
-    want = evaluated[os.path.basename(row["file"])]
+    want = evaluated[os.path.basename(row["file_name"])]
     assert float(row["prob_malignant"]) == pytest.approx(float(want["prob_malignant"]), abs=1e-5)
     assert row["prediction"] == want["prediction"]
     assert row["patient_id"] == want["patient_id"] and row["magnification"] == want["magnification"]
@@ -286,3 +286,40 @@ def test_later_fields_hold_the_defaults():
       assert (key, node, value) == ("model.bn_unbiased_running_var", True, False)
     else:
       assert node == value, key
+
+
+def test_predict_writes_file_name_and_warns_about_the_runs_own_training_images(
+    trained_run, synthetic_tree, tmp_path, capsys):
+  """A manifest of 3 of the run's training images (in the tree, absent from its predictions.csv,
+  which lists every test image) and 2 of its test images: one warning line counting 3, and rows
+  whose first column is `file_name`, as in predictions.csv. Its test images alone: no warning."""
+  with open(os.path.join(trained_run, "predictions.csv")) as f:
+    evaluated = csv.DictReader(f)
+    header, tested = evaluated.fieldnames, {r["file_name"] for r in evaluated}
+  images = sorted(os.path.join(root, n) for root, _, files in os.walk(synthetic_tree[0])
+                  for n in files if n.endswith(".png") and "mkfold" not in root)
+  train = [p for p in images if os.path.basename(p) not in tested][:3]
+  test = [p for p in images if os.path.basename(p) in tested][:2]
+  assert len(train) == 3 and len(test) == 2
+
+  def manifest(paths, name):
+    path = tmp_path / name
+    label = lambda p: "malignant" if os.path.basename(p).startswith("SOB_M_") else "benign"
+    path.write_text("path,label\n" + "".join(f"{p},{label(p)}\n" for p in paths))
+    return str(path)
+
+  out = tmp_path / "pred.csv"
+  capsys.readouterr()
+  predict_cli.main(["--workdir", trained_run, "--manifest", manifest(train + test, "m.csv"),
+                "--out", str(out)])
+  warned = [line for line in capsys.readouterr().err.splitlines() if "training split" in line]
+  assert warned == [f"jattn: warning: 3 of the 5 images of --manifest {tmp_path / 'm.csv'} are in "
+                    f"the run's training split (fold 1): the figures below count images the "
+                    f"model was trained on"]
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert header[0] == "file_name" and list(rows[0])[0] == "file_name"
+  assert [r["file_name"] for r in rows] == train + test
+  predict_cli.main(["--workdir", trained_run, "--manifest", manifest(test, "t.csv"), "--out",
+                str(out)])
+  assert "training split" not in capsys.readouterr().err

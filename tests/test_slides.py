@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -453,3 +454,72 @@ def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path
   with open(os.path.join(trained_run, "config.json")) as f:
     image_size = json.load(f)["image_size"]
   assert field.needed_mpp == pytest.approx(50.0 / image_size)  # the network input's pixels
+
+
+def test_a_second_cohort_call_keeps_the_first_calls_rows(small_slides, trained_run, tmp_path):
+  """Two calls into one --out: cohort.csv lists the first call's slides with the rows it wrote
+  (read back by content) and the second call's slide after them."""
+  out = tmp_path / "out"
+  slide.main(["--workdir", trained_run, *small_slides[:2], "--out", str(out), *SMALL_OPTIONS])
+  first = _rows(out / "cohort.csv")
+  assert [r["name"] for r in first] == ["s0", "s1"]
+  slide.main(["--workdir", trained_run, small_slides[2], "--out", str(out), *SMALL_OPTIONS])
+  rows = _rows(out / "cohort.csv")
+  assert [r["name"] for r in rows] == ["s0", "s1", "s2"] and rows[:2] == first
+  mean = np.mean([float(r["prob_malignant"]) for r in _rows(out / "s2" / "tiles.csv")])
+  assert float(rows[2]["mean_prob_malignant"]) == pytest.approx(mean, abs=1e-6)
+
+
+def test_per_slide_mpp_from_a_csv_in_a_cohort_mixing_slides_with_and_without_metadata(
+    small_slides, trained_run, tmp_path, capsys):
+  """One command without --mpp: a slide without MPP metadata takes its --mpp-csv row's MPP (the
+  tile size in level-0 pixels follows it: 128 um / 0.46 um/px), one with resolution tags (0.5
+  um/px) keeps them (its row's cell empty); the --labels CSV may carry the mpp column."""
+  tagged = str(tmp_path / "tagged.tif")
+  rng = np.random.default_rng(5)
+  image = np.full((SMALL[1], SMALL[0], 3), GLASS, np.uint8)
+  image[:256, :256] = _tissue(rng, (256, 256))
+  _write_pyramid(tagged, image, 0.5, levels=1)
+  table = tmp_path / "slides.csv"
+  table.write_text("slide,label,mpp\ns0.tif,malignant,0.46\ntagged,benign,\n")
+  out = tmp_path / "out"
+  options = ["--tile-um", "128", "--magnification", "40X", "--top-k", "1"]
+  slide.main(["--workdir", trained_run, small_slides[0], tagged, "--out", str(out),
+              "--mpp-csv", str(table), *options])
+  s0 = json.loads((out / "s0" / "slide.json").read_text())["scale"]
+  assert s0["slide_mpp"] == [0.46, 0.46]
+  assert s0["slide_mpp_source"] == f"--mpp-csv {table}, line 2"
+  assert s0["read_px"] == [round(128 / 0.46)] * 2 and s0["level"] == 0
+  assert {int(r["width"]) for r in _rows(out / "s0" / "tiles.csv")} == {round(128 / 0.46)}
+  t = json.loads((out / "tagged" / "slide.json").read_text())["scale"]
+  assert t["slide_mpp"] == [pytest.approx(0.5)] * 2 and "TIFF resolution tags" in t[
+      "slide_mpp_source"] and t["read_px"] == [256, 256]
+  # --mpp applies to the slides the CSV gives none; the CSV's value wins over it. Another MPP
+  # than the finished results' is another setting: refused without --overwrite.
+  table.write_text("slide,mpp\ns0,0.47\n")
+  _one_line(capsys, ["--workdir", trained_run, small_slides[0], "--out", str(out), "--mpp-csv",
+                     str(table), *options], r"out/s0 holds results of another setting \(slide_mpp "
+                                            r"\[0.46, 0.46\] -> \[0.47, 0.47\]\)")
+  out2 = tmp_path / "out2"
+  slide.main(["--workdir", trained_run, small_slides[0], small_slides[2], "--out", str(out2),
+              "--mpp", "0.48", "--mpp-csv", str(table), *options])
+  s0 = json.loads((out2 / "s0" / "slide.json").read_text())["scale"]
+  s2 = json.loads((out2 / "s2" / "slide.json").read_text())["scale"]
+  assert (s0["slide_mpp"], s2["slide_mpp"]) == ([0.47, 0.47], [0.48, 0.48])
+  assert s2["slide_mpp_source"] == "--mpp"
+
+
+@pytest.mark.parametrize("cell", ["abc", "0", "-0.5", "nan", ""])
+def test_a_bad_per_slide_mpp_is_one_line_naming_the_csv_row_and_value(
+    cell, small_slides, trained_run, tmp_path, capsys):
+  table = tmp_path / "slides.csv"
+  table.write_text(f"slide,mpp\ns1,0.5\ns0,{cell}\n")
+  out = tmp_path / "out"
+  argv = ["--workdir", trained_run, *small_slides[:2], "--out", str(out), "--mpp-csv",
+          str(table), "--tile-um", "128", "--magnification", "40X"]
+  if cell:
+    _one_line(capsys, argv, rf"--mpp-csv {re.escape(str(table))}, line 3: mpp '{cell}' of slide "
+                            rf"'s0' is no positive number; give the scan's microns per pixel")
+  else:  # an empty cell: the slide's metadata, of which s0 has none
+    _one_line(capsys, argv, r"s0.tif: no microns per pixel .*or per slide with --mpp-csv")
+  assert not out.exists()

@@ -154,3 +154,33 @@ def test_the_preview_grid_shows_each_image_and_its_normalisation(tmp_path):
   for r in range(2):
     np.testing.assert_array_equal(grid[r * step:r * step + size, :size], images[r])
     np.testing.assert_array_equal(grid[r * step:r * step + size, step:step + size], want[r])
+
+
+@pytest.mark.parametrize("command", ["predict", "slide", "evaluate"])
+def test_macenko_asked_at_scoring_time_says_to_retrain_with_it(tmp_path, capsys, command):
+  """A run trained without stain normalisation (its config.json says stain_norm none): asking
+  predict, slide or external validation for Macenko is refused in one line (exit 2, nothing
+  written) that names the run's stain_norm and the training option that gives it."""
+  from jattn.cli import slide
+  from jattn.evaluation import evaluate
+  from tests.test_hostile import one_line_error, snapshot
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config = config_lib.load_config(DEMO)
+  assert config.stain_norm == "none"
+  (workdir / "config.json").write_text(config.to_json())
+  argv = {"predict": (predict.main, ["--workdir", str(workdir), "--stain-norm", "macenko",
+                                     "a.png"]),
+          "slide": (slide.main, ["--workdir", str(workdir), "--out", str(tmp_path / "out"),
+                                 "--config.stain_norm=macenko", "a.svs"]),
+          "evaluate": (evaluate.main, ["--workdir", str(workdir), "--config.data_dir=/nowhere",
+                                       "--config.stain_norm=macenko"])}
+  run, args = argv[command]
+  before = snapshot(tmp_path)
+  err = one_line_error(lambda: run(args), capsys, f"jattn.{command}", "")
+  assert err.rstrip("\n").endswith(
+      "stain normalisation 'macenko' cannot be chosen when scoring: the run's model was trained "
+      "with stain_norm=none and is scored with it; to score with macenko normalisation, retrain "
+      "with `--config.stain_norm=macenko`"), err
+  assert snapshot(tmp_path) == before

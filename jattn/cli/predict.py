@@ -12,6 +12,7 @@ import io
 import os
 import sys
 
+from jattn.cli import common
 from jattn.core import files
 from jattn.core.errors import UserError, exit_on_user_error
 from jattn.evaluation import evaluate, results
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                       "(results.json's form)")
   parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP), or folders "
                       "of them (searched recursively)")
+  common.refuse_stain_norm(sys.argv[1:] if argv is None else argv, PROG)
   args = parser.parse_args(argv)
   with exit_on_user_error(PROG):
     for flag, path in (("--out", args.out), ("--results", args.results)):

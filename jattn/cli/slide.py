@@ -1,7 +1,8 @@
 """Predicts whole-slide images with a trained run: heatmaps, QuPath detections, slide scores.
 
   jattn slide --workdir runs/ours/fold1 SLIDE_OR_FOLDER... --out DIR \\
-      [--stratum 40X] [--mpp UM] [--tile-um W[,H]] [--min-tissue 0.5] [--stride 1] \\
+      [--stratum 40X] [--mpp UM] [--mpp-csv slides.csv] [--tile-um W[,H]] \\
+      [--min-tissue 0.5] [--stride 1] \\
       [--tissue saturation|od] [--tta none|dihedral] [--top-k 8] [--batch-size 32] \\
       [--threads N] [--labels slides.csv [--score mean] [--threshold 0.5] \\
       [--bootstrap-resamples 1000] [--bootstrap-seed 0]] [--overwrite] [--benchmark]
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from jattn.cli import common
 from jattn.core.errors import UserError, exit_on_user_error
 from jattn.slides import cohort, pipeline, reader, tissue
 from jattn.training import state as state_lib
@@ -47,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
                            "scales")
   parser.add_argument("--mpp", type=float, help="the slide's microns per pixel at level 0, "
                       "overriding its metadata (needed when it has none)")
+  parser.add_argument("--mpp-csv", help="CSV slide,mpp: a slide's level-0 microns per pixel, "
+                      "over --mpp and its metadata (other columns ignored: the --labels CSV may "
+                      "carry an mpp column; an empty cell leaves the slide to --mpp or its "
+                      "metadata)")
   parser.add_argument("--tile-um", type=_field, help="the field a tile covers, W,H in um "
                       "(default: a training image's)")
   parser.add_argument("--min-tissue", type=float, default=0.5,
@@ -77,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="time the first slide's tiles (reading, inference, both); write nothing")
   parser.add_argument("slides", nargs="+", help="slide files, or folders of them (searched "
                       "recursively)")
+  common.refuse_stain_norm(sys.argv[1:] if argv is None else argv, PROG)
   args = parser.parse_args(argv)
   with exit_on_user_error(PROG):
     options = pipeline.Options(
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
       raise UserError("--score and --threshold judge slides against --labels: give --labels too")
     cohort.run_cohort(args.workdir, args.slides, args.out, options, labels=args.labels,
                       score=args.score, threshold=args.threshold,
-                      resamples=args.bootstrap_resamples, seed=args.bootstrap_seed)
+                      resamples=args.bootstrap_resamples, seed=args.bootstrap_seed,
+                      mpp_csv=args.mpp_csv)
 
 

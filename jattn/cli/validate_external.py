@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jattn.cli import common
 from jattn.core import config_lib
 from jattn.core.errors import exit_on_user_error
 from jattn.evaluation import evaluate
@@ -19,7 +20,9 @@ PROG = "jattn validate-external"
 
 
 def main(argv: list[str] | None = None) -> None:
-  overrides, rest = config_lib.split_argv(sys.argv[1:] if argv is None else argv)
+  argv = sys.argv[1:] if argv is None else argv
+  common.refuse_stain_norm(argv, PROG)
+  overrides, rest = config_lib.split_argv(argv)
   parser = argparse.ArgumentParser(
       prog=PROG, description=__doc__.split("\n")[0] + " " + __doc__.split("\n")[1],
       epilog="Name the other set with --config.FIELD=VALUE (data_dir, dataset, ...).")

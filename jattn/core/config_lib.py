@@ -60,7 +60,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies `a.b=value` overrides in place, parsing each value by the type of `a.b`."""
+  """Applies `a.b=value` overrides in place, parsing each value by the type of `a.b`. A changed
+  `model.name` renames the run where its name spells the old model (demo_resnet50_ours with
+  resnet18 becomes demo_resnet18_ours), unless `name` is given too."""
+  model_before = _model_name(config)
+  given = set()
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep:
@@ -72,7 +76,19 @@ def apply_overrides(config: ml_collections.ConfigDict,
                       f"--config.{key}.{next(iter(current.keys()))}=...")
     with parent.unlocked():
       parent[field] = _parse(key, raw, current)
+    given.add(key)
+  model_after = _model_name(config)
+  if model_before and model_after and model_after != model_before and "name" not in given and (
+      isinstance(config.get("name"), str)):
+    parts = config.name.split("_")
+    if model_before in parts:
+      config.name = "_".join(model_after if p == model_before else p for p in parts)
   return config
+
+
+def _model_name(config: ml_collections.ConfigDict) -> str | None:
+  model = config.get("model")
+  return model.get("name") if isinstance(model, ml_collections.ConfigDict) else None
 
 
 def _resolve(config: ml_collections.ConfigDict, key: str):

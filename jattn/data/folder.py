@@ -20,6 +20,7 @@ never used stale. Folds: `jattn.data.labelled`.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import posixpath
@@ -37,6 +38,8 @@ GROUP_UNIT = "group"
 STRATA = {labelled.DATASET_AXIS: ()}  # the report columns when no run finished: the data's own
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PREPARED = "jattn_prepared"
+
+log = logging.getLogger(__name__)
 COLUMNS = ("path", "label")
 
 
@@ -62,16 +65,41 @@ def _root(config) -> str:
 
 
 def prepared_dir(config) -> str:
-  """`--config.prepared_dir`, else `DATA_DIR/jattn_prepared/folder` for a folder per class and
-  `<its folder>/jattn_prepared/manifest-<its name>` for a manifest (side by side, never nested:
-  each preparation clears what a killed one left in its own folder)."""
+  """`--config.prepared_dir`, else a folder of the user's cache, never inside the data:
+  `~/.cache/jattn/prepared/manifest-<its stem>-<hash>` for a manifest (the hash of its absolute
+  path and its bytes: an edited manifest is prepared anew) and `.../folder-<DIR's name>-<hash of
+  DIR's absolute path>` for a folder per class; said in one log line. A run prepared where jattn
+  used to prepare (`<the data's folder>/jattn_prepared/manifest-<its name>` or
+  `DIR/jattn_prepared/folder`) keeps using that folder while it exists."""
   if config.prepared_dir:
     return os.path.abspath(os.path.expanduser(config.prepared_dir))
   manifest = _manifest(config)
   if manifest:
-    return os.path.join(prepare.default_prepared_dir(os.path.dirname(manifest)),
-                        f"manifest-{os.path.basename(manifest)}")
-  return os.path.join(prepare.default_prepared_dir(_data_dir(config)), "folder")
+    where = os.path.abspath(manifest)
+    old = os.path.join(os.path.dirname(where), PREPARED, f"manifest-{os.path.basename(where)}")
+    if os.path.isdir(old):
+      return old
+    try:
+      with open(where, "rb") as f:
+        content = f.read()
+    except OSError:
+      content = b""  # reading the manifest says what is wrong with it
+    folder = prepare.user_cache_dir(
+        f"manifest-{os.path.splitext(os.path.basename(where))[0]}", where.encode(), content)
+  else:
+    where = os.path.abspath(_data_dir(config))
+    old = os.path.join(where, PREPARED, "folder")
+    if os.path.isdir(old):
+      return old
+    folder = prepare.user_cache_dir(f"folder-{os.path.basename(where)}", where.encode())
+  if folder not in _SAID:
+    _SAID.add(folder)
+    log.info("prepared data of %s: %s (--config.prepared_dir chooses another folder)", where,
+             folder)
+  return folder
+
+
+_SAID: set[str] = set()
 
 
 def image_path(root: str, name: str) -> str:

@@ -223,7 +223,9 @@ def check_generatable(table: Table, num_folds: int) -> list[str]:
     count = len(np.unique(groups[table.labels == c]))
     if count < num_folds:
       out.append(f"class {name!r} of {table.where} has {count} {unit}(s), fewer than the "
-                 f"{num_folds} folds: some folds test no {name} images")
+                 f"{num_folds} folds: some folds test no {name} images"
+                 + (f" (--config.num_folds={count} or fewer can test it in every fold)"
+                    if count >= 2 else f" (it needs 2 {unit}s: one to train on, one to test)"))
   return out
 
 
@@ -247,8 +249,38 @@ def generate_folds(table: Table, num_folds: int, seed: int) -> Folds:
   return Folds(f"generated: {num_folds} stratified group folds (seed {seed})", splits)
 
 
-def fold_problems(folds: Folds, fold: int, table: Table) -> tuple[list[str], list[str]]:
-  """(problems, warnings) of fold `fold`: a problem makes it unusable."""
+def groups_per_class(table: Table) -> dict[str, int]:
+  """Each class's number of distinct groups (patients, slides; an image is its own group when
+  the data has none)."""
+  _, groups = group_index(table)
+  return {name: len(np.unique(groups[table.labels == c])) for c, name in enumerate(table.classes)}
+
+
+def _what_to_do(table: Table, folds: Folds, fold: int, classes: list[str], generated: bool,
+                side: str) -> str:
+  """Why fold `fold` lacks `classes` on `side` and what to do: each class's group count against
+  the number of folds, the numbers of folds that give every fold every class (at most the
+  smallest class's group count), or which file to mend."""
+  counts, unit, k = groups_per_class(table), table.group_unit, len(folds.splits)
+  why = "; ".join(f"{c} has only {counts[c]} {unit}(s) for {k} folds" for c in classes)
+  if not generated:
+    return (f"{why}: give fold {fold} {side} images of {', '.join(classes)} in {folds.source}, "
+            f"or draw folds with --config.folds=generated")
+  fewest = min(counts.values())
+  if fewest < 2:
+    thin = [c for c, n in counts.items() if n < 2]
+    return (f"{why}: a class needs at least 2 {unit}s (one to train on, one to test), which "
+            f"{', '.join(thin)} lack(s): add {unit}s of {', '.join(thin)} or leave the class out "
+            f"of --config.classes")
+  return (f"{why}: with --config.num_folds={fewest} or fewer (the smallest class has {fewest} "
+          f"{unit}s) every fold can train on and test every class")
+
+
+def fold_problems(folds: Folds, fold: int, table: Table, generated: bool = False
+                  ) -> tuple[list[str], list[str]]:
+  """(problems, warnings) of fold `fold`: a problem makes it unusable. A fold lacking a class
+  says why (the class's groups against the folds) and what to do; `generated`: the folds were
+  drawn by jattn (`--config.num_folds` then chooses their number)."""
   where = f"fold {fold} of {folds.source}"
   if fold not in folds.splits:
     return [f"{folds.source} has no fold {fold} (it has folds "
@@ -275,29 +307,31 @@ def fold_problems(folds: Folds, fold: int, table: Table) -> tuple[list[str], lis
     absent = [c for i, c in enumerate(table.classes) if i not in trained]
     if absent:
       problems.append(f"{where} has no training images of the class(es) {', '.join(absent)}: "
-                      f"the model could never predict them")
+                      f"the model could never predict them; "
+                      + _what_to_do(table, folds, fold, absent, generated, "training"))
   if sides["test"]:
     tested = set(table.labels[sides["test"]].tolist())
     untested = [c for i, c in enumerate(table.classes) if i not in tested]
     if untested:
-      warned.append(f"{where} has no test images of the class(es) {', '.join(untested)}")
+      warned.append(f"{where} has no test images of the class(es) {', '.join(untested)}; "
+                    + _what_to_do(table, folds, fold, untested, generated, "test"))
   left_out = len(table.names) - len(sides["train"]) - len(sides["test"])
   if left_out:
     warned.append(f"{where} leaves out {left_out} image(s) of {table.where}")
   return problems, warned
 
 
-def validate_fold(folds: Folds, fold: int, table: Table) -> list[str]:
+def validate_fold(folds: Folds, fold: int, table: Table, generated: bool = False) -> list[str]:
   """Raises `UserError` on the first problem of fold `fold`; returns its warnings, and the other
   folds' problems as warnings (they do not stop a run of this one)."""
-  problems, warned = fold_problems(folds, fold, table)
+  problems, warned = fold_problems(folds, fold, table, generated)
   if problems:
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     raise UserError(problems[0] + more)
   for other in folds.splits:
     if other != fold:
       warned += [f"{p} (fold {fold}, the one being run, is not affected)"
-                 for p in fold_problems(folds, other, table)[0]]
+                 for p in fold_problems(folds, other, table, generated)[0]]
   return warned
 
 
@@ -313,7 +347,7 @@ def resolve_folds(config, table: Table, prepared_dir: str, *, root: str) -> tupl
     folds = read_folds_csv(path) if os.path.isfile(path) else generate_folds(table, k, seed)
   else:
     folds = read_folds_csv(folds_path(config.folds, root))
-  return folds, notes + validate_fold(folds, config.fold, table)
+  return folds, notes + validate_fold(folds, config.fold, table, config.folds == "generated")
 
 
 def save_generated(config, table: Table, prepared_dir: str, folds: Folds) -> Folds:

@@ -50,6 +50,14 @@ def default_prepared_dir(data_dir: str) -> str:
   return folder
 
 
+def user_cache_dir(name: str, *keys: bytes) -> str:
+  """`~/.cache/jattn/prepared/<name>-<hash of keys>` (`$XDG_CACHE_HOME` if set): a prepared dir of
+  the user's own, never inside the data."""
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  digest = hashlib.sha256(b"\0".join(keys)).hexdigest()[:16]
+  return os.path.join(cache_home, "jattn", "prepared", f"{name}-{digest}")
+
+
 def remove_stale(prepared_dir: str) -> list[str]:
   """Removes what a killed preparation left behind; returns the paths. Call under the lock.
 

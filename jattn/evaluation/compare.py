@@ -56,14 +56,32 @@ def test_over_train(runs: Iterable[dict]) -> float | None:
   return float(np.mean(ratios)) if ratios else None
 
 
+MIN_FOLDS = 3  # an interval over fewer folds (t with one degree of freedom) is not given
+IDENTICAL = 1e-9  # per-fold values closer than this (points) are equal: float noise of 100 * a
+
+
+def no_interval(values, ratio: float | None) -> str | None:
+  """Why the per-fold `values` get no interval (None when they get one): fewer than `MIN_FOLDS`
+  folds, per-fold values all equal (zero variance: a zero-width interval claims a certainty the
+  folds cannot give), or runs that do not record their numbers of images."""
+  values = np.asarray(values, np.float64)
+  if len(values) < MIN_FOLDS:
+    return f"{len(values)} fold{'s' if len(values) != 1 else ''}"
+  if np.ptp(values) <= IDENTICAL:
+    return "identical per-fold values"
+  if ratio is None:
+    return "image counts not recorded"
+  return None
+
+
 def corrected_interval(values, ratio: float | None, level: float = LEVEL
                        ) -> tuple[float, float | None, float | None]:
   """The mean of J per-fold values and its interval by Nadeau and Bengio's corrected resampled t,
-  mean ± t((1 + level)/2, J − 1) · sqrt((1/J + ratio) · s²); no interval below two folds or
-  without the test/training ratio."""
+  mean ± t((1 + level)/2, J − 1) · sqrt((1/J + ratio) · s²); no interval (low and high None)
+  where `no_interval` gives a reason."""
   values = np.asarray(values, np.float64)
   mean = float(values.mean())
-  if len(values) < 2 or ratio is None:
+  if no_interval(values, ratio) is not None:
     return mean, None, None
   half = float(scipy.stats.t.ppf((1 + level) / 2, len(values) - 1)) * math.sqrt(
       (1 / len(values) + ratio) * float(np.var(values, ddof=1)))
@@ -115,7 +133,10 @@ class Difference:
     mean, low, high = self.interval()
     if mean is None:
       return "—"
-    out = f"{mean:+.1f}" + ("" if low is None else f" [{low:+.1f}, {high:+.1f}]")
+    if low is None:
+      out = f"{mean:+.1f} (no interval: {no_interval(self.per_fold, self.ratio)})"
+    else:
+      out = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
     if low is not None and (low > 0 or high < 0):
       out = f"**{out}**"
     ties = f", ties {self.ties}" if self.ties else ""
@@ -186,7 +207,7 @@ class Mark:
     if mean is None:
       return "—"
     if low is None:
-      return f"{mean:.1f}"
+      return f"{mean:.1f} (no interval: {no_interval(self.values, self.ratio)})"
     return f"{mean:.1f} [{low:.1f}, {high:.1f}] {'inside' if self.inside else '**outside**'}"
 
 
@@ -302,9 +323,10 @@ def format_markdown(c: Comparisons) -> str:
            f"its training and test images), and over the J folds, mean ± t(0.975, J − 1) · "
            f"sqrt((1/J + n_test/n_train) · s²), s² the sample variance of the per-fold "
            f"differences and n_test/n_train the folds' ratio of test to training images "
-           f"(results.json's `data`; `ratio` below). Bold: an interval that excludes 0. A "
-           f"difference without an interval comes from one fold, or from runs that do not "
-           f"record their numbers of images.", ""]
+           f"(results.json's `data`; `ratio` below). Bold: an interval that excludes 0. No "
+           f"interval is given (and nothing is bold) below {MIN_FOLDS} folds, where the per-fold "
+           f"differences are all equal (zero variance), or for runs that do not record their "
+           f"numbers of images; the reason is said in the cell.", ""]
   if not c.differences:
     lines += ["No comparison: " + ("none asked for" if c.requested else
                                     "no row has a baseline row of its setting to compare with"
@@ -333,8 +355,8 @@ def format_markdown(c: Comparisons) -> str:
               f"(n_test/n_train of the row's runs); `inside`/`outside`: whether the published "
               f"mean lies in it. The published figure has its own uncertainty (its ± is the "
               f"standard deviation over the paper's folds), which our interval does not include. "
-              f"A cell without an interval comes from one fold or from runs that do not record "
-              f"their numbers of images.", ""]
+              f"A cell without an interval says why (fewer than {MIN_FOLDS} folds, identical "
+              f"per-fold values, or runs that do not record their numbers of images).", ""]
     for level, table in _levels(shape):
       rows = [m for m in c.marks if m.level == level]
       if not rows:

@@ -215,23 +215,28 @@ def write_roc_plot(path: str, rows: Sequence[dict], *, positive: str, stratum: s
 
 
 def format_table(results: dict) -> str:
-  """The headline figures of one run (results.json, schema 2) as a small text table (percent)."""
+  """The headline figures of one run (results.json, schema 2) as a small text table (percent).
+  Where every test group holds one image (a folder source without groups: each image is its own
+  group) the group rows would repeat the image rows: one line says so instead."""
   unit = results.get("group_unit", "group")
   cols = [c for c in _report_columns(results) if c in results["image_accuracy"]]
-  rows = [("image accuracy", "image_accuracy"), (f"{unit} accuracy", "group_accuracy"),
-          (f"{unit} recognition rate", "group_recognition_rate")]
+  alone = bool(cols) and all(results["num_images"][c] == results["num_groups"][c] for c in cols)
+  rows = [("image accuracy", "image_accuracy")] + ([] if alone else [
+      (f"{unit} accuracy", "group_accuracy"),
+      (f"{unit} recognition rate", "group_recognition_rate")])
+  levels = (("image", "image"),) if alone else (("image", "image"), (unit, "group"))
   lines = [f"{'':<26}" + "".join(f"{c:>8}" for c in cols)]
   for title, key in rows:
     if key in results:
       lines.append(f"{title:<26}" + "".join(f"{100 * results[key][c]:>8.1f}" for c in cols))
-  for level, key in (("image", "image"), (unit, "group")):
+  for level, key in levels:
     if all(key in results["majority_baseline"][c] for c in cols):
       lines.append(f"{'majority class, ' + level:<26}" + "".join(
           f"{100 * results['majority_baseline'][c][key]:>8.1f}" for c in cols))
   lines.append(f"{'test images / ' + unit + 's':<26}" + "".join(
       f"{results['num_images'][c]:>5}/{results['num_groups'][c]:<2}" for c in cols))
   clinical = results.get("clinical", {})
-  for level, key in (("image", "image"), (unit, "group")):
+  for level, key in levels:
     if key not in clinical:
       continue
     for name in metrics.BINARY_METRICS:
@@ -245,7 +250,10 @@ def format_table(results: dict) -> str:
   absent = [v for s in results.get("strata", {}).values() for v in s["absent"]]
   if absent:
     lines.append(f"absent (no test images in this fold): {', '.join(absent)}")
-  if not results.get("group_figures", {}).get("reported", True):
+  if alone:
+    lines.append(f"no {unit}s: each test image is its own {unit}, so {unit} level = image level "
+                 f"({unit} rows not shown)")
+  elif not results.get("group_figures", {}).get("reported", True):
     lines.append(f"{unit} figures omitted: {results['group_figures']['why']}")
   return "\n".join(lines)
 

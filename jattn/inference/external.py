@@ -47,6 +47,39 @@ FIXED_FIELDS = ("image_size", "stain_norm", "model")  # what the run's model see
 CHUNK = 2048  # images read from the memory-mapped cache at a time
 
 
+STAIN_FLAGS = ("--stain-norm", "--stain_norm")  # what a user may try at scoring time
+
+
+def stain_norm_asked(argv) -> str | None:
+  """The stain normalisation a scoring command's arguments ask for (`--config.stain_norm=V`,
+  `--stain-norm V`), or None."""
+  overrides, rest = config_lib.split_argv(list(argv))
+  for item in overrides:
+    if item.partition("=")[0] == "stain_norm":
+      return item.partition("=")[2]
+  for i, arg in enumerate(rest):
+    flag, eq, value = arg.partition("=")
+    if flag in STAIN_FLAGS:
+      return value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+  return None
+
+
+def stain_norm_refusal(asked: str, workdir: str | None) -> str:
+  """The one line refusing a stain normalisation asked for at scoring time: the run applies the
+  one it was trained with, so another needs another run."""
+  try:
+    trained = runs.load_config(workdir).get("stain_norm", "none") if workdir else None
+  except UserError:
+    trained = None
+  was = f"stain_norm={trained}" if trained else "its own stain_norm"
+  if trained is not None and asked == trained:
+    return (f"stain normalisation {asked!r}: the run was trained with {was} and applies it when "
+            f"scoring already; leave the option out")
+  return (f"stain normalisation {asked!r} cannot be chosen when scoring: the run's model was "
+          f"trained with {was} and is scored with it; to score with {asked or 'another'} "
+          f"normalisation, retrain with `--config.stain_norm={asked or 'macenko'}`")
+
+
 def match_classes(run_classes, set_classes, what: str) -> np.ndarray:
   """For each of the set's classes, the run's output with the same name (so that
   `probs[:, order]` are in the set's class order); different sets of names are a UserError."""
@@ -87,6 +120,8 @@ def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.Conf
                     "--config.dataset=SOURCE if it is not the run's kind of data set)")
   for item in overrides:
     key = item.partition("=")[0]
+    if key == "stain_norm":
+      raise UserError(stain_norm_refusal(item.partition("=")[2], workdir))
     if key.split(".")[0] in FIXED_FIELDS:
       raise UserError(f"--config.{key}: the run's {key} is what its model was trained with and "
                       f"is used as it is; leave it out")

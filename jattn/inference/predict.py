@@ -9,7 +9,8 @@ subfolders included); hidden files and folders (`.DS_Store`, `._*`) and anything
 text) are skipped.
 
 Images are preprocessed exactly as in training (RGB, resized to the run's image_size with PIL's
-bilinear filter, normalised by the run's fold statistics). Each row gives the file, the probability
+bilinear filter, normalised by the run's fold statistics). Each row gives the file (`file_name`,
+as in a run's predictions.csv), the probability
 of the run's positive label (BreakHis: malignant) and the prediction; when the run's data source
 reads a group and strata from the file name (BreakHis' convention: the patient and the
 magnification), also those and the vote of the group's given images in that stratum
@@ -21,26 +22,32 @@ run that has not finished (no results.json) is used from its latest checkpoint, 
 saying how far it got.
 
 With --manifest (a CSV with columns `path,label`, optionally `group` and stratum columns, one row
-per image, paths relative to the CSV's folder) the images are the manifest's and each row also gives
-its `label` and whether the prediction is `correct`; the group and strata come from the manifest
-(where it has those columns; the file name otherwise), the group vote is scored
+per image, paths relative to the CSV's folder) the images are the manifest's and each row also
+gives its `label` and whether the prediction is `correct`; the group and strata come from the
+manifest (where it has those columns; the file name otherwise), the group vote is scored
 (`<unit>_vote_correct`), and the evaluator's figures of the whole manifest
-(`jattn.evaluation.evaluate`, as for a run's test set: per stratum, per group, clinical metrics with
-bootstrap intervals) are printed on stderr as a run prints its table, and written as a results.json
-with --results. A group is only ever what the manifest or the data source's file naming says: in the
-ImageFolder convention (a folder per class) the parent folder is the class, never the group.
+(`jattn.evaluation.evaluate`, as for a run's test set: per stratum, per group, clinical metrics
+with bootstrap intervals) are printed on stderr as a run prints its table, and written as a
+results.json with --results. A
+group is only ever what the manifest or the data source's file naming says: in the ImageFolder
+convention (a folder per class) the parent folder is the class, never the group. Images of the
+run's own training split (the same decoded pixels as a training image of its prepared data) are
+counted and said in one warning line: their figures are not those of unseen images.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import io
 import os
 
 import numpy as np
 
 from jattn.core import files
-from jattn.core.errors import UserError
-from jattn.data import sources, stain
+from jattn.core.errors import UserError, warn
+from jattn.data import load_fold, sources, stain
 from jattn.data.fold import FoldData, Strata
 from jattn.data.prepare import decode_resize
 from jattn.evaluation import evaluate
@@ -190,10 +197,10 @@ def predict_and_score(workdir: str, paths: list[str], batch_size: int, tta: str 
     k = int(np.argmax(p))
     shown = manifest.paths[i] if manifest is not None else path
     if b is not None:
-      row = {"file": shown, f"prob_{b.positive_name}": f"{b.positive_probability(p):.6f}",
+      row = {"file_name": shown, f"prob_{b.positive_name}": f"{b.positive_probability(p):.6f}",
              "prediction": b.names[b.of[k]]}
     else:
-      row = {"file": shown, "prediction": outputs.classes[k],
+      row = {"file_name": shown, "prediction": outputs.classes[k],
              **{f"prob_{c}": f"{p[j]:.6f}" for j, c in enumerate(outputs.classes)}}
     if manifest is not None:
       row.update(label=manifest.labels[i],
@@ -225,6 +232,11 @@ def predict_and_score(workdir: str, paths: list[str], batch_size: int, tta: str 
       rows[i][f"{unit}_vote"] = outputs.classes[votes[int(g)]]
   if manifest is None:
     return rows, None
+  seen = training_overlap(config, images)
+  if seen:
+    warn(f"{seen} of the {len(found)} images of --manifest {manifest.file} are in the "
+                f"run's training split (fold {config.fold}): the figures below count images the "
+                f"model was trained on")
   figures = _score_manifest(config, run_state, outputs, manifest, rows, probs, source)
   labels = {}  # a group's vote (in a stratum) is scored when its images carry one label
   for row, key in zip(rows, keys, strict=True):
@@ -235,6 +247,22 @@ def predict_and_score(workdir: str, paths: list[str], batch_size: int, tta: str 
   return rows, figures
 
 
+def training_overlap(config, images: np.ndarray) -> int | None:
+  """How many of `images` (decoded as `load_images` decodes them) are, pixel for pixel, images of
+  the run's training split, read from its prepared data (`load_fold` of the run's config); None
+  when that data cannot be read (moved, or another machine's)."""
+
+  try:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+      fold = load_fold(config)
+  except (UserError, OSError):
+    return None
+  digest = lambda image: hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+  trained = {digest(fold.images[i]) for i in fold.train_indices
+             if fold.images[i].shape == images.shape[1:]}
+  return sum(digest(image) in trained for image in images)
+
+
 def _score_manifest(config, run_state, outputs, manifest: Manifest, rows: list[dict],
                     probs: np.ndarray, source) -> dict:
   """The evaluator's results (as results.json) of a manifest's images: groups from its `group`
@@ -243,7 +271,7 @@ def _score_manifest(config, run_state, outputs, manifest: Manifest, rows: list[d
   n = len(rows)
   unit = outputs.group_unit
   named = all(r[f"{unit}_id"] for r in rows)
-  group_names = [r[f"{unit}_id"] if named else r["file"] for r in rows]
+  group_names = [r[f"{unit}_id"] if named else r["file_name"] for r in rows]
   group_ids = tuple(dict.fromkeys(group_names))
   axes = list(manifest.strata) or [a for a in outputs.strata if all(r[a] for r in rows)]
   strata = []

@@ -13,6 +13,9 @@ figures).
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 
 import numpy as np
@@ -37,12 +40,7 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
     raise UserError(f"--labels {path}: expected a CSV with a header row naming the columns slide "
                     f"and label, and one row per slide (its header: "
                     f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
-  keys = {}
-  for plan in plans:
-    base = os.path.basename(plan.path)
-    for key in (plan.name, base, os.path.splitext(base)[0], os.path.normpath(plan.path),
-                os.path.abspath(plan.path)):
-      keys.setdefault(key, plan.name)
+  keys = _slide_keys([(plan.path, plan.name) for plan in plans])
   known = {n.casefold(): n for n in names}
   out, unmatched = {}, []
   for line, row in read.records():
@@ -69,6 +67,57 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
   return out
 
 
+def _slide_keys(slides: list[tuple[str, str]]) -> dict[str, str]:
+  """{what a CSV may call a slide: its output name} of (path, output name) pairs: the output
+  name, the file name with or without its extension, the path as given or absolute."""
+  keys = {}
+  for path, name in slides:
+    base = os.path.basename(path)
+    for key in (name, base, os.path.splitext(base)[0], os.path.normpath(path),
+                os.path.abspath(path)):
+      keys.setdefault(key, name)
+  return keys
+
+
+def read_mpps(path: str, slides: list[tuple[str, str]]) -> dict[str, tuple[float, str]]:
+  """{output name: (level-0 MPP, where it comes from)} of the (path, output name) `slides` that
+  the CSV at `path` gives a value in its `mpp` column (the slide named as in --labels; other
+  columns ignored, so the --labels CSV may carry it). An empty cell leaves the slide to --mpp or
+  its metadata; a value that is no positive number, or a CSV without the columns, is one line."""
+  if not os.path.isfile(path):
+    raise UserError(f"--mpp-csv {path}: no such file; give a CSV with columns slide,mpp")
+  read = files.read_csv(path, "--mpp-csv ")
+  if not read.rows or not {"slide", "mpp"} <= set(read.header):
+    raise UserError(f"--mpp-csv {path}: expected a CSV with a header row naming the columns slide "
+                    f"and mpp (microns per pixel at level 0), and one row per slide (its header: "
+                    f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
+  keys = _slide_keys(slides)
+  out, unmatched = {}, []
+  for line, row in read.records():
+    slide = row["slide"].strip()
+    text = row["mpp"].strip()
+    if not text:
+      continue
+    try:
+      value = float(text)
+    except ValueError:
+      value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+      raise UserError(f"--mpp-csv {path}, line {line}: mpp {text!r} of slide {slide!r} is no "
+                      f"positive number; give the scan's microns per pixel at level 0 (e.g. 0.25 "
+                      f"for a 40x scan, 0.5 for 20x), or leave the cell empty for --mpp or the "
+                      f"slide's metadata")
+    name = keys.get(slide) or keys.get(os.path.normpath(slide))
+    if name is None:
+      unmatched.append(slide)
+    else:
+      out[name] = (value, f"--mpp-csv {path}, line {line}")
+  if unmatched:
+    errors.warn(f"--mpp-csv {path}: {len(unmatched)} slide(s) not in this cohort, ignored: "
+                f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
+  return out
+
+
 def figures(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
             seed: int) -> dict:
   """Slide-level metrics.BINARY_METRICS of 0/1 labels and scores, a slide called positive at
@@ -87,10 +136,11 @@ def figures(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples:
 def run_cohort(workdir: str, paths: list[str], out: str,
                options: pipeline.Options | None = None, labels: str | None = None,
                score: str = "mean", threshold: float = 0.5, resamples: int = 1000,
-               seed: int = 0) -> dict:
+               seed: int = 0, mpp_csv: str | None = None) -> dict:
   """Predicts every slide `paths` name (files or folders) into OUT/<name>/ and writes
   OUT/cohort.csv (and OUT/cohort_figures.json with `labels`); returns {"slides": [slide.json
-  records], "figures": ... or None}. Finished slides are read back, not predicted again."""
+  records], "figures": ... or None}. Finished slides are read back, not predicted again.
+  `mpp_csv` gives slides their level-0 MPP (`read_mpps`), over --mpp and their metadata."""
   options = options or pipeline.Options()
   if score not in SCORES:
     raise UserError(f"--score {score!r}: use one of {', '.join(SCORES)}")
@@ -109,7 +159,9 @@ def run_cohort(workdir: str, paths: list[str], out: str,
   paths = list(unique.values())
   run = pipeline.load_run(workdir, options)
   names = inspect.distinct_names(paths)
-  plans = [pipeline.plan_slide(run, p, n, options) for p, n in zip(paths, names, strict=True)]
+  mpps = read_mpps(mpp_csv, list(zip(paths, names, strict=True))) if mpp_csv else {}
+  plans = [pipeline.plan_slide(run, p, n, options, mpps.get(n))
+           for p, n in zip(paths, names, strict=True)]
   b = run.outputs.binary
   slide_labels = read_labels(labels, plans, b.names, b.positive_name) if labels else None
   done = {plan.name: pipeline.finished(out, plan, run, options) for plan in plans}
@@ -123,6 +175,7 @@ def run_cohort(workdir: str, paths: list[str], out: str,
         records.append(done[plan.name])
       else:
         records.append(pipeline.predict_slide(run, plan, out, options))
+    records = _earlier(out, {r["name"] for r in records}) + records
     rows = [_row(r, b.positive_name, slide_labels, score, threshold) for r in records]
     writers.cohort_csv(os.path.join(out, "cohort.csv"), rows)
     result = {"slides": records, "figures": None}
@@ -133,6 +186,23 @@ def run_cohort(workdir: str, paths: list[str], out: str,
       print(format_figures(result["figures"]), flush=True)
   print(f"{len(records)} slide(s): {os.path.join(out, 'cohort.csv')}", flush=True)
   return result
+
+
+def _earlier(out: str, names: set[str]) -> list[dict]:
+  """The slide.json records of the slides an earlier call listed in OUT/cohort.csv and this call
+  does not score again (a slide scored again replaces its row), in their order there."""
+  path = os.path.join(out, "cohort.csv")
+  if not os.path.isfile(path):
+    return []
+  with open(path, newline="") as f:
+    listed = [row["name"] for row in csv.DictReader(f) if row.get("name")]
+  kept = []
+  for name in listed:
+    record = os.path.join(out, name, "slide.json")
+    if name not in names and os.path.isfile(record):
+      with open(record) as f:
+        kept.append(json.load(f))
+  return kept
 
 
 def _row(record: dict, positive: str, labels: dict | None, score: str, threshold: float) -> dict:

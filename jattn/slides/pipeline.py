@@ -227,12 +227,17 @@ class Plan:
   dimensions: tuple[int, int]
 
 
-def plan_slide(run: Run, path: str, name: str, options: Options) -> Plan:
+def plan_slide(run: Run, path: str, name: str, options: Options,
+               slide_mpp: tuple[float, str] | None = None) -> Plan:
   """Opens the slide and fixes the scale; not a slide, no MPP and a field finer than level 0 are
-  one-line UserErrors."""
+  one-line UserErrors. `slide_mpp` (MPP, where it comes from: a --mpp-csv row) is this slide's
+  level-0 MPP, which wins over --mpp and the metadata."""
   slide = reader.open_slide(path)
   try:
-    mpp = reader.slide_mpp(slide, path, options.mpp)
+    if slide_mpp is not None:
+      mpp = reader.slide_mpp(slide, path, *slide_mpp)
+    else:
+      mpp = reader.slide_mpp(slide, path, options.mpp)
     scale = reader.choose_scale(slide, path, mpp, run.field.field_um, run.field.needed_mpp,
                                 run.config.image_size, run.field.what)
     return Plan(path, name, scale, tuple(slide.dimensions))
@@ -251,11 +256,13 @@ def finished(out: str, plan: Plan, run: Run, options: Options) -> dict | None:
     raise UserError(f"{target} exists but holds no slide results (no slide.json); remove it or "
                     f"use another --out")
   record = files.read_json(path, f"remove {target} to predict the slide again")
-  want = {"run": run.workdir, "slide": os.path.abspath(plan.path), **options.settings()}
+  want = {"run": run.workdir, "slide": os.path.abspath(plan.path), **options.settings(),
+          "slide_mpp": [plan.scale.mpp.x, plan.scale.mpp.y]}
   settings = dict(record.get("settings", {}))
   if "magnification" in settings:  # slide.json written before the option's generic name
     settings["stratum"] = settings.pop("magnification")
-  have = {"run": record.get("run", {}).get("workdir"), "slide": record.get("slide"), **settings}
+  have = {"run": record.get("run", {}).get("workdir"), "slide": record.get("slide"), **settings,
+          "slide_mpp": record.get("scale", {}).get("slide_mpp")}
   changed = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
   if changed and not options.overwrite:
     raise UserError(f"{target} holds results of another setting ({'; '.join(changed)}); pass "

@@ -79,17 +79,19 @@ class SlideMpp:
   source: str
 
 
-def slide_mpp(slide: openslide.OpenSlide, path: str, override: float | None = None) -> SlideMpp:
-  """The slide's level-0 MPP: `override` (--mpp) if given, else its metadata; none usable is a
-  one-line UserError saying how to pass it."""
+def slide_mpp(slide: openslide.OpenSlide, path: str, override: float | None = None,
+              override_source: str = "--mpp") -> SlideMpp:
+  """The slide's level-0 MPP: `override` (--mpp, or the slide's --mpp-csv row, which
+  `override_source` names) if given, else its metadata; none usable is a one-line UserError saying
+  how to pass it."""
   if override is not None:
     if not override > 0:
-      raise UserError(f"--mpp {override}: give the scan's microns per pixel, a positive number "
-                      f"(e.g. 0.25 for a 40x scan, 0.5 for 20x)")
-    return SlideMpp(float(override), float(override), "--mpp")
+      raise UserError(f"{override_source} {override}: give the scan's microns per pixel, a "
+                      f"positive number (e.g. 0.25 for a 40x scan, 0.5 for 20x)")
+    return SlideMpp(float(override), float(override), override_source)
   props = slide.properties
   hint = ("pass the scan's resolution with --mpp UM_PER_PIXEL (from the scanner's report; e.g. "
-          "--mpp 0.25 for a 40x scan, 0.5 for 20x)")
+          "--mpp 0.25 for a 40x scan, 0.5 for 20x), or per slide with --mpp-csv")
   try:
     x, y = float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y])
   except (KeyError, ValueError):
