@@ -21,8 +21,8 @@ import tifffile
 from PIL import Image
 from sklearn import metrics as skm
 
-from jattn import metrics, predict, slide
-from jattn.slides import pipeline, tissue, writers
+from jattn import predict, slide
+from jattn.slides import cohort, pipeline, tissue, writers
 from tests.runs import REPO
 
 REAL_SLIDE = os.path.join(REPO, "tests", "data", "slides", "CMU-1-Small-Region.svs")
@@ -282,7 +282,7 @@ def test_cohort_figures_equal_a_computation_by_hand_and_a_rerun_skips_finished_s
   assert m["sensitivity"]["value"] == pytest.approx(np.sum(called & (y == 1)) / 2)
   assert m["specificity"]["value"] == pytest.approx(np.sum(~called & (y == 0)) / 2)
   # The intervals: each resample of slides (drawn within each label) scored by scikit-learn.
-  weights = metrics.stratified_weights(y, 200, 0)
+  weights = _stratified_bootstrap_by_hand(y, 200, 0)
   aucs = [skm.roc_auc_score(y, scores, sample_weight=w) for w in weights]
   sens = [skm.recall_score(y, called, sample_weight=w) for w in weights]
   assert m["roc_auc"]["ci95"] == pytest.approx(list(np.percentile(aucs, [2.5, 97.5])))
@@ -451,3 +451,40 @@ def test_a_run_of_one_magnification_needs_no_magnification(trained_run, tmp_path
   with open(os.path.join(trained_run, "config.json")) as f:
     image_size = json.load(f)["image_size"]
   assert field.needed_mpp == pytest.approx(50.0 / image_size)  # the network input's pixels
+
+
+def _stratified_bootstrap_by_hand(y, resamples, seed):
+  """[resamples, n] counts of each slide: within label 0, then label 1, as many slides as the
+  label has drawn with replacement (numpy's Generator.integers, one [resamples, n_label] draw per
+  label)."""
+  rng = np.random.default_rng(seed)
+  weights = np.zeros((resamples, len(y)))
+  for label in (0, 1):
+    members = np.flatnonzero(y == label)
+    draws = rng.integers(0, len(members), (resamples, len(members)))
+    for b in range(resamples):
+      for d in draws[b]:
+        weights[b, members[d]] += 1
+  return weights
+
+
+def test_cohort_intervals_are_a_bootstrap_stratified_by_label_scored_by_scikit_learn():
+  """Slide-level intervals of 30 slides (9 positive): each resample keeps 9 positive and 21
+  negative slides, scored by scikit-learn; a bootstrap over all slides at once would give other
+  intervals (and resamples with one label only)."""
+  rng = np.random.default_rng(3)
+  y = np.array([1] * 9 + [0] * 21)
+  rng.shuffle(y)
+  scores = np.clip(0.35 * y + rng.uniform(0, 0.65, len(y)), 0, 1)
+  got = cohort.figures(y, scores, 0.5, resamples=300, seed=5)
+  weights = _stratified_bootstrap_by_hand(y, 300, 5)
+  assert (weights[:, y == 1].sum(1) == 9).all() and (weights[:, y == 0].sum(1) == 21).all()
+  called = (scores >= 0.5).astype(int)
+  by_hand = {
+      "roc_auc": [skm.roc_auc_score(y, scores, sample_weight=w) for w in weights],
+      "sensitivity": [skm.recall_score(y, called, sample_weight=w) for w in weights],
+      "specificity": [skm.recall_score(1 - y, 1 - called, sample_weight=w) for w in weights],
+      "f1": [skm.f1_score(y, called, sample_weight=w) for w in weights]}
+  for name, values in by_hand.items():
+    assert got[name]["ci95"] == pytest.approx(list(np.percentile(values, [2.5, 97.5]))), name
+  assert got["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, scores))
