@@ -287,3 +287,14 @@ def test_corrected_interval_is_wider_than_the_naive_t_interval():
       (naive[1] - 3.0) * np.sqrt((1 / 5 + 3 / 7) / (1 / 5)))
   assert compare.corrected_interval([2.0], 0.4) == (2.0, None, None)
   assert compare.corrected_interval(values, None) == (3.0, None, None)
+
+
+def test_a_folds_difference_is_the_mean_over_its_seeds():
+  """Two folds of two seeds each: the interval is over the per-fold means (3, 0), by hand,
+  not over the first seed's or every pair's; wins count the pairs above zero."""
+  d = compare.Difference("a", "b", "image", "40X",
+                         ((1, 0, 2.0), (1, 1, 4.0), (2, 0, -1.0), (2, 1, 1.0)), 0.25)
+  assert d.per_fold == (3.0, 0.0)
+  half = 12.706204736174694 * np.sqrt((1 / 2 + 0.25) * 4.5)  # t(0.975, 1 df); var([3, 0]) = 4.5
+  assert d.interval() == pytest.approx((1.5, 1.5 - half, 1.5 + half))
+  assert (d.wins, d.ties) == (3, 0)

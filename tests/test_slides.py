@@ -488,3 +488,20 @@ def test_cohort_intervals_are_a_bootstrap_stratified_by_label_scored_by_scikit_l
   for name, values in by_hand.items():
     assert got[name]["ci95"] == pytest.approx(list(np.percentile(values, [2.5, 97.5]))), name
   assert got["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, scores))
+
+
+def test_a_slide_scoring_exactly_the_threshold_is_called_positive():
+  """`--threshold`: a slide is called positive when its score is at least the threshold, in the
+  figures and in cohort.csv; the slide counts are those of the labels used, by hand."""
+  y, scores = np.array([1, 1, 0, 0]), np.array([0.5, 0.8, 0.2, 0.5])
+  got = cohort.figures(y, scores, 0.5, resamples=0, seed=0)
+  assert got["sensitivity"]["value"] == 1.0 and got["specificity"]["value"] == 0.5
+  records = [{"name": f"s{i}", "slide": f"s{i}.tif", "tiles": {"predicted": 3, "unreadable": 0},
+              "scores": {"mean": s, "top_k": 1, "top_k_mean": s, "fraction_positive": s}}
+             for i, s in enumerate(scores)]
+  row = cohort._row(records[0], "malignant", {"s0": 1}, "mean", 0.5)
+  assert (row["called"], row["label"], row["score"]) == (1, 1, "0.500000")
+  labels = {"s0": 1, "s1": 1, "s2": 0}  # s3 unlabelled: left out
+  figures = cohort._figures(records, labels, "malignant", "mean", 0.5, 0, 0, "run")
+  assert (figures["slides"], figures["positive_slides"], figures["negative_slides"],
+          figures["left_out"]) == (3, 2, 1, ["s3"])
