@@ -505,3 +505,14 @@ def test_a_slide_scoring_exactly_the_threshold_is_called_positive():
   figures = cohort._figures(records, labels, "malignant", "mean", 0.5, 0, 0, "run")
   assert (figures["slides"], figures["positive_slides"], figures["negative_slides"],
           figures["left_out"]) == (3, 2, 1, ["s3"])
+
+
+def test_slide_labels_are_read_whatever_their_case(tmp_path):
+  """A labels CSV written by hand or a spreadsheet: 'Malignant', 'BENIGN' are the run's labels."""
+  from types import SimpleNamespace
+
+  path = tmp_path / "labels.csv"
+  path.write_text("slide,label\ns0,Malignant\ns1.tif,BENIGN\n")
+  plans = [SimpleNamespace(name=f"s{i}", path=str(tmp_path / f"s{i}.tif")) for i in range(2)]
+  got = cohort.read_labels(str(path), plans, ("benign", "malignant"), "malignant")
+  assert got == {"s0": 1, "s1": 0}
