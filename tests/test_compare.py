@@ -334,3 +334,14 @@ def test_three_folds_of_different_differences_get_their_interval():
   assert d.text() == f"**-4.0 [{-4 - half:+.1f}, {-4 + half:+.1f}]**, wins 0/3"
   assert compare.no_interval([1.0, 2.0], 0.5) == "2 folds"
   assert compare.no_interval([1.0, 2.0, 3.0], None) == "image counts not recorded"
+
+
+def test_a_folds_difference_is_the_mean_over_its_seeds():
+  """Two folds of two seeds each: the interval is over the per-fold means (3, 0), by hand,
+  not over the first seed's or every pair's; wins count the pairs above zero."""
+  d = compare.Difference("a", "b", "image", "40X",
+                         ((1, 0, 2.0), (1, 1, 4.0), (2, 0, -1.0), (2, 1, 1.0)), 0.25)
+  assert d.per_fold == (3.0, 0.0)
+  half = 12.706204736174694 * np.sqrt((1 / 2 + 0.25) * 4.5)  # t(0.975, 1 df); var([3, 0]) = 4.5
+  assert d.interval() == pytest.approx((1.5, 1.5 - half, 1.5 + half))
+  assert (d.wins, d.ties) == (3, 0)

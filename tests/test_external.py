@@ -239,3 +239,46 @@ def test_a_manifest_without_its_columns_is_one_line(trained_run, tmp_path, capsy
   one_line_error(lambda: predict_cli.main(["--workdir", trained_run, "--manifest", manifest]),
                  capsys, "jattn predict", r"no 'path' column \(its header is file,class\); give "
                                           r"columns path,label\[,group\]")
+
+
+def test_a_set_of_the_same_classes_in_another_order_is_matched_by_name(trained_run, other_tree,
+                                                                       tmp_path, capsys):
+  """The other set as a folder source whose classes are named malignant,benign (the run's are
+  benign,malignant): its figures are those of the run's per-image probabilities and the images'
+  true classes, counted here in the set's order, not the run's outputs taken by position."""
+  from jattn.data.breakhis import export
+
+  run = str(tmp_path / "run")
+  shutil.copytree(trained_run, run)
+  folder = export.to_folder(other_tree, str(tmp_path / "as_folder"))
+  external_cli.main(["--workdir", run, "--config.dataset=folder",
+                 f"--config.data_dir={folder['out']}", f"--config.manifest={folder['manifest']}",
+                 "--config.classes=malignant,benign", "--config.group=patient",
+                 "--config.strata=magnification", "--config.positive_class=malignant",
+                 "--name", "reversed"])
+  capsys.readouterr()
+  with open(os.path.join(run, "external", "reversed", "results.json")) as f:
+    got = json.load(f)
+  assert got["external"]["classes"] == {"run": ["benign", "malignant"],
+                                        "set": ["malignant", "benign"]}
+  paths = tree_images(other_tree)
+  p = {os.path.basename(x): float(r["prob_malignant"])
+       for x, r in zip(paths, predict.predict(run, paths), strict=True)}
+  truth = {os.path.basename(x): described(x)[0] for x in paths}  # 1: malignant
+  mag = {os.path.basename(x): described(x)[2] for x in paths}
+  # Rows: the true class, columns: the predicted one, both in the set's order (malignant first),
+  # per magnification.
+  want = {m: np.zeros((2, 2), np.int64) for m in ("40X", "100X", "200X", "400X")}
+  for name, prob in p.items():
+    want[mag[name]][1 - truth[name], 0 if prob > 0.5 else 1] += 1
+  right = sum(np.trace(w) for w in want.values())
+  assert 0 < right < len(p)  # neither all right nor all wrong: the order shows
+  assert got["confusion_matrix"] == {m: w.tolist() for m, w in want.items()}
+  assert got["image_accuracy"] == pytest.approx({m: np.trace(w) / w.sum()
+                                                 for m, w in want.items()})
+  with open(os.path.join(run, "external", "reversed", "predictions.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert {os.path.basename(r["file_name"]): float(r["prob_malignant"]) for r in rows} == (
+      pytest.approx(p, abs=1e-5))
+  assert all(r["label"] == ("malignant" if truth[os.path.basename(r["file_name"])] else "benign")
+             for r in rows)

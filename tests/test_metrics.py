@@ -290,3 +290,17 @@ def test_clinical_patient_figures_follow_the_tie_rule():
       figures = out["clinical"]["group"][group]
       assert figures["sensitivity"]["value"] == sensitivity, (rule, group)
       assert figures["specificity"]["value"] == specificity, (rule, group)
+
+
+def test_multiclass_figures_leave_out_classes_absent_from_the_labels():
+  """A class predicted once but absent from the labels (an 8-class test set may lack a subtype):
+  macro F1 over the classes present, by hand (class 0: 2/3, class 1: 1), and that class' own F1
+  and recall undefined, its precision 0."""
+  labels, predictions = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+  summary = metrics.multiclass_summary(labels, predictions)
+  assert summary["macro_f1"] == pytest.approx((2 / 3 + 1) / 2)
+  assert summary["balanced_accuracy"] == pytest.approx((1 / 2 + 1) / 2)
+  per_class = metrics.per_class_metrics(labels, predictions, ["a", "b", "c"])
+  assert per_class["c"] == {"precision": 0.0, "recall": None, "f1": None, "support": 0}
+  assert per_class["a"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3,
+                                          "support": 2})

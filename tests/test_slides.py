@@ -23,9 +23,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from jattn.cli import slide
-from jattn.evaluation import metrics
 from jattn.inference import predict
-from jattn.slides import pipeline, tissue, writers
+from jattn.slides import cohort, pipeline, tissue, writers
 from tests.runs import REPO
 
 REAL_SLIDE = os.path.join(REPO, "tests", "data", "slides", "CMU-1-Small-Region.svs")
@@ -285,7 +284,7 @@ def test_cohort_figures_equal_a_computation_by_hand_and_a_rerun_skips_finished_s
   assert m["sensitivity"]["value"] == pytest.approx(np.sum(called & (y == 1)) / 2)
   assert m["specificity"]["value"] == pytest.approx(np.sum(~called & (y == 0)) / 2)
   # The intervals: each resample of slides (drawn within each label) scored by scikit-learn.
-  weights = metrics.stratified_weights(y, 200, 0)
+  weights = _stratified_bootstrap_by_hand(y, 200, 0)
   aucs = [skm.roc_auc_score(y, scores, sample_weight=w) for w in weights]
   sens = [skm.recall_score(y, called, sample_weight=w) for w in weights]
   assert m["roc_auc"]["ci95"] == pytest.approx(list(np.percentile(aucs, [2.5, 97.5])))
@@ -523,3 +522,68 @@ def test_a_bad_per_slide_mpp_is_one_line_naming_the_csv_row_and_value(
   else:  # an empty cell: the slide's metadata, of which s0 has none
     _one_line(capsys, argv, r"s0.tif: no microns per pixel .*or per slide with --mpp-csv")
   assert not out.exists()
+
+
+def _stratified_bootstrap_by_hand(y, resamples, seed):
+  """[resamples, n] counts of each slide: within label 0, then label 1, as many slides as the
+  label has drawn with replacement (numpy's Generator.integers, one [resamples, n_label] draw per
+  label)."""
+  rng = np.random.default_rng(seed)
+  weights = np.zeros((resamples, len(y)))
+  for label in (0, 1):
+    members = np.flatnonzero(y == label)
+    draws = rng.integers(0, len(members), (resamples, len(members)))
+    for b in range(resamples):
+      for d in draws[b]:
+        weights[b, members[d]] += 1
+  return weights
+
+
+def test_cohort_intervals_are_a_bootstrap_stratified_by_label_scored_by_scikit_learn():
+  """Slide-level intervals of 30 slides (9 positive): each resample keeps 9 positive and 21
+  negative slides, scored by scikit-learn; a bootstrap over all slides at once would give other
+  intervals (and resamples with one label only)."""
+  rng = np.random.default_rng(3)
+  y = np.array([1] * 9 + [0] * 21)
+  rng.shuffle(y)
+  scores = np.clip(0.35 * y + rng.uniform(0, 0.65, len(y)), 0, 1)
+  got = cohort.figures(y, scores, 0.5, resamples=300, seed=5)
+  weights = _stratified_bootstrap_by_hand(y, 300, 5)
+  assert (weights[:, y == 1].sum(1) == 9).all() and (weights[:, y == 0].sum(1) == 21).all()
+  called = (scores >= 0.5).astype(int)
+  by_hand = {
+      "roc_auc": [skm.roc_auc_score(y, scores, sample_weight=w) for w in weights],
+      "sensitivity": [skm.recall_score(y, called, sample_weight=w) for w in weights],
+      "specificity": [skm.recall_score(1 - y, 1 - called, sample_weight=w) for w in weights],
+      "f1": [skm.f1_score(y, called, sample_weight=w) for w in weights]}
+  for name, values in by_hand.items():
+    assert got[name]["ci95"] == pytest.approx(list(np.percentile(values, [2.5, 97.5]))), name
+  assert got["roc_auc"]["value"] == pytest.approx(skm.roc_auc_score(y, scores))
+
+
+def test_a_slide_scoring_exactly_the_threshold_is_called_positive():
+  """`--threshold`: a slide is called positive when its score is at least the threshold, in the
+  figures and in cohort.csv; the slide counts are those of the labels used, by hand."""
+  y, scores = np.array([1, 1, 0, 0]), np.array([0.5, 0.8, 0.2, 0.5])
+  got = cohort.figures(y, scores, 0.5, resamples=0, seed=0)
+  assert got["sensitivity"]["value"] == 1.0 and got["specificity"]["value"] == 0.5
+  records = [{"name": f"s{i}", "slide": f"s{i}.tif", "tiles": {"predicted": 3, "unreadable": 0},
+              "scores": {"mean": s, "top_k": 1, "top_k_mean": s, "fraction_positive": s}}
+             for i, s in enumerate(scores)]
+  row = cohort._row(records[0], "malignant", {"s0": 1}, "mean", 0.5)
+  assert (row["called"], row["label"], row["score"]) == (1, 1, "0.500000")
+  labels = {"s0": 1, "s1": 1, "s2": 0}  # s3 unlabelled: left out
+  figures = cohort._figures(records, labels, "malignant", "mean", 0.5, 0, 0, "run")
+  assert (figures["slides"], figures["positive_slides"], figures["negative_slides"],
+          figures["left_out"]) == (3, 2, 1, ["s3"])
+
+
+def test_slide_labels_are_read_whatever_their_case(tmp_path):
+  """A labels CSV written by hand or a spreadsheet: 'Malignant', 'BENIGN' are the run's labels."""
+  from types import SimpleNamespace
+
+  path = tmp_path / "labels.csv"
+  path.write_text("slide,label\ns0,Malignant\ns1.tif,BENIGN\n")
+  plans = [SimpleNamespace(name=f"s{i}", path=str(tmp_path / f"s{i}.tif")) for i in range(2)]
+  got = cohort.read_labels(str(path), plans, ("benign", "malignant"), "malignant")
+  assert got == {"s0": 1, "s1": 0}
