@@ -25,8 +25,8 @@ def get_config(setting="100X"):
   config.name = f"ours_{setting}"
   config.paper_row = ""  # the paper reports neither setting
   if setting == "subtype":
-    config.task = "subtype"
+    config.data.breakhis.task = "subtype"
     config.model.num_classes = 8
   else:
-    config.magnifications = (setting,)
+    config.data.breakhis.magnifications = (setting,)
   return config

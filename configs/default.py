@@ -6,10 +6,12 @@ recipe (section 3), without data or weights filled in. Run a variant instead, e.
   python -m jattn.main --config configs/ours.py --config.fold=1
 
 Any field can be overridden on the command line, e.g. --config.num_epochs=5
---config.model.dtype=bfloat16.
+--config.model.dtype=bfloat16 --config.data.dir=/data/breakhis.
 """
 
 import ml_collections
+
+from jattn.data import sources
 
 
 def get_config():
@@ -18,45 +20,20 @@ def get_config():
   config.paper_row = "Ours"  # the row of the paper's Tables 1-2 this reproduces ('' for none)
 
   # --- Data (jattn.data) ---
-  # The data source (jattn/data/sources.py): 'breakhis', 'folder' (a folder of images per class,
-  # or a manifest) or 'tfds:NAME' (a prepared TFDS data set, e.g. tfds:colorectal_histology).
-  config.dataset = "breakhis"
-  # BreakHis: the folder that holds BreaKHis_v1/ (or BreaKHis_v1.tar.gz); folder: DIR/<class>/...;
-  # tfds: the TFDS data dir (e.g. ~/tensorflow_datasets).
-  config.data_dir = "data"
-  config.download = False  # True: download and unpack BreakHis into data_dir if it holds none
-  config.prepared_dir = ""  # TFDS records, image cache, stats; '' means <data_dir>/jattn_prepared
-  # 'generated'; BreakHis: a Folds.csv file or an mkfold/ folder; folder and tfds: a CSV of
-  # fold,split,path rows; tfds: also 'splits' (its own train and test splits, one fold).
-  config.folds = "generated"
-  config.folds_seed = 0  # seed of the generated folds (used only when folds == 'generated')
-  config.fold = 1  # which fold to train and test, 1..5 (BreakHis), 1..num_folds
-  config.magnifications = ("40X", "100X", "200X", "400X")  # train and test on these (e.g. 100X)
-  config.task = "binary"  # 'binary' (benign/malignant) or 'subtype' (8 classes; num_classes=8)
+  # config.data: the source (jattn/data/sources.py: 'breakhis', 'folder' (a folder of images per
+  # class, or a manifest) or 'tfds:NAME' (a prepared TFDS data set, e.g. tfds:colorectal_histology)),
+  # the fields every source reads (data.dir, data.prepared_dir, data.folds, data.folds_seed,
+  # data.num_folds, data.skip_corrupt) and each source's own group with its defaults:
+  # data.breakhis (download, magnifications, task, synthetic), data.folder (manifest, classes,
+  # group, strata, mpp, positive_class), data.tfds. `python -m jattn.main --config X
+  # --config.data.dir=DIR` points the run at its data.
+  config.data = sources.default_config("breakhis")
+  config.fold = 1  # which fold to train and test, 1..5 (BreakHis), 1..data.num_folds
   config.image_size = 224  # images are resized to image_size x image_size (aspect not kept)
-  config.skip_corrupt = False  # skip unreadable PNGs (listed in the log) instead of stopping
   config.loader_threads = 2  # threads that assemble batches from the decoded-image cache
   # 'macenko': every image's stains normalised to a reference fitted on the fold's training
   # images (Macenko et al., 2009; jattn.data.stain), in training, evaluation and predict; 'none'.
   config.stain_norm = "none"
-
-  # The folder and TFDS sources (jattn/data/folder.py, tfds_source.py; BreakHis ignores these).
-  config.manifest = ""  # folder: a CSV of path,label[,group,<strata>,mpp] rows ('': DIR/<class>)
-  config.classes = ""  # the classes in output order, e.g. 'normal,tumour' ('': the data's, sorted)
-  config.group = ""  # the column (feature) of each image's group ('': 'group' where there is one)
-  config.strata = ""  # columns (features) reported separately, e.g. 'centre,scanner' ('': none)
-  config.mpp = 0.0  # microns per pixel of the images (0: unknown; a manifest's mpp column wins)
-  config.num_folds = 5  # folds drawn when folds == 'generated' (StratifiedGroupKFold's K)
-  config.positive_class = ""  # two classes: the positive one (sensitivity, ROC); '' for none
-
-  # A synthetic BreakHis-format tree generated into data_dir when it holds no BreaKHis_v1 (demo):
-  # only into the demo's ~/.cache/jattn/demo or a new or empty folder, never beside other files.
-  config.synthetic = ml_collections.ConfigDict()
-  config.synthetic.enabled = False  # generate only when enabled; never over real data
-  config.synthetic.images_per_patient = 4  # per magnification
-  config.synthetic.width = 700  # PNG size, like BreakHis' 700 x 460
-  config.synthetic.height = 460
-  config.synthetic.seed = 0
 
   # Augmentation, on the accelerator inside the jitted train step (jattn.data.augment).
   config.augment = ml_collections.ConfigDict()

@@ -45,11 +45,11 @@ def get_config(row="ours"):
     config.model.name = "resnet18"
   config.name = f"demo_{row}"
 
-  config.data_dir = synthetic.DEMO_DIR  # synthetic data goes only there or into an empty folder
-  config.synthetic.enabled = True
-  config.synthetic.images_per_patient = 4
-  config.synthetic.width = 175  # a quarter of BreakHis' 700 x 460
-  config.synthetic.height = 115
+  config.data.dir = synthetic.DEMO_DIR  # synthetic data goes only there or into an empty folder
+  config.data.breakhis.synthetic.enabled = True
+  config.data.breakhis.synthetic.images_per_patient = 4
+  config.data.breakhis.synthetic.width = 175  # a quarter of BreakHis' 700 x 460
+  config.data.breakhis.synthetic.height = 115
   config.image_size = 64
 
   config.model.width = 1 / 16  # / 16, at least 8: VGG19's 8-8-16-32-32, a ResNet's planes 8-8-16-32

@@ -8,7 +8,7 @@ model and recipe. Nothing to download; a minute on a laptop CPU:
 
 The folds are 5 stratified patient folds drawn by scikit-learn (seed 0), written to
 ~/.cache/jattn/prepared/manifest-manifest-<hash>/folds/; with
-`--config.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
+`--config.data.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
 folds instead.
 """
 
@@ -21,12 +21,12 @@ def get_config():
   config = demo.get_config()  # the demo's model, recipe and image size
   config.name = "demo_folder"
   config.paper_row = ""
-  config.synthetic.enabled = False  # it reads what `synthesize --format folder` wrote
-  config.dataset = "folder"
-  config.data_dir = DEMO_DIR
-  config.manifest = f"{DEMO_DIR}/manifest.csv"
-  config.classes = "benign,malignant"  # checked against the manifest's labels
-  config.group = "patient"
-  config.strata = "magnification"
-  config.positive_class = "malignant"
+  config.data.breakhis.synthetic.enabled = False  # it reads what `synthesize --format folder` wrote
+  config.data.name = "folder"
+  config.data.dir = DEMO_DIR
+  config.data.folder.manifest = f"{DEMO_DIR}/manifest.csv"
+  config.data.folder.classes = "benign,malignant"  # checked against the manifest's labels
+  config.data.folder.group = "patient"
+  config.data.folder.strata = "magnification"
+  config.data.folder.positive_class = "malignant"
   return config

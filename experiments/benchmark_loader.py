@@ -31,8 +31,8 @@ from jattn.data.breakhis import scan as scan_lib  # noqa: E402
 
 def _config(args):
   config = default.get_config()
-  config.data_dir = args.data_dir
-  config.prepared_dir = args.prepared_dir
+  config.data.dir = args.data_dir
+  config.data.prepared_dir = args.prepared_dir
   config.image_size = args.image_size
   config.loader_threads = 2
   config.fold = 1

@@ -90,7 +90,7 @@ stage() {
   printf '%s\t%s\t%s\n' "$name" "$status" $(( $(date +%s) - t0 )) >> "$WORK/stages.tsv"
 }
 
-BENCH_CMD=("$PY" -m jattn.perf.benchmark --configs configs/ours.py --dtype "$DTYPE" "${BENCH[@]}"
+BENCH_CMD=("$PY" -m jattn benchmark --configs configs/ours.py --dtype "$DTYPE" "${BENCH[@]}"
            "${MODEL[@]}")
 stage profile 90 "${BENCH_CMD[@]}" --steps "$PROFILE_STEPS" --profile "$WORK/trace" \
   --out "$OUT/profile.json"
@@ -103,11 +103,11 @@ stage runs_per_device 75 "${BENCH_CMD[@]}" --runs-per-device "$RUNS" \
 
 if (( $(left) >= EPOCH_NEEDS_S )); then
   DATA="$WORK/breakhis"
-  [[ -d "$DATA/BreaKHis_v1" ]] || stage synthesize "$(left)" "$PY" -m jattn.data synthesize \
+  [[ -d "$DATA/BreaKHis_v1" ]] || stage synthesize "$(left)" "$PY" -m jattn data synthesize \
     --out "$DATA" "${SYNTH[@]}"
   t0=$(date +%s)
   stage epoch "$(left)" "$PY" -m jattn.main --config configs/ours.py \
-    --config.data_dir="$DATA" --config.prepared_dir="$WORK/prepared" --config.pretrained='' \
+    --config.data.dir="$DATA" --config.data.prepared_dir="$WORK/prepared" --config.pretrained='' \
     --config.num_epochs=1 --config.fold=1 --config.steps_per_dispatch=8 "${EPOCH[@]}" \
     "${MODEL[@]}" --workdir "$WORK/epoch"
   [[ -f "$WORK/epoch/results.json" ]] && "$PY" - "$WORK/epoch" $(( $(date +%s) - t0 )) \
@@ -119,7 +119,7 @@ import os
 import statistics
 import sys
 
-from jattn import files
+from jattn.core import files
 
 workdir, wall, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 with open(os.path.join(workdir, "results.json")) as f:
@@ -145,7 +145,8 @@ import json
 import os
 import sys
 
-from jattn import benchmark, files
+from jattn.core import files
+from jattn.perf import benchmark, runs_per_device
 
 out, stages_file, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with open(stages_file) as f:
@@ -164,7 +165,7 @@ for name in ("profile", "roofline", "peers", "dispatch", "runs_per_device"):
     with open(path) as f:
       result = json.load(f)
     print(f"--- {name}")
-    print(benchmark.report(result))
+    print((runs_per_device.report if "runs_per_device" in result else benchmark.report)(result))
     eval_rate = eval_rate or next((r["eval_images_per_s"] for r in result.get("rows", ())
                                    if r.get("eval_images_per_s")), None)
     if name == "runs_per_device" and eval_rate:

@@ -18,6 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 from configs import default
 from jattn.data import breakhis, load_fold
 from jattn.data.breakhis.synthetic import synthesize
+from jattn.training import compat
 
 # Two patients of each subtype: a tree small enough to prepare again in a test that changes it.
 SMALL_PATIENTS = tuple(
@@ -27,16 +28,27 @@ SMALL_PATIENTS = tuple(
 )
 
 
+def set_fields(config, **values):
+  """Sets config fields by name, a data field also as configs before `config.data` named it
+  (`dataset`, `manifest`: `compat.nested_key`), in place; returns the config."""
+  name = values.get("dataset", values.get("data.name", config.data.name))
+  for key, value in values.items():
+    *parents, field = compat.nested_key(key, name).split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[field] = value
+  return config
+
+
 def data_config(data_dir: str, prepared_dir: str = "", **overrides):
   """configs/default.py pointed at a synthetic tree, with a small image size for speed."""
   config = default.get_config()
-  config.data_dir = data_dir
-  config.prepared_dir = prepared_dir
+  config.data.dir = data_dir
+  config.data.prepared_dir = prepared_dir
   config.image_size = 16
   config.loader_threads = 2
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return set_fields(config, **overrides)
 
 
 def small_tree(folder, **options) -> str:
@@ -90,7 +102,7 @@ DEVICES_SETTINGS = dict(log_every_steps=1, num_epochs=1, learning_rate=1e-6, bat
                         checkpoint_every_steps=3)
 _DEVICES_SCRIPT = """
 import sys
-from jattn import train
+from jattn.training import train
 from jattn.core.errors import UserError
 from tests.conftest import DEVICES_SETTINGS as settings
 from tests.runs import tiny_config

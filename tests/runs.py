@@ -7,26 +7,27 @@ import os
 
 import numpy as np
 
-from jattn.core import config_lib
 from jattn.data.breakhis import SUBTYPE_CODES, TASKS, source
 from jattn.data.fold import FoldData, Labelling
+from jattn.training import compat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 
 
 def tiny_overrides(data_dir: str, prepared_dir: str, **kw) -> list[str]:
-  """`field=value` overrides of the demo config: 32x32 images, 8-32 channels, 2 epochs."""
-  values = {"data_dir": data_dir, "prepared_dir": prepared_dir, "image_size": 32,
+  """`field=value` overrides of the demo config: 32x32 images, 8-32 channels, 2 epochs (`kw` may
+  name a data field as configs before `config.data` did: `data_dir`, `manifest`)."""
+  values = {"data.dir": data_dir, "data.prepared_dir": prepared_dir, "image_size": 32,
             "num_epochs": 2, "batch_size": 16, "eval_batch_size": 48, "log_every_steps": 4,
-            "synthetic.enabled": False, "model.classifier_width": 16, "model.pool_size": 1}
+            "data.breakhis.synthetic.enabled": False, "model.classifier_width": 16,
+            "model.pool_size": 1}
   values.update(kw)
   return [f"{k}={v}" for k, v in values.items()]
 
 
 def tiny_config(data_dir: str, prepared_dir: str, spec: str = DEMO, **kw):
-  config = config_lib.load_config(spec)
-  return config_lib.apply_overrides(config, tiny_overrides(data_dir, prepared_dir, **kw))
+  return compat.load_config(spec, tiny_overrides(data_dir, prepared_dir, **kw))
 
 
 def breakhis_fold(labels, patients, magnifications, subtypes, task="binary",

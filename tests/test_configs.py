@@ -6,13 +6,14 @@ import glob
 import json
 import os
 import re
+import shutil
 
 import pytest
 
 from jattn import main
 from jattn.core import config_lib
 from jattn.core.errors import UserError
-from jattn.training import validate
+from jattn.training import compat, validate
 from tests.runs import REPO
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -22,8 +23,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_validates_and_shows_its_command(path):
   config = config_lib.load_config(path)
-  if config.dataset == "folder" and not config.classes:  # its classes are its data's, absent here
-    config.classes = ",".join(f"class{i}" for i in range(config.model.num_classes))
+  if config.data.name == "folder" and not config.data.folder.classes:  # its classes are its data's, absent here
+    config.data.folder.classes = ",".join(f"class{i}" for i in range(config.model.num_classes))
   validate.validate_config(config)
   with open(path) as f:
     source = f.read()
@@ -64,7 +65,7 @@ def test_demo_rows_follow_the_paper_rows():
     assert demo.model.name == paper.model.name
     for field in ("c_attn_blocks", "s_attn_blocks", "c_attn_stages", "s_attn_stages"):
       assert demo.model[field] == paper.model[field]
-    assert demo.synthetic.enabled and not demo.pretrained
+    assert demo.data.breakhis.synthetic.enabled and not demo.pretrained
 
 
 def test_demo_resnet18_rows_and_a_run_named_after_the_model_it_trains():
@@ -95,11 +96,11 @@ def test_overrides_are_parsed_by_the_type_of_the_field():
   config = config_lib.load_config(os.path.join(REPO, "configs", "ours.py"))
   overrides, rest = config_lib.split_argv(
       ["--workdir", "w", "--config.fold=3", "--config.learning_rate", "1e-3",
-       "--config.skip_corrupt=yes", "--config.model.c_attn_blocks=1,3", "--config.lr_milestones=()",
+       "--config.data.skip_corrupt=yes", "--config.model.c_attn_blocks=1,3", "--config.lr_milestones=()",
        "--config.pretrained=", "--config.model.dtype=bfloat16"])
   assert rest == ["--workdir", "w"]
   config_lib.apply_overrides(config, overrides)
-  assert config.fold == 3 and config.learning_rate == 1e-3 and config.skip_corrupt is True
+  assert config.fold == 3 and config.learning_rate == 1e-3 and config.data.skip_corrupt is True
   assert config.model.c_attn_blocks == (1, 3) and config.lr_milestones == ()
   assert config.pretrained == "" and config.model.dtype == "bfloat16"
 
@@ -111,7 +112,7 @@ def test_overrides_are_parsed_by_the_type_of_the_field():
      "no 'c_atn_blocks' in model.*did you mean 'model.c_attn_blocks'"),
     (["--config.fold=one"], "--config.fold='one': expected a value of type int"),
     (["--config.batch_size=eight"], "expected a value of type int"),
-    (["--config.skip_corrupt=maybe"], "expected a value of type bool"),
+    (["--config.data.skip_corrupt=maybe"], "expected a value of type bool"),
     (["--config.model=1"], "config.model is a group of fields"),
     (["--config.fold"], "give a value"),
     (["--config", "configs/nope.py"], "config file 'configs/nope.py' not found"),
@@ -146,3 +147,58 @@ def test_bad_config_argument():
                           f"configs/demo.py:resnet50_ours, configs/demo.py:resnet18, "
                           f"configs/demo.py:resnet18_c, configs/demo.py:resnet18_s, "
                           f"configs/demo.py:resnet18_ours")
+
+
+def test_data_fields_named_as_before_config_data_load_where_they_live_now(tmp_path):
+  """Configs, command lines and config.json files written before the data settings nested under
+  `config.data` keep loading: each old name lands on its field today, `classes` and the like in
+  the group of the source the config names."""
+  demo = os.path.join(REPO, "configs", "demo.py")
+  config = compat.load_config(demo, ["data_dir=/x", "synthetic.enabled=false", "task=subtype",
+                                     "dataset=tfds:colorectal_histology", "classes=a,b"])
+  assert config.data.dir == "/x" and config.data.breakhis.synthetic.enabled is False
+  assert config.data.breakhis.task == "subtype" and config.data.name == "tfds:colorectal_histology"
+  assert config.data.tfds.classes == "a,b" and config.data.folder.classes == ""
+  old_file = tmp_path / "mine.py"  # a user's config of before, on today's defaults
+  old_file.write_text(
+      "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
+      "  config.dataset = 'folder'\n  config.data_dir = 'patches'\n  config.manifest = 'm.csv'\n"
+      "  config.synthetic.enabled = True\n  return config\n")
+  os.makedirs(tmp_path / "configs")
+  for name in ("__init__.py", "default.py"):
+    shutil.copy(os.path.join(REPO, "configs", name), tmp_path / "configs" / name)
+  shutil.move(old_file, tmp_path / "configs" / "mine.py")
+  # `config.synthetic` does not exist today: the old file fails on that line, naming it
+  with pytest.raises(UserError, match=r"failed: AttributeError: .*synthetic.* \(the data fields "
+                                      r"moved under config.data: config.synthetic is now "
+                                      r"config.data.breakhis.synthetic; see configs/default.py\)"):
+    compat.load_config(str(tmp_path / "configs" / "mine.py"))
+  (tmp_path / "configs" / "mine.py").write_text(
+      "from configs import default\n\n\ndef get_config():\n  config = default.get_config()\n"
+      "  config.dataset = 'folder'\n  config.data_dir = 'patches'\n  config.manifest = 'm.csv'\n"
+      "  config.group = 'patient'\n  return config\n")
+  mine = compat.load_config(str(tmp_path / "configs" / "mine.py"))
+  assert (mine.data.name, mine.data.dir, mine.data.folder.manifest, mine.data.folder.group) == (
+      "folder", "patches", "m.csv", "patient")
+  assert "dataset" not in mine and "data_dir" not in mine and "manifest" not in mine
+  # An old run's config.json: flat data fields, no groups of other sources.
+  stored = json.loads(config_lib.load_config(demo).to_json())
+  flat = {**{k: v for k, v in stored.items() if k != "data"}, "dataset": "breakhis",
+          "data_dir": stored["data"]["dir"], "prepared_dir": "", "folds": "generated",
+          "folds_seed": 0, "skip_corrupt": False, "download": False,
+          "synthetic": stored["data"]["breakhis"]["synthetic"]}
+  assert compat.comparable(flat) == compat.comparable(stored)
+  assert compat.differing_fields({**flat, "task": "subtype"}, stored) == ["data.breakhis.task"]
+  # Another source's group changes nothing a BreakHis run computes.
+  other = json.loads(json.dumps(stored))
+  other["data"]["folder"]["classes"] = "x,y"
+  assert compat.differing_fields(other, stored) == []
+
+
+def test_a_mistyped_data_field_gets_a_did_you_mean():
+  config = compat.load_config(os.path.join(REPO, "configs", "demo.py"))
+  with pytest.raises(UserError, match=r"unknown config field 'data.dri' \(no 'dri' in data\); "
+                                      r"did you mean 'data.dir'\?"):
+    config_lib.apply_overrides(config, ["data.dri=/x"])
+  with pytest.raises(UserError, match=r"did you mean 'data.breakhis.task'\?"):
+    config_lib.apply_overrides(config, ["data.breakhis.tsak=binary"])

@@ -140,7 +140,7 @@ def test_cli_writes_weights_that_load_back(tmp_path):
   out = tmp_path / "weights"
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   run = subprocess.run(
-      [sys.executable, "-m", "jattn.models.weights", "--source", "reference", "--config", str(cfg),
+      [sys.executable, "-m", "jattn", "convert", "--source", "reference", "--config", str(cfg),
        "--pth", str(pth), "--out", str(out)], capture_output=True, text=True, env=env)
   assert run.returncode == 0, run.stderr
   loaded = convert.load_weights(str(out))
@@ -149,7 +149,7 @@ def test_cli_writes_weights_that_load_back(tmp_path):
   np.testing.assert_allclose(loaded["batch_stats"]["block1"]["bn1"]["var"],
                              tm.features[1].running_var.numpy())
   again = subprocess.run(
-      [sys.executable, "-m", "jattn.models.weights", "--source", "reference", "--config", str(cfg),
+      [sys.executable, "-m", "jattn", "convert", "--source", "reference", "--config", str(cfg),
        "--pth", str(pth), "--out", str(out)], capture_output=True, text=True, env=env)
   assert again.returncode == 2 and again.stderr.count("\n") == 1
   assert "already holds converted weights" in again.stderr and "Traceback" not in again.stderr

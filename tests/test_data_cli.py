@@ -21,7 +21,7 @@ KEYS = {
 
 def _run(*args):
   return subprocess.run(
-      [sys.executable, "-m", "jattn.data", *args], cwd=REPO, capture_output=True, text=True
+      [sys.executable, "-m", "jattn", "data", *args], cwd=REPO, capture_output=True, text=True
   )
 
 

@@ -104,7 +104,7 @@ def _serve_archive(server, archive) -> str:
 
 def test_download_unpacks_records_checksum_describes_and_never_overwrites(
     server, archive, tmp_path, capsys):
-  """Guards the whole command: the tree unpacked byte for byte where config.data_dir expects it,
+  """Guards the whole command: the tree unpacked byte for byte where config.data.dir expects it,
   the SHA-256 recorded, the archive and .part gone, `describe` run, and a second run that
   downloads nothing."""
   url = _serve_archive(server, archive)
@@ -224,7 +224,7 @@ def test_failures_are_one_line_naming_what_to_download_by_hand(server, tmp_path,
 
 
 def test_config_download_fetches_on_first_use(server, archive, tmp_path, monkeypatch):
-  """Guards the hook in load_fold: with config.download a run on an empty data dir downloads,
+  """Guards the hook in load_fold: with config.data.breakhis.download a run on an empty data dir downloads,
   unpacks and prepares the data set from $JATTN_BREAKHIS_URL."""
   from jattn.data import load_fold
 

@@ -48,7 +48,7 @@ def test_external_validation_equals_predict_and_the_evaluator_by_hand(trained_ru
                                                                       tmp_path, capsys):
   run = str(tmp_path / "run")
   shutil.copytree(trained_run, run)  # the shared run stays as it is
-  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
+  external_cli.main(["--workdir", run, f"--config.data.dir={other_tree}"])
   out = os.path.join(run, "external", "centre2")
   assert f"results in {out}" in capsys.readouterr().out
   assert sorted(os.listdir(out)) == ["predictions.csv", "results.json", "roc.png"]
@@ -99,7 +99,7 @@ def test_external_validation_equals_predict_and_the_evaluator_by_hand(trained_ru
 
   # A second evaluation of the same name replaces the folder whole.
   os.remove(os.path.join(out, "roc.png"))
-  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
+  external_cli.main(["--workdir", run, f"--config.data.dir={other_tree}"])
   assert sorted(os.listdir(out)) == ["predictions.csv", "results.json", "roc.png"]
   assert [n for n in os.listdir(os.path.join(run, "external")) if n != "centre2"] == []
 
@@ -114,11 +114,11 @@ def test_the_same_set_as_a_folder_with_a_manifest_scores_alike(trained_run, othe
   run = str(tmp_path / "run")
   shutil.copytree(trained_run, run)
   folder = export.to_folder(other_tree, str(tmp_path / "as_folder"))
-  external_cli.main(["--workdir", run, f"--config.data_dir={other_tree}"])
-  external_cli.main(["--workdir", run, "--config.dataset=folder",
-                 f"--config.data_dir={folder['out']}", f"--config.manifest={folder['manifest']}",
-                 "--config.group=patient", "--config.strata=magnification",
-                 "--config.positive_class=malignant", "--name", "folder"])
+  external_cli.main(["--workdir", run, f"--config.data.dir={other_tree}"])
+  external_cli.main(["--workdir", run, "--config.data.name=folder",
+                 f"--config.data.dir={folder['out']}", f"--config.data.folder.manifest={folder['manifest']}",
+                 "--config.data.folder.group=patient", "--config.data.folder.strata=magnification",
+                 "--config.data.folder.positive_class=malignant", "--name", "folder"])
   capsys.readouterr()
   got = {}
   for name in ("centre2", "folder"):
@@ -143,7 +143,7 @@ def test_a_class_mismatch_is_one_line_and_writes_nothing(trained_run, other_tree
                                                          capsys):
   before = snapshot(os.path.dirname(other_tree)), snapshot(trained_run)
   one_line_error(lambda: evaluate_cli.main(  # jattn validate-external
-      ["--workdir", trained_run, f"--config.data_dir={other_tree}", "--config.task=subtype",
+      ["--workdir", trained_run, f"--config.data.dir={other_tree}", "--config.data.breakhis.task=subtype",
        "--out", str(tmp_path / "out")]), capsys, "jattn validate-external",
       r"has the classes A, F, PT, TA, DC, LC, MC, PC, but the run was trained on benign, "
       r"malignant: a run can be scored only on a set of the same classes")
@@ -157,7 +157,7 @@ def test_a_run_that_has_not_finished_is_one_line(trained_run, other_tree, tmp_pa
   os.remove(run / "results.json")
   before = snapshot(run)
   one_line_error(lambda: external_cli.main(["--workdir", str(run),
-                                            f"--config.data_dir={other_tree}"]),
+                                            f"--config.data.dir={other_tree}"]),
                  capsys, "jattn validate-external",
                  r"has not finished \(no results.json\): external validation scores a finished run")
   assert snapshot(run) == before
@@ -251,10 +251,10 @@ def test_a_set_of_the_same_classes_in_another_order_is_matched_by_name(trained_r
   run = str(tmp_path / "run")
   shutil.copytree(trained_run, run)
   folder = export.to_folder(other_tree, str(tmp_path / "as_folder"))
-  external_cli.main(["--workdir", run, "--config.dataset=folder",
-                 f"--config.data_dir={folder['out']}", f"--config.manifest={folder['manifest']}",
-                 "--config.classes=malignant,benign", "--config.group=patient",
-                 "--config.strata=magnification", "--config.positive_class=malignant",
+  external_cli.main(["--workdir", run, "--config.data.name=folder",
+                 f"--config.data.dir={folder['out']}", f"--config.data.folder.manifest={folder['manifest']}",
+                 "--config.data.folder.classes=malignant,benign", "--config.data.folder.group=patient",
+                 "--config.data.folder.strata=magnification", "--config.data.folder.positive_class=malignant",
                  "--name", "reversed"])
   capsys.readouterr()
   with open(os.path.join(run, "external", "reversed", "results.json")) as f:

@@ -18,7 +18,7 @@ from jattn.core.errors import UserError
 from jattn.data import load_fold
 from jattn.data.breakhis import export
 from jattn.data.breakhis import folds as breakhis_folds
-from tests.conftest import data_config
+from tests.conftest import data_config, set_fields
 from tests.runs import DEMO, tiny_overrides
 from tests.test_hostile import one_line_error, snapshot
 
@@ -114,9 +114,7 @@ def _multiclass_tree(root, patients_per_class: int = 4, seed: int = 0) -> str:
 def _folder_config(manifest, prepared, **kw):
   config = data_config("unused", str(prepared), dataset="folder", manifest=str(manifest),
                        group="patient", strata="centre", num_folds=4)
-  for key, value in kw.items():
-    config[key] = value
-  return config
+  return set_fields(config, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +283,7 @@ def test_a_manifest_row_naming_a_missing_file(tmp_path, capsys):
 def test_a_label_not_among_the_classes(tmp_path, capsys):
   manifest = _small(str(tmp_path))
   _refused(tmp_path, capsys, rf"{re.escape(manifest)} line 8: label 'stroma' is not one of "
-           r"--config\.classes=adipose,tumour", manifest=manifest, classes="adipose,tumour")
+           r"--config\.data\.folder\.classes=adipose,tumour", manifest=manifest, classes="adipose,tumour")
 
 
 def test_duplicate_paths(tmp_path, capsys):
@@ -309,7 +307,7 @@ def test_a_group_on_both_sides_of_a_given_fold(tmp_path, capsys):
 def test_fewer_groups_than_folds(tmp_path, capsys):
   manifest = _small(str(tmp_path))
   _refused(tmp_path, capsys, rf"{re.escape(manifest)} has 6 patient\(s\), fewer than the "
-           r"--config\.num_folds=7 folds", manifest=manifest, group="patient", num_folds=7)
+           r"--config\.data\.num_folds=7 folds", manifest=manifest, group="patient", num_folds=7)
 
 
 def test_a_single_class(tmp_path, capsys):
@@ -340,7 +338,7 @@ def test_a_class_with_fewer_groups_than_folds_is_a_warning(tmp_path, capsys):
 
 
 def test_an_unknown_dataset(tmp_path, capsys):
-  err = _refused(tmp_path, capsys, r"--config\.dataset='folders' is not a data source: use one of "
+  err = _refused(tmp_path, capsys, r"--config\.data\.name='folders' is not a data source: use one of "
                  r"breakhis, folder, tfds:NAME \(a prepared TFDS data set\); did you mean "
                  r"'folder'\?", dataset="folders")
   assert "Traceback" not in err
@@ -385,8 +383,8 @@ def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
     assert r["path"].split("/")[0] == r["label"] == naming.CLASSES[parsed.label]
   config = config_lib.load_config(os.path.join(os.path.dirname(DEMO), "demo_folder.py"))
   config = config_lib.apply_overrides(config, [
-      f"manifest={out / 'manifest.csv'}", f"prepared_dir={tmp_path / 'p'}", "image_size=16",
-      f"folds={out / 'folds.csv'}"])
+      f"data.folder.manifest={out / 'manifest.csv'}", f"data.prepared_dir={tmp_path / 'p'}",
+      "image_size=16", f"data.folds={out / 'folds.csv'}"])
   d = load_fold(config)
   assert d.classes == ("benign", "malignant") and d.binary.positive_name == "malignant"
   assert d.group_unit == "patient" and len(d.group_ids) == 82
@@ -402,7 +400,7 @@ def test_the_folder_demo_data_from_the_command_line(tmp_path, capsys):
 def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path, capsys):
   """One adipose patient for 3 folds: the fold that tests it trains on no adipose; the refusal
   says that adipose has 1 patient for 3 folds and that a class needs 2. With 2 adipose patients
-  the warning names --config.num_folds=2, and 2 folds do train on and test both classes."""
+  the warning names --config.data.num_folds=2, and 2 folds do train on and test both classes."""
   rows = [(f"a/{c}{p}_{i}.png", c, f"{c}{p}") for c, n in (("adipose", 1), ("tumour", 5))
           for p in range(n) for i in range(2)]
   manifest = _small(str(tmp_path), rows)
@@ -421,7 +419,7 @@ def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path
       rf"fold {fold} of .*\.csv has no training images of the class\(es\) adipose: the model "
       r"could never predict them; adipose has only 1 patient\(s\) for 3 folds: a class needs at "
       r"least 2 patients \(one to train on, one to test\), which adipose lack\(s\): add patients "
-      r"of adipose or leave the class out of --config\.classes", line), line
+      r"of adipose or leave the class out of --config\.data\.folder\.classes", line), line
   capsys.readouterr()
 
   rows += [(f"a/adipose1_{i}.png", "adipose", "adipose1") for i in range(2)]
@@ -430,8 +428,8 @@ def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path
   for fold in (1, 2, 3):
     load_fold(config(fold, 3, "p3"))
   err = capsys.readouterr().err
-  assert "adipose has only 2 patient(s) for 3 folds: with --config.num_folds=2 or fewer" in err
-  assert "(--config.num_folds=2 or fewer can test it in every fold)" in err
+  assert "adipose has only 2 patient(s) for 3 folds: with --config.data.num_folds=2 or fewer" in err
+  assert "(--config.data.num_folds=2 or fewer can test it in every fold)" in err
   for fold in (1, 2):  # the advice taken: both folds train on and test both classes
     d = load_fold(config(fold, 2, "p2"))
     tested[fold] = (set(d.targets[d.train_indices].tolist()),
@@ -440,7 +438,7 @@ def test_a_class_with_too_few_groups_is_refused_with_why_and_what_to_do(tmp_path
 
 
 def test_the_prepared_cache_is_never_written_into_the_data(tmp_path, monkeypatch):
-  """Without --config.prepared_dir a manifest is prepared into the user's cache,
+  """Without --config.data.prepared_dir a manifest is prepared into the user's cache,
   `manifest-<stem>-<sha256 of its absolute path, NUL, its bytes>[:16]`, and its read-only data
   folder gains no file; a run prepared in the old place beside the data keeps using it."""
   import hashlib

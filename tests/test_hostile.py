@@ -426,7 +426,7 @@ def test_a_full_disk_for_predictions_is_one_line(trained_run, synthetic_tree, tm
 
 
 def test_a_read_only_data_dir_is_prepared_in_the_user_cache(tmp_path, monkeypatch, caplog):
-  """Bug: a read-only data dir without --config.prepared_dir was `OSError: [Errno 30]`. Now the
+  """Bug: a read-only data dir without --config.data.prepared_dir was `OSError: [Errno 30]`. Now the
   prepared data go under ~/.cache/jattn/prepared/<hash>, said in one log line. Read-only is
   simulated (os.access, and every write under the data dir refused)."""
   data_dir = small_tree(tmp_path / "data")
@@ -442,7 +442,7 @@ def test_a_read_only_data_dir_is_prepared_in_the_user_cache(tmp_path, monkeypatc
   assert len(cached) == 1 and os.path.isfile(os.path.join(cached[0], "cache", "16", "images.npy"))
   said = [r.getMessage() for r in caplog.records if "read-only" in r.getMessage()]
   assert said == [f"data_dir {data_dir} is read-only: preparing into {cached[0]} (set "
-                  f"--config.prepared_dir to choose another folder)"]
+                  f"--config.data.prepared_dir to choose another folder)"]
   assert snapshot(data_dir) == before
 
 
@@ -472,7 +472,7 @@ def test_a_file_given_as_a_folder_is_one_line(trained_run, synthetic_tree, prepa
 
 
 def test_the_archive_path_stands_for_its_folder(linked_tree, capsys):
-  """Bug: --config.data_dir=.../BreaKHis_v1.tar.gz was NotADirectoryError, and describe --source
+  """Bug: --config.data.dir=.../BreaKHis_v1.tar.gz was NotADirectoryError, and describe --source
   on it said the file did not exist. The archive stands for the folder that holds it."""
   data_dir, prepared_dir, _, _, fold_data = linked_tree
   archive = os.path.join(data_dir, breakhis.ARCHIVE)

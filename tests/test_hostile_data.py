@@ -70,7 +70,7 @@ def png_files(data_dir: str) -> list[str]:
 
 
 def test_demo_refuses_to_fill_a_folder_that_holds_other_files(tmp_path, capsys):
-  """Guards a user's folder: `--config demo.py --config.data_dir=MY_PATCHES` is one line, exit 2,
+  """Guards a user's folder: `--config demo.py --config.data.dir=MY_PATCHES` is one line, exit 2,
   and MY_PATCHES is left byte for byte as it was (no BreaKHis_v1, Folds.csv, mkfold/,
   jattn_prepared/ or lock added)."""
   patches = tmp_path / "MY_PATCHES"
@@ -80,10 +80,10 @@ def test_demo_refuses_to_fill_a_folder_that_holds_other_files(tmp_path, capsys):
   (patches / "empty_folder").mkdir()
   before, paths = snapshot(patches), listing(patches)
   one_line(lambda: main.main(["--config", DEMO, "--workdir", str(tmp_path / "run"),
-                              f"--config.data_dir={patches}"]), capsys, "jattn train",
+                              f"--config.data.dir={patches}"]), capsys, "jattn train",
            rf"data_dir {re.escape(str(patches))} holds no BreaKHis_v1 but other files \(3 entries, "
            r"e\.g\. colon\): a synthetic data set is generated only into ~/\.cache/jattn/demo or a "
-           r"new or empty folder.*set --config\.data_dir to such a folder")
+           r"new or empty folder.*set --config\.data\.dir to such a folder")
   assert snapshot(patches) == before and listing(patches) == paths
 
 
@@ -266,8 +266,8 @@ def test_a_checksum_mismatch_names_downloads_json_and_forget_checksum_forgets_it
   one_line(lambda: data_cli.main(args), capsys, "jattn data",
            rf"checksum mismatch \(SHA-256 {hashlib.sha256(other).hexdigest()[:16]}\.\.\., expected "
            rf"{hashlib.sha256(genuine).hexdigest()}\); the file was discarded\. The expected "
-           rf"SHA-256 is that of the first download into .*, recorded in {checksums}; .*`python -m "
-           rf"jattn\.data download --data-dir {re.escape(str(data_dir))} --forget-checksum`")
+           rf"SHA-256 is that of the first download into .*, recorded in {checksums}; .*`jattn data "
+           rf"download --data-dir {re.escape(str(data_dir))} --forget-checksum`")
   assert snapshot(data_dir) == before
 
   data_cli.main([*args, "--forget-checksum"])

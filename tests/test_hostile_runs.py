@@ -107,7 +107,7 @@ def test_the_retry_a_failed_start_suggests_then_runs(synthetic_tree, prepared_di
   a terminal logs a line per logged window, and the from-scratch warning is one line."""
   workdir, prepared = tmp_path / "runs" / "fold1", tmp_path / "prepared"
   args = train_args(workdir, synthetic_tree[0], str(prepared), num_epochs=1)
-  one_line_error(lambda: main.main(args + [f"--config.data_dir={tmp_path / 'nowhere'}"]), capsys,
+  one_line_error(lambda: main.main(args + [f"--config.data.dir={tmp_path / 'nowhere'}"]), capsys,
                  PROG, r"data_dir .*nowhere does not exist")
   assert not (tmp_path / "runs").exists() and not prepared.exists()
   err = one_line_error(lambda: main.main(args + [f"--config.pretrained={tmp_path / 'vgg19'}"]),

@@ -246,7 +246,7 @@ def test_paper_setting_is_configs_default():
     for part in key.split("."):
       node = node[part]
     assert node == value, key
-  assert config.pretrained and config.task == "binary"
+  assert config.pretrained and config.data.breakhis.task == "binary"
 
 
 def test_rows_of_another_setting_are_labelled_and_shown_without_the_papers_figures(
@@ -345,7 +345,7 @@ def test_a_silent_sacct_ends_the_wait_within_its_bound(trained_run, tmp_path, mo
       capsys, "jattn sweep", r"sacct has listed none of job 4242 in 2 calls in a row .* the jobs "
                        r"keep running \(squeue --me\)\. Run the same command when they have ended")
   assert time.monotonic() - started < 10  # submitit's second sacct call comes 2-4 s in
-  assert f"-m jattn.evaluation.tables {out}` for the tables so far" in err
+  assert f"`jattn tables {out}` for the tables so far" in err
   assert calls(tmp_path / "bin", "sbatch") == 1 and calls(tmp_path / "bin", "sacct") == 2
   assert snapshot(out / "demo_ours") == before
 

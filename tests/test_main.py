@@ -202,11 +202,11 @@ def test_ours_without_breakhis_says_what_to_download(tmp_path):
   """The real config with no data: one line naming the archive, the folder and the flag."""
   run = subprocess.run(
       [sys.executable, "-m", "jattn.main", "--config", "configs/ours.py",
-       "--workdir", str(tmp_path / "w"), f"--config.data_dir={tmp_path / 'empty'}"],
+       "--workdir", str(tmp_path / "w"), f"--config.data.dir={tmp_path / 'empty'}"],
       cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO))
   assert run.returncode == 2 and "Traceback" not in run.stderr
   assert run.stderr.count("\n") == 1, run.stderr
-  assert "BreaKHis_v1.tar.gz" in run.stderr and "--config.data_dir" in run.stderr
+  assert "BreaKHis_v1.tar.gz" in run.stderr and "--config.data.dir" in run.stderr
 
 
 def test_missing_pretrained_weights_name_the_convert_command(synthetic_tree, prepared_dir,

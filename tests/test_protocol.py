@@ -133,15 +133,15 @@ def test_bad_protocol_input_is_one_line(partial_tree, tmp_path, capsys):
   data_dir, prepared_dir, _ = partial_tree
   args = ["--workdir", str(tmp_path / "run")]
   assert _one_line_error(capsys, args, data_dir, prepared_dir, magnifications="50X") == (
-      "--config.magnifications=50X: unknown magnification '50X'; use some of "
-      "40X,100X,200X,400X (e.g. --config.magnifications=100X)")
+      "--config.data.breakhis.magnifications=50X: unknown magnification '50X'; use some of "
+      "40X,100X,200X,400X (e.g. --config.data.breakhis.magnifications=100X)")
   assert _one_line_error(capsys, args, data_dir, prepared_dir, task="tissue").startswith(
-      "--config.task='tissue' is not a task: use 'binary'")
+      "--config.data.breakhis.task='tissue' is not a task: use 'binary'")
   assert _one_line_error(capsys, args, data_dir, prepared_dir, task="subtype") == (
-      "--config.model.num_classes=2 does not fit --config.task=subtype (8 classes: A, F, PT, TA, "
+      "--config.model.num_classes=2 does not fit --config.data.breakhis.task=subtype (8 classes: A, F, PT, TA, "
       "DC, LC, MC, PC); set --config.model.num_classes=8")
   assert _one_line_error(capsys, args, data_dir, prepared_dir, magnifications="400X") == (
-      f"--config.magnifications=400X selects no images of {data_dir} (it has images at 40X, "
+      f"--config.data.breakhis.magnifications=400X selects no images of {data_dir} (it has images at 40X, "
       f"100X, 200X); choose among those")
   # Fold 1 with every phyllodes tumour patient on the test side: no PT to train on.
   records = scan.scan(data_dir).records

@@ -833,6 +833,6 @@ def test_a_resnet_run_is_inspected_and_refuses_a_checkpoint_of_another_architect
     inspect_cli.main(["--workdir", str(other), "--out", str(tmp_path / "o"), png])
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1, err
-  assert re.match(r"jattn\.inspect: error: the checkpoints in .* do not fit the model of this "
+  assert re.match(r"jattn inspect: error: the checkpoints in .* do not fit the model of this "
                   r"run's config", err), err
   assert sorted(p for p in other.rglob("*")) == before

@@ -104,9 +104,11 @@ BREAKHIS_CONSTANTS = {"MAGNIFICATIONS", "CLASSES", "SUBTYPES", "SUBTYPE_CODES", 
 MAY_IMPORT_BREAKHIS = {"jattn/data/sources.py", "jattn/cli/data.py", "jattn/data/preview.py"}
 # The generic word for a BreakHis magnification is a stratum: the slide command keeps the word only
 # in its option's BreakHis alias, slides read it from slide.json files written before the option's
-# generic name, and the BreakHis data command names it in its help.
+# generic name, old configs name the field of before, and the BreakHis data command names it in
+# its help.
 MAY_SAY_MAGNIFICATION = {"jattn/cli/slide.py": "--magnification",
                          "jattn/slides/pipeline.py": "magnification",
+                         "jattn/training/compat.py": "magnifications",
                          "jattn/cli/data.py": "per magnification"}
 
 
@@ -156,7 +158,7 @@ def test_no_module_outside_the_breakhis_source_names_its_magnifications_or_class
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("dataset", "breakhys", r"--config\.dataset='breakhys' is not a data source: use one of "
+    ("dataset", "breakhys", r"--config\.data\.name='breakhys' is not a data source: use one of "
                             r"breakhis, folder, tfds:NAME \(a prepared TFDS data set\); did you "
                             r"mean 'breakhis'\?"),
     ("model.name", "vgg16", r"--config\.model\.name='vgg16' is not a model: use one of vgg19"),

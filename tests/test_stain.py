@@ -174,7 +174,7 @@ def test_macenko_asked_at_scoring_time_says_to_retrain_with_it(tmp_path, capsys,
                                      "a.png"]),
           "slide": (slide.main, ["--workdir", str(workdir), "--out", str(tmp_path / "out"),
                                  "--config.stain_norm=macenko", "a.svs"]),
-          "evaluate": (evaluate.main, ["--workdir", str(workdir), "--config.data_dir=/nowhere",
+          "evaluate": (evaluate.main, ["--workdir", str(workdir), "--config.data.dir=/nowhere",
                                        "--config.stain_norm=macenko"])}
   run, args = argv[command]
   before = snapshot(tmp_path)

@@ -167,7 +167,7 @@ def test_sweep_through_submitit_resumes_a_preempted_run(synthetic_tree, prepared
     while time.time() < deadline and not result.done():
       steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()] if (
           workdir / "checkpoints").is_dir() else []
-      found = _process_running("jattn train", str(workdir)) if steps and max(steps) >= 3 else None
+      found = _process_running("jattn.main", str(workdir)) if steps and max(steps) >= 3 else None
       if found:
         os.kill(found[1], signal.SIGUSR2)  # to submitit's process running the task
         break

@@ -139,7 +139,7 @@ def test_numbered_classes_and_no_group(tfds_dir, tmp_path, capsys):
                         positive_class="1", tie_rule="0"))
   assert d.classes == ("0", "1") and d.binary.positive_name == "1"
   assert d.group_ids == tuple(sorted(d.file_names)) and d.strata[0].values == ("unnamed",)
-  assert re.search(r"jattn: warning: tfds:unnamed .* has no group feature \(--config\.group\): "
+  assert re.search(r"jattn: warning: tfds:unnamed .* has no group feature \(--config\.data\.tfds\.group\): "
                    r"every image is its own group", capsys.readouterr().err)
 
 
@@ -167,16 +167,16 @@ def _refused(tmp_path, capsys, pattern, data_dir, **kw):
 
 
 def test_a_data_set_that_is_not_prepared(tfds_dir, tmp_path, capsys):
-  _refused(tmp_path, capsys, rf"--config\.dataset=tfds:colorectal_histology: no prepared TFDS "
-           rf"data set colorectal_histology in --config\.data_dir={re.escape(tfds_dir)}; prepare "
+  _refused(tmp_path, capsys, rf"--config\.data\.name=tfds:colorectal_histology: no prepared TFDS "
+           rf"data set colorectal_histology in --config\.data\.dir={re.escape(tfds_dir)}; prepare "
            r"it once \(this needs TensorFlow and, for most data sets, internet\): `tfds build "
            rf"colorectal_histology --data_dir={re.escape(tfds_dir)} --file_format=array_record`",
            tfds_dir, dataset="tfds:colorectal_histology")
 
 
 def test_splits_of_a_data_set_without_a_test_split(tfds_dir, tmp_path, capsys):
-  _refused(tmp_path, capsys, r"--config\.folds=splits: tfds:unnamed has no test split \(its "
-           r"splits: train\); use --config\.folds=generated", tfds_dir, dataset="tfds:unnamed",
+  _refused(tmp_path, capsys, r"--config\.data\.folds=splits: tfds:unnamed has no test split \(its "
+           r"splits: train\); use --config\.data\.folds=generated", tfds_dir, dataset="tfds:unnamed",
            folds="splits", tie_rule="0")
 
 

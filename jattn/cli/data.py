@@ -32,11 +32,12 @@ import os
 import sys
 import tempfile
 
-from jattn.core import config_lib, files
+from jattn.core import files
 from jattn.core.errors import UserError, exit_on_user_error
 from jattn.data import preview
 from jattn.data.breakhis import describe, export, fetch, naming, synthetic
 from jattn.data.breakhis import folds as folds_lib
+from jattn.training import compat
 
 PROG = "jattn data"
 
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
       found = describe.describe(args.data_dir, check_images=not args.no_image_check)
       print(describe.format_description(found))
     elif args.command == "augment-preview":
-      config = config_lib.load_config(args.config)
+      config = compat.load_config(args.config)
       rows, columns = preview.write_preview(config, args.out, args.images, rows=args.rows,
                                             samples=args.samples, seed=args.seed)
       print(f"wrote {args.out}: {rows} image(s), each as given and in {columns - 1} draws of "

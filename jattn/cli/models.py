@@ -18,6 +18,7 @@ import numpy as np
 from jattn import models
 from jattn.core import config_lib
 from jattn.core.errors import exit_on_user_error
+from jattn.training import compat
 
 PROG = "jattn models"
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="input size for the FLOPs (default: the config's image_size)")
   args = parser.parse_args(rest)
   with exit_on_user_error(PROG):
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    config = compat.load_config(args.config, overrides)
     print(report(config, args.image_size or config.image_size))
 
 

@@ -26,7 +26,7 @@ import jax
 
 from jattn.core import config_lib
 from jattn.core.errors import exit_on_user_error
-from jattn.training import parallel, train
+from jattn.training import compat, parallel, train
 
 # Compiled XLA programs are kept on disk, so resumed runs and the runs of a sweep skip compilation.
 COMPILATION_CACHE = "~/.cache/jattn/xla"
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     # The config is read first (that touches no device), so that its coordinator_timeout_s bounds
     # the wait for the other processes and they can check that they all run the same config;
     # then the processes start JAX's runtime together, before anything touches the devices.
-    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    config = compat.load_config(args.config, overrides)
     workdir = args.workdir or f"runs/{config.name}/fold{{fold}}"
     parallel.initialize_distributed(config.get("coordinator_timeout_s", 300.0),
                                     agree_on={"config": json.loads(config.to_json()),

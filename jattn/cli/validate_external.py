@@ -1,7 +1,7 @@
 """External validation: a finished run scored on every image of another labelled set
 (`jattn.inference.external`).
 
-  jattn validate-external --workdir RUN --config.data_dir=OTHER [--config.dataset=SOURCE]
+  jattn validate-external --workdir RUN --config.data.dir=OTHER [--config.data.name=SOURCE]
       [--config.FIELD=VALUE ...] [--out DIR] [--name NAME] [--batch-size 32]
 """
 

@@ -52,7 +52,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     config = module.get_config(arg) if arg else module.get_config()
   except ValueError as e:  # a config's own refusal of its argument: its message says it all
     raise UserError(f"--config {spec}: {e}") from None
-  except (ImportError, KeyError, TypeError) as e:
+  except (ImportError, KeyError, TypeError, AttributeError) as e:
     raise UserError(f"config {spec!r} failed: {type(e).__name__}: {e}") from None
   config.lock()  # a typo in an override is an error, never a new field
   return config

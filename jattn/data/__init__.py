@@ -1,7 +1,7 @@
 """jattn's data: a source per kind of data set, one generic fold description, batches.
 
   from jattn import data
-  fold_data = data.load_fold(config)   # config.dataset picks the source (default 'breakhis')
+  fold_data = data.load_fold(config)   # config.data.name picks the source (default 'breakhis')
   for batch in data.train_batches(fold_data, 8, seed=0, epoch=e): ...
 
 fold.py (`FoldData`: images, targets, classes, groups, strata, split), sources.py (the registry),

@@ -1,4 +1,4 @@
-"""A folder of labelled images as a jattn data source (`--config.dataset=folder`).
+"""A folder of labelled images as a jattn data source (`--config.data.name=folder`).
 
 Two ways to say what the images are:
 
@@ -6,10 +6,10 @@ Two ways to say what the images are:
   folder per class (classes sorted by name), images in any sub-folders below it. There are no
   groups: every image is its own group, with a warning that a patient's images may then fall on
   both sides of a split.
-- a manifest, `--config.manifest=FILE.csv`: columns `path,label`, optionally a group column
-  (`group`, or the one `--config.group` names, e.g. `patient`), the stratum columns
-  `--config.strata=centre,...` names and an `mpp` column (microns per pixel; else
-  `--config.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or absolute. The
+- a manifest, `--config.data.folder.manifest=FILE.csv`: columns `path,label`, optionally a group column
+  (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum columns
+  `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel; else
+  `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or absolute. The
   images are cached in the row order; the CSV is read by `files.read_csv`.
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
@@ -35,6 +35,15 @@ from jattn.data.fold import FoldData, Outputs
 
 NAME = "folder"
 GROUP_UNIT = "group"
+# This source's group of config fields, config.data.folder, with their defaults.
+DEFAULTS = {
+    "manifest": "",  # a CSV of path,label[,group,<strata>,mpp] rows ('': DIR/<class>/...)
+    "classes": "",  # the classes in output order, e.g. 'normal,tumour' ('': the data's, sorted)
+    "group": "",  # the column of each image's group ('': 'group' where there is one)
+    "strata": "",  # columns reported separately, e.g. 'centre,scanner' ('': none)
+    "mpp": 0.0,  # microns per pixel of the images (0: unknown; a manifest's mpp column wins)
+    "positive_class": "",  # two classes: the positive one (sensitivity, ROC); '' for none
+}
 STRATA = {labelled.DATASET_AXIS: ()}  # the report columns when no run finished: the data's own
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 PREPARED = "jattn_prepared"
@@ -44,12 +53,12 @@ COLUMNS = ("path", "label")
 
 
 def _data_dir(config) -> str:
-  return os.path.abspath(os.path.expanduser(config.data_dir))
+  return os.path.abspath(os.path.expanduser(config.data.dir))
 
 
 def _manifest(config) -> str:
   """The manifest's absolute path ('' without one): as given, else relative to data_dir."""
-  spec = os.path.expanduser(config.get("manifest", ""))
+  spec = os.path.expanduser(config.data.folder.manifest)
   if not spec:
     return ""
   if os.path.isabs(spec) or os.path.exists(spec):
@@ -65,14 +74,14 @@ def _root(config) -> str:
 
 
 def prepared_dir(config) -> str:
-  """`--config.prepared_dir`, else a folder of the user's cache, never inside the data:
+  """`--config.data.prepared_dir`, else a folder of the user's cache, never inside the data:
   `~/.cache/jattn/prepared/manifest-<its stem>-<hash>` for a manifest (the hash of its absolute
   path and its bytes: an edited manifest is prepared anew) and `.../folder-<DIR's name>-<hash of
   DIR's absolute path>` for a folder per class; said in one log line. A run prepared where jattn
   used to prepare (`<the data's folder>/jattn_prepared/manifest-<its name>` or
   `DIR/jattn_prepared/folder`) keeps using that folder while it exists."""
-  if config.prepared_dir:
-    return os.path.abspath(os.path.expanduser(config.prepared_dir))
+  if config.data.prepared_dir:
+    return os.path.abspath(os.path.expanduser(config.data.prepared_dir))
   manifest = _manifest(config)
   if manifest:
     where = os.path.abspath(manifest)
@@ -94,7 +103,7 @@ def prepared_dir(config) -> str:
     folder = prepare.user_cache_dir(f"folder-{os.path.basename(where)}", where.encode())
   if folder not in _SAID:
     _SAID.add(folder)
-    log.info("prepared data of %s: %s (--config.prepared_dir chooses another folder)", where,
+    log.info("prepared data of %s: %s (--config.data.prepared_dir chooses another folder)", where,
              folder)
   return folder
 
@@ -124,7 +133,7 @@ def _is_image(name: str) -> bool:
 
 
 def _group_column(config) -> str:
-  return config.get("group", "") or "group"
+  return config.data.folder.group or "group"
 
 
 def _unit(column: str) -> str:
@@ -137,15 +146,15 @@ def _unit(column: str) -> str:
 
 def _class_folders(data_dir: str, config) -> list[str]:
   if not os.path.isdir(data_dir):
-    raise UserError(f"--config.data_dir={data_dir} does not exist: give the folder that holds a "
-                    f"folder of images per class (DIR/<class>/...), or --config.manifest=FILE.csv")
+    raise UserError(f"--config.data.dir={data_dir} does not exist: give the folder that holds a "
+                    f"folder of images per class (DIR/<class>/...), or --config.data.folder.manifest=FILE.csv")
   skip = {os.path.join(data_dir, PREPARED), prepared_dir(config)}  # jattn's, not classes
   folders = sorted(e.name for e in os.scandir(data_dir)
                    if e.is_dir() and not e.name.startswith(".")
                    and os.path.join(data_dir, e.name) not in skip)
   if not folders:
     raise UserError(f"{data_dir} holds no class folders: put each class's images in a folder of "
-                    f"its own (DIR/<class>/*.png), or give --config.manifest=FILE.csv")
+                    f"its own (DIR/<class>/*.png), or give --config.data.folder.manifest=FILE.csv")
   return folders
 
 
@@ -164,20 +173,20 @@ def scan_folder(config) -> tuple[labelled.Table, list[int]]:
   data_dir = _data_dir(config)
   for field in ("strata", "group"):
     if labelled.names_of(config.get(field, "")):
-      raise UserError(f"--config.{field} names manifest columns: give --config.manifest=FILE.csv "
+      raise UserError(f"--config.{field} names manifest columns: give --config.data.folder.manifest=FILE.csv "
                       f"(a folder per class has no {field} to read)")
   folders = _class_folders(data_dir, config)
-  classes = labelled.classes_of(config.get("classes", ""), folders, data_dir)
+  classes = labelled.classes_of(config.data.folder.classes, folders, data_dir, "data.folder")
   stray = [f for f in folders if f not in classes]
   if stray:
     raise UserError(f"{os.path.join(data_dir, stray[0])} is a class folder, but {stray[0]!r} is "
-                    f"not one of --config.classes={','.join(classes)}: add it there or move the "
+                    f"not one of --config.data.folder.classes={','.join(classes)}: add it there or move the "
                     f"folder out of {data_dir}")
   names, labels = [], []
   for c, name in enumerate(classes):
     folder = os.path.join(data_dir, name)
     if not os.path.isdir(folder):
-      raise UserError(f"--config.classes names {name!r}, but {data_dir} has no folder {name}/")
+      raise UserError(f"--config.data.folder.classes names {name!r}, but {data_dir} has no folder {name}/")
     images = _images_under(folder)
     if not images:
       raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -193,14 +202,14 @@ def scan_folder(config) -> tuple[labelled.Table, list[int]]:
   table = labelled.Table(
       names=tuple(names), labels=np.asarray(labels, np.int32), classes=classes,
       groups=None,
-      strata=labelled.make_strata({}, [mpp] * len(names), "--config.mpp",
+      strata=labelled.make_strata({}, [mpp] * len(names), "--config.data.folder.mpp",
                                   os.path.basename(data_dir)),
       where=data_dir)
   return table, sizes
 
 
 def _mpp(config) -> float | None:
-  value = config.get("mpp", 0.0)
+  value = config.data.folder.mpp
   return float(value) if value else None
 
 
@@ -209,17 +218,17 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
   column or file, a repeated path, an empty or unknown label is one line naming the row."""
   path = _manifest(config)
   if not os.path.isfile(path):
-    raise UserError(f"--config.manifest={config.manifest}: {path} does not exist; give a CSV of "
+    raise UserError(f"--config.data.folder.manifest={config.data.folder.manifest}: {path} does not exist; give a CSV of "
                     f"{','.join(COLUMNS)}[,group,<strata>...] rows")
   root = os.path.dirname(path)
   group_column = _group_column(config)
-  strata = labelled.names_of(config.get("strata", ""))
-  requested = labelled.names_of(config.get("classes", ""))
+  strata = labelled.names_of(config.data.folder.strata)
+  requested = labelled.names_of(config.data.folder.classes)
   default_mpp = _mpp(config)
   read = files.read_csv(path)
   header = list(read.header)
-  named = {**({group_column: "--config.group"} if config.get("group", "") else {}),
-           **dict.fromkeys(strata, "--config.strata")}
+  named = {**({group_column: "--config.data.folder.group"} if config.data.folder.group else {}),
+           **dict.fromkeys(strata, "--config.data.folder.strata")}
   missing = [c for c in [*COLUMNS, *named] if c not in header]
   if missing:
     by = f" (named by {named[missing[0]]})" if missing[0] in named else ""
@@ -245,12 +254,12 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
     if not label:
       raise UserError(f"{path} line {line}: empty label")
     if requested and label not in requested:
-      raise UserError(f"{path} line {line}: label {label!r} is not one of --config.classes="
+      raise UserError(f"{path} line {line}: label {label!r} is not one of --config.data.folder.classes="
                       f"{','.join(requested)}")
     for s in strata:
       value = row[s].strip()
       if not value:
-        raise UserError(f"{path} line {line}: empty {s} (a stratum column, --config.strata)")
+        raise UserError(f"{path} line {line}: empty {s} (a stratum column, --config.data.folder.strata)")
       axes[s].append(value)
     if has_group:
       group = row[group_column].strip()
@@ -272,9 +281,9 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
     mpps.append(mpp)
   if not names:
     raise UserError(f"{path} has a header but no rows")
-  classes = labelled.classes_of(requested, labels, path)
+  classes = labelled.classes_of(requested, labels, path, "data.folder")
   index = {c: i for i, c in enumerate(classes)}
-  note = "the manifest's mpp column" if "mpp" in header else "--config.mpp"
+  note = "the manifest's mpp column" if "mpp" in header else "--config.data.folder.mpp"
   table = labelled.Table(
       names=tuple(names), labels=np.asarray([index[c] for c in labels], np.int32),
       classes=classes, groups=tuple(groups) if has_group else None,
@@ -285,7 +294,7 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
 
 
 def read_table(config) -> tuple[labelled.Table, list[int]]:
-  return read_manifest(config) if config.get("manifest", "") else scan_folder(config)
+  return read_manifest(config) if config.data.folder.manifest else scan_folder(config)
 
 
 def _warnings(table: labelled.Table) -> list[str]:
@@ -306,24 +315,25 @@ def check_config(config) -> None:
 
 
 def outputs(config) -> Outputs:
-  """The classes (`config.classes`, else the class folders or the manifest's labels, sorted)."""
-  if labelled.names_of(config.get("classes", "")):
-    classes = labelled.classes_of(config.classes, (), "--config.classes")
-    decided_by = "--config.classes"
+  """The classes (`config.data.folder.classes`, else the class folders or the manifest's labels, sorted)."""
+  if labelled.names_of(config.data.folder.classes):
+    classes = labelled.classes_of(config.data.folder.classes, (), "--config.data.folder.classes",
+                                    "data.folder")
+    decided_by = "--config.data.folder.classes"
   else:
     classes = read_table(config)[0].classes
-    decided_by = (f"the labels of {_manifest(config)}" if config.get("manifest", "") else
+    decided_by = (f"the labels of {_manifest(config)}" if config.data.folder.manifest else
                   f"the class folders of {_data_dir(config)}")
-  strata = labelled.names_of(config.get("strata", "")) or (labelled.DATASET_AXIS,)
-  group = config.get("group", "")
-  return Outputs(classes, "class", labelled.class_map(config.get("positive_class", ""), classes),
+  strata = labelled.names_of(config.data.folder.strata) or (labelled.DATASET_AXIS,)
+  group = config.data.folder.group
+  return Outputs(classes, "class", labelled.class_map(config.data.folder.positive_class, classes, "data.folder"),
                  _unit(group) if group else GROUP_UNIT, strata, decided_by)
 
 
 def num_folds(config) -> int:
-  if config.folds == "generated":
-    return config.get("num_folds", 5)
-  return labelled.count_folds(labelled.folds_path(config.folds, _root(config)))
+  if config.data.folds == "generated":
+    return config.data.num_folds
+  return labelled.count_folds(labelled.folds_path(config.data.folds, _root(config)))
 
 
 def describe_file(path: str) -> dict | None:
@@ -335,7 +345,7 @@ def check_data_dir(config) -> None:
   """Reads the folder or manifest and checks the folds of the fold being run, before any slower
   work; every problem is one line, and nothing is written."""
   table, sizes = read_table(config)
-  labelled.class_map(config.get("positive_class", ""), table.classes)
+  labelled.class_map(config.data.folder.positive_class, table.classes, "data.folder")
   entries = [[n, s] for n, s in zip(table.names, sizes, strict=True)]
   labelled.check_unchanged(prepared_dir(config), labelled.fingerprint_of(entries), entries,
                            table.where)
@@ -386,7 +396,7 @@ def load_all(config) -> FoldData:
 
 def _load(config, every_image: bool) -> FoldData:
   table, sizes = read_table(config)
-  binary = labelled.class_map(config.get("positive_class", ""), table.classes)
+  binary = labelled.class_map(config.data.folder.positive_class, table.classes, "data.folder")
   root, prepared = _root(config), prepared_dir(config)
   entries = [[n, s] for n, s in zip(table.names, sizes, strict=True)]
   fingerprint = labelled.fingerprint_of(entries)

@@ -5,7 +5,7 @@ A `Table` lists every image of a data set in the order of its decoded-image cach
 its group (the unit folds keep apart: a patient, a slide; each image its own group when the data
 has none) and its value on each strata axis (reported separately, e.g. a centre). Folds are a CSV
 of `fold,split,path` rows (`split` train or test, `path` an image's name in the table), or K
-stratified group folds drawn by scikit-learn's `StratifiedGroupKFold` from `config.folds_seed`
+stratified group folds drawn by scikit-learn's `StratifiedGroupKFold` from `config.data.folds_seed`
 and written to `<prepared_dir>/folds/` for reuse. The fold being run must keep every group on one
 side and train on every class; another fold's problem is only a warning for this run.
 """
@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from jattn.core import errors, files
 from jattn.core.errors import UserError
-from jattn.data import prepare
+from jattn.data import prepare, sources
 from jattn.data.fold import ClassMap, FoldData, Strata
 
 FOLDS_COLUMNS = ("fold", "split", "path")
@@ -82,30 +82,32 @@ class Table:
     return self.groups if self.groups is not None else self.names
 
 
-def classes_of(requested, found: Sequence[str], where: str) -> tuple[str, ...]:
-  """The model's classes: `requested` (`config.classes`) in its order, or the labels `found`
-  sorted by name (torchvision's ImageFolder order). Fewer than two is one line."""
+def classes_of(requested, found: Sequence[str], where: str, own: str) -> tuple[str, ...]:
+  """The model's classes: `requested` (the source's `classes` field, `own` its group, e.g.
+  'data.folder') in its order, or the labels `found` sorted by name (torchvision's ImageFolder
+  order). Fewer than two is one line."""
   classes = names_of(requested) or tuple(sorted(set(found)))
   if len(set(classes)) != len(classes):
     repeated = sorted(c for c, n in collections.Counter(classes).items() if n > 1)
-    raise UserError(f"--config.classes names {repeated[0]!r} twice: list each class once")
+    raise UserError(f"--config.{own}.classes names {repeated[0]!r} twice: list each class once")
   if len(classes) < 2:
     raise UserError(f"{where} has a single class ({', '.join(classes) or 'none'}): a classifier "
                     f"needs images of at least two classes")
   return classes
 
 
-def class_map(positive, classes: tuple[str, ...]) -> ClassMap | None:
-  """Two classes and `config.positive_class` -> their map onto themselves with that one positive
-  (sensitivity, specificity and ROC of P(positive)); '' -> None."""
+def class_map(positive, classes: tuple[str, ...], own: str) -> ClassMap | None:
+  """Two classes and the source's `positive_class` (`own` its group of fields) -> their map onto
+  themselves with that one positive (sensitivity, specificity and ROC of P(positive)); '' ->
+  None."""
   if not positive:
     return None
   if positive not in classes:
-    raise UserError(f"--config.positive_class={positive!r} is not one of the classes "
+    raise UserError(f"--config.{own}.positive_class={positive!r} is not one of the classes "
                     f"{', '.join(classes)}")
   if len(classes) != 2:
-    raise UserError(f"--config.positive_class={positive!r}: a positive class gives binary figures "
-                    f"(sensitivity, ROC), which need two classes, and the data has {len(classes)} "
+    raise UserError(f"--config.{own}.positive_class={positive!r}: a positive class gives binary "
+                    f"figures (sensitivity, ROC), which need two classes, and the data has {len(classes)} "
                     f"({short_list(classes)}); leave it empty for per-class figures")
   return ClassMap(classes, tuple(range(len(classes))), classes.index(positive))
 
@@ -153,7 +155,7 @@ def read_folds_csv(path: str) -> Folds:
   """A `fold,split,path` CSV; a malformed one (column, fold, split, repeated path) is one line."""
   if not os.path.isfile(path):
     raise UserError(f"folds file {path} does not exist: give a CSV of {','.join(FOLDS_COLUMNS)} "
-                    f"rows, or --config.folds=generated")
+                    f"rows, or --config.data.folds=generated")
   splits: dict[int, dict[str, str]] = collections.defaultdict(dict)
   first: dict[tuple[int, str], int] = {}
   read = files.read_csv(path)
@@ -216,7 +218,7 @@ def check_generatable(table: Table, num_folds: int) -> list[str]:
   unit = table.group_unit
   if len(ids) < num_folds:
     raise UserError(f"{table.where} has {len(ids)} {unit}(s), fewer than the "
-                    f"--config.num_folds={num_folds} folds to draw: lower --config.num_folds or "
+                    f"--config.data.num_folds={num_folds} folds to draw: lower --config.data.num_folds or "
                     f"add data")
   out = []
   for c, name in enumerate(table.classes):
@@ -224,7 +226,7 @@ def check_generatable(table: Table, num_folds: int) -> list[str]:
     if count < num_folds:
       out.append(f"class {name!r} of {table.where} has {count} {unit}(s), fewer than the "
                  f"{num_folds} folds: some folds test no {name} images"
-                 + (f" (--config.num_folds={count} or fewer can test it in every fold)"
+                 + (f" (--config.data.num_folds={count} or fewer can test it in every fold)"
                     if count >= 2 else f" (it needs 2 {unit}s: one to train on, one to test)"))
   return out
 
@@ -240,7 +242,7 @@ def generate_folds(table: Table, num_folds: int, seed: int) -> Folds:
       parts = list(splitter.split(np.zeros(len(table.names)), table.labels, groups))
     except ValueError as e:  # e.g. every class has fewer images than folds
       raise UserError(f"{table.where}: cannot draw {num_folds} stratified group folds ({e}); "
-                      f"lower --config.num_folds or add data") from None
+                      f"lower --config.data.num_folds or add data") from None
   splits = {}
   for fold, (_, test) in enumerate(parts, start=1):
     sides = np.full(len(table.names), "train", dtype=object)
@@ -257,7 +259,7 @@ def groups_per_class(table: Table) -> dict[str, int]:
 
 
 def _what_to_do(table: Table, folds: Folds, fold: int, classes: list[str], generated: bool,
-                side: str) -> str:
+                side: str, own: str) -> str:
   """Why fold `fold` lacks `classes` on `side` and what to do: each class's group count against
   the number of folds, the numbers of folds that give every fold every class (at most the
   smallest class's group count), or which file to mend."""
@@ -265,22 +267,23 @@ def _what_to_do(table: Table, folds: Folds, fold: int, classes: list[str], gener
   why = "; ".join(f"{c} has only {counts[c]} {unit}(s) for {k} folds" for c in classes)
   if not generated:
     return (f"{why}: give fold {fold} {side} images of {', '.join(classes)} in {folds.source}, "
-            f"or draw folds with --config.folds=generated")
+            f"or draw folds with --config.data.folds=generated")
   fewest = min(counts.values())
   if fewest < 2:
     thin = [c for c, n in counts.items() if n < 2]
     return (f"{why}: a class needs at least 2 {unit}s (one to train on, one to test), which "
             f"{', '.join(thin)} lack(s): add {unit}s of {', '.join(thin)} or leave the class out "
-            f"of --config.classes")
-  return (f"{why}: with --config.num_folds={fewest} or fewer (the smallest class has {fewest} "
+            f"of --config.{own}.classes")
+  return (f"{why}: with --config.data.num_folds={fewest} or fewer (the smallest class has {fewest} "
           f"{unit}s) every fold can train on and test every class")
 
 
-def fold_problems(folds: Folds, fold: int, table: Table, generated: bool = False
-                  ) -> tuple[list[str], list[str]]:
+def fold_problems(folds: Folds, fold: int, table: Table, generated: bool = False, *,
+                  own: str) -> tuple[list[str], list[str]]:
   """(problems, warnings) of fold `fold`: a problem makes it unusable. A fold lacking a class
   says why (the class's groups against the folds) and what to do; `generated`: the folds were
-  drawn by jattn (`--config.num_folds` then chooses their number)."""
+  drawn by jattn (`--config.data.num_folds` then chooses their number); `own` is the source's group
+  of fields ('data.folder')."""
   where = f"fold {fold} of {folds.source}"
   if fold not in folds.splits:
     return [f"{folds.source} has no fold {fold} (it has folds "
@@ -308,61 +311,63 @@ def fold_problems(folds: Folds, fold: int, table: Table, generated: bool = False
     if absent:
       problems.append(f"{where} has no training images of the class(es) {', '.join(absent)}: "
                       f"the model could never predict them; "
-                      + _what_to_do(table, folds, fold, absent, generated, "training"))
+                      + _what_to_do(table, folds, fold, absent, generated, "training", own))
   if sides["test"]:
     tested = set(table.labels[sides["test"]].tolist())
     untested = [c for i, c in enumerate(table.classes) if i not in tested]
     if untested:
       warned.append(f"{where} has no test images of the class(es) {', '.join(untested)}; "
-                    + _what_to_do(table, folds, fold, untested, generated, "test"))
+                    + _what_to_do(table, folds, fold, untested, generated, "test", own))
   left_out = len(table.names) - len(sides["train"]) - len(sides["test"])
   if left_out:
     warned.append(f"{where} leaves out {left_out} image(s) of {table.where}")
   return problems, warned
 
 
-def validate_fold(folds: Folds, fold: int, table: Table, generated: bool = False) -> list[str]:
+def validate_fold(folds: Folds, fold: int, table: Table, generated: bool = False, *,
+                  own: str) -> list[str]:
   """Raises `UserError` on the first problem of fold `fold`; returns its warnings, and the other
   folds' problems as warnings (they do not stop a run of this one)."""
-  problems, warned = fold_problems(folds, fold, table, generated)
+  problems, warned = fold_problems(folds, fold, table, generated, own=own)
   if problems:
     more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
     raise UserError(problems[0] + more)
   for other in folds.splits:
     if other != fold:
       warned += [f"{p} (fold {fold}, the one being run, is not affected)"
-                 for p in fold_problems(folds, other, table, generated)[0]]
+                 for p in fold_problems(folds, other, table, generated, own=own)[0]]
   return warned
 
 
 def resolve_folds(config, table: Table, prepared_dir: str, *, root: str) -> tuple[Folds, list[str]]:
-  """The folds `config.folds` names, fold `config.fold` checked, and the warnings about them:
+  """The folds `config.data.folds` names, fold `config.fold` checked, and the warnings about them:
   'generated' (read back where written before, else drawn; `save_generated` writes them), or a
   folds CSV (a relative path is also tried in the data's `root`). Writes nothing."""
   notes = []
-  if config.folds == "generated":
-    k, seed = config.num_folds, config.folds_seed
+  if config.data.folds == "generated":
+    k, seed = config.data.num_folds, config.data.folds_seed
     notes += check_generatable(table, k)
     path = generated_folds_path(prepared_dir, table, k, seed)
     folds = read_folds_csv(path) if os.path.isfile(path) else generate_folds(table, k, seed)
   else:
-    folds = read_folds_csv(folds_path(config.folds, root))
-  return folds, notes + validate_fold(folds, config.fold, table, config.folds == "generated")
+    folds = read_folds_csv(folds_path(config.data.folds, root))
+  return folds, notes + validate_fold(folds, config.fold, table, config.data.folds == "generated",
+                                      own=f"data.{sources.of(config).NAME}")
 
 
 def save_generated(config, table: Table, prepared_dir: str, folds: Folds) -> Folds:
   """Generated folds written to the prepared dir for reuse, once (call under its lock); the
   folds as read from there. Other folds are returned as they are."""
-  if config.folds != "generated":
+  if config.data.folds != "generated":
     return folds
-  path = generated_folds_path(prepared_dir, table, config.num_folds, config.folds_seed)
+  path = generated_folds_path(prepared_dir, table, config.data.num_folds, config.data.folds_seed)
   if not os.path.isfile(path):
     files.atomic_write_text(path, folds_csv_text(folds))
   return Folds(os.path.abspath(path), folds.splits)
 
 
 def folds_path(spec: str, root: str) -> str:
-  """A folds CSV named by `config.folds`: as given, else relative to the data's `root`."""
+  """A folds CSV named by `config.data.folds`: as given, else relative to the data's `root`."""
   spec = os.path.expanduser(spec)
   if os.path.isabs(spec) or os.path.exists(spec) or not os.path.exists(os.path.join(root, spec)):
     return os.path.abspath(spec)
@@ -388,7 +393,7 @@ def check_unchanged(prepared_dir: str, fingerprint: str, entries: Sequence, wher
           if added or removed else "the same images in another order")
   raise UserError(f"the images of {where} changed since {prepared_dir} was prepared from them "
                   f"({what}): delete {prepared_dir} to prepare again, or set "
-                  f"--config.prepared_dir to a new folder")
+                  f"--config.data.prepared_dir to a new folder")
 
 
 def record_source(prepared_dir: str, fingerprint: str, entries: Sequence) -> None:
@@ -412,12 +417,13 @@ def warn_all(messages: Sequence[str]) -> None:
 
 def check_fields(config) -> None:
   """The fields the folder and TFDS sources share: num_folds (with generated folds) and mpp."""
-  folds, k = config.folds, config.get("num_folds", 5)
+  folds, k = config.data.folds, config.data.num_folds
   if folds == "generated" and not (isinstance(k, int) and k >= 2):
-    raise UserError(f"--config.num_folds={k!r}: the number of folds to generate, at least 2")
-  mpp = config.get("mpp", 0.0)
+    raise UserError(f"--config.data.num_folds={k!r}: the number of folds to generate, at least 2")
+  mpp = sources.settings(config).mpp
   if not isinstance(mpp, (int, float)) or mpp < 0:
-    raise UserError(f"--config.mpp={mpp!r}: microns per pixel of the images, > 0 (0: unknown)")
+    raise UserError(f"--config.{sources.field(config, 'mpp')}={mpp!r}: microns per pixel of the "
+                    f"images, > 0 (0: unknown)")
 
 
 def fold_data(config, *, source: str, table: Table, cache: prepare.Cache, folds: Folds | None,

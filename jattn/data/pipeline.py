@@ -25,7 +25,7 @@ from jattn.data.fold import FoldData
 
 
 def load_fold(config) -> FoldData:
-  """Fold `config.fold` of the data set `config.dataset` names, prepared once (its source's
+  """Fold `config.fold` of the data set `config.data.name` names, prepared once (its source's
   `load_fold`), after the checks that need no data."""
   source = sources.of(config)
   source.check_config(config)
@@ -38,12 +38,12 @@ def load_fold(config) -> FoldData:
 
 
 def load_all(config) -> FoldData:
-  """Every image of the data set `config.dataset` names that the config selects, all as test
+  """Every image of the data set `config.data.name` names that the config selects, all as test
   images and no training split (its source's `load_all`; external validation)."""
   source = sources.of(config)
   source.check_config(config)
   if not hasattr(source, "load_all"):
-    raise UserError(f"--config.dataset={source.NAME!r} cannot give all its images at once (its "
+    raise UserError(f"--config.data.name={source.NAME!r} cannot give all its images at once (its "
                     f"source has no load_all), so a run cannot be evaluated on it")
   if not isinstance(config.image_size, int) or config.image_size < 1:
     raise UserError(f"config.image_size must be a positive integer, got {config.image_size!r}")

@@ -45,7 +45,7 @@ def default_prepared_dir(data_dir: str) -> str:
   cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
   folder = os.path.join(cache_home, "jattn", "prepared", digest)
-  log.warning("data_dir %s is read-only: preparing into %s (set --config.prepared_dir to choose "
+  log.warning("data_dir %s is read-only: preparing into %s (set --config.data.prepared_dir to choose "
               "another folder)", data_dir, folder)
   return folder
 
@@ -219,7 +219,7 @@ def check_cache_space(prepared_dir: str, num_images: int, image_size: int) -> No
         f"({num_images:,} images x {image_size} x {image_size} x 3 bytes) in {folder}, but its "
         f"file system has {size_text(free)} free: set --config.image_size lower (the paper's "
         f"is 224), "
-        f"free some space, or set --config.prepared_dir to a folder on a larger disk"
+        f"free some space, or set --config.data.prepared_dir to a folder on a larger disk"
     )
 
 

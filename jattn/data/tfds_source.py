@@ -1,20 +1,20 @@
-"""An already prepared TFDS data set as a jattn data source (`--config.dataset=tfds:NAME`).
+"""An already prepared TFDS data set as a jattn data source (`--config.data.name=tfds:NAME`).
 
 `NAME` is as TFDS spells it (`colorectal_histology`, `patch_camelyon:2.0.0`, `name/config`),
-found in `--config.data_dir` (the TFDS data dir, e.g. ~/tensorflow_datasets). It is read from its
+found in `--config.data.dir` (the TFDS data dir, e.g. ~/tensorflow_datasets). It is read from its
 files alone (`tfds.builder_from_files`: no builder code, no TensorFlow) through TFDS' random-access
 data source, so it must have been prepared in the array_record format. The image is the first of
 the supervised keys (else the one Image feature), the label the second (else the one ClassLabel
 feature): the classes are its names (TFDS numbers them '0', '1', ... where the builder names none).
-The group is the feature `--config.group` names, else the first of GROUP_FEATURES the data set
-has; without one every image is its own group. `--config.strata` names features reported
-separately. Folds (`--config.folds`): `splits` (its train and test splits, one fold), `generated`
+The group is the feature `--config.data.tfds.group` names, else the first of GROUP_FEATURES the data set
+has; without one every image is its own group. `--config.data.tfds.strata` names features reported
+separately. Folds (`--config.data.folds`): `splits` (its train and test splits, one fold), `generated`
 (K stratified group folds over its train split, `jattn.data.labelled`) or a `fold,split,path` CSV
 of image names `<split>/<index>`.
 
 Every image is decoded once into the shared cache (`jattn.data.prepare`) in the data set's order
 (split by split), with its scalar features, under the lock of `<data_dir>/jattn_prepared/tfds/
-<name>/<version>/<splits>` (or `--config.prepared_dir`); a data set prepared again differently
+<name>/<version>/<splits>` (or `--config.data.prepared_dir`); a data set prepared again differently
 since is refused, never used stale.
 """
 
@@ -30,6 +30,14 @@ from jattn.data import labelled, prepare
 from jattn.data.fold import FoldData, Outputs
 
 NAME = "tfds"
+# This source's group of config fields, config.data.tfds, with their defaults.
+DEFAULTS = {
+    "classes": "",  # the label feature's names in output order ('': as the data set has them)
+    "group": "",  # the feature of each image's group ('': the first of GROUP_FEATURES it has)
+    "strata": "",  # features reported separately ('': none)
+    "mpp": 0.0,  # microns per pixel of the images (0: unknown)
+    "positive_class": "",  # two classes: the positive one (sensitivity, ROC); '' for none
+}
 PREFIX = "tfds:"
 GROUP_UNIT = "group"
 STRATA = {labelled.DATASET_AXIS: ()}
@@ -37,11 +45,11 @@ GROUP_FEATURES = ("group", "patient_id", "patient", "slide_id", "slide", "case_i
 
 
 def dataset_name(config) -> str:
-  return config.dataset[len(PREFIX):]
+  return config.data.name[len(PREFIX):]
 
 
 def _data_dir(config) -> str:
-  return os.path.abspath(os.path.expanduser(config.data_dir))
+  return os.path.abspath(os.path.expanduser(config.data.dir))
 
 
 def prepare_command(name: str, data_dir: str) -> str:
@@ -59,15 +67,15 @@ def builder(config):
   how = (f"prepare it once (this needs TensorFlow and, for most data sets, internet): "
          f"`{prepare_command(name, data_dir)}`, then run again")
   if not name:
-    raise UserError("--config.dataset=tfds: name the TFDS data set, e.g. "
-                    "--config.dataset=tfds:colorectal_histology")
+    raise UserError("--config.data.name=tfds: name the TFDS data set, e.g. "
+                    "--config.data.name=tfds:colorectal_histology")
   try:
     found = read_only_builder.builder_from_files(name, data_dir=data_dir)
   except registered.DatasetNotFoundError:
-    raise UserError(f"--config.dataset=tfds:{name}: no prepared TFDS data set {name} in "
-                    f"--config.data_dir={data_dir}; {how}") from None
+    raise UserError(f"--config.data.name=tfds:{name}: no prepared TFDS data set {name} in "
+                    f"--config.data.dir={data_dir}; {how}") from None
   if found.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-    raise UserError(f"--config.dataset=tfds:{name}: {found.data_dir} holds "
+    raise UserError(f"--config.data.name=tfds:{name}: {found.data_dir} holds "
                     f"{found.info.file_format.value} files, which cannot be read at random without "
                     f"TensorFlow; {how}")
   return found
@@ -105,15 +113,15 @@ def features(info, config) -> dict:
     raise UserError(f"tfds:{name} has no single {what} feature jattn can tell (its features: "
                     f"{', '.join(found)}, supervised keys: {supervised or 'none'})")
   readable = {k for k, f in found.items() if _kind(f) is not None}
-  asked = config.get("group", "")
+  asked = config.data.tfds.group
   if asked and asked not in readable:
-    raise UserError(f"--config.group={asked!r} is not a scalar feature of tfds:{name} (its "
+    raise UserError(f"--config.data.tfds.group={asked!r} is not a scalar feature of tfds:{name} (its "
                     f"features: {', '.join(sorted(readable))})")
   group = asked or next((k for k in GROUP_FEATURES if k in readable and k != label), None)
-  strata = labelled.names_of(config.get("strata", ""))
+  strata = labelled.names_of(config.data.tfds.strata)
   unknown = [s for s in strata if s not in readable]
   if unknown:
-    raise UserError(f"--config.strata: {unknown[0]!r} is not a scalar feature of tfds:{name} "
+    raise UserError(f"--config.data.tfds.strata: {unknown[0]!r} is not a scalar feature of tfds:{name} "
                     f"(its features: {', '.join(sorted(readable))})")
   return {"image": image, "label": label, "group": group, "strata": strata}
 
@@ -123,14 +131,14 @@ def _splits(info, config) -> tuple[str, ...]:
   (the one split, if the data set has only one), the train and test splits there are for a CSV."""
   have = tuple(info.splits)
   name = dataset_name(config)
-  if config.folds == "splits":
+  if config.data.folds == "splits":
     missing = [s for s in labelled.SPLITS if s not in have]
     if missing:
-      raise UserError(f"--config.folds=splits: tfds:{name} has no {missing[0]} split (its splits: "
-                      f"{', '.join(have)}); use --config.folds=generated for folds over its "
+      raise UserError(f"--config.data.folds=splits: tfds:{name} has no {missing[0]} split (its splits: "
+                      f"{', '.join(have)}); use --config.data.folds=generated for folds over its "
                       f"train split")
     return labelled.SPLITS
-  if config.folds == "generated":
+  if config.data.folds == "generated":
     if "train" in have:
       return ("train",)
     if len(have) == 1:
@@ -142,12 +150,12 @@ def _splits(info, config) -> tuple[str, ...]:
 
 def classes(info, config) -> tuple[str, ...]:
   names = tuple(info.features[features(info, config)["label"]].names)
-  asked = labelled.names_of(config.get("classes", ""))
+  asked = labelled.names_of(config.data.tfds.classes)
   if asked and asked != names:
-    raise UserError(f"--config.classes={','.join(asked)}: the classes of "
+    raise UserError(f"--config.data.tfds.classes={','.join(asked)}: the classes of "
                     f"tfds:{dataset_name(config)} are its label feature's, in its order "
-                    f"({','.join(names)}); leave --config.classes empty")
-  return labelled.classes_of("", names, f"tfds:{dataset_name(config)}")
+                    f"({','.join(names)}); leave --config.data.tfds.classes empty")
+  return labelled.classes_of("", names, f"tfds:{dataset_name(config)}", "data.tfds")
 
 
 def _unit(key: str | None) -> str:
@@ -156,8 +164,8 @@ def _unit(key: str | None) -> str:
 
 
 def prepared_dir(config, b, splits) -> str:
-  if config.prepared_dir:
-    return os.path.abspath(os.path.expanduser(config.prepared_dir))
+  if config.data.prepared_dir:
+    return os.path.abspath(os.path.expanduser(config.data.prepared_dir))
   info = b.info
   parts = [info.name, *([info.config_name] if info.config_name else []), str(info.version)]
   return os.path.join(prepare.default_prepared_dir(_data_dir(config)), "tfds", *parts,
@@ -169,27 +177,25 @@ def prepared_dir(config, b, splits) -> str:
 
 
 def check_config(config) -> None:
-  """The fields this source reads: folds, num_folds, mpp; a manifest is the folder source's."""
+  """The fields this source reads: folds, num_folds, mpp."""
   labelled.check_fields(config)
-  if config.get("manifest", ""):
-    raise UserError(f"--config.manifest is for --config.dataset=folder, not {config.dataset}")
 
 
 def outputs(config) -> Outputs:
   b = builder(config)
   names = classes(b.info, config)
   keys = features(b.info, config)
-  return Outputs(names, "class", labelled.class_map(config.get("positive_class", ""), names),
+  return Outputs(names, "class", labelled.class_map(config.data.tfds.positive_class, names, "data.tfds"),
                  _unit(keys["group"]), keys["strata"] or (labelled.DATASET_AXIS,),
                  f"the label feature of tfds:{dataset_name(config)}")
 
 
 def num_folds(config) -> int:
-  if config.folds == "splits":
+  if config.data.folds == "splits":
     return 1
-  if config.folds == "generated":
-    return config.get("num_folds", 5)
-  return labelled.count_folds(labelled.folds_path(config.folds, _data_dir(config)))
+  if config.data.folds == "generated":
+    return config.data.num_folds
+  return labelled.count_folds(labelled.folds_path(config.data.folds, _data_dir(config)))
 
 
 def describe_file(path: str) -> dict | None:
@@ -253,7 +259,7 @@ def _table(b, config, cache: prepare.Cache, names: tuple[str, ...]) -> labelled.
   keys = features(b.info, config)
   f = b.info.features
   column = cache.table
-  mpp = float(config.get("mpp", 0.0)) or None
+  mpp = float(config.data.tfds.mpp) or None
   group = keys["group"]
   return labelled.Table(
       names=tuple(column["file_names"]),
@@ -261,7 +267,7 @@ def _table(b, config, cache: prepare.Cache, names: tuple[str, ...]) -> labelled.
       groups=(tuple(_text(f[group], v) for v in column[f"feature:{group}"]) if group else None),
       strata=labelled.make_strata(
           {s: [_text(f[s], v) for v in column[f"feature:{s}"]] for s in keys["strata"]},
-          [mpp] * len(column["file_names"]), "--config.mpp", dataset_name(config)),
+          [mpp] * len(column["file_names"]), "--config.data.tfds.mpp", dataset_name(config)),
       where=f"tfds:{dataset_name(config)} ({b.data_dir})", group_unit=_unit(group))
 
 
@@ -281,7 +287,7 @@ def load_all(config) -> FoldData:
 def _load(config, every_image: bool) -> FoldData:
   b = builder(config)
   names = classes(b.info, config)
-  binary = labelled.class_map(config.get("positive_class", ""), names)
+  binary = labelled.class_map(config.data.tfds.positive_class, names, "data.tfds")
   keys = features(b.info, config)
   splits = _splits(b.info, config)
   prepared = prepared_dir(config, b, splits)
@@ -311,17 +317,17 @@ def _load(config, every_image: bool) -> FoldData:
     table = _table(b, config, cache, names)
     if every_image:
       folds, notes = None, []
-    elif config.folds == "splits":
+    elif config.data.folds == "splits":
       folds = labelled.Folds(f"the train and test splits of tfds:{dataset_name(config)}",
                              {1: {n: n.split("/", 1)[0] for n in table.names}})
-      notes = labelled.validate_fold(folds, 1, table)
+      notes = labelled.validate_fold(folds, 1, table, own="data.tfds")
     else:
       folds, notes = labelled.resolve_folds(config, table, prepared, root=_data_dir(config))
       folds = labelled.save_generated(config, table, prepared, folds)
-    data = labelled.fold_data(config, source=config.dataset, table=table, cache=cache,
+    data = labelled.fold_data(config, source=config.data.name, table=table, cache=cache,
                               folds=folds, prepared_dir=prepared, binary=binary)
   if table.groups is None:
-    notes.insert(0, f"{where} has no group feature (--config.group): every image is its own "
+    notes.insert(0, f"{where} has no group feature (--config.data.tfds.group): every image is its own "
                     f"group, so splits are image-level and one patient's (or slide's) images may "
                     f"fall on both sides")
   labelled.warn_all(notes)

@@ -16,7 +16,7 @@ Every figure is computed from the probabilities passed in, so any way of produci
 the mean over test-time flips) is evaluated the same way. A stratum value without test images is
 absent from every per-stratum map.
 
-As a command, `jattn validate-external --workdir RUN --config.data_dir=OTHER ...` scores a finished
+As a command, `jattn validate-external --workdir RUN --config.data.dir=OTHER ...` scores a finished
 run on every image of another labelled set (external validation: `jattn.inference.external`).
 """
 

@@ -52,7 +52,7 @@ def build(config: ml_collections.ConfigDict, fold_data: FoldData, figures: dict,
                                        f"fold {config.fold}, at {config.image_size}x"
                                        f"{config.image_size}, 0-255 scale"},
       "stain_normalization": stain_normalization,
-      "data": {"data_dir": config.data_dir, "folds": d.folds_source,
+      "data": {"data_dir": config.data.dir, "folds": d.folds_source,
                "num_train_images": len(d.train_indices),
                "num_test_images": len(d.test_indices),
                "skipped_files": list(d.skipped)},

@@ -1,6 +1,6 @@
 """External validation: a finished run scored on every image of another labelled set.
 
-  jattn validate-external --workdir RUN --config.data_dir=OTHER [--config.dataset=SOURCE]
+  jattn validate-external --workdir RUN --config.data.dir=OTHER [--config.data.name=SOURCE]
       [--config.FIELD=VALUE ...] [--out DIR] [--name NAME] [--batch-size 32]
 
 The other set's images come from its data source's fold-free mode (`load_all`, see
@@ -17,7 +17,7 @@ The evaluation config is the run's config.json with the overrides applied: the f
 other set (`data_dir`, `dataset`, the source's own fields) are given as for training; fields that
 change what the model sees or is (`image_size`, `stain_norm`, `model.*`) are the run's and cannot
 be overridden. `prepared_dir` is reset (the other set is prepared beside it, or in
-`--config.prepared_dir`). Classes are matched by name, in any order; sets whose classes differ are
+`--config.data.prepared_dir`). Classes are matched by name, in any order; sets whose classes differ are
 refused in one line naming both lists.
 
 `score` is the shared path from probabilities to those files: `predict --manifest` and slide
@@ -116,8 +116,10 @@ def score(config: ml_collections.ConfigDict, fold_data: FoldData, indices, probs
 def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.ConfigDict:
   """The run's config with the other set's fields (`overrides`, `field=value`) applied."""
   if not overrides:
-    raise UserError("give the set to evaluate on, e.g. --config.data_dir=OTHER (and "
-                    "--config.dataset=SOURCE if it is not the run's kind of data set)")
+    raise UserError("give the set to evaluate on, e.g. --config.data.dir=OTHER (and "
+                    "--config.data.name=SOURCE if it is not the run's kind of data set)")
+  run_config = runs.load_config(workdir)
+  overrides = compat.nest_overrides(overrides, run_config)
   for item in overrides:
     key = item.partition("=")[0]
     if key == "stain_norm":
@@ -125,17 +127,13 @@ def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.Conf
     if key.split(".")[0] in FIXED_FIELDS:
       raise UserError(f"--config.{key}: the run's {key} is what its model was trained with and "
                       f"is used as it is; leave it out")
-  stored = compat.comparable(json.loads(runs.load_config(workdir).to_json()))
-  given = {item.partition("=")[0]: item.partition("=")[2] for item in overrides}
-  if "dataset" in given and given["dataset"] != stored.get("dataset"):
-    # Another kind of data set: its own fields start from their defaults, not the run's.
-    for key, value in getattr(sources.get(given["dataset"]), "LATER_FIELDS", {}).items():
-      *parents, field = key.split(".")
-      node = stored
-      for parent in parents:
-        node = node.setdefault(parent, {})
-      node[field] = value
-  stored["prepared_dir"] = ""
+  # The run's config, with the groups of the sources it did not use at their defaults: another kind
+  # of data set's own fields start from their defaults, not the run's.
+  stored = compat.comparable(json.loads(run_config.to_json()))
+  for group, value in json.loads(sources.default_config().to_json()).items():
+    if isinstance(value, dict):
+      stored["data"].setdefault(group, value)
+  stored["data"]["prepared_dir"] = ""
   config = ml_collections.ConfigDict(stored)
   config.lock()
   return config_lib.apply_overrides(config, overrides)
@@ -144,10 +142,10 @@ def evaluation_config(workdir: str, overrides: list[str]) -> ml_collections.Conf
 def default_name(config: ml_collections.ConfigDict) -> str:
   """The other set's name: its manifest's file name (without extension) if it has one, else its
   data dir's folder name."""
-  manifest = config.get("manifest", "")
+  manifest = sources.settings(config).get("manifest", "")
   if manifest:
     return os.path.splitext(os.path.basename(os.path.normpath(manifest)))[0]
-  return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(config.data_dir))))
+  return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(config.data.dir))))
 
 
 def _check_out(out: str) -> None:
@@ -220,10 +218,10 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
   source = sources.of(config)
   source.check_config(config)
   if not hasattr(source, "load_all"):
-    raise UserError(f"--config.dataset={source.NAME!r} cannot give all its images at once (its "
+    raise UserError(f"--config.data.name={source.NAME!r} cannot give all its images at once (its "
                     f"source has no load_all), so a run cannot be evaluated on it")
   run_outputs = runs.outputs(run_config)
-  what = f"--config.data_dir={config.data_dir}"
+  what = f"--config.data.dir={config.data.dir}"
   match_classes(run_outputs.classes, source.outputs(config).classes, what)  # before any data
   name = name or default_name(config)
   if not name or name in (".", "..") or os.sep in name:
@@ -242,7 +240,7 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
   fold_data = dataclasses.replace(fold_data, mean=np.asarray(state.image_mean),
                                   std=np.asarray(state.image_std))
   external = {"run": workdir, "run_name": run_config.name, "run_fold": run_config.fold,
-              "dataset": fold_data.source, "data_dir": config.data_dir,
+              "dataset": fold_data.source, "data_dir": config.data.dir,
               "folds": fold_data.folds_source, "num_images": int(len(indices)),
               "classes": {"run": list(run_outputs.classes), "set": list(fold_data.classes)},
               "preprocessing": "the run's: its normalization and stain_normalization below, its "

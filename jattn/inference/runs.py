@@ -24,17 +24,18 @@ from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import Outputs
-from jattn.training import checkpoints, parallel
+from jattn.training import checkpoints, compat, parallel
 from jattn.training import state as state_lib
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was started with (its work dir's config.json)."""
+  """The config a run was started with (its work dir's config.json), in today's form (a run
+  written before `config.data` has its data fields moved there: `compat.nest`)."""
   path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "config.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir} is not a jattn run (no config.json); pass the --workdir of a run")
-  return ml_collections.ConfigDict(files.read_json(path, "it is this run's config: restore it "
-                                                       "from a backup, or train the run again"))
+  return ml_collections.ConfigDict(compat.nest(files.read_json(
+      path, "it is this run's config: restore it from a backup, or train the run again")))
 
 
 def outputs(config: ml_collections.ConfigDict) -> Outputs:

@@ -54,7 +54,7 @@ from jattn.core.errors import UserError
 from jattn.models import cpu_paths
 from jattn.perf import profile as profile_lib
 from jattn.perf import roofline
-from jattn.training import parallel, train
+from jattn.training import compat, parallel, train
 from jattn.training import state as state_lib
 
 # The paper's protocol: 4 configs x 5 folds x 130 epochs; BreakHis' 7,909 images split ~70/30.
@@ -539,7 +539,7 @@ def benchmark(args) -> dict:
   info = result["device"]
   rows = []
   for spec in [s.strip() for s in args.configs.split(",") if s.strip()]:
-    config = config_lib.apply_overrides(config_lib.load_config(spec), args.overrides)
+    config = compat.load_config(spec, args.overrides)
     flops = step_flops(config, args.image_size, args.batch_size)
     for dtype in args.dtypes:
       counts = None

@@ -22,9 +22,9 @@ import sys
 import tempfile
 import time
 
-from jattn.core import config_lib
 from jattn.core.errors import UserError
 from jattn.perf import benchmark
+from jattn.training import compat
 
 MEMORY_SHARE = 0.9  # of a device's memory, split between the runs on it
 
@@ -128,7 +128,7 @@ def child(argv: list[str]) -> None:
   known, rest = parser.parse_known_args(argv)
 
   args = benchmark.parse_args(rest)
-  config = config_lib.apply_overrides(config_lib.load_config(args.configs), args.overrides)
+  config = compat.load_config(args.configs, args.overrides)
   with config.unlocked():
     config.model.dtype = args.dtypes[0]
   case = benchmark.JaxCase(config, args.image_size, args.batch_size, args.eval_batch_size, 1)

@@ -41,11 +41,11 @@ import sys
 import threading
 import time
 
-from jattn.core import config_lib, files
+from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.evaluation import report, tables
 from jattn.perf import runs_per_device as runs_per_device_lib
-from jattn.training import validate
+from jattn.training import compat, validate
 
 # The repository that holds configs/ (a config spec is found relative to it, too) and sweeps/.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,7 +69,7 @@ def plan(configs: list[str], folds: list[int], overrides: list[str],
     raise UserError("--set seed=... and --seeds: give the seeds with --seeds alone")
   runs = []
   for spec in configs:
-    config = config_lib.apply_overrides(config_lib.load_config(_repo_path(spec)), overrides)
+    config = compat.load_config(_repo_path(spec), overrides)
     folds_of = validate.fold_range(config)  # the config's data source numbers its folds
     if not set(folds) <= set(folds_of):
       raise UserError(f"--folds {','.join(map(str, folds))}: {spec}'s folds are numbered 1 to "

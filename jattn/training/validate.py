@@ -24,7 +24,7 @@ def fold_range(config: ml_collections.ConfigDict) -> range:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the values a run depends on."""
-  source = sources.of(config)  # an unknown config.dataset is one line
+  source = sources.of(config)  # an unknown config.data.name is one line
   source.check_config(config)
   folds = fold_range(config)
   last = folds[-1]

@@ -2,7 +2,7 @@
 
 `describe` reads DATA_DIR (the folder that holds BreaKHis_v1; it writes nothing) and prints, per
 fold, split and magnification, image and patient counts by class, then every problem it found.
-Without --folds (or with `--folds generated`) it describes the folds `config.folds='generated'`
+Without --folds (or with `--folds generated`) it describes the folds `config.data.folds='generated'`
 would use for `--seed`.
 With --json it prints one JSON object with these keys:
 

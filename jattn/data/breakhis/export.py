@@ -4,10 +4,10 @@
   OUT/manifest.csv         path,label,patient,magnification,subtype,mpp (paths relative to OUT)
   OUT/folds.csv            fold,split,path: the BreakHis folds given, if any
 
-With the manifest, `--config.dataset=folder --config.manifest=OUT/manifest.csv
---config.group=patient --config.strata=magnification --config.positive_class=malignant` sees the
-same images, patients, magnifications and (with `--config.folds=OUT/folds.csv`) folds as the
-BreakHis source (`configs/demo_folder.py`). `jattn data synthesize --format folder`
+With the manifest, `--config.data.name=folder --config.data.folder.manifest=OUT/manifest.csv
+--config.data.folder.group=patient --config.data.folder.strata=magnification
+--config.data.folder.positive_class=malignant` sees the same images, patients, magnifications and
+(with `--config.data.folds=OUT/folds.csv`) folds as the BreakHis source (`configs/demo_folder.py`). `jattn data synthesize --format folder`
 writes a synthetic BreakHis in this form.
 """
 

@@ -1,6 +1,6 @@
 """Fetching BreakHis: download the official archive into the data dir and unpack it, once.
 
-  jattn data download --data-dir data      # or config.download=True in a run
+  jattn data download --data-dir data      # or config.data.breakhis.download=True in a run
 
 The archive comes from `naming.ARCHIVE_URL` (or $JATTN_BREAKHIS_URL, e.g. a mirror) through
 `jattn.core.download` (resumable, progress bar). It is unpacked by `scan.extract_archive`, which

@@ -387,5 +387,5 @@ def resolve_folds(
       return read_folds(candidate)
   raise UserError(
       f"folds {spec!r} is neither 'generated' nor an existing Folds.csv file or mkfold folder "
-      f"(looked at {', '.join(os.path.abspath(c) for c in candidates)}); set --config.folds"
+      f"(looked at {', '.join(os.path.abspath(c) for c in candidates)}); set --config.data.folds"
   )

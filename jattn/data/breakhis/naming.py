@@ -33,7 +33,7 @@ SUBTYPES = {
     "PC": ("papillary_carcinoma", "malignant"),
 }
 SUBTYPE_CODES = tuple(SUBTYPES)
-# What a model is trained to tell (config.task) -> its class names, in label order.
+# What a model is trained to tell (config.data.breakhis.task) -> its class names, in label order.
 TASKS = {"binary": CLASSES, "subtype": SUBTYPE_CODES}
 ROOT = "BreaKHis_v1"  # the folder the official archive unpacks to
 SLIDES = "BreaKHis_v1/histology_slides/breast"  # its image tree, relative to the data dir

@@ -37,7 +37,7 @@ def download_hint(data_dir: str, automatic: bool = True) -> str:
   return (
       f"download {naming.ARCHIVE_URL} (linked from {naming.DOWNLOAD_URL}) and unpack it into "
       f"{data_dir} so that {os.path.join(data_dir, 'BreaKHis_v1', 'histology_slides')} exists (or "
-      f"put the archive itself there{command}), or set --config.data_dir=DIR to the folder that "
+      f"put the archive itself there{command}), or set --config.data.dir=DIR to the folder that "
       f"holds BreaKHis_v1"
   )
 
@@ -74,7 +74,7 @@ def check_data_dir(data_dir: str) -> None:
     if os.path.isdir(os.path.join(data_dir, inner)):
       raise UserError(
           f"data_dir {data_dir} looks like a folder inside BreaKHis_v1 (it holds {inner}/): set "
-          f"--config.data_dir to the folder that holds BreaKHis_v1 itself"
+          f"--config.data.dir to the folder that holds BreaKHis_v1 itself"
       )
   raise UserError(f"data_dir {data_dir} holds no BreaKHis_v1 folder: {download_hint(data_dir)}")
 

@@ -1,8 +1,8 @@
-"""BreakHis as a jattn data source: one fold of the tree in `config.data_dir` as a `FoldData`.
+"""BreakHis as a jattn data source: one fold of the tree in `config.data.dir` as a `FoldData`.
 
 The images' group is the patient (folds keep patients apart, the bootstrap resamples them), their
 stratum the magnification (each reported separately, the paper's columns), their subclass the
-subtype; the task (`config.task`) is benign vs malignant (the paper) or the 8 subtypes, which map
+subtype; the task (`config.data.breakhis.task`) is benign vs malignant (the paper) or the 8 subtypes, which map
 onto benign and malignant for P(malignant).
 """
 
@@ -38,27 +38,44 @@ MPP = tuple(round(6.5 / (3.3 * objective), 4) for objective in OBJECTIVES)
 # (width, height) in pixels of the images as published (a handful differ slightly): with a
 # magnification's MPP, the physical field of a training image, which slide tiles cover.
 FIELD_PIXELS = (700, 460)
-# Config fields of this source added after runs were first written, with the value that reproduces
-# what an older run computed (jattn.training.compat).
-LATER_FIELDS = {"magnifications": list(naming.MAGNIFICATIONS), "task": "binary"}
+# This source's group of config fields, config.data.breakhis, with their defaults.
+DEFAULTS = {
+    "download": False,  # True: download and unpack BreakHis into data.dir if it holds none
+    "magnifications": naming.MAGNIFICATIONS,  # train and test on these (e.g. 100X)
+    "task": "binary",  # 'binary' (benign/malignant) or 'subtype' (8 classes; model.num_classes=8)
+    # A synthetic BreakHis-format tree generated into data.dir when it holds no BreaKHis_v1 (the
+    # demo): only into the demo's ~/.cache/jattn/demo or a new or empty folder, never beside other
+    # files.
+    "synthetic": {
+        "enabled": False,  # generate only when enabled; never over real data
+        "images_per_patient": 4,  # per magnification
+        "width": 700,  # PNG size, like BreakHis' 700 x 460
+        "height": 460,
+        "seed": 0,
+    },
+}
+# Fields of this group added after runs were first written, with the value that reproduces what an
+# older run computed (jattn.training.compat).
+LATER_FIELDS = {"data.breakhis.magnifications": list(naming.MAGNIFICATIONS),
+                "data.breakhis.task": "binary"}
 MPP_NOTE = ("estimated from the published optics (objectives 4x-40x behind a 3.3x relay lens, "
             "6.5 um camera pixels): 6.5 / (3.3 x objective); not a calibration")
 
 
 def selection(config) -> tuple[tuple[str, ...], str]:
   """The magnifications and the task a config selects, checked: (magnifications, task)."""
-  task = config.get("task", "binary")
+  task = config.data.breakhis.task
   if task not in naming.TASKS:
-    raise UserError(f"--config.task={task!r} is not a task: use 'binary' (benign vs malignant, the "
+    raise UserError(f"--config.data.breakhis.task={task!r} is not a task: use 'binary' (benign vs malignant, the "
                     f"paper) or 'subtype' (the 8 BreakHis subtypes)")
-  chosen = config.get("magnifications", naming.MAGNIFICATIONS)
+  chosen = config.data.breakhis.magnifications
   chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
   unknown = [m for m in chosen if m not in naming.MAGNIFICATIONS]
   if unknown or not chosen:
-    raise UserError(f"--config.magnifications={','.join(map(str, chosen))}: "
+    raise UserError(f"--config.data.breakhis.magnifications={','.join(map(str, chosen))}: "
                     f"{'unknown magnification ' + repr(unknown[0]) if unknown else 'empty'}; "
                     f"use some of {','.join(naming.MAGNIFICATIONS)} (e.g. "
-                    f"--config.magnifications=100X)")
+                    f"--config.data.breakhis.magnifications=100X)")
   return tuple(m for m in naming.MAGNIFICATIONS if m in chosen), task
 
 
@@ -66,7 +83,7 @@ def outputs(config) -> Outputs:
   """The model's classes for the config's task, their benign/malignant map, the patient unit."""
   task = selection(config)[1]
   return Outputs(naming.TASKS[task], "subtype" if task == "subtype" else "class",
-                 binary_map(task), GROUP_UNIT, ("magnification",), f"--config.task={task}")
+                 binary_map(task), GROUP_UNIT, ("magnification",), f"--config.data.breakhis.task={task}")
 
 
 def num_folds(config) -> int:
@@ -105,9 +122,9 @@ def describe_file(path: str) -> dict | None:
 def check_data_dir(config) -> None:
   """A quick look that data_dir holds BreakHis or its archive, before minutes of other work
   (`load_fold` looks again, and fetches or generates the data instead when the config says so)."""
-  if config.get("download", False) or config.synthetic.enabled:
+  if config.data.breakhis.download or config.data.breakhis.synthetic.enabled:
     return
-  path = os.path.abspath(os.path.expanduser(config.data_dir))
+  path = os.path.abspath(os.path.expanduser(config.data.dir))
   scan_lib.check_data_dir(scan_lib.resolve_data_dir(path))
 
 
@@ -115,25 +132,25 @@ def _check_selection(records, magnifications, data_dir) -> None:
   """A magnification list that selects no image of the data set is an error."""
   if not any(r.magnification in magnifications for r in records):
     have = sorted({r.magnification for r in records}, key=naming.MAGNIFICATIONS.index)
-    raise UserError(f"--config.magnifications={','.join(magnifications)} selects no images of "
+    raise UserError(f"--config.data.breakhis.magnifications={','.join(magnifications)} selects no images of "
                     f"{data_dir} (it has images at {', '.join(have) or 'no magnification'}); "
                     f"choose among those")
 
 
 def load_fold(config) -> FoldData:
-  """Prepares (once) and loads fold `config.fold` of the data in `config.data_dir`.
+  """Prepares (once) and loads fold `config.fold` of the data in `config.data.dir`.
 
-  Stages, each only when its output is missing: with `config.download`, BreakHis downloaded into
+  Stages, each only when its output is missing: with `config.data.breakhis.download`, BreakHis downloaded into
   data_dir (under the data dir's lock); then, under the prepared dir's lock, a synthetic tree (if
-  `config.synthetic.enabled` and data_dir holds no BreaKHis_v1), unpacking BreaKHis_v1.tar.gz,
-  the TFDS data set, the decoded-image cache at `config.image_size`, the folds (`config.folds`),
+  `config.data.breakhis.synthetic.enabled` and data_dir holds no BreaKHis_v1), unpacking BreaKHis_v1.tar.gz,
+  the TFDS data set, the decoded-image cache at `config.image_size`, the folds (`config.data.folds`),
   and the fold's normalisation stats. A later call only checks and maps.
   """
   return _load(config, every_image=False)
 
 
 def load_all(config) -> FoldData:
-  """Every image of the selected magnifications in `config.data_dir`, all of them test images
+  """Every image of the selected magnifications in `config.data.dir`, all of them test images
   (external validation, `jattn.data.sources`): prepared as for `load_fold`, but no folds are read
   or generated and no statistics computed (`mean` and `std` are NaN: a run brings its own)."""
   return _load(config, every_image=True)
@@ -141,14 +158,14 @@ def load_all(config) -> FoldData:
 
 def _load(config, every_image: bool) -> FoldData:
   magnifications, task = selection(config)
-  data_dir = scan_lib.resolve_data_dir(os.path.abspath(os.path.expanduser(config.data_dir)))
+  data_dir = scan_lib.resolve_data_dir(os.path.abspath(os.path.expanduser(config.data.dir)))
   prepared_dir = os.path.abspath(
-      os.path.expanduser(config.prepared_dir or prepare.default_prepared_dir(data_dir))
+      os.path.expanduser(config.data.prepared_dir or prepare.default_prepared_dir(data_dir))
   )
   threads = max(1, int(config.loader_threads))
-  if config.get("download", False):  # before anything else looks at (or writes into) data_dir
+  if config.data.breakhis.download:  # before anything else looks at (or writes into) data_dir
     fetch.ensure_breakhis(data_dir)
-  synthetic = config.synthetic.enabled and not (
+  synthetic = config.data.breakhis.synthetic.enabled and not (
       scan_lib.has_images_tree(data_dir) or scan_lib.has_archive(data_dir)
   )
   if synthetic:  # before creating anything in a wrong folder
@@ -173,10 +190,10 @@ def _load(config, every_image: bool) -> FoldData:
       log.warning("data_dir %s holds no BreakHis: generating a synthetic tree there", data_dir)
       synthetic_lib.synthesize(
           data_dir,
-          images_per_patient=config.synthetic.images_per_patient,
-          width=config.synthetic.width,
-          height=config.synthetic.height,
-          seed=config.synthetic.seed,
+          images_per_patient=config.data.breakhis.synthetic.images_per_patient,
+          width=config.data.breakhis.synthetic.width,
+          height=config.data.breakhis.synthetic.height,
+          seed=config.data.breakhis.synthetic.seed,
           progress=True,
       )
     scan_lib.extract_archive(data_dir)
@@ -186,7 +203,7 @@ def _load(config, every_image: bool) -> FoldData:
     for problem in fresh.problems:
       log.warning("%s", problem)
     builder = tfds_builder.prepare_tfds(
-        data_dir, prepared_dir, fresh=fresh, skip_corrupt=config.skip_corrupt, threads=threads
+        data_dir, prepared_dir, fresh=fresh, skip_corrupt=config.data.skip_corrupt, threads=threads
     )
     skipped = tuple(builder.info.metadata["skipped"])
     if skipped:
@@ -239,11 +256,11 @@ def _fold_split(config, records, skipped, magnifications, task, table, cache, da
   """(train indices, test indices, mean, std, folds source) of fold `config.fold` (under the
   prepared dir's lock): its folds resolved (and generated, once) and checked, its stats."""
   folds = folds_lib.resolve_folds(
-      config.folds,
+      config.data.folds,
       records=records,
       data_dir=data_dir,
       prepared_dir=prepared_dir,
-      seed=config.folds_seed,
+      seed=config.data.folds_seed,
   )
   for warning in folds_lib.validate_folds(
       folds, records, fold=config.fold, skipped=skipped, magnifications=magnifications,

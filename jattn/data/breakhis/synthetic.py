@@ -70,7 +70,7 @@ def _only_leftovers(folder: str) -> bool:
 def check_target(data_dir: str, prepared_dir: str) -> None:
   """Refuses to generate a synthetic tree into `data_dir` unless it is the demo's own folder
   (`DEMO_DIR`), absent, or empty but for what an interrupted run of jattn left there, so that a
-  mistyped `--config.data_dir` never fills a user's folder with fake BreakHis."""
+  mistyped `--config.data.dir` never fills a user's folder with fake BreakHis."""
   data_dir = os.path.abspath(data_dir)
   if os.path.realpath(data_dir) == os.path.realpath(os.path.expanduser(DEMO_DIR)):
     return
@@ -86,8 +86,8 @@ def check_target(data_dir: str, prepared_dir: str) -> None:
     raise UserError(
         f"data_dir {data_dir} holds no BreaKHis_v1 but other files ({len(foreign)} entries, e.g. "
         f"{foreign[0]}): a synthetic data set is generated only into {DEMO_DIR} or a new or empty "
-        f"folder, never beside other files; set --config.data_dir to such a folder, or to one "
-        f"that holds BreaKHis_v1 (and --config.synthetic.enabled=False for real data)"
+        f"folder, never beside other files; set --config.data.dir to such a folder, or to one "
+        f"that holds BreaKHis_v1 (and --config.data.breakhis.synthetic.enabled=False for real data)"
     )
 
 

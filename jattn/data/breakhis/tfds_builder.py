@@ -93,7 +93,7 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
   {naming.DOWNLOAD_URL}
   and either put the archive itself in the manual dir, or unpack it there so that
   `<manual_dir>/{naming.SLIDES}/benign/...` exists. In jattn the manual dir
-  is `config.data_dir`: set --config.data_dir=DIR to the folder that holds BreaKHis_v1.
+  is `config.data.dir`: set --config.data.dir=DIR to the folder that holds BreaKHis_v1.
   """
 
   def __init__(self, *, skip_corrupt: bool = False, check_threads: int = 2, **kwargs):
@@ -163,7 +163,7 @@ class Breakhis(tfds.core.GeneratorBasedBuilder):
       more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
       raise UserError(
           f"{os.path.join(data_dir, path)} is not a readable image ({why}){more}: replace it "
-          f"from the archive, or set --config.skip_corrupt=True to leave unreadable images out"
+          f"from the archive, or set --config.data.skip_corrupt=True to leave unreadable images out"
       )
     self.info.metadata.update(
         {
@@ -212,7 +212,7 @@ def _refuse_stale(data_dir: str, prepared_dir: str, recorded, fresh: scan_lib.Sc
   raise UserError(
       f"the images under {data_dir} changed since {prepared_dir} was prepared from them "
       f"({len(added)} added or resized, {len(removed)} removed or resized, e.g. {example}): "
-      f"delete {prepared_dir} to prepare again, or set --config.prepared_dir to a new folder"
+      f"delete {prepared_dir} to prepare again, or set --config.data.prepared_dir to a new folder"
   )
 
 
@@ -248,7 +248,7 @@ def prepare_tfds(
     raise UserError(
         f"{prepared_dir} was prepared with skip_corrupt=True and leaves out "
         f"{len(metadata['skipped'])} unreadable image(s) ({', '.join(metadata['skipped'][:3])}): "
-        f"set --config.skip_corrupt=True to use it, or replace them and delete {prepared_dir}"
+        f"set --config.data.skip_corrupt=True to use it, or replace them and delete {prepared_dir}"
     )
   return builder
 
