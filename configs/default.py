@@ -20,12 +20,12 @@ def get_config():
   config.paper_row = "Ours"  # the row of the paper's Tables 1-2 this reproduces ('' for none)
 
   # --- Data (jattn.data) ---
-  # config.data: the source (jattn/data/sources.py: 'breakhis', 'folder' (a folder of images per
-  # class, or a manifest) or 'tfds:NAME' (a prepared TFDS data set, e.g. tfds:colorectal_histology)),
-  # the fields every source reads (data.dir, data.prepared_dir, data.folds, data.folds_seed,
-  # data.num_folds, data.skip_corrupt) and each source's own group with its defaults:
-  # data.breakhis (download, magnifications, task, synthetic), data.folder (manifest, classes,
-  # group, strata, mpp, positive_class), data.tfds. `python -m jattn.main --config X
+  # config.data: the source (jattn/data/sources.py: 'breakhis', 'folder'
+  # (a folder of images per class, or a manifest) or 'tfds:NAME' (a prepared TFDS data set, e.g.
+  # tfds:colorectal_histology)), the fields every source reads (data.dir, data.prepared_dir,
+  # data.folds, data.folds_seed, data.num_folds, data.skip_corrupt) and each source's own group with
+  # its defaults: data.breakhis (download, magnifications, task, synthetic), data.folder (manifest,
+  # classes, group, strata, mpp, positive_class), data.tfds. `python -m jattn.main --config X
   # --config.data.dir=DIR` points the run at its data.
   config.data = sources.default_config("breakhis")
   config.fold = 1  # which fold to train and test, 1..5 (BreakHis), 1..data.num_folds

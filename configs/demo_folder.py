@@ -8,8 +8,8 @@ model and recipe. Nothing to download; a minute on a laptop CPU:
 
 The folds are 5 stratified patient folds drawn by scikit-learn (seed 0), written to
 ~/.cache/jattn/prepared/manifest-manifest-<hash>/folds/; with
-`--config.data.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's BreakHis-style
-folds instead.
+`--config.data.folds=~/.cache/jattn/demo_folder/folds.csv` it uses the synthetic tree's
+BreakHis-style folds instead.
 """
 
 from configs import demo

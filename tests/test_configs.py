@@ -23,7 +23,8 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_validates_and_shows_its_command(path):
   config = config_lib.load_config(path)
-  if config.data.name == "folder" and not config.data.folder.classes:  # its classes are its data's, absent here
+  # a folder config's classes are its data's, absent here
+  if config.data.name == "folder" and not config.data.folder.classes:
     config.data.folder.classes = ",".join(f"class{i}" for i in range(config.model.num_classes))
   validate.validate_config(config)
   with open(path) as f:
@@ -96,7 +97,8 @@ def test_overrides_are_parsed_by_the_type_of_the_field():
   config = config_lib.load_config(os.path.join(REPO, "configs", "ours.py"))
   overrides, rest = config_lib.split_argv(
       ["--workdir", "w", "--config.fold=3", "--config.learning_rate", "1e-3",
-       "--config.data.skip_corrupt=yes", "--config.model.c_attn_blocks=1,3", "--config.lr_milestones=()",
+       "--config.data.skip_corrupt=yes", "--config.model.c_attn_blocks=1,3",
+       "--config.lr_milestones=()",
        "--config.pretrained=", "--config.model.dtype=bfloat16"])
   assert rest == ["--workdir", "w"]
   config_lib.apply_overrides(config, overrides)

@@ -151,7 +151,8 @@ def test_demo_generates_its_data_set_once(tmp_path):
   `synthetic.enabled` an empty data dir gets a synthetic BreakHis tree of the 82 patients and the
   configured size, which the fold is then read from; a second run generates nothing."""
   config = data_config(str(tmp_path / "demo"))
-  config.data.breakhis.synthetic.update(enabled=True, images_per_patient=1, width=24, height=16, seed=0)
+  config.data.breakhis.synthetic.update(enabled=True, images_per_patient=1, width=24, height=16,
+                                        seed=0)
   d = load_fold(config)
   assert len(d.group_ids) == 82 and len(d.file_names) == 82 * len(MAGNIFICATIONS)
   assert len(d.train_indices) + len(d.test_indices) == len(d.file_names)

@@ -224,8 +224,8 @@ def test_failures_are_one_line_naming_what_to_download_by_hand(server, tmp_path,
 
 
 def test_config_download_fetches_on_first_use(server, archive, tmp_path, monkeypatch):
-  """Guards the hook in load_fold: with config.data.breakhis.download a run on an empty data dir downloads,
-  unpacks and prepares the data set from $JATTN_BREAKHIS_URL."""
+  """Guards the hook in load_fold: with config.data.breakhis.download a run on an empty data dir
+  downloads, unpacks and prepares the data set from $JATTN_BREAKHIS_URL."""
   from jattn.data import load_fold
 
   monkeypatch.setenv(fetch.URL_ENV, _serve_archive(server, archive))

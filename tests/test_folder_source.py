@@ -283,7 +283,8 @@ def test_a_manifest_row_naming_a_missing_file(tmp_path, capsys):
 def test_a_label_not_among_the_classes(tmp_path, capsys):
   manifest = _small(str(tmp_path))
   _refused(tmp_path, capsys, rf"{re.escape(manifest)} line 8: label 'stroma' is not one of "
-           r"--config\.data\.folder\.classes=adipose,tumour", manifest=manifest, classes="adipose,tumour")
+           r"--config\.data\.folder\.classes=adipose,tumour", manifest=manifest,
+           classes="adipose,tumour")
 
 
 def test_duplicate_paths(tmp_path, capsys):
@@ -338,7 +339,8 @@ def test_a_class_with_fewer_groups_than_folds_is_a_warning(tmp_path, capsys):
 
 
 def test_an_unknown_dataset(tmp_path, capsys):
-  err = _refused(tmp_path, capsys, r"--config\.data\.name='folders' is not a data source: use one of "
+  err = _refused(tmp_path, capsys, r"--config\.data\.name='folders' is not a data source: use one "
+                                   r"of "
                  r"breakhis, folder, tfds:NAME \(a prepared TFDS data set\); did you mean "
                  r"'folder'\?", dataset="folders")
   assert "Traceback" not in err

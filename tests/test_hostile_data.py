@@ -266,7 +266,8 @@ def test_a_checksum_mismatch_names_downloads_json_and_forget_checksum_forgets_it
   one_line(lambda: data_cli.main(args), capsys, "jattn data",
            rf"checksum mismatch \(SHA-256 {hashlib.sha256(other).hexdigest()[:16]}\.\.\., expected "
            rf"{hashlib.sha256(genuine).hexdigest()}\); the file was discarded\. The expected "
-           rf"SHA-256 is that of the first download into .*, recorded in {checksums}; .*`jattn data "
+           rf"SHA-256 is that of the first download into .*, recorded in {checksums}; .*`jattn "
+           rf"data "
            rf"download --data-dir {re.escape(str(data_dir))} --forget-checksum`")
   assert snapshot(data_dir) == before
 

@@ -138,10 +138,12 @@ def test_bad_protocol_input_is_one_line(partial_tree, tmp_path, capsys):
   assert _one_line_error(capsys, args, data_dir, prepared_dir, task="tissue").startswith(
       "--config.data.breakhis.task='tissue' is not a task: use 'binary'")
   assert _one_line_error(capsys, args, data_dir, prepared_dir, task="subtype") == (
-      "--config.model.num_classes=2 does not fit --config.data.breakhis.task=subtype (8 classes: A, F, PT, TA, "
+      "--config.model.num_classes=2 does not fit --config.data.breakhis.task=subtype (8 classes: "
+      "A, F, PT, TA, "
       "DC, LC, MC, PC); set --config.model.num_classes=8")
   assert _one_line_error(capsys, args, data_dir, prepared_dir, magnifications="400X") == (
-      f"--config.data.breakhis.magnifications=400X selects no images of {data_dir} (it has images at 40X, "
+      f"--config.data.breakhis.magnifications=400X selects no images of {data_dir} (it has images "
+      "at 40X, "
       f"100X, 200X); choose among those")
   # Fold 1 with every phyllodes tumour patient on the test side: no PT to train on.
   records = scan.scan(data_dir).records

@@ -139,7 +139,8 @@ def test_numbered_classes_and_no_group(tfds_dir, tmp_path, capsys):
                         positive_class="1", tie_rule="0"))
   assert d.classes == ("0", "1") and d.binary.positive_name == "1"
   assert d.group_ids == tuple(sorted(d.file_names)) and d.strata[0].values == ("unnamed",)
-  assert re.search(r"jattn: warning: tfds:unnamed .* has no group feature \(--config\.data\.tfds\.group\): "
+  assert re.search(r"jattn: warning: tfds:unnamed .* has no group feature "
+                   r"\(--config\.data\.tfds\.group\): "
                    r"every image is its own group", capsys.readouterr().err)
 
 
@@ -176,8 +177,8 @@ def test_a_data_set_that_is_not_prepared(tfds_dir, tmp_path, capsys):
 
 def test_splits_of_a_data_set_without_a_test_split(tfds_dir, tmp_path, capsys):
   _refused(tmp_path, capsys, r"--config\.data\.folds=splits: tfds:unnamed has no test split \(its "
-           r"splits: train\); use --config\.data\.folds=generated", tfds_dir, dataset="tfds:unnamed",
-           folds="splits", tie_rule="0")
+           r"splits: train\); use --config\.data\.folds=generated", tfds_dir,
+           dataset="tfds:unnamed", folds="splits", tie_rule="0")
 
 
 def test_a_data_set_prepared_again_differently_is_refused(tfds_dir, tmp_path):

@@ -6,11 +6,11 @@ Two ways to say what the images are:
   folder per class (classes sorted by name), images in any sub-folders below it. There are no
   groups: every image is its own group, with a warning that a patient's images may then fall on
   both sides of a split.
-- a manifest, `--config.data.folder.manifest=FILE.csv`: columns `path,label`, optionally a group column
-  (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum columns
+- a manifest, `--config.data.folder.manifest=FILE.csv`: columns `path,label`, optionally a group
+  column (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum columns
   `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel; else
-  `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or absolute. The
-  images are cached in the row order; the CSV is read by `files.read_csv`.
+  `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or
+  absolute. The images are cached in the row order; the CSV is read by `files.read_csv`.
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
 (ImageFolder: class, then path; manifest: its rows) under the prepared dir's lock (`prepared_dir`
@@ -147,7 +147,8 @@ def _unit(column: str) -> str:
 def _class_folders(data_dir: str, config) -> list[str]:
   if not os.path.isdir(data_dir):
     raise UserError(f"--config.data.dir={data_dir} does not exist: give the folder that holds a "
-                    f"folder of images per class (DIR/<class>/...), or --config.data.folder.manifest=FILE.csv")
+                    "folder of images per class (DIR/<class>/...), or "
+                    "--config.data.folder.manifest=FILE.csv")
   skip = {os.path.join(data_dir, PREPARED), prepared_dir(config)}  # jattn's, not classes
   folders = sorted(e.name for e in os.scandir(data_dir)
                    if e.is_dir() and not e.name.startswith(".")
@@ -172,21 +173,24 @@ def scan_folder(config) -> tuple[labelled.Table, list[int]]:
   """The ImageFolder tree in data_dir as a table, and each image's size in bytes."""
   data_dir = _data_dir(config)
   for field in ("strata", "group"):
-    if labelled.names_of(config.get(field, "")):
-      raise UserError(f"--config.{field} names manifest columns: give --config.data.folder.manifest=FILE.csv "
+    if labelled.names_of(config.data.folder[field]):
+      raise UserError(f"--config.data.folder.{field} names manifest columns: give "
+                      "--config.data.folder.manifest=FILE.csv "
                       f"(a folder per class has no {field} to read)")
   folders = _class_folders(data_dir, config)
   classes = labelled.classes_of(config.data.folder.classes, folders, data_dir, "data.folder")
   stray = [f for f in folders if f not in classes]
   if stray:
     raise UserError(f"{os.path.join(data_dir, stray[0])} is a class folder, but {stray[0]!r} is "
-                    f"not one of --config.data.folder.classes={','.join(classes)}: add it there or move the "
+                    f"not one of --config.data.folder.classes={','.join(classes)}: add it there or "
+                    "move the "
                     f"folder out of {data_dir}")
   names, labels = [], []
   for c, name in enumerate(classes):
     folder = os.path.join(data_dir, name)
     if not os.path.isdir(folder):
-      raise UserError(f"--config.data.folder.classes names {name!r}, but {data_dir} has no folder {name}/")
+      raise UserError(f"--config.data.folder.classes names {name!r}, but {data_dir} has no folder "
+                      f"{name}/")
     images = _images_under(folder)
     if not images:
       raise UserError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
@@ -218,7 +222,8 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
   column or file, a repeated path, an empty or unknown label is one line naming the row."""
   path = _manifest(config)
   if not os.path.isfile(path):
-    raise UserError(f"--config.data.folder.manifest={config.data.folder.manifest}: {path} does not exist; give a CSV of "
+    raise UserError(f"--config.data.folder.manifest={config.data.folder.manifest}: {path} does not "
+                    "exist; give a CSV of "
                     f"{','.join(COLUMNS)}[,group,<strata>...] rows")
   root = os.path.dirname(path)
   group_column = _group_column(config)
@@ -254,12 +259,14 @@ def read_manifest(config) -> tuple[labelled.Table, list[int]]:
     if not label:
       raise UserError(f"{path} line {line}: empty label")
     if requested and label not in requested:
-      raise UserError(f"{path} line {line}: label {label!r} is not one of --config.data.folder.classes="
+      raise UserError(f"{path} line {line}: label {label!r} is not one of "
+                      "--config.data.folder.classes="
                       f"{','.join(requested)}")
     for s in strata:
       value = row[s].strip()
       if not value:
-        raise UserError(f"{path} line {line}: empty {s} (a stratum column, --config.data.folder.strata)")
+        raise UserError(f"{path} line {line}: empty {s} (a stratum column, "
+                        "--config.data.folder.strata)")
       axes[s].append(value)
     if has_group:
       group = row[group_column].strip()
@@ -315,7 +322,8 @@ def check_config(config) -> None:
 
 
 def outputs(config) -> Outputs:
-  """The classes (`config.data.folder.classes`, else the class folders or the manifest's labels, sorted)."""
+  """The classes (`config.data.folder.classes`, else the class folders or the manifest's labels,
+  sorted)."""
   if labelled.names_of(config.data.folder.classes):
     classes = labelled.classes_of(config.data.folder.classes, (), "--config.data.folder.classes",
                                     "data.folder")
@@ -326,7 +334,8 @@ def outputs(config) -> Outputs:
                   f"the class folders of {_data_dir(config)}")
   strata = labelled.names_of(config.data.folder.strata) or (labelled.DATASET_AXIS,)
   group = config.data.folder.group
-  return Outputs(classes, "class", labelled.class_map(config.data.folder.positive_class, classes, "data.folder"),
+  return Outputs(classes, "class",
+                 labelled.class_map(config.data.folder.positive_class, classes, "data.folder"),
                  _unit(group) if group else GROUP_UNIT, strata, decided_by)
 
 

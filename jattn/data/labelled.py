@@ -107,7 +107,8 @@ def class_map(positive, classes: tuple[str, ...], own: str) -> ClassMap | None:
                     f"{', '.join(classes)}")
   if len(classes) != 2:
     raise UserError(f"--config.{own}.positive_class={positive!r}: a positive class gives binary "
-                    f"figures (sensitivity, ROC), which need two classes, and the data has {len(classes)} "
+                    "figures (sensitivity, ROC), which need two classes, and the data has "
+                    f"{len(classes)} "
                     f"({short_list(classes)}); leave it empty for per-class figures")
   return ClassMap(classes, tuple(range(len(classes))), classes.index(positive))
 
@@ -218,7 +219,8 @@ def check_generatable(table: Table, num_folds: int) -> list[str]:
   unit = table.group_unit
   if len(ids) < num_folds:
     raise UserError(f"{table.where} has {len(ids)} {unit}(s), fewer than the "
-                    f"--config.data.num_folds={num_folds} folds to draw: lower --config.data.num_folds or "
+                    f"--config.data.num_folds={num_folds} folds to draw: lower "
+                    "--config.data.num_folds or "
                     f"add data")
   out = []
   for c, name in enumerate(table.classes):

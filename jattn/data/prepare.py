@@ -45,7 +45,8 @@ def default_prepared_dir(data_dir: str) -> str:
   cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   digest = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:16]
   folder = os.path.join(cache_home, "jattn", "prepared", digest)
-  log.warning("data_dir %s is read-only: preparing into %s (set --config.data.prepared_dir to choose "
+  log.warning("data_dir %s is read-only: preparing into %s (set --config.data.prepared_dir to "
+              "choose "
               "another folder)", data_dir, folder)
   return folder
 

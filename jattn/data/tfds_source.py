@@ -1,16 +1,16 @@
 """An already prepared TFDS data set as a jattn data source (`--config.data.name=tfds:NAME`).
 
-`NAME` is as TFDS spells it (`colorectal_histology`, `patch_camelyon:2.0.0`, `name/config`),
-found in `--config.data.dir` (the TFDS data dir, e.g. ~/tensorflow_datasets). It is read from its
-files alone (`tfds.builder_from_files`: no builder code, no TensorFlow) through TFDS' random-access
-data source, so it must have been prepared in the array_record format. The image is the first of
-the supervised keys (else the one Image feature), the label the second (else the one ClassLabel
+`NAME` is as TFDS spells it (`colorectal_histology`, `patch_camelyon:2.0.0`, `name/config`), found
+in `--config.data.dir` (the TFDS data dir, e.g. ~/tensorflow_datasets). It is read from its files
+alone (`tfds.builder_from_files`: no builder code, no TensorFlow) through TFDS' random-access data
+source, so it must have been prepared in the array_record format. The image is the first of the
+supervised keys (else the one Image feature), the label the second (else the one ClassLabel
 feature): the classes are its names (TFDS numbers them '0', '1', ... where the builder names none).
-The group is the feature `--config.data.tfds.group` names, else the first of GROUP_FEATURES the data set
-has; without one every image is its own group. `--config.data.tfds.strata` names features reported
-separately. Folds (`--config.data.folds`): `splits` (its train and test splits, one fold), `generated`
-(K stratified group folds over its train split, `jattn.data.labelled`) or a `fold,split,path` CSV
-of image names `<split>/<index>`.
+The group is the feature `--config.data.tfds.group` names, else the first of GROUP_FEATURES the data
+set has; without one every image is its own group. `--config.data.tfds.strata` names features
+reported separately. Folds (`--config.data.folds`): `splits` (its train and test splits, one fold),
+`generated` (K stratified group folds over its train split, `jattn.data.labelled`) or a
+`fold,split,path` CSV of image names `<split>/<index>`.
 
 Every image is decoded once into the shared cache (`jattn.data.prepare`) in the data set's order
 (split by split), with its scalar features, under the lock of `<data_dir>/jattn_prepared/tfds/
@@ -115,13 +115,15 @@ def features(info, config) -> dict:
   readable = {k for k, f in found.items() if _kind(f) is not None}
   asked = config.data.tfds.group
   if asked and asked not in readable:
-    raise UserError(f"--config.data.tfds.group={asked!r} is not a scalar feature of tfds:{name} (its "
+    raise UserError(f"--config.data.tfds.group={asked!r} is not a scalar feature of tfds:{name} "
+                    "(its "
                     f"features: {', '.join(sorted(readable))})")
   group = asked or next((k for k in GROUP_FEATURES if k in readable and k != label), None)
   strata = labelled.names_of(config.data.tfds.strata)
   unknown = [s for s in strata if s not in readable]
   if unknown:
-    raise UserError(f"--config.data.tfds.strata: {unknown[0]!r} is not a scalar feature of tfds:{name} "
+    raise UserError(f"--config.data.tfds.strata: {unknown[0]!r} is not a scalar feature of "
+                    f"tfds:{name} "
                     f"(its features: {', '.join(sorted(readable))})")
   return {"image": image, "label": label, "group": group, "strata": strata}
 
@@ -134,7 +136,8 @@ def _splits(info, config) -> tuple[str, ...]:
   if config.data.folds == "splits":
     missing = [s for s in labelled.SPLITS if s not in have]
     if missing:
-      raise UserError(f"--config.data.folds=splits: tfds:{name} has no {missing[0]} split (its splits: "
+      raise UserError(f"--config.data.folds=splits: tfds:{name} has no {missing[0]} split (its "
+                      "splits: "
                       f"{', '.join(have)}); use --config.data.folds=generated for folds over its "
                       f"train split")
     return labelled.SPLITS
@@ -185,7 +188,8 @@ def outputs(config) -> Outputs:
   b = builder(config)
   names = classes(b.info, config)
   keys = features(b.info, config)
-  return Outputs(names, "class", labelled.class_map(config.data.tfds.positive_class, names, "data.tfds"),
+  return Outputs(names, "class",
+                 labelled.class_map(config.data.tfds.positive_class, names, "data.tfds"),
                  _unit(keys["group"]), keys["strata"] or (labelled.DATASET_AXIS,),
                  f"the label feature of tfds:{dataset_name(config)}")
 
@@ -327,7 +331,8 @@ def _load(config, every_image: bool) -> FoldData:
     data = labelled.fold_data(config, source=config.data.name, table=table, cache=cache,
                               folds=folds, prepared_dir=prepared, binary=binary)
   if table.groups is None:
-    notes.insert(0, f"{where} has no group feature (--config.data.tfds.group): every image is its own "
+    notes.insert(0, f"{where} has no group feature (--config.data.tfds.group): every image is its "
+                    "own "
                     f"group, so splits are image-level and one patient's (or slide's) images may "
                     f"fall on both sides")
   labelled.warn_all(notes)

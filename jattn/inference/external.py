@@ -13,12 +13,12 @@ own test evaluation is: results.json (schema 2, plus `external`), predictions.cs
 folder name, or `--name`; `--out` chooses the folder), which appears whole or not at all and is
 replaced whole by a later evaluation of the same name.
 
-The evaluation config is the run's config.json with the overrides applied: the fields of the
-other set (`data_dir`, `dataset`, the source's own fields) are given as for training; fields that
-change what the model sees or is (`image_size`, `stain_norm`, `model.*`) are the run's and cannot
-be overridden. `prepared_dir` is reset (the other set is prepared beside it, or in
-`--config.data.prepared_dir`). Classes are matched by name, in any order; sets whose classes differ are
-refused in one line naming both lists.
+The evaluation config is the run's config.json with the overrides applied: the fields of the other
+set (`data_dir`, `dataset`, the source's own fields) are given as for training; fields that change
+what the model sees or is (`image_size`, `stain_norm`, `model.*`) are the run's and cannot be
+overridden. `prepared_dir` is reset (the other set is prepared beside it, or in
+`--config.data.prepared_dir`). Classes are matched by name, in any order; sets whose classes differ
+are refused in one line naming both lists.
 
 `score` is the shared path from probabilities to those files: `predict --manifest` and slide
 inference call it on a `FoldData` they build themselves.

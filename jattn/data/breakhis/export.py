@@ -7,8 +7,8 @@
 With the manifest, `--config.data.name=folder --config.data.folder.manifest=OUT/manifest.csv
 --config.data.folder.group=patient --config.data.folder.strata=magnification
 --config.data.folder.positive_class=malignant` sees the same images, patients, magnifications and
-(with `--config.data.folds=OUT/folds.csv`) folds as the BreakHis source (`configs/demo_folder.py`). `jattn data synthesize --format folder`
-writes a synthetic BreakHis in this form.
+(with `--config.data.folds=OUT/folds.csv`) folds as the BreakHis source (`configs/demo_folder.py`).
+`jattn data synthesize --format folder` writes a synthetic BreakHis in this form.
 """
 
 from __future__ import annotations

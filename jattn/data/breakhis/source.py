@@ -2,8 +2,8 @@
 
 The images' group is the patient (folds keep patients apart, the bootstrap resamples them), their
 stratum the magnification (each reported separately, the paper's columns), their subclass the
-subtype; the task (`config.data.breakhis.task`) is benign vs malignant (the paper) or the 8 subtypes, which map
-onto benign and malignant for P(malignant).
+subtype; the task (`config.data.breakhis.task`) is benign vs malignant (the paper) or the 8
+subtypes, which map onto benign and malignant for P(malignant).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def selection(config) -> tuple[tuple[str, ...], str]:
   """The magnifications and the task a config selects, checked: (magnifications, task)."""
   task = config.data.breakhis.task
   if task not in naming.TASKS:
-    raise UserError(f"--config.data.breakhis.task={task!r} is not a task: use 'binary' (benign vs malignant, the "
+    raise UserError(f"--config.data.breakhis.task={task!r} is not a task: use 'binary' (benign vs "
+                    "malignant, the "
                     f"paper) or 'subtype' (the 8 BreakHis subtypes)")
   chosen = config.data.breakhis.magnifications
   chosen = (chosen,) if isinstance(chosen, str) else tuple(chosen)
@@ -83,7 +84,8 @@ def outputs(config) -> Outputs:
   """The model's classes for the config's task, their benign/malignant map, the patient unit."""
   task = selection(config)[1]
   return Outputs(naming.TASKS[task], "subtype" if task == "subtype" else "class",
-                 binary_map(task), GROUP_UNIT, ("magnification",), f"--config.data.breakhis.task={task}")
+                 binary_map(task), GROUP_UNIT, ("magnification",),
+                 f"--config.data.breakhis.task={task}")
 
 
 def num_folds(config) -> int:
@@ -132,7 +134,8 @@ def _check_selection(records, magnifications, data_dir) -> None:
   """A magnification list that selects no image of the data set is an error."""
   if not any(r.magnification in magnifications for r in records):
     have = sorted({r.magnification for r in records}, key=naming.MAGNIFICATIONS.index)
-    raise UserError(f"--config.data.breakhis.magnifications={','.join(magnifications)} selects no images of "
+    raise UserError(f"--config.data.breakhis.magnifications={','.join(magnifications)} selects no "
+                    "images of "
                     f"{data_dir} (it has images at {', '.join(have) or 'no magnification'}); "
                     f"choose among those")
 
@@ -140,11 +143,12 @@ def _check_selection(records, magnifications, data_dir) -> None:
 def load_fold(config) -> FoldData:
   """Prepares (once) and loads fold `config.fold` of the data in `config.data.dir`.
 
-  Stages, each only when its output is missing: with `config.data.breakhis.download`, BreakHis downloaded into
-  data_dir (under the data dir's lock); then, under the prepared dir's lock, a synthetic tree (if
-  `config.data.breakhis.synthetic.enabled` and data_dir holds no BreaKHis_v1), unpacking BreaKHis_v1.tar.gz,
-  the TFDS data set, the decoded-image cache at `config.image_size`, the folds (`config.data.folds`),
-  and the fold's normalisation stats. A later call only checks and maps.
+  Stages, each only when its output is missing: with `config.data.breakhis.download`, BreakHis
+  downloaded into data_dir (under the data dir's lock); then, under the prepared dir's lock, a
+  synthetic tree (if `config.data.breakhis.synthetic.enabled` and data_dir holds no BreaKHis_v1),
+  unpacking BreaKHis_v1.tar.gz, the TFDS data set, the decoded-image cache at `config.image_size`,
+  the folds (`config.data.folds`), and the fold's normalisation stats. A later call only checks and
+  maps.
   """
   return _load(config, every_image=False)
 
