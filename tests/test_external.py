@@ -118,7 +118,8 @@ def test_the_same_set_as_a_folder_with_a_manifest_scores_alike(trained_run, othe
   external_cli.main(["--workdir", run, "--config.data.name=folder",
                      f"--config.data.dir={folder['out']}",
                      f"--config.data.folder.manifest={folder['manifest']}",
-                     "--config.data.folder.group=patient", "--config.data.folder.strata=magnification",
+                     "--config.data.folder.group=patient",
+                     "--config.data.folder.strata=magnification",
                      "--config.data.folder.positive_class=malignant", "--name", "folder"])
   capsys.readouterr()
   got = {}
@@ -145,7 +146,8 @@ def test_a_class_mismatch_is_one_line_and_writes_nothing(trained_run, other_tree
   before = snapshot(os.path.dirname(other_tree)), snapshot(trained_run)
   one_line_error(lambda: evaluate_cli.main(  # jattn validate-external
       ["--workdir", trained_run, f"--config.data.dir={other_tree}",
-       "--config.data.breakhis.task=subtype", "--out", str(tmp_path / "out")]), capsys, "jattn validate-external",
+       "--config.data.breakhis.task=subtype", "--out", str(tmp_path / "out")]), capsys,
+      "jattn validate-external",
       r"has the classes A, F, PT, TA, DC, LC, MC, PC, but the run was trained on benign, "
       r"malignant: a run can be scored only on a set of the same classes")
   assert (snapshot(os.path.dirname(other_tree)), snapshot(trained_run)) == before
@@ -256,7 +258,8 @@ def test_a_set_of_the_same_classes_in_another_order_is_matched_by_name(trained_r
                      f"--config.data.dir={folder['out']}",
                      f"--config.data.folder.manifest={folder['manifest']}",
                      "--config.data.folder.classes=malignant,benign",
-                     "--config.data.folder.group=patient", "--config.data.folder.strata=magnification",
+                     "--config.data.folder.group=patient",
+                     "--config.data.folder.strata=magnification",
                      "--config.data.folder.positive_class=malignant", "--name", "reversed"])
   capsys.readouterr()
   with open(os.path.join(run, "external", "reversed", "results.json")) as f:

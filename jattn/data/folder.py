@@ -7,8 +7,8 @@ Two ways to say what the images are:
   groups: every image is its own group, with a warning that a patient's images may then fall on
   both sides of a split.
 - a manifest, `--config.data.folder.manifest=FILE.csv`: columns `path,label`, optionally a group
-  column (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum columns
-  `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel; else
+  column (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum
+  columns `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel; else
   `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or
   absolute. The images are cached in the row order; the CSV is read by `files.read_csv`.
 

@@ -89,10 +89,11 @@ COMMON = {
     "prepared_dir": "",
     # 'generated'; BreakHis: a Folds.csv file or an mkfold/ folder; folder and tfds: a CSV of
     # fold,split,path rows; tfds: also 'splits' (its own train and test splits, one fold).
-    "folds": "generated", "folds_seed": 0,  # seed of the generated folds (used only when folds ==
-    'generated') "num_folds": 5,  # folds drawn when folds == 'generated' (StratifiedGroupKFold's K;
-    not BreakHis) "skip_corrupt": False,  # skip unreadable images (listed in the log) instead of
-    stopping
+    "folds": "generated",
+    "folds_seed": 0,  # seed of the generated folds (used only when folds == 'generated')
+    # folds drawn when folds == 'generated' (StratifiedGroupKFold's K; not BreakHis, which has 5)
+    "num_folds": 5,
+    "skip_corrupt": False,  # skip unreadable images (listed in the log) instead of stopping
 }
 
 
