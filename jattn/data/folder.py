@@ -8,8 +8,8 @@ Two ways to say what the images are:
   both sides of a split.
 - a manifest, `--config.data.folder.manifest=FILE.csv`: columns `path,label`, optionally a group
   column (`group`, or the one `--config.data.folder.group` names, e.g. `patient`), the stratum
-  columns `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel; else
-  `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or
+  columns `--config.data.folder.strata=centre,...` names and an `mpp` column (microns per pixel;
+  else `--config.data.folder.mpp`). Paths are relative to the CSV's folder (a `..` may leave it), or
   absolute. The images are cached in the row order; the CSV is read by `files.read_csv`.
 
 The images are decoded once into the shared cache (`jattn.data.prepare`) in a deterministic order
