@@ -641,3 +641,17 @@ def test_a_run_without_a_positive_label_refuses_labels_in_one_line(multiclass_sl
             r"--labels .*labels.csv: slide-level figures are of a positive label, which .* "
             r"classes \(adipose, stroma, tumour\) have none of; leave out --labels")
   assert not out.exists()
+
+
+def test_a_cohort_of_a_binary_run_is_not_mixed_with_a_class_map_run(
+    multiclass_slide, small_slides, trained_run, tmp_path, capsys):
+  """cohort.csv's columns differ between the kinds of run: a call of the other kind into an --out
+  is refused in one line, the earlier cohort.csv left as it was."""
+  workdir, path, _ = multiclass_slide
+  out = tmp_path / "out"
+  slide.main(["--workdir", trained_run, small_slides[0], "--out", str(out), *SMALL_OPTIONS])
+  before = (out / "cohort.csv").read_text()
+  _one_line(capsys, ["--workdir", workdir, path, "--out", str(out), *CLASS_OPTIONS],
+            r"out/cohort.csv lists slides of a run with a positive label \(s0\), whose columns "
+            r"differ from this run's; use another --out")
+  assert (out / "cohort.csv").read_text() == before and not (out / "classes").exists()

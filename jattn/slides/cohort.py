@@ -169,6 +169,13 @@ def run_cohort(workdir: str, paths: list[str], out: str,
   records = []
   with files.locked_or_refuse(out, "--out folder", remove_unused=True):
     writers.remove_stale(out)
+    earlier = _earlier(out, {plan.name for plan in plans})
+    other = [r["name"] for r in earlier if (r.get("positive") is None) != (b is None)]
+    if other:
+      kind = "with" if b is None else "without"
+      raise UserError(f"{os.path.join(out, 'cohort.csv')} lists slides of a run {kind} a positive "
+                      f"label ({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}), whose "
+                      f"columns differ from this run's; use another --out")
     for plan in plans:
       if done[plan.name] is not None:
         print(f"{plan.path}: finished before, results in {os.path.join(out, plan.name)}",
@@ -176,7 +183,7 @@ def run_cohort(workdir: str, paths: list[str], out: str,
         records.append(done[plan.name])
       else:
         records.append(pipeline.predict_slide(run, plan, out, options))
-    records = _earlier(out, {r["name"] for r in records}) + records
+    records = earlier + records
     rows = [_row(r, b.positive_name, slide_labels, score, threshold) if b is not None else
             _class_row(r, run.outputs.classes) for r in records]
     writers.cohort_csv(os.path.join(out, "cohort.csv"), rows)
