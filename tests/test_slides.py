@@ -587,3 +587,137 @@ def test_slide_labels_are_read_whatever_their_case(tmp_path):
   plans = [SimpleNamespace(name=f"s{i}", path=str(tmp_path / f"s{i}.tif")) for i in range(2)]
   got = cohort.read_labels(str(path), plans, ("benign", "malignant"), "malignant")
   assert got == {"s0": 1, "s1": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# A run of three classes without a positive label (a folder-source run, tests/test_folder_source):
+# class maps instead of P(positive) heatmaps.
+
+CLASS_TILES = {(0, 0): "stroma", (0, 1): "tumour", (1, 1): "stroma", (1, 2): "tumour",
+               (2, 3): "stroma"}
+CLASS_OPTIONS = ["--mpp", "0.5", "--tile-um", "128", "--top-k", "2"]
+
+
+@pytest.fixture(scope="module")
+def multiclass_slide(tmp_path_factory):
+  """(the work dir of a 1-epoch 3-class folder run at 32x32, a 4 x 3-tile slide of tissue in two
+  of its classes' colours, the slide's results folder of one `slide` call)."""
+  from jattn import main
+  from tests.runs import DEMO, tiny_overrides
+  from tests.test_folder_source import COLOURS, _multiclass_tree
+
+  root = tmp_path_factory.mktemp("classes")
+  manifest = _multiclass_tree(str(root / "data"))
+  workdir = str(root / "run")
+  overrides = tiny_overrides("unused", str(root / "prepared"), dataset="folder",
+                             manifest=manifest, group="patient", strata="centre", num_folds=4,
+                             **{"model.num_classes": 3, "num_epochs": 1,
+                                               "batch_size": 8})
+  main.main(["--config", f"{DEMO}:vgg19", "--workdir", workdir,
+             *[f"--config.{o}" for o in overrides]])
+  rng = np.random.default_rng(3)
+  image = np.full((SMALL[1], SMALL[0], 3), GLASS, np.uint8)
+  for (r, c), name in CLASS_TILES.items():
+    pixels = np.asarray(COLOURS[name]) + rng.normal(0, 25, (256, 256, 3))
+    image[r * 256:(r + 1) * 256, c * 256:(c + 1) * 256] = np.clip(pixels, 0, 255)
+  path = str(root / "classes.tif")
+  _write_pyramid(path, image, None, levels=1)
+  out = root / "out"
+  slide.main(["--workdir", workdir, path, "--out", str(out), *CLASS_OPTIONS])
+  return workdir, path, out / "classes"
+
+
+def test_class_maps_are_the_argmax_of_predict_on_regions_cut_with_openslide(multiclass_slide,
+                                                                              tmp_path):
+  from tests.test_folder_source import CLASSES
+
+  workdir, path, result = multiclass_slide
+  rows = _rows(result / "tiles.csv")
+  assert {(int(r["row"]), int(r["col"])) for r in rows} == set(CLASS_TILES)
+  s = openslide.OpenSlide(path)
+  paths = []
+  for i, r in enumerate(rows):
+    region = s.read_region((int(r["x"]), int(r["y"])), 0, (int(r["width"]), int(r["height"])))
+    paths.append(str(tmp_path / f"tile{i}.png"))
+    region.convert("RGB").save(paths[-1])
+  want = np.array([[float(p[f"prob_{c}"]) for c in CLASSES]
+                   for p in predict.predict(workdir, paths)])
+  got = np.array([[float(r[f"prob_{c}"]) for c in CLASSES] for r in rows])
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  assert [r["prediction"] for r in rows] == [CLASSES[k] for k in np.argmax(want, -1)]
+  heat = np.load(result / "heatmap.npy")  # one channel per class, in the run's class order
+  classes = np.load(result / "class_map.npy")
+  assert heat.shape == (3, 4, 3) and classes.shape == (3, 4)
+  cells = tuple(np.array([(int(r["row"]), int(r["col"])) for r in rows]).T)
+  np.testing.assert_allclose(heat[cells], want, atol=2e-6)
+  np.testing.assert_allclose(heat[cells].sum(-1), 1.0, atol=1e-5)  # per tissue tile
+  assert np.isnan(heat).sum() == 3 * (12 - len(rows)) and np.isnan(heat[cells]).sum() == 0
+  assert list(classes[cells]) == list(np.argmax(want, -1))
+  assert (classes == -1).sum() == 12 - len(rows)
+  record = json.loads((result / "slide.json").read_text())
+  counts = {c: sum(r["prediction"] == c for r in rows) for c in CLASSES}
+  assert record["positive"] is None and record["scores"]["predicted_classes"] == counts
+  assert record["scores"]["predicted_fractions"] == {
+      c: pytest.approx(n / len(rows)) for c, n in counts.items()}
+  # The top tiles: the two whose most probable class is the most probable (near-ties of an
+  # untrained model aside: compared by value), each with its predicted class and probability.
+  by_xy = {(int(r["x"]), int(r["y"])): (r, p) for r, p in zip(rows, want, strict=True)}
+  top = record["top_tiles"]
+  assert [t[f"prob_{t['prediction']}"] for t in top] == pytest.approx(
+      np.sort(want.max(-1))[::-1][:2], abs=2e-6)
+  for t in top:
+    row, p = by_xy[(t["x"], t["y"])]
+    assert t["prediction"] == row["prediction"] == CLASSES[int(np.argmax(p))]
+  cohort = _rows(result.parent / "cohort.csv")
+  assert [{c: int(row[f"tiles_{c}"]) for c in CLASSES} for row in cohort] == [counts]
+
+
+def test_class_geojson_and_legend_name_every_tile_and_class(multiclass_slide):
+  from tests.test_folder_source import CLASSES
+
+  _, _, result = multiclass_slide
+  rows = _rows(result / "tiles.csv")
+  features = json.loads((result / "tiles.geojson").read_text())["features"]
+  assert [f["properties"]["classification"]["name"] for f in features] == [
+      r["prediction"] for r in rows]
+  with Image.open(result / "heatmap.png") as im:
+    legend = json.loads(im.text["legend"])
+    pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+  assert list(legend) == list(CLASSES) and len({tuple(c) for c in legend.values()}) == 3
+  present = {tuple(p) for p in np.unique(pixels, axis=0)}
+  for name, color in legend.items():  # its legend patch, drawn opaque in the class' colour
+    assert tuple(color) in present, name
+  for f, r in zip(features, rows, strict=True):
+    p = f["properties"]
+    assert p["objectType"] == "detection"
+    assert p["classification"]["color"] == legend[r["prediction"]]
+    assert p["measurements"] == {**{f"prob_{c}": pytest.approx(float(r[f"prob_{c}"]), abs=1e-6)
+                                    for c in CLASSES},
+                                 "tissue_fraction": pytest.approx(float(r["tissue_fraction"]))}
+
+
+def test_a_run_without_a_positive_label_refuses_labels_in_one_line(multiclass_slide, tmp_path,
+                                                                    capsys):
+  workdir, path, _ = multiclass_slide
+  labels = tmp_path / "labels.csv"
+  labels.write_text("slide,label\nclasses,tumour\n")
+  out = tmp_path / "out"
+  _one_line(capsys, ["--workdir", workdir, path, "--out", str(out), "--labels", str(labels),
+                     *CLASS_OPTIONS],
+            r"--labels .*labels.csv: slide-level figures are of a positive label, which .* "
+            r"classes \(adipose, stroma, tumour\) have none of; leave out --labels")
+  assert not out.exists()
+
+
+def test_a_cohort_of_a_binary_run_is_not_mixed_with_a_class_map_run(
+    multiclass_slide, small_slides, trained_run, tmp_path, capsys):
+  """cohort.csv's columns differ between the kinds of run: a call of the other kind into an --out
+  is refused in one line, the earlier cohort.csv left as it was."""
+  workdir, path, _ = multiclass_slide
+  out = tmp_path / "out"
+  slide.main(["--workdir", trained_run, small_slides[0], "--out", str(out), *SMALL_OPTIONS])
+  before = (out / "cohort.csv").read_text()
+  _one_line(capsys, ["--workdir", workdir, path, "--out", str(out), *CLASS_OPTIONS],
+            r"out/cohort.csv lists slides of a run with a positive label \(s0\), whose columns "
+            r"differ from this run's; use another --out")
+  assert (out / "cohort.csv").read_text() == before and not (out / "classes").exists()

@@ -8,7 +8,8 @@
       [--bootstrap-resamples 1000] [--bootstrap-seed 0]] [--overwrite] [--benchmark]
 
 Each slide's results go into DIR/<slide name>/ (tiles.csv, heatmap.png, heatmap.npy,
-tiles.geojson, slide.json, top_tiles/); DIR/cohort.csv lists every slide, and with --labels
+tiles.geojson, slide.json, top_tiles/; a run without a positive label adds class_map.npy, and its
+heatmaps are class maps); DIR/cohort.csv lists every slide, and with --labels
 DIR/cohort_figures.json holds slide-level AUC, sensitivity and specificity with bootstrap
 intervals. A finished slide is skipped when the command runs again. --benchmark times one slide's
 tiles instead (reading, inference, both) and writes nothing. The library: `jattn.slides`.

@@ -46,7 +46,7 @@ def _forward(state: state_lib.TrainState, images: jax.Array):
       {"params": state.params, "batch_stats": state.batch_stats},
       state_lib.preprocess(state, state_lib.normalize_stains(state, images)), train=False,
       mutable=["intermediates"])
-  return jax.nn.softmax(logits), state_out["intermediates"]
+  return jax.nn.softmax(logits), state_out.get("intermediates", {})
 
 
 def attention_maps(state: state_lib.TrainState, images: np.ndarray,

@@ -8,7 +8,8 @@ A slide is tiled at the training images' physical field (`reader`: its MPP, the 
 the tile size), its tissue found on the thumbnail (`tissue`), its tissue tiles streamed through
 the run's eval step (`tiler`, `pipeline`), and its results written into OUT/<slide name>/
 (`writers`): tiles.csv, heatmap.png, heatmap.npy, tiles.geojson (QuPath detections), slide.json
-and top_tiles/*.png; a cohort adds OUT/cohort.csv and, against labels, cohort_figures.json
+and top_tiles/*.png (class_map.npy too, and class maps for heatmaps, for a run without a
+positive label); a cohort adds OUT/cohort.csv and, against labels, cohort_figures.json
 (`cohort`). docs/slides.md describes every file and option.
 """
 

@@ -163,11 +163,22 @@ def run_cohort(workdir: str, paths: list[str], out: str,
   plans = [pipeline.plan_slide(run, p, n, options, mpps.get(n))
            for p, n in zip(paths, names, strict=True)]
   b = run.outputs.binary
+  if labels and b is None:
+    raise UserError(f"--labels {labels}: slide-level figures are of a positive label, which "
+                    f"{workdir}'s classes ({', '.join(run.outputs.classes)}) have none of; leave "
+                    f"out --labels (cohort.csv lists each slide's tiles by predicted class)")
   slide_labels = read_labels(labels, plans, b.names, b.positive_name) if labels else None
   done = {plan.name: pipeline.finished(out, plan, run, options) for plan in plans}
   records = []
   with files.locked_or_refuse(out, "--out folder", remove_unused=True):
     writers.remove_stale(out)
+    earlier = _earlier(out, {plan.name for plan in plans})
+    other = [r["name"] for r in earlier if (r.get("positive") is None) != (b is None)]
+    if other:
+      kind = "with" if b is None else "without"
+      raise UserError(f"{os.path.join(out, 'cohort.csv')} lists slides of a run {kind} a positive "
+                      f"label ({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}), whose "
+                      f"columns differ from this run's; use another --out")
     for plan in plans:
       if done[plan.name] is not None:
         print(f"{plan.path}: finished before, results in {os.path.join(out, plan.name)}",
@@ -175,8 +186,9 @@ def run_cohort(workdir: str, paths: list[str], out: str,
         records.append(done[plan.name])
       else:
         records.append(pipeline.predict_slide(run, plan, out, options))
-    records = _earlier(out, {r["name"] for r in records}) + records
-    rows = [_row(r, b.positive_name, slide_labels, score, threshold) for r in records]
+    records = earlier + records
+    rows = [_row(r, b.positive_name, slide_labels, score, threshold) if b is not None else
+            _class_row(r, run.outputs.classes) for r in records]
     writers.cohort_csv(os.path.join(out, "cohort.csv"), rows)
     result = {"slides": records, "figures": None}
     if slide_labels is not None:
@@ -217,6 +229,16 @@ def _row(record: dict, positive: str, labels: dict | None, score: str, threshold
     row.update(label="" if label is None else label, score=_fmt(s[score]),
                called="" if s[score] is None else int(s[score] >= threshold))
   return row
+
+
+def _class_row(record: dict, classes: tuple[str, ...]) -> dict:
+  """A slide of a run without a positive label: its tiles by predicted class, counts and
+  fractions."""
+  s = record["scores"]
+  return {"name": record["name"], "slide": record["slide"],
+          "tiles": record["tiles"]["predicted"], "unreadable": record["tiles"]["unreadable"],
+          **{f"tiles_{c}": s["predicted_classes"][c] for c in classes},
+          **{f"fraction_{c}": _fmt(s["predicted_fractions"][c]) for c in classes}}
 
 
 def _fmt(value) -> str:

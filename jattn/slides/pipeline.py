@@ -199,7 +199,8 @@ class Run:
 
 def load_run(workdir: str, options: Options) -> Run:
   """A finished run (with results.json) and the field its tiles cover; refuses in one line a
-  folder that is not a finished run, a run without a positive label, a bad option."""
+  folder that is not a finished run, a bad option. A run without a positive label (more than two
+  classes, none positive) gets class maps instead of P(positive) heatmaps (`predict_slide`)."""
   options.check()
   config = runs.load_config(workdir)
   path = os.path.abspath(os.path.expanduser(workdir))
@@ -210,9 +211,6 @@ def load_run(workdir: str, options: Options) -> Run:
                     f"command again to finish it")
   figures = results.read(results_path, "train the run again to rewrite it")
   outputs = runs.outputs(config)
-  if outputs.binary is None:
-    raise UserError(f"{workdir}: its classes ({', '.join(outputs.classes)}) have no positive "
-                    f"label, which a slide's heatmap and scores are of")
   return Run(path, config, outputs, training_field(workdir, config, figures, options),
              results_path, options)
 
@@ -276,7 +274,6 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
   started = time.perf_counter()
   scale = plan.scale
   grid, thumb, per_pixel, mask, candidates, thumb_unreadable = locate(plan, options)
-  positive = run.outputs.binary.positive_name
   print(f"{plan.path}: level {scale.level} (x{scale.downsample:g}), tiles of "
         f"{scale.tile_px[0]}x{scale.tile_px[1]} level-0 px read as {scale.read_px[0]}x"
         f"{scale.read_px[1]} and resized to {scale.input_px}x{scale.input_px}; {len(candidates)} "
@@ -306,7 +303,11 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
            np.zeros((0, len(run.outputs.classes)), np.float32))
   tiles = tiler.Tiles(*(a[keep] for a in (candidates.rows, candidates.cols, candidates.xs,
                                           candidates.ys, candidates.fractions)))
-  p_pos = run.outputs.binary.positive_probability(probs)
+  b = run.outputs.binary
+  # What the top tiles are ranked by: P(positive), or without a positive label the probability
+  # of the tile's predicted class.
+  p_pos = b.positive_probability(probs) if b is not None else (
+      probs.max(-1) if len(probs) else np.zeros(0, np.float32))
   unreadable = [{"x": int(candidates.xs[i]), "y": int(candidates.ys[i]), "error": why}
                 for i, why in read.failures]
   if unreadable:
@@ -327,7 +328,13 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
     print(f"{plan.path}: no tissue found (tissue mask: Otsu on {mask.method}, threshold "
           f"{mask.threshold:.3f}, {mask.fraction:.1%} of the thumbnail; --min-tissue "
           f"{options.min_tissue}): empty outputs in {os.path.join(out, plan.name)}", flush=True)
+  elif b is None:
+    counts = ", ".join(f"{c} {n}" for c, n in scores["predicted_classes"].items())
+    print(f"{plan.path}: {len(tiles)} tiles predicted ({len(unreadable)} unreadable), by "
+          f"predicted class: {counts}; {record['timing']['tiles_per_s']} tiles/s -> "
+          f"{os.path.join(out, plan.name)}", flush=True)
   else:
+    positive = b.positive_name
     print(f"{plan.path}: {len(tiles)} tiles predicted ({len(unreadable)} unreadable), mean "
           f"P({positive}) {scores['mean']:.3f}, top-{scores['top_k']} mean "
           f"{scores['top_k_mean']:.3f}, {scores['fraction_positive']:.1%} called {positive}; "
@@ -404,16 +411,30 @@ def slide_scores(p_pos: np.ndarray, called_positive: np.ndarray, top_k: int) -> 
           "top_k": top_k, "fraction_positive": float(np.mean(called_positive))}
 
 
+def class_scores(probs: np.ndarray, classes: tuple[str, ...]) -> dict:
+  """Slide-level figures of a run without a positive label: how many of its tiles, and what
+  fraction, each class is the most probable one of (None fractions without tiles)."""
+  counts = np.bincount(np.argmax(probs, -1), minlength=len(classes)) if len(probs) else (
+      np.zeros(len(classes), np.int64))
+  return {"predicted_classes": {c: int(n) for c, n in zip(classes, counts, strict=True)},
+          "predicted_fractions": {c: float(n / len(probs)) if len(probs) else None
+                                  for c, n in zip(classes, counts, strict=True)}}
+
+
 def _record(run, plan, options, grid, mask, thumb, candidates, tiles, probs, p_pos, unreadable,
             thumb_unreadable, timing) -> dict:
   b = run.outputs.binary
-  called = b.coarse(np.argmax(probs, -1)) == b.positive if len(probs) else np.zeros(0, bool)
+  if b is not None:
+    called = b.coarse(np.argmax(probs, -1)) == b.positive if len(probs) else np.zeros(0, bool)
+    scores = slide_scores(p_pos, called, options.top_k)
+  else:
+    scores = class_scores(probs, run.outputs.classes)
   scale = plan.scale
   return {
       "schema": SCHEMA, "slide": os.path.abspath(plan.path), "name": plan.name,
       "dimensions": list(plan.dimensions),
-      "positive": b.positive_name,
-      "scores": slide_scores(p_pos, called, options.top_k),
+      "positive": b.positive_name if b is not None else None,
+      "scores": scores,
       "class_means": {c: float(np.mean(probs[:, j])) if len(probs) else None
                       for j, c in enumerate(run.outputs.classes)},
       "tiles": {"grid": grid.to_json(), "on_grid": grid.rows * grid.cols,
@@ -441,15 +462,24 @@ def _write(run, plan, out, options, record, grid, mask, thumb, per_pixel, tiles,
   b = run.outputs.binary
   with files.atomic_folder(target) as tmp:
     writers.tiles_csv(os.path.join(tmp, "tiles.csv"), tiles, probs, run.outputs, plan.scale)
-    heat = writers.heatmap_array(grid, tiles, p_pos)
-    np.save(os.path.join(tmp, "heatmap.npy"), heat)
-    title = (f"{os.path.basename(plan.path)}: P({b.positive_name}) of {len(tiles)} tiles"
-             if len(tiles) else f"{os.path.basename(plan.path)}: no tissue found")
-    writers.heatmap_png(os.path.join(tmp, "heatmap.png"), thumb, per_pixel, mask.mask, grid,
-                        heat, b.positive_name, f"{title}  ({run.config.name})")
+    if b is None:
+      np.save(os.path.join(tmp, "heatmap.npy"), writers.class_probability_array(grid, tiles, probs))
+      classes = writers.class_map_array(grid, tiles, probs)
+      np.save(os.path.join(tmp, "class_map.npy"), classes)
+      title = (f"{os.path.basename(plan.path)}: most probable class of {len(tiles)} tiles"
+               if len(tiles) else f"{os.path.basename(plan.path)}: no tissue found")
+      writers.class_map_png(os.path.join(tmp, "heatmap.png"), thumb, per_pixel, mask.mask, grid,
+                            classes, run.outputs.classes, f"{title}  ({run.config.name})")
+    else:
+      heat = writers.heatmap_array(grid, tiles, p_pos)
+      np.save(os.path.join(tmp, "heatmap.npy"), heat)
+      title = (f"{os.path.basename(plan.path)}: P({b.positive_name}) of {len(tiles)} tiles"
+               if len(tiles) else f"{os.path.basename(plan.path)}: no tissue found")
+      writers.heatmap_png(os.path.join(tmp, "heatmap.png"), thumb, per_pixel, mask.mask, grid,
+                          heat, b.positive_name, f"{title}  ({run.config.name})")
     writers.geojson(os.path.join(tmp, "tiles.geojson"), tiles, probs, run.outputs, plan.scale)
     record["top_tiles"] = _top_tiles(run, plan, os.path.join(tmp, "top_tiles"), tiles, p_pos,
-                                     options.top_k)
+                                     options.top_k, probs)
     writers.json_file(os.path.join(tmp, "slide.json"), record)
     if os.path.exists(target):  # --overwrite: the old results make way only now
       old = files.temp_name(target).replace(".tmp-", ".old-")
@@ -457,8 +487,10 @@ def _write(run, plan, out, options, record, grid, mask, thumb, per_pixel, tiles,
       files.remove(old)
 
 
-def _top_tiles(run, plan, folder, tiles, p_pos, k) -> list[dict]:
-  """The k tiles of highest P(positive) as inspect's attention figures; their list."""
+def _top_tiles(run, plan, folder, tiles, p_pos, k, probs) -> list[dict]:
+  """The k tiles of highest P(positive) as inspect's attention figures; their list. Without a
+  positive label `p_pos` is each tile's probability of its most probable class: the k tiles the
+  model is surest of, whatever their class."""
   os.makedirs(folder)
   order = list(np.argsort(-p_pos, kind="stable")[:k])
   if not order:
@@ -470,13 +502,19 @@ def _top_tiles(run, plan, folder, tiles, p_pos, k) -> list[dict]:
     tile_reader.close()
   sites = models.attention_sites(run.config.model)
   _, maps = inspect.attention_maps(run.state, images, sites)
-  positive = run.outputs.binary.positive_name
+  b = run.outputs.binary
   listed = []
   for j, (i, name) in enumerate(zip(order, writers.top_tile_names(tiles, order), strict=True)):
-    fig = inspect.figure(images[j], maps, j, (0.5, 0.5),
-                         f"{plan.name} x={int(tiles.xs[i])} y={int(tiles.ys[i])}  "
-                         f"P({positive}) = {p_pos[i]:.3f}  ({run.config.name})")
+    where = f"{plan.name} x={int(tiles.xs[i])} y={int(tiles.ys[i])}"
+    if b is None:
+      predicted = run.outputs.classes[int(np.argmax(probs[i]))]
+      what = f"P({predicted}) = {p_pos[i]:.3f}"
+      entry = {"prediction": predicted, f"prob_{predicted}": float(p_pos[i])}
+    else:
+      what = f"P({b.positive_name}) = {p_pos[i]:.3f}"
+      entry = {f"prob_{b.positive_name}": float(p_pos[i])}
+    fig = inspect.figure(images[j], maps, j, (0.5, 0.5), f"{where}  {what}  ({run.config.name})")
     fig.savefig(os.path.join(folder, name), format="png", dpi=100)
     listed.append({"file": f"top_tiles/{name}", "x": int(tiles.xs[i]), "y": int(tiles.ys[i]),
-                   f"prob_{positive}": float(p_pos[i])})
+                   **entry})
   return listed

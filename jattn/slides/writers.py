@@ -14,7 +14,10 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from jattn.core import files
 from jattn.data.fold import Outputs
@@ -99,6 +102,68 @@ def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float]
   fig.savefig(path, format="png", dpi=100)
 
 
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+  """RGB colours of `n` classes, one each, in class order: matplotlib's qualitative `tab10` (up to
+  10 classes), `tab20` (up to 20), else hues around the colour wheel."""
+  if n <= 20:
+    table = colormaps["tab10" if n <= 10 else "tab20"].colors
+  else:
+    table = [colormaps["hsv"](k / n)[:3] for k in range(n)]
+  return [tuple(round(255 * v) for v in table[k][:3]) for k in range(n)]
+
+
+def class_probability_array(grid, tiles, probs: np.ndarray) -> np.ndarray:
+  """float32 [rows, cols, classes]: the tile's probability of each class in each grid cell, NaN
+  where none was predicted (background, too little tissue, unreadable)."""
+  heat = np.full((grid.rows, grid.cols, probs.shape[-1]), np.nan, np.float32)
+  heat[tiles.rows, tiles.cols] = probs
+  return heat
+
+
+def class_map_array(grid, tiles, probs: np.ndarray) -> np.ndarray:
+  """int16 [rows, cols]: the most probable class (an index into the classes) of the tile in each
+  grid cell, -1 where none was predicted."""
+  classes = np.full((grid.rows, grid.cols), -1, np.int16)
+  classes[tiles.rows, tiles.cols] = np.argmax(probs, -1) if len(probs) else []
+  return classes
+
+
+def class_map_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float],
+                  mask: np.ndarray, grid, classes: np.ndarray, names: Sequence[str],
+                  title: str) -> None:
+  """heatmap.png of a run without a positive label: the thumbnail, each tile coloured by its most
+  probable class (`class_colors`; the thumbnail shows through where no tile was predicted), the
+  tissue mask's outline and a legend of every class with its tile count. The PNG's text chunk
+  `legend` holds the legend as JSON ({class: [R, G, B]})."""
+  colors = class_colors(len(names))
+  h, w = thumbnail.shape[:2]
+  fig = Figure(figsize=(8, 8 * h / w + 0.8), layout="constrained")
+  ax = fig.subplots()
+  ax.imshow(thumbnail)
+  sx, sy = per_pixel
+  left = (grid.tile[0] - grid.step[0]) / 2 / sx
+  top = (grid.tile[1] - grid.step[1]) / 2 / sy
+  extent = (left - 0.5, left + grid.cols * grid.step[0] / sx - 0.5,
+            top + grid.rows * grid.step[1] / sy - 0.5, top - 0.5)
+  cmap = ListedColormap([np.asarray(c) / 255 for c in colors])
+  ax.imshow(np.ma.masked_less(classes, 0), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5,
+            alpha=0.6, extent=extent, interpolation="nearest")
+  if mask.any() and not mask.all():
+    ax.contour(mask.astype(np.float32), levels=[0.5], colors="black", linewidths=0.6)
+  ax.set_xlim(-0.5, w - 0.5)
+  ax.set_ylim(h - 0.5, -0.5)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(title, fontsize=9)
+  counts = np.bincount(classes[classes >= 0].astype(np.int64), minlength=len(names))
+  handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", linewidth=0.5,
+                   label=f"{name} ({n})") for name, c, n in zip(names, colors, counts, strict=True)]
+  fig.legend(handles=handles, loc="outside right upper", fontsize=8, title="predicted class",
+             title_fontsize=8)
+  legend = {name: list(c) for name, c in zip(names, colors, strict=True)}
+  fig.savefig(path, format="png", dpi=100, metadata={"legend": json.dumps(legend)})
+
+
 def geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> None:
   """tiles.geojson: a FeatureCollection with one polygon per tile in level-0 pixel coordinates,
   which QuPath imports as detections (`objectType`), classified by the predicted coarse label
@@ -107,11 +172,15 @@ def geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> Non
   columns = probability_columns(outputs)
   values = probability_values(outputs, probs)
   labels = predictions(outputs, probs)
-  names = outputs.binary.names if outputs.binary is not None else outputs.classes
-  colors, others = {}, iter(OTHER_COLORS * (len(names) // len(OTHER_COLORS) + 1))
-  for name in names:
-    positive = outputs.binary is not None and name == outputs.binary.positive_name
-    colors[name] = list(POSITIVE_COLOR if positive else next(others))
+  if outputs.binary is None:  # the class map's colours
+    colors = {c: list(rgb) for c, rgb in zip(outputs.classes, class_colors(len(outputs.classes)),
+                                             strict=True)}
+  else:
+    names = outputs.binary.names
+    colors, others = {}, iter(OTHER_COLORS * (len(names) // len(OTHER_COLORS) + 1))
+    for name in names:
+      positive = name == outputs.binary.positive_name
+      colors[name] = list(POSITIVE_COLOR if positive else next(others))
   w, h = scale.tile_px
   with open(path, "w", encoding="utf-8") as f:
     f.write('{"type": "FeatureCollection", "features": [')
