@@ -52,7 +52,8 @@ def _import_submitit():
 
 submitit = _import_submitit()
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds configs/
+# The repository, which holds configs/ (three folders above this file).
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A run may need many time slots (130 epochs at 224x224): requeue it this often on a time limit.
 MAX_TIMEOUTS = 50
 # Consecutive sacct calls that list none of the jobs before the sweep stops waiting. submitit calls
