@@ -3,6 +3,9 @@ transcription written here, scikit-learn, netcal, SciPy, and hand computations."
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -10,7 +13,9 @@ import scipy.special
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from jattn.evaluation import calibration, metrics
+from jattn.core.errors import UserError
+from jattn.evaluation import calibration, compare, evaluate, metrics, report, tables
+from tests.runs import breakhis_fold
 
 
 def _transcribed_ece(confidence, outcome, bins=15):
@@ -160,3 +165,78 @@ def test_fitted_temperature_equals_scipy_minimiser_and_recovers_over_confidence(
   np.testing.assert_allclose(scaled, scipy.special.softmax(logits * 3 / found, axis=1),
                              atol=1e-9)
   assert calibration.ece(scaled, labels) < calibration.ece(raw, labels) / 3
+
+
+def test_evaluator_calibration_block_per_stratum_and_group_with_intervals():
+  """Guards against group figures of the images instead of a patient's mean probability, figures
+  of the wrong stratum's images, and intervals that miss their own estimate."""
+  rng = np.random.default_rng(6)
+  patients = np.repeat(np.arange(16), 8)
+  labels = (np.arange(16) % 2)[patients]
+  mags = np.tile([0, 1], 64)
+  p = np.clip(0.5 + 0.3 * (2 * labels - 1) + rng.normal(0, 0.25, 128), 0.01, 0.99)
+  probs = np.stack([1 - p, p], axis=1)
+  d = breakhis_fold(labels, patients, mags, labels * 4)
+  out = evaluate.evaluate(probs, d, d.test_indices, bootstrap_resamples=200, bootstrap_seed=1)
+  block = out["calibration"]
+  assert block["convention"] == "positive_class" and block["positive"] == "malignant"
+  at_100 = mags == 1
+  assert block["image"]["100X"]["ece"]["value"] == pytest.approx(
+      _transcribed_ece(p[at_100], labels[at_100].astype(float)), abs=1e-12)
+  assert block["image"]["all"]["brier"]["value"] == pytest.approx(
+      skm.brier_score_loss(labels, p), abs=1e-12)
+  sel = mags == 0
+  g_p = np.array([p[sel & (patients == g)].mean() for g in range(16)])
+  g_y = np.arange(16) % 2
+  assert block["group"]["40X"]["brier"]["value"] == pytest.approx(
+      skm.brier_score_loss(g_y, g_p), abs=1e-12)
+  assert block["group"]["40X"]["nll"]["value"] == pytest.approx(
+      skm.log_loss(g_y, np.stack([1 - g_p, g_p], 1)), abs=1e-12)
+  for level in ("image", "group"):
+    for figure in block[level]["all"].values():
+      low, high = figure["ci95"]
+      assert low <= figure["value"] <= high and low < high
+  bins = block["reliability"]["all"]
+  assert sum(b["count"] for b in bins) == 128 and len(bins) == 15
+
+
+def _sweep_run(name, fold, ece, brier, accuracy):
+  """A schema 2 results.json with a calibration block (ece, brier at every column)."""
+  cols = ("40X", "100X", "200X", "400X")
+  figure = lambda v: {"ece": {"value": v[0], "ci95": None}, "brier": {"value": v[1], "ci95": None}}
+  return {"schema": "jattn.results/1", "name": name, "paper_row": "", "fold": fold,
+          "finished": True, "image_accuracy": dict.fromkeys(cols, accuracy),
+          "patient_accuracy": dict.fromkeys(cols, accuracy),
+          "patient_recognition_rate": dict.fromkeys(cols, accuracy),
+          "num_images": dict.fromkeys(cols, 600), "num_patients": dict.fromkeys(cols, 25),
+          "data": {"num_train_images": 4000, "num_test_images": 1000},
+          "calibration": {level: {c: figure((ece, brier)) for c in (*cols, "all")}
+                          for level in ("image", "group")}}
+
+
+def test_tables_show_ece_and_brier_and_compare_them_with_lower_better(tmp_path):
+  """Guards against calibration columns that average the wrong figure, a --metric that still
+  compares accuracy, and wins counted as higher where lower is better."""
+  ece = {"a": [0.05, 0.04, 0.06], "b": [0.10, 0.12, 0.08]}
+  for name in ece:
+    for fold in (1, 2, 3):
+      os.makedirs(tmp_path / name / f"fold{fold}")
+      (tmp_path / name / f"fold{fold}" / "results.json").write_text(json.dumps(
+          _sweep_run(name, fold, ece[name][fold - 1], 0.1 * fold, 0.9)))
+  sweep = tables.collect(str(tmp_path))
+  cells = {(c.table, c.name, c.column): c for c in tables.aggregate(sweep)}
+  a = cells[("calibration.image.ece", "a", "40X")]
+  assert a.mean == pytest.approx(100 * np.mean(ece["a"]))
+  assert a.std == pytest.approx(100 * np.std(ece["a"], ddof=1))
+  assert cells[("calibration.patient.brier", "b", "all")].mean == pytest.approx(20.0)
+  comparison = compare.compute(sweep, ["a:b"], "ece")
+  image = [d for d in comparison.differences[0] if d.level == "image"][0]
+  assert [x for _, _, x in image.pairs] == pytest.approx(
+      [100 * (x - y) for x, y in zip(ece["a"], ece["b"], strict=True)])
+  assert image.wins == 3  # a's ECE is lower in every pair
+  accuracy = compare.compute(sweep, ["a:b"])
+  assert all(x == 0 for d in accuracy.differences[0] for _, _, x in d.pairs)
+  with pytest.raises(UserError, match="--metric 'auc'"):
+    compare.compute(sweep, ["a:b"], "auc")
+  markdown = report.write(str(tmp_path), ["a:b"], "brier")[0]
+  assert "Table 7. Calibration, image level" in markdown

@@ -69,7 +69,7 @@ def equal_mass_bins(confidence: np.ndarray, bins: int = BINS) -> np.ndarray:
   return out
 
 
-def _convention(probs: np.ndarray, labels: np.ndarray, positive: int | None):
+def convention(probs: np.ndarray, labels: np.ndarray, positive: int | None):
   """(confidence, outcome in {0, 1}) of each item: P(positive) and whether the item is positive,
   or the top probability and whether the top class is right (`positive` None)."""
   if positive is not None:
@@ -101,7 +101,7 @@ def ece(probs: np.ndarray, labels: np.ndarray, *, positive: int | None = None, b
         equal_mass: bool = False) -> float:
   """Expected calibration error of class probabilities [N, k] against labels [N] (the module's
   conventions: of P(positive) with `positive`, else top-label)."""
-  confidence, outcome = _convention(np.asarray(probs, np.float64), np.asarray(labels), positive)
+  confidence, outcome = convention(np.asarray(probs, np.float64), np.asarray(labels), positive)
   assign = equal_mass_bins if equal_mass else equal_width_bins
   return _ece(confidence, outcome, assign(confidence, bins), bins)
 
@@ -170,7 +170,7 @@ class WeightedCalibration:
     onehot = np.zeros((n, num_units))
     onehot[np.arange(n), units] = 1.0
     self.count = onehot.sum(axis=0)
-    confidence, outcome = _convention(probs, labels, positive)
+    confidence, outcome = convention(probs, labels, positive)
 
     def gaps(conf, out, assign):  # [G, bins]: the sums of outcome − confidence per group and bin
       return onehot.T @ (np.eye(bins)[assign] * (out - conf)[:, None])
