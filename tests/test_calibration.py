@@ -10,11 +10,15 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.special
+from PIL import Image
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jattn.core.errors import UserError
+from jattn.data import load_fold
 from jattn.evaluation import calibration, compare, evaluate, metrics, report, tables
+from jattn.training import holdout
+from tests.conftest import data_config
 from tests.runs import breakhis_fold
 
 
@@ -240,3 +244,51 @@ def test_tables_show_ece_and_brier_and_compare_them_with_lower_better(tmp_path):
     compare.compute(sweep, ["a:b"], "auc")
   markdown = report.write(str(tmp_path), ["a:b"], "brier")[0]
   assert "Table 7. Calibration, image level" in markdown
+
+
+def _check_split(d, fraction=0.2):
+  rest_data, validation = holdout.split(d, fraction, seed=0)
+  rest = rest_data.train_indices
+  np.testing.assert_array_equal(np.sort(np.concatenate([rest, validation])), d.train_indices)
+  group = lambda idx: set(d.groups[idx].tolist())
+  assert group(validation) and not group(validation) & group(rest)
+  assert not group(validation) & group(d.test_indices)
+  np.testing.assert_array_equal(rest_data.test_indices, d.test_indices)
+  # Stratified: every training class is in the split, in about the training share.
+  for c in np.unique(d.targets[d.train_indices]):
+    share = np.mean(d.targets[d.train_indices] == c)
+    assert np.mean(d.targets[validation] == c) == pytest.approx(share, abs=0.2)
+  # The rest's channel statistics, as NumPy computes them over its pixels.
+  pixels = np.asarray(d.images[rest], np.float64).reshape(-1, 3)
+  np.testing.assert_allclose(rest_data.mean, pixels.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(rest_data.std, pixels.std(0), rtol=1e-5)
+  return validation
+
+
+def test_validation_split_of_breakhis_folds_file_shares_no_patient(synthetic_tree, prepared_dir):
+  """Guards against a validation split that takes images rather than patients (a patient's
+  images at other magnifications left in training or in the test split)."""
+  data_dir, summary = synthetic_tree
+  d = load_fold(data_config(data_dir, prepared_dir, folds=summary["folds_csv"], fold=2))
+  validation = _check_split(d)
+  patients = len(np.unique(d.groups[d.train_indices]))
+  assert len(np.unique(d.groups[validation])) == pytest.approx(patients / 5, abs=2)
+
+
+def test_validation_split_of_a_folder_source_shares_no_group(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = []
+  for c, name in enumerate(("a", "b")):
+    for g in range(10):
+      os.makedirs(tmp_path / name / f"{name}{g}")
+      for i in range(3):
+        pixels = np.clip(60 + 120 * c + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name / f"{name}{g}" / f"{i}.png")
+        rows.append(f"{name}/{name}{g}/{i}.png,{name},{name}{g}")
+  (tmp_path / "manifest.csv").write_text("path,label,patient\n" + "\n".join(rows) + "\n")
+  config = data_config("unused", str(tmp_path / "prepared"), dataset="folder",
+                       manifest=str(tmp_path / "manifest.csv"), group="patient", num_folds=4)
+  d = load_fold(config)
+  _check_split(d, 0.25)
+  with pytest.raises(UserError, match="validation_fraction=0.05: fold 1 has 15 training"):
+    holdout.split(d, 0.05, seed=0)

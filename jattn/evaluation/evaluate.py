@@ -267,6 +267,21 @@ def write_roc_plot(path: str, rows: Sequence[dict], *, positive: str, stratum: s
     fig.savefig(tmp, format="png", dpi=120)
 
 
+def write_reliability_plot(path: str, block: dict, *, title: str) -> None:
+  """Reliability diagrams of results.json's calibration `block`, per stratum and over all (bin
+  accuracy against mean confidence, the count per bin, the diagonal, ECE in the legend), as a PNG
+  written atomically."""
+  positive = block.get("positive")
+  panels = {col: (bins, block["image"][col]["ece"]["value"])
+            for col, bins in block["reliability"].items()}
+  what = f"P({positive})" if positive else "top-label confidence"
+  fig = calibration.reliability_figure(
+      panels, f"{title}: image-level reliability of {what}, {block['bins']} equal-width bins",
+      f"mean {what} in bin", f"fraction {positive}" if positive else "accuracy")
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
+
+
 def format_table(results: dict) -> str:
   """The headline figures of one run (results.json, schema 2) as a small text table (percent).
   Where every test group holds one image (a folder source without groups: each image is its own
