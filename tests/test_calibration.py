@@ -3,6 +3,7 @@ transcription written here, scikit-learn, netcal, SciPy, and hand computations."
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -14,12 +15,14 @@ from PIL import Image
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from jattn import main
 from jattn.core.errors import UserError
 from jattn.data import load_fold
 from jattn.evaluation import calibration, compare, evaluate, metrics, report, tables
+from jattn.inference import predict, runs
 from jattn.training import holdout
 from tests.conftest import data_config
-from tests.runs import breakhis_fold
+from tests.runs import DEMO, breakhis_fold, tiny_overrides
 
 
 def _transcribed_ece(confidence, outcome, bins=15):
@@ -292,3 +295,80 @@ def test_validation_split_of_a_folder_source_shares_no_group(tmp_path):
   _check_split(d, 0.25)
   with pytest.raises(UserError, match="validation_fraction=0.05: fold 1 has 15 training"):
     holdout.split(d, 0.05, seed=0)
+
+
+def _predictions(workdir):
+  with open(os.path.join(workdir, "predictions.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_a_finished_run_has_its_calibration_block_and_reliability_png(trained_run):
+  """Guards against a calibration block of other probabilities than predictions.csv's, and a
+  run without its reliability diagram."""
+  with open(os.path.join(trained_run, "results.json")) as f:
+    r = json.load(f)
+  rows = _predictions(trained_run)
+  p = np.array([float(row["prob_malignant"]) for row in rows])
+  y = np.array([row["label"] == "malignant" for row in rows], float)
+  block = r["calibration"]
+  assert block["temperature"] is None and "uncalibrated" not in block
+  assert block["image"]["all"]["ece"]["value"] == pytest.approx(_transcribed_ece(p, y), abs=1e-5)
+  assert block["image"]["all"]["brier"]["value"] == pytest.approx(
+      skm.brier_score_loss(y, p), abs=1e-5)
+  assert set(block["image"]) == set(block["reliability"]) == {*r["image_accuracy"], "all"}
+  with open(os.path.join(trained_run, "reliability.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert not os.path.exists(os.path.join(trained_run, "temperature.json"))
+
+
+def test_a_run_with_a_validation_split_fits_and_applies_its_temperature(
+    synthetic_tree, prepared_dir, tmp_path):
+  """Guards against a temperature fitted on anything but the validation split (or not at the
+  NLL's minimum), test probabilities left unscaled, accuracy or ROC-AUC changed by it, and
+  predict not applying it."""
+  workdir = str(tmp_path / "run")
+  main.main(["--config", DEMO, "--workdir", workdir] + [
+      f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir,
+                                              validation_fraction=0.25, bootstrap_resamples=50)])
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  t = r["calibration"]["temperature"]["value"]
+  assert runs.temperature(workdir) == pytest.approx(t)
+  config, state = runs.restore(workdir)
+  d = load_fold(config)
+  rest, validation = holdout.split(d, 0.25, config.seed)
+  assert r["data"]["num_train_images"] == len(rest.train_indices) == (
+      len(d.train_indices) - len(validation))
+  assert r["calibration"]["temperature"]["split"]["images"] == len(validation)
+  # The validation NLL's minimiser, by SciPy on log p of the model's validation probabilities.
+  val_probs = runs.predict_probs(state, np.asarray(d.images[validation]))
+  logits, labels = np.log(np.asarray(val_probs, np.float64)), d.targets[validation]
+
+  def nll(x):
+    z = logits / x[0]
+    return float(np.mean(scipy.special.logsumexp(z, axis=1) - z[np.arange(len(z)), labels]))
+
+  reference = scipy.optimize.minimize(nll, x0=[1.0], method="L-BFGS-B", bounds=[(0.02, 50)],
+                                      options={"ftol": 1e-15, "gtol": 1e-12}).x[0]
+  assert t == pytest.approx(reference, abs=1e-4)
+  # Test probabilities: the raw ones scaled by T; argmax and ranking kept.
+  rows = _predictions(workdir)
+  names = {n: i for i, n in enumerate(d.file_names)}
+  index = np.array([names[row["file_name"]] for row in rows])
+  raw = np.asarray(runs.predict_probs(state, np.asarray(d.images[index])), np.float64)
+  scaled = scipy.special.softmax(np.log(raw) / t, axis=1)
+  np.testing.assert_allclose([float(row["prob_malignant"]) for row in rows], scaled[:, 1],
+                             atol=2e-6)
+  y = d.targets[index]
+  assert r["image_accuracy"]["40X"] == pytest.approx(
+      np.mean((raw.argmax(1) == y)[d.strata[0].index[index] == 0]))
+  assert r["clinical"]["image"]["all"]["roc_auc"]["value"] == pytest.approx(
+      skm.roc_auc_score(y, raw[:, 1]))
+  assert r["calibration"]["uncalibrated"]["image"]["all"]["brier"]["value"] == pytest.approx(
+      skm.brier_score_loss(y, raw[:, 1]), abs=1e-6)
+  assert r["calibration"]["image"]["all"]["brier"]["value"] == pytest.approx(
+      skm.brier_score_loss(y, scaled[:, 1]), abs=1e-6)
+  # predict applies the run's temperature.
+  Image.fromarray(np.asarray(d.images[index[0]])).save(tmp_path / "one.png")
+  (row,) = predict.predict(workdir, [str(tmp_path / "one.png")])
+  assert float(row["prob_malignant"]) == pytest.approx(scaled[0, 1], abs=2e-6)
