@@ -252,5 +252,8 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
                        normalization=run_results.get("normalization"),
                        stain_normalization=run_results.get("stain_normalization"),
                        external=external)
+  if "calibration" in result:  # the run's temperature, applied to every probability above
+    result["calibration"]["temperature"] = None if temperature == 1.0 else {
+        "value": temperature, "fitted_on": "the run's validation split (its temperature.json)"}
   _write(out, result, rows, fold_data, f"{run_config.name} fold {run_config.fold} on {name}")
   return result, out
