@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,13 +17,15 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jattn import main
+from jattn.core import config_lib
 from jattn.core.errors import UserError
 from jattn.data import load_fold
 from jattn.evaluation import calibration, compare, evaluate, metrics, report, tables
 from jattn.inference import predict, runs
-from jattn.training import holdout
+from jattn.training import compat, holdout
 from tests.conftest import data_config
 from tests.runs import DEMO, breakhis_fold, tiny_overrides
+from tests.test_hostile import one_line_error
 
 
 def _transcribed_ece(confidence, outcome, bins=15):
@@ -372,3 +375,58 @@ def test_a_run_with_a_validation_split_fits_and_applies_its_temperature(
   Image.fromarray(np.asarray(d.images[index[0]])).save(tmp_path / "one.png")
   (row,) = predict.predict(workdir, [str(tmp_path / "one.png")])
   assert float(row["prob_malignant"]) == pytest.approx(scaled[0, 1], abs=2e-6)
+
+
+@pytest.mark.parametrize("fraction, pattern", [
+    (0.7, r"--config.validation_fraction=0.7: the fraction of the training groups held out .* "
+          r"from 0 \(none\) to 0.5"),
+    (0.01, r"--config.validation_fraction=0.01: fold 1 has \d+ training patients, fewer than the "
+           r"100 parts it is cut into"),
+])
+def test_a_bad_validation_fraction_is_one_line_and_writes_nothing(
+    synthetic_tree, prepared_dir, tmp_path, capsys, fraction, pattern):
+  workdir = tmp_path / "run"
+  args = ["--config", DEMO, "--workdir", str(workdir)] + [
+      f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir,
+                                              validation_fraction=fraction)]
+  if fraction > 0.5:  # refused by the config check, before any data is read
+    one_line_error(lambda: main.main(args), capsys, "jattn train", pattern)
+  else:  # refused once the fold is loaded (data preparation may print its progress before)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+      main.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.count("jattn train: error:") == 1
+    assert re.search(pattern, err.rstrip("\n").splitlines()[-1])
+  assert not workdir.exists()
+
+
+def test_an_old_runs_config_without_the_calibration_fields_resumes():
+  """Guards against old runs being refused as another config once the fields exist."""
+  now = json.loads(config_lib.load_config(DEMO).to_json())
+  old = json.loads(json.dumps(now))
+  del old["validation_fraction"], old["calibration"]
+  assert compat.differing_fields(old, now) == []
+  now["validation_fraction"] = 0.2
+  assert compat.differing_fields(old, now) == ["validation_fraction"]
+
+
+def test_subtype_figures_are_top_label_with_classwise_ece():
+  """Guards against the positive-class convention applied to eight classes."""
+  rng = np.random.default_rng(7)
+  patients = np.repeat(np.arange(16), 4)
+  subtypes = (np.arange(16) % 8)[patients]
+  labels = (subtypes >= 4).astype(int)
+  probs = scipy.special.softmax(rng.normal(0, 2, (64, 8)), axis=1)
+  d = breakhis_fold(labels, patients, np.zeros(64, int), subtypes, task="subtype")
+  block = evaluate.evaluate(probs, d, d.test_indices)["calibration"]
+  assert block["convention"] == "top_label" and block["positive"] is None
+  image = block["image"]["all"]
+  top, correct = probs.max(1), (probs.argmax(1) == subtypes).astype(float)
+  assert image["ece"]["value"] == pytest.approx(_transcribed_ece(top, correct), abs=1e-12)
+  assert image["classwise_ece"]["value"] == pytest.approx(np.mean(
+      [_transcribed_ece(probs[:, c], (subtypes == c).astype(float)) for c in range(8)]),
+      abs=1e-12)
+  assert image["nll"]["value"] == pytest.approx(skm.log_loss(subtypes, probs, labels=range(8)),
+                                                abs=1e-12)
