@@ -404,15 +404,17 @@ def csv_fields(shape: tables.Layout) -> tuple[str, ...]:
 
 
 def format_csv(c: Comparisons) -> str:
-  """One line per difference (kind `difference`: first − second) and per cell against the
-  published figure (kind `paper`: first the row, second its published row, mean/low/high ours)."""
+  """One line per difference (kind `difference`: first − second; `difference:ece` or
+  `difference:brier` with another metric) and per cell against the published figure (kind
+  `paper`: first the row, second its published row, mean/low/high ours)."""
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(csv_fields(c.sweep.layout))
   blank = lambda x: "" if x is None else repr(x)
+  kind = "difference" if c.metric == "accuracy" else f"difference:{c.metric}"
   for diffs in c.differences:
     for d in diffs:
-      writer.writerow(["difference", d.first, d.second, d.level, d.column, len(d.pairs),
+      writer.writerow([kind, d.first, d.second, d.level, d.column, len(d.pairs),
                        len(d.per_fold), *map(blank, d.interval()), d.wins, d.ties, blank(d.ratio),
                        "", ""])
   for m in c.marks:
