@@ -17,6 +17,7 @@ from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
 from jattn import main
+from jattn.cli import validate_external as external_cli
 from jattn.core import config_lib
 from jattn.core.errors import UserError
 from jattn.data import load_fold
@@ -375,6 +376,19 @@ def test_a_run_with_a_validation_split_fits_and_applies_its_temperature(
   Image.fromarray(np.asarray(d.images[index[0]])).save(tmp_path / "one.png")
   (row,) = predict.predict(workdir, [str(tmp_path / "one.png")])
   assert float(row["prob_malignant"]) == pytest.approx(scaled[0, 1], abs=2e-6)
+  # The predictor slides go through, and external validation, apply it too.
+  predictor = runs.Predictor(state, 16, "none", runs.temperature(workdir))
+  np.testing.assert_allclose(predictor(np.asarray(d.images[index[:5]]))[:, 1], scaled[:5, 1],
+                             atol=2e-6)
+  external_cli.main(["--workdir", workdir, f"--config.data_dir={synthetic_tree[0]}",
+                     f"--config.prepared_dir={prepared_dir}", "--name", "again"])
+  with open(os.path.join(workdir, "external", "again", "results.json")) as f:
+    assert json.load(f)["calibration"]["temperature"]["value"] == pytest.approx(t)
+  external_rows = {row["file_name"]: row for row in _predictions(
+      os.path.join(workdir, "external", "again"))}
+  np.testing.assert_allclose(
+      [float(external_rows[row["file_name"]]["prob_malignant"]) for row in rows],
+      scaled[:, 1], atol=2e-6)
 
 
 @pytest.mark.parametrize("fraction, pattern", [
