@@ -326,7 +326,7 @@ def test_a_finished_run_has_its_calibration_block_and_reliability_png(trained_ru
 
 
 def test_a_run_with_a_validation_split_fits_and_applies_its_temperature(
-    synthetic_tree, prepared_dir, tmp_path):
+    synthetic_tree, prepared_dir, tmp_path, capsys):
   """Guards against a temperature fitted on anything but the validation split (or not at the
   NLL's minimum), test probabilities left unscaled, accuracy or ROC-AUC changed by it, and
   predict not applying it."""
@@ -337,6 +337,10 @@ def test_a_run_with_a_validation_split_fits_and_applies_its_temperature(
   with open(os.path.join(workdir, "results.json")) as f:
     r = json.load(f)
   t = r["calibration"]["temperature"]["value"]
+  before, after = r["calibration"]["uncalibrated"]["image"]["all"], r["calibration"]["image"]["all"]
+  assert (f"temperature {t:.3f}, fitted on the {r['calibration']['temperature']['split']['images']}"
+          f" validation images: test image-level ECE {before['ece']['value']:.3f} -> "
+          f"{after['ece']['value']:.3f}") in capsys.readouterr().out
   assert runs.temperature(workdir) == pytest.approx(t)
   config, state = runs.restore(workdir)
   d = load_fold(config)

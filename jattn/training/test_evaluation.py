@@ -118,3 +118,11 @@ def write(fold: FoldRun, rows: list[dict]) -> None:
   results_path = os.path.join(fold.workdir, "results.json")
   results.write_json(results_path, fold.results)
   print(f"{fold.name}: results in {results_path}\n{evaluate.format_table(fold.results)}")
+  if temperature is not None:
+    block = fold.results["calibration"]
+    before, after = (b["image"][evaluate.ALL] for b in (block["uncalibrated"], block))
+    print(f"temperature {temperature['value']:.3f}, fitted on the "
+          f"{temperature['split']['images']} validation images: test image-level ECE "
+          f"{before['ece']['value']:.3f} -> {after['ece']['value']:.3f}, Brier "
+          f"{before['brier']['value']:.3f} -> {after['brier']['value']:.3f}, NLL "
+          f"{before['nll']['value']:.3f} -> {after['nll']['value']:.3f}")
