@@ -99,6 +99,12 @@ def get_config():
   config.tta = "none"  # test-time augmentation: 'none', or 'dihedral' (mean of 8 flips/turns)
   config.bootstrap_resamples = 1000  # patient bootstrap for the metrics' 95% CIs (0: none)
   config.bootstrap_seed = 0  # seed of that bootstrap
+  # Temperature scaling (jattn.evaluation.calibration): the fraction of each fold's training
+  # groups held out as a validation split (group-disjoint, stratified; drawn from config.seed) on
+  # which one temperature is fitted after training. 0: no split, the paper's protocol.
+  config.validation_fraction = 0.0
+  config.calibration = ml_collections.ConfigDict()
+  config.calibration.bins = 15  # equal-width (and equal-mass) bins of the ECE and the diagrams
 
   # --- Bookkeeping ---
   config.log_every_steps = 50  # metrics.jsonl, TensorBoard and the finite-loss check

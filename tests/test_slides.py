@@ -289,6 +289,17 @@ def test_cohort_figures_equal_a_computation_by_hand_and_a_rerun_skips_finished_s
   sens = [skm.recall_score(y, called, sample_weight=w) for w in weights]
   assert m["roc_auc"]["ci95"] == pytest.approx(list(np.percentile(aucs, [2.5, 97.5])))
   assert m["sensitivity"]["ci95"] == pytest.approx(list(np.percentile(sens, [2.5, 97.5])))
+  # Calibration of the slide score as P(malignant): scikit-learn's Brier, and its interval over
+  # the same resamples; 4 slides in 15 equal-width bins.
+  c = figures["calibration"]
+  # (tiles.csv's probabilities have 6 decimals: a slide's mean is known to about 1e-6)
+  assert c["brier"]["value"] == pytest.approx(skm.brier_score_loss(y, scores), abs=1e-5)
+  briers = [skm.brier_score_loss(y, scores, sample_weight=w) for w in weights]
+  assert c["brier"]["ci95"] == pytest.approx(list(np.percentile(briers, [2.5, 97.5])), abs=1e-5)
+  which = np.clip(np.ceil(scores * 15).astype(int) - 1, 0, 14)
+  assert c["ece"]["value"] == pytest.approx(sum(
+      np.sum(which == b) / 4 * abs(np.mean(y[which == b]) - np.mean(scores[which == b]))
+      for b in set(which)), abs=1e-5)
   rows = _rows(out / "cohort.csv")
   assert [r["name"] for r in rows] == names and [int(r["label"]) for r in rows] == list(y)
   np.testing.assert_allclose([float(r["mean_prob_malignant"]) for r in rows], scores, atol=1e-6)

@@ -19,6 +19,10 @@ training images of the folds (results.json's `data`, mean over the runs). A boot
 would resample 5 values and ignore the same overlap. The same interval, over a row's per-fold
 means, is the one within which the tables look for the published figure.
 
+`--metric` chooses the figure compared: `accuracy` (image and group accuracy, Tables 1 and 2;
+the default), or `ece` or `brier` (the calibration block's, Tables 7 and 8), for which lower is
+better, so that a win is a pair in which the first row's figure is lower.
+
 Without `--compare`, each row is compared with the baseline row of its setting: the row that
 reproduces the data source's published baseline (`published.BASELINE`; BreakHis: the paper's VGG19).
 Writes SWEEP/compare.md and SWEEP/compare.csv (`jattn.evaluation.tables` calls `compute` and
@@ -42,6 +46,7 @@ from jattn.core.errors import UserError
 from jattn.evaluation import tables
 
 LEVEL = 0.95  # of every interval
+METRICS = ("accuracy", "ece", "brier")  # what --metric compares; ece and brier: lower is better
 
 
 def test_over_train(runs: Iterable[dict]) -> float | None:
@@ -111,6 +116,7 @@ class Difference:
   column: str
   pairs: tuple[tuple[int, int, float], ...]  # (fold, seed, first − second in percentage points)
   ratio: float | None  # test/training images of the folds
+  lower_is_better: bool = False  # a win is a lower figure (ECE, Brier)
 
   @property
   def per_fold(self) -> tuple[float, ...]:
@@ -120,7 +126,7 @@ class Difference:
 
   @property
   def wins(self) -> int:
-    return sum(d > 0 for _, _, d in self.pairs)
+    return sum((d < 0) if self.lower_is_better else (d > 0) for _, _, d in self.pairs)
 
   @property
   def ties(self) -> int:
@@ -143,9 +149,14 @@ class Difference:
     return f"{out}, wins {self.wins}/{len(self.pairs)}{ties}"
 
 
-def _levels(layout: tables.Layout) -> list[tuple[str, tables.Table]]:
-  """The levels compared: image and group accuracy (Tables 1 and 2)."""
-  image, group = layout.tables()[:2]
+def _levels(layout: tables.Layout, metric: str = "accuracy") -> list[tuple[str, tables.Table]]:
+  """The levels compared: image and group accuracy (Tables 1 and 2), or the calibration figure
+  `metric` (`ece`, `brier`) at both levels."""
+  if metric == "accuracy":
+    image, group = layout.tables()[:2]
+  else:
+    by_key = {t.key: t for t in layout.tables()}
+    image, group = (by_key[f"calibration.{level}.{metric}"] for level in ("image", layout.unit))
   return [("image", image), (layout.unit, group)]
 
 
@@ -167,18 +178,20 @@ def mismatch(a: RunSet, b: RunSet) -> str | None:
   return "; ".join(parts) or None
 
 
-def differences(a: RunSet, b: RunSet) -> list[Difference]:
-  """Per level and column, the paired differences a − b (runs that pair up, see `mismatch`)."""
+def differences(a: RunSet, b: RunSet, metric: str = "accuracy") -> list[Difference]:
+  """Per level and column, the paired differences a − b of `metric` (runs that pair up, see
+  `mismatch`)."""
   ratio = test_over_train([*a.runs.values(), *b.runs.values()])
   out = []
-  for level, table in _levels(a.layout):
+  for level, table in _levels(a.layout, metric):
     for column in a.layout.columns:
       pairs = []
       for key in sorted(a.runs):
         x, y = table.value(a.runs[key], column), table.value(b.runs[key], column)
         if x is not None and y is not None:
           pairs.append((*key, 100.0 * x - 100.0 * y))
-      out.append(Difference(a.label, b.label, level, column, tuple(pairs), ratio))
+      out.append(Difference(a.label, b.label, level, column, tuple(pairs), ratio,
+                            metric != "accuracy"))
   return out
 
 
@@ -298,17 +311,21 @@ class Comparisons:
   marks: list[Mark]
   skipped: list[str]  # default pairs left out, and why
   requested: bool  # --compare given (else the default pairs)
+  metric: str = "accuracy"  # the figure compared (METRICS)
 
 
-def compute(sweep: tables.Sweep, specs: list[str] | None = None) -> Comparisons:
-  """The comparisons asked for (`specs`, FIRST:SECOND), else the default ones; raises
-  `UserError` before anything is written."""
+def compute(sweep: tables.Sweep, specs: list[str] | None = None,
+            metric: str = "accuracy") -> Comparisons:
+  """The comparisons of `metric` (METRICS) asked for (`specs`, FIRST:SECOND), else the default
+  ones; raises `UserError` before anything is written."""
+  if metric not in METRICS:
+    raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
   if specs:
     pairs, skipped = requested_pairs(sweep, specs), []
   else:
     pairs, skipped = default_pairs(sweep)
-  return Comparisons(sweep, [differences(a, b) for a, b in pairs], marks(sweep), skipped,
-                     bool(specs))
+  return Comparisons(sweep, [differences(a, b, metric) for a, b in pairs], marks(sweep), skipped,
+                     bool(specs), metric)
 
 
 def format_markdown(c: Comparisons) -> str:
@@ -327,6 +344,11 @@ def format_markdown(c: Comparisons) -> str:
            f"interval is given (and nothing is bold) below {MIN_FOLDS} folds, where the per-fold "
            f"differences are all equal (zero variance), or for runs that do not record their "
            f"numbers of images; the reason is said in the cell.", ""]
+  if c.metric != "accuracy":
+    lines += [f"Compared: {tables.CALIBRATION_METRICS[c.metric]} (x 100) of the calibration "
+              f"block (image level, and the {shape.unit} level of a {shape.unit}'s mean "
+              f"probabilities); lower is better, so `wins` counts the pairs in which the first "
+              f"row's figure is lower.", ""]
   if not c.differences:
     lines += ["No comparison: " + ("none asked for" if c.requested else
                                     "no row has a baseline row of its setting to compare with"
@@ -382,15 +404,17 @@ def csv_fields(shape: tables.Layout) -> tuple[str, ...]:
 
 
 def format_csv(c: Comparisons) -> str:
-  """One line per difference (kind `difference`: first − second) and per cell against the
-  published figure (kind `paper`: first the row, second its published row, mean/low/high ours)."""
+  """One line per difference (kind `difference`: first − second; `difference:ece` or
+  `difference:brier` with another metric) and per cell against the published figure (kind
+  `paper`: first the row, second its published row, mean/low/high ours)."""
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
   writer.writerow(csv_fields(c.sweep.layout))
   blank = lambda x: "" if x is None else repr(x)
+  kind = "difference" if c.metric == "accuracy" else f"difference:{c.metric}"
   for diffs in c.differences:
     for d in diffs:
-      writer.writerow(["difference", d.first, d.second, d.level, d.column, len(d.pairs),
+      writer.writerow([kind, d.first, d.second, d.level, d.column, len(d.pairs),
                        len(d.per_fold), *map(blank, d.interval()), d.wins, d.ties, blank(d.ratio),
                        "", ""])
   for m in c.marks:

@@ -28,7 +28,7 @@ import numpy as np
 
 from jattn.core import files
 from jattn.data.fold import FoldData
-from jattn.evaluation import metrics
+from jattn.evaluation import calibration, metrics
 
 ALL = "all"  # the key of the figures over every evaluated image together
 
@@ -99,8 +99,58 @@ def tie_class(fold_data: FoldData, tie_rule: str) -> int | None:
   return fold_data.classes.index(tie_rule)
 
 
+def calibration_figures(probs: np.ndarray, fold_data: FoldData, indices: np.ndarray, *,
+                        bootstrap_resamples: int = 0, bootstrap_seed: int = 0,
+                        bins: int = calibration.BINS) -> dict:
+  """results.json's `calibration` block (`jattn.evaluation.calibration`'s figures): per stratum
+  and over all, at image level and (every group of one label) at group level, a group's mean
+  probabilities against its label, each figure with a group-bootstrap 95% interval as the
+  clinical metrics have; the reliability bins of the images. Two classes with a positive one: the
+  figures of P(positive); otherwise top-label (and classwise ECE)."""
+  d = fold_data
+  indices, probs = np.asarray(indices), np.asarray(probs, np.float64)
+  y, groups = d.targets[indices], d.groups[indices]
+  positive = None
+  if len(d.classes) == 2 and d.binary is not None:
+    positive = next(i for i, c in enumerate(d.binary.of) if c == d.binary.positive)
+  single = group_labels(groups, y) is not None
+  levels = ("image", "group") if single else ("image",)
+  out = {"convention": "positive_class" if positive is not None else "top_label",
+         "positive": d.classes[positive] if positive is not None else None, "bins": bins,
+         **{level: {} for level in levels}, "reliability": {}}
+  for col, sel in [*columns(d, indices).items(), (ALL, np.ones(len(y), bool))]:
+    ys, ps, gs = y[sel], probs[sel], groups[sel]
+    ids = np.unique(gs)
+    index = np.searchsorted(ids, gs)
+    items = {"image": (ps, ys, index)}
+    strata = np.zeros(len(ids), np.int64)
+    if single:
+      g_probs = np.stack([ps[index == i].mean(axis=0) for i in range(len(ids))])
+      g_labels = np.array([ys[index == i][0] for i in range(len(ids))])
+      items["group"] = (g_probs, g_labels, np.arange(len(ids)))
+      strata = g_labels
+    for level, (p, labels, units) in items.items():
+      point = calibration.figures(p, labels, positive=positive, bins=bins)
+      ci = {}
+      if bootstrap_resamples:
+        statistic = calibration.WeightedCalibration(p, labels, units, len(ids),
+                                                    positive=positive, bins=bins)
+        ci = metrics.group_bootstrap(statistic, strata, resamples=bootstrap_resamples,
+                                     seed=bootstrap_seed)
+      out[level][col] = {name: {"value": value, "ci95": ci.get(name)}
+                         for name, value in point.items()}
+    confidence, outcome = calibration.convention(ps, ys, positive)
+    out["reliability"][col] = calibration.reliability(
+        confidence, outcome, calibration.equal_width_bins(confidence, bins), bins)
+  out["bootstrap"] = {"resamples": bootstrap_resamples, "seed": bootstrap_seed,
+                      "level": metrics.LEVEL, "unit": d.group_unit,
+                      "stratified_by": f"the {d.group_unit}'s class" if single else None}
+  return out
+
+
 def evaluate(probs: np.ndarray, fold_data: FoldData, indices: np.ndarray, *,
-             tie_rule: str = "", bootstrap_resamples: int = 0, bootstrap_seed: int = 0) -> dict:
+             tie_rule: str = "", bootstrap_resamples: int = 0, bootstrap_seed: int = 0,
+             calibration_bins: int = calibration.BINS) -> dict:
   """The figures of results.json for the images `indices` of `fold_data` and their class
   probabilities `probs` [len(indices), classes] (in the same order)."""
   indices = np.asarray(indices)
@@ -167,6 +217,9 @@ def evaluate(probs: np.ndarray, fold_data: FoldData, indices: np.ndarray, *,
                             "mpp": dict(zip(s.values, s.mpp, strict=True)) if s.mpp else None,
                             "mpp_note": s.mpp_note}
                    for a, (s, sel_values) in enumerate(zip(d.strata, _selected(d), strict=True))}
+  out["calibration"] = calibration_figures(probs, d, indices,
+                                           bootstrap_resamples=bootstrap_resamples,
+                                           bootstrap_seed=bootstrap_seed, bins=calibration_bins)
   if k > 2:
     out["per_class"][ALL] = metrics.per_class_metrics(y, pred, d.classes)
     out["multiclass"][ALL] = {"image": metrics.multiclass_summary(y, pred)}
@@ -212,6 +265,21 @@ def write_roc_plot(path: str, rows: Sequence[dict], *, positive: str, stratum: s
   fig = metrics.roc_figure(groups, f"{title}: image-level ROC of P({positive})")
   with files.atomic_path(path) as tmp:
     fig.savefig(tmp, format="png", dpi=120)
+
+
+def write_reliability_plot(path: str, block: dict, *, title: str) -> None:
+  """Reliability diagrams of results.json's calibration `block`, per stratum and over all (bin
+  accuracy against mean confidence, the count per bin, the diagonal, ECE in the legend), as a PNG
+  written atomically."""
+  positive = block.get("positive")
+  panels = {col: (bins, block["image"][col]["ece"]["value"])
+            for col, bins in block["reliability"].items()}
+  what = f"P({positive})" if positive else "top-label confidence"
+  fig = calibration.reliability_figure(
+      panels, f"{title}: image-level reliability of {what}, {block['bins']} equal-width bins",
+      f"mean {what} in bin", f"fraction {positive}" if positive else "accuracy")
+  with files.atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=100)
 
 
 def format_table(results: dict) -> str:

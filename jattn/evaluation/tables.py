@@ -21,12 +21,13 @@ labelled with what differs (`ours_100X (100X)`, `demo_ours (from scratch, 64x64,
 or null (undefined): NaN or infinity in a results.json is refused by name. When the sweep holds
 binary runs with clinical metrics, Tables 4-5 give sensitivity, specificity, balanced accuracy, F1
 and ROC-AUC at image and group level; when it holds runs of more than two classes (BreakHis' subtype
-task), Table 6 gives their balanced accuracy, macro F1 and per-class F1. Results written before
-these figures existed are read as they are (their cells in the new tables are missing); results of
-schema 1 are read as schema 2 (`jattn.evaluation.results.read`). Writes SWEEP/tables.md,
-SWEEP/tables.csv and SWEEP/tables.png, and the paired comparisons of jattn.evaluation.compare
-(`--compare FIRST:SECOND`, else each row against its setting's baseline row), SWEEP/compare.md and
-SWEEP/compare.csv.
+task), Table 6 gives their balanced accuracy, macro F1 and per-class F1; when it holds runs with a
+calibration block, Tables 7 and 8 give their ECE and Brier score at image and group level.
+Results written before these figures existed are read as they are (their cells in the new tables
+are missing); results of schema 1 are read as schema 2 (`jattn.evaluation.results.read`). Writes
+SWEEP/tables.md, SWEEP/tables.csv and SWEEP/tables.png, and the paired comparisons of
+jattn.evaluation.compare (`--compare FIRST:SECOND`, else each row against its setting's baseline
+row; `--metric`), SWEEP/compare.md and SWEEP/compare.csv.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ CLINICAL_METRICS = {"sensitivity": "sensitivity", "specificity": "specificity",
                     "balanced_accuracy": "balanced accuracy", "f1": "F1",
                     "roc_auc": "ROC-AUC"}  # BINARY_METRICS, as the rows read
 assert tuple(CLINICAL_METRICS) == BINARY_METRICS
+CALIBRATION_METRICS = {"ece": "ECE", "brier": "Brier"}  # of results.json's calibration block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Layout:
                           f"and ROC-AUC of the mean P({pos}) of its images",
         "multiclass": f"Table 6. {kind.capitalize()} runs ({len(self.classes)} classes), image "
                       f"level (%): balanced accuracy (mean recall), macro F1 and F1 per {kind}",
+        "calibration_image": "Table 7. Calibration, image level (x 100, lower is better): "
+                             "expected calibration error (equal-width bins) and Brier score",
+        "calibration_group": f"Table 8. Calibration, {unit} level (x 100, lower is better): "
+                             f"of the mean probabilities of a {unit}'s images",
     }
     return (
         Table("image_accuracy", "Table 1. Image-level accuracy (%)",
@@ -136,6 +142,11 @@ class Layout:
         *(Table(f"per_class.{c}.f1", titles["multiclass"], None, ("per_class", "{col}", c, "f1"),
                 (*cols, ALL), "multiclass", f"F1 {c}")
           for c in self.classes),
+        *(Table(f"calibration.{unit if level == 'group' else level}.{metric}",
+                titles[f"calibration_{level}"], None,
+                ("calibration", level, "{col}", metric, "value"), (*cols, ALL),
+                f"calibration_{level}", label)
+          for level in ("image", "group") for metric, label in CALIBRATION_METRICS.items()),
     )
 
 

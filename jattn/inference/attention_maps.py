@@ -34,6 +34,7 @@ from PIL import Image
 from jattn import models
 from jattn.core import files
 from jattn.core.errors import UserError
+from jattn.evaluation import calibration
 from jattn.inference import runs
 from jattn.inference.predict import image_paths, load_images
 from jattn.training import state as state_lib
@@ -213,6 +214,7 @@ def inspect_images(workdir: str, paths: Sequence[str], out_dir: str,
   config, state = runs.restore(workdir)
   images = load_images(list(paths), config.image_size)
   probs, maps = attention_maps(state, images, sites)
+  probs = calibration.apply_temperature(probs, runs.temperature(workdir))  # as predict gives them
   os.makedirs(out_dir, exist_ok=True)
   written = []
   outputs = runs.outputs(config)

@@ -234,9 +234,10 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
   if not len(indices):
     raise UserError(f"{what}: no images to evaluate on")
   _, state = runs.restore(workdir)
+  temperature = runs.temperature(workdir)  # the run's fitted one (1.0: none)
   probs = np.concatenate([
       runs.predict_probs(state, np.asarray(fold_data.images[indices[i:i + CHUNK]]), batch_size,
-                         config.tta) for i in range(0, len(indices), CHUNK)])
+                         config.tta, temperature) for i in range(0, len(indices), CHUNK)])
   fold_data = dataclasses.replace(fold_data, mean=np.asarray(state.image_mean),
                                   std=np.asarray(state.image_std))
   external = {"run": workdir, "run_name": run_config.name, "run_fold": run_config.fold,
@@ -249,5 +250,8 @@ def external_evaluation(workdir: str, overrides: list[str], out: str | None = No
                        normalization=run_results.get("normalization"),
                        stain_normalization=run_results.get("stain_normalization"),
                        external=external)
+  if "calibration" in result:  # the run's temperature, applied to every probability above
+    result["calibration"]["temperature"] = None if temperature == 1.0 else {
+        "value": temperature, "fitted_on": "the run's validation split (its temperature.json)"}
   _write(out, result, rows, fold_data, f"{run_config.name} fold {run_config.fold} on {name}")
   return result, out

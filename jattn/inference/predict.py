@@ -186,7 +186,7 @@ def predict_and_score(workdir: str, paths: list[str], batch_size: int, tta: str 
   config, run_state = runs.restore(workdir)
   images = load_images(found, config.image_size)
   tta = tta or config.get("tta", "none")
-  probs = runs.predict_probs(run_state, images, batch_size, tta)
+  probs = runs.predict_probs(run_state, images, batch_size, tta, runs.temperature(workdir))
   source = sources.of(config)
   unit, b = outputs.group_unit, outputs.binary
   fine = b is not None and tuple(outputs.classes) != tuple(b.names)

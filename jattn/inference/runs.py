@@ -4,6 +4,7 @@
   outputs = runs.outputs(config)               # what its outputs mean (classes, positive label)
   probs = runs.predict_probs(state, images)    # uint8 [N, S, S, 3] -> P(class) [N, classes]
   predictor = runs.Predictor(state, 32, tta)   # the same, one batch at a time (slides)
+  t = runs.temperature(workdir)                # its fitted temperature (1.0: none)
 
 Training (`jattn.training.train`) writes a run; this module only reads one (through
 `jattn.training.state`), so tools that look at a run stand beside the training loop rather than on
@@ -24,7 +25,8 @@ from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import Outputs
-from jattn.training import checkpoints, compat, parallel
+from jattn.evaluation import calibration
+from jattn.training import checkpoints, compat, parallel, test_evaluation
 from jattn.training import state as state_lib
 
 
@@ -62,6 +64,22 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, state_lib.TrainSta
                                jnp.asarray(per_epoch, jnp.int32))
 
 
+def temperature(workdir: str) -> float:
+  """The temperature a run fitted on its validation split (`WORKDIR/temperature.json`, written
+  with `config.validation_fraction` > 0), or 1.0 (none: probabilities as the model gives them)."""
+  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)),
+                      test_evaluation.TEMPERATURE_FILE)
+  if not os.path.exists(path):
+    return 1.0
+  record = files.read_json(path, "it is this run's fitted temperature: restore it from a backup, "
+                                 "or delete it and results.json to evaluate the run again")
+  value = record.get("temperature") if isinstance(record, dict) else None
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    raise UserError(f"{path}: 'temperature' must be a number > 0, got {value!r}; delete it and "
+                    f"results.json to evaluate the run again")
+  return float(value)
+
+
 def unfinished(config: ml_collections.ConfigDict, step: int, steps_per_epoch: int | None) -> str:
   """What a run without results.json is: the step its latest checkpoint reached, of how many."""
   run = f"{config.name} fold {config.get('fold', '?')}"
@@ -95,8 +113,10 @@ class Predictor:
   and slide inference all go through `__call__`.
   """
 
-  def __init__(self, state: state_lib.TrainState, batch_size: int = 32, tta: str = "none"):
+  def __init__(self, state: state_lib.TrainState, batch_size: int = 32, tta: str = "none",
+               temperature: float = 1.0):
     self.plan, self._step = _sharded_eval(tta)
+    self.temperature = temperature  # applied to every probability (`calibration`)
     self.batch_size = self.plan.eval_batch_size(batch_size)  # a multiple of the device count
     self.tta = tta
     self.state = parallel.place(self.plan, state)
@@ -110,17 +130,18 @@ class Predictor:
       images = np.concatenate([images, np.repeat(images[:1], self.batch_size - n, axis=0)])
     out = self._step(self.state, {"image": parallel.eval_images(self.plan, images,
                                                                  self.batch_size)})
-    return np.asarray(out["probs"])[:n]
+    return calibration.apply_temperature(np.asarray(out["probs"])[:n], self.temperature)
 
 
 def predict_probs(state: state_lib.TrainState, images: np.ndarray, batch_size: int = 32,
-                  tta: str = "none") -> np.ndarray:
+                  tta: str = "none", temperature: float = 1.0) -> np.ndarray:
   """P(class) for uint8 images [N, S, S, 3], in batches of fixed size (last one padded), through
   `Predictor` (sharded over the local devices; `batch_size` rounded up to a multiple of them).
 
   tta: 'none', or 'dihedral' (the mean over the 8 flips and right-angle turns; `state.eval_step`).
+  temperature: the run's (`temperature`), applied as softmax(log p / T).
   """
-  predictor = Predictor(state, batch_size, tta)
+  predictor = Predictor(state, batch_size, tta, temperature)
   out = [predictor(images[start:start + predictor.batch_size])
          for start in range(0, len(images), predictor.batch_size)]
   num_classes = out[0].shape[-1] if out else 2

@@ -6,9 +6,10 @@ earlier, perhaps killed, run of the same command) is skipped; `OUT/cohort.csv` l
 scores. With labels (a CSV with columns `slide,label`; the slide by its output name, file name or
 path, the label one of the run's coarse labels or 1/0 for positive/negative),
 `OUT/cohort_figures.json` holds the slide-level ROC-AUC of a slide score and the sensitivity and
-specificity of calling a slide positive when its score is at least a threshold, with 95% intervals
-from a bootstrap over slides stratified by label (`jattn.evaluation.metrics`, scikit-learn's
-figures).
+specificity of calling a slide positive when its score is at least a threshold, and the
+calibration of the score read as P(positive) (ECE, Brier, NLL, AURC:
+`jattn.evaluation.calibration`), with 95% intervals from a bootstrap over slides stratified by
+label (`jattn.evaluation.metrics`, scikit-learn's figures).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from jattn.core import errors, files
 from jattn.core.errors import UserError
-from jattn.evaluation import metrics
+from jattn.evaluation import calibration, metrics
 from jattn.inference import attention_maps as inspect
 from jattn.slides import pipeline, reader, writers
 
@@ -131,6 +132,24 @@ def figures(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples:
                                               len(labels))
     ci = metrics.group_bootstrap(statistic, labels, resamples=resamples, seed=seed)
   return {name: {"value": point[name], "ci95": ci.get(name)} for name in metrics.BINARY_METRICS}
+
+
+def calibration_figures(labels: np.ndarray, scores: np.ndarray, resamples: int,
+                        seed: int) -> dict:
+  """The calibration of slide scores read as P(positive) against 0/1 labels
+  (`calibration.figures`, positive-class convention), with intervals from `resamples` bootstrap
+  resamples of slides, by label; {} without slides."""
+  labels, scores = np.asarray(labels, np.int64), np.asarray(scores, np.float64)
+  if not len(labels):
+    return {}
+  probs = np.stack([1 - scores, scores], axis=1)
+  point = calibration.figures(probs, labels, positive=1)
+  ci = {}
+  if resamples:
+    statistic = calibration.WeightedCalibration(probs, labels, np.arange(len(labels)),
+                                                len(labels), positive=1)
+    ci = metrics.group_bootstrap(statistic, labels, resamples=resamples, seed=seed)
+  return {name: {"value": value, "ci95": ci.get(name)} for name, value in point.items()}
 
 
 def run_cohort(workdir: str, paths: list[str], out: str,
@@ -258,6 +277,8 @@ def _figures(records, labels, positive, score, threshold, resamples, seed, workd
           "threshold": threshold, "slides": len(used), "positive_slides": int(y.sum()),
           "negative_slides": int(len(y) - y.sum()), "left_out": left_out,
           "metrics": figures(y, s, threshold, resamples, seed),
+          "calibration": {"bins": calibration.BINS, "convention": "positive_class",
+                          **calibration_figures(y, s, resamples, seed)},
           "bootstrap": {"resamples": resamples, "seed": seed, "level": metrics.LEVEL,
                         "unit": "slide", "stratified_by": "label"}}
 
@@ -270,4 +291,8 @@ def format_figures(f: dict) -> str:
     value = "undefined" if m["value"] is None else f"{m['value']:.3f}"
     ci = f"  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})" if m["ci95"] else ""
     lines.append(f"  {name:18s} {value}{ci}")
+  for name, m in f.get("calibration", {}).items():
+    if isinstance(m, dict):
+      ci = f"  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})" if m["ci95"] else ""
+      lines.append(f"  {name:18s} {m['value']:.3f}{ci}")
   return "\n".join(lines)

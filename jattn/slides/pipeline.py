@@ -183,7 +183,8 @@ class Run:
   @property
   def predictor(self) -> runs.Predictor:
     if self._predictor is None:
-      self._predictor = runs.Predictor(self.state, self.options.batch_size, self.tta)
+      self._predictor = runs.Predictor(self.state, self.options.batch_size, self.tta,
+                                       runs.temperature(self.workdir))
     return self._predictor
 
   @property

@@ -49,6 +49,8 @@ LATER_FIELDS = {
     "model.s_attn_stages": [2, 3, 4],
     # Several training steps per dispatch.
     "steps_per_dispatch": 1,
+    # Calibration: its bins, and the validation split of temperature scaling.
+    "validation_fraction": 0.0, "calibration.bins": 15,
 }
 # Later fields whose default is not what runs before them computed: a run written before one of
 # them resumes as it was trained (`recorded_values`), not refused as another config.

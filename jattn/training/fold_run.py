@@ -21,6 +21,7 @@ class FoldRun:
   start_step: int = 0
   results: dict | None = None  # read from results.json when the fold had finished
   stain: dict | None = None  # its stain reference (config.stain_norm), fitted on its training set
+  validation: Any = None  # the validation split's indices (config.validation_fraction), or None
   manager: Any = None
   metrics_file: Any = None
   writer: Any = None

@@ -46,6 +46,7 @@ from jattn.evaluation import evaluate, results
 from jattn.training import (
   checkpoints,
   dispatch,
+  holdout,
   layouts,
   log_windows,
   optim,
@@ -148,6 +149,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
   model, variables = state_lib.initial_variables(config, init_rng)
   for fold in folds:
     fold.data = data.load_fold(fold.config)
+    if fold.config.get("validation_fraction", 0.0) and fold.results is None:
+      fold.data, fold.validation = holdout.split(fold.data, fold.config.validation_fraction,
+                                                 fold.config.seed)
     fold.steps_per_epoch = data.steps_per_epoch(fold.data, config.batch_size)
     if fold.steps_per_epoch == 0:
       raise UserError(f"fold {fold.config.fold} has {len(fold.data.train_indices)} training "
@@ -229,7 +233,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict
       continue
     fold_state = parallel.unstack(plan, state, k)
     fold.results, rows = test_evaluation.evaluate_fold(fold.config, fold_state, fold.data, plan,
-                                                       p_eval)
+                                                       p_eval, fold.validation)
     fold.results["train"] = {"epochs": config.num_epochs, "steps": fold.step,
                           "steps_per_epoch": fold.steps_per_epoch,
                           "wall_time_this_session_s": round(time.time() - started, 1)}

@@ -82,6 +82,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"--config.bootstrap_resamples={config.bootstrap_resamples}: at most "
          f"{metrics.MAX_RESAMPLES:,} (the bootstrap holds a resamples x test groups matrix in "
          f"memory; 1,000 to 10,000 give stable 95% intervals)")
+  fraction = config.get("validation_fraction", 0.0)
+  _check(isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+         and 0 <= fraction <= 0.5,
+         f"--config.validation_fraction={fraction!r}: the fraction of the training groups held "
+         f"out for temperature scaling, from 0 (none) to 0.5")
+  bins = config.get("calibration", {}).get("bins", 15)
+  _check(isinstance(bins, int) and not isinstance(bins, bool) and bins >= 1,
+         f"--config.calibration.bins={bins!r}: a number of bins >= 1")
   timeout = config.get("coordinator_timeout_s", 300.0)
   _check(isinstance(timeout, (int, float)) and timeout > 0,
          f"--config.coordinator_timeout_s={timeout!r}: a number of seconds > 0")
