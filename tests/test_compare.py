@@ -337,11 +337,16 @@ def test_three_folds_of_different_differences_get_their_interval():
 
 
 def test_a_folds_difference_is_the_mean_over_its_seeds():
-  """Two folds of two seeds each: the interval is over the per-fold means (3, 0), by hand,
-  not over the first seed's or every pair's; wins count the pairs above zero."""
-  d = compare.Difference("a", "b", "image", "40X",
-                         ((1, 0, 2.0), (1, 1, 4.0), (2, 0, -1.0), (2, 1, 1.0)), 0.25)
-  assert d.per_fold == (3.0, 0.0)
-  half = 12.706204736174694 * np.sqrt((1 / 2 + 0.25) * 4.5)  # t(0.975, 1 df); var([3, 0]) = 4.5
-  assert d.interval() == pytest.approx((1.5, 1.5 - half, 1.5 + half))
-  assert (d.wins, d.ties) == (3, 0)
+  """Three folds of two seeds each: the interval is over the per-fold means (3, 0, 1), by hand,
+  not over the first seed's or every pair's; wins count the pairs above zero. Two folds give a
+  mean and no interval."""
+  pairs = ((1, 0, 2.0), (1, 1, 4.0), (2, 0, -1.0), (2, 1, 1.0), (3, 0, 0.0), (3, 1, 2.0))
+  d = compare.Difference("a", "b", "image", "40X", pairs, 0.25)
+  assert d.per_fold == (3.0, 0.0, 1.0)
+  var = ((3 - 4 / 3) ** 2 + (0 - 4 / 3) ** 2 + (1 - 4 / 3) ** 2) / 2
+  half = 4.302652729911275 * np.sqrt((1 / 3 + 0.25) * var)  # t(0.975, 2 df)
+  assert d.interval() == pytest.approx((4 / 3, 4 / 3 - half, 4 / 3 + half))
+  assert (d.wins, d.ties) == (4, 1)
+  two = compare.Difference("a", "b", "image", "40X", pairs[:4], 0.25)
+  assert two.per_fold == (3.0, 0.0) and two.interval()[0] == pytest.approx(1.5)
+  assert two.interval()[1:] == (None, None)

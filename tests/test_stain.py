@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from jattn import main
+from jattn import cli, main
 from jattn.core import config_lib
 from jattn.core.errors import UserError
 from jattn.data import load_fold, stain
@@ -156,13 +156,11 @@ def test_the_preview_grid_shows_each_image_and_its_normalisation(tmp_path):
     np.testing.assert_array_equal(grid[r * step:r * step + size, step:step + size], want[r])
 
 
-@pytest.mark.parametrize("command", ["predict", "slide", "evaluate"])
+@pytest.mark.parametrize("command", ["predict", "slide", "validate-external"])
 def test_macenko_asked_at_scoring_time_says_to_retrain_with_it(tmp_path, capsys, command):
   """A run trained without stain normalisation (its config.json says stain_norm none): asking
   predict, slide or external validation for Macenko is refused in one line (exit 2, nothing
   written) that names the run's stain_norm and the training option that gives it."""
-  from jattn.cli import slide
-  from jattn.evaluation import evaluate
   from tests.test_hostile import one_line_error, snapshot
 
   workdir = tmp_path / "run"
@@ -170,15 +168,14 @@ def test_macenko_asked_at_scoring_time_says_to_retrain_with_it(tmp_path, capsys,
   config = config_lib.load_config(DEMO)
   assert config.stain_norm == "none"
   (workdir / "config.json").write_text(config.to_json())
-  argv = {"predict": (predict.main, ["--workdir", str(workdir), "--stain-norm", "macenko",
-                                     "a.png"]),
-          "slide": (slide.main, ["--workdir", str(workdir), "--out", str(tmp_path / "out"),
-                                 "--config.stain_norm=macenko", "a.svs"]),
-          "evaluate": (evaluate.main, ["--workdir", str(workdir), "--config.data.dir=/nowhere",
-                                       "--config.stain_norm=macenko"])}
-  run, args = argv[command]
+  argv = {"predict": ["--workdir", str(workdir), "--stain-norm", "macenko", "a.png"],
+          "slide": ["--workdir", str(workdir), "--out", str(tmp_path / "out"),
+                    "--config.stain_norm=macenko", "a.svs"],
+          "validate-external": ["--workdir", str(workdir), "--config.data.dir=/nowhere",
+                                "--config.stain_norm=macenko"]}
   before = snapshot(tmp_path)
-  err = one_line_error(lambda: run(args), capsys, f"jattn.{command}", "")
+  err = one_line_error(lambda: cli.main([command, *argv[command]]), capsys, f"jattn {command}",
+                       "")
   assert err.rstrip("\n").endswith(
       "stain normalisation 'macenko' cannot be chosen when scoring: the run's model was trained "
       "with stain_norm=none and is scored with it; to score with macenko normalisation, retrain "
