@@ -34,13 +34,7 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
                 positive: str) -> dict[str, int]:
   """{output name: 1 if positive else 0} of the slides `path` labels; an unknown label or slide
   column is one line, slides it does not name are left out of the figures (one warning)."""
-  if not os.path.isfile(path):
-    raise UserError(f"--labels {path}: no such file; give a CSV with columns slide,label")
-  read = files.read_csv(path, "--labels ")
-  if not read.rows or not {"slide", "label"} <= set(read.header):
-    raise UserError(f"--labels {path}: expected a CSV with a header row naming the columns slide "
-                    f"and label, and one row per slide (its header: "
-                    f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
+  read = _read_slide_csv(path, "--labels", "label", "label")
   keys = _slide_keys([(plan.path, plan.name) for plan in plans])
   known = {n.casefold(): n for n in names}
   out, unmatched = {}, []
@@ -68,6 +62,19 @@ def read_labels(path: str, plans: list[pipeline.Plan], names: tuple[str, ...],
   return out
 
 
+def _read_slide_csv(path: str, flag: str, column: str, what: str) -> files.Csv:
+  """The CSV of `flag` with a `slide` and a `column` column (`what` names the latter in the
+  refusal); a missing file or header is one line."""
+  if not os.path.isfile(path):
+    raise UserError(f"{flag} {path}: no such file; give a CSV with columns slide,{column}")
+  read = files.read_csv(path, f"{flag} ")
+  if not read.rows or not {"slide", column} <= set(read.header):
+    raise UserError(f"{flag} {path}: expected a CSV with a header row naming the columns slide "
+                    f"and {what}, and one row per slide (its header: "
+                    f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
+  return read
+
+
 def _slide_keys(slides: list[tuple[str, str]]) -> dict[str, str]:
   """{what a CSV may call a slide: its output name} of (path, output name) pairs: the output
   name, the file name with or without its extension, the path as given or absolute."""
@@ -85,13 +92,7 @@ def read_mpps(path: str, slides: list[tuple[str, str]]) -> dict[str, tuple[float
   the CSV at `path` gives a value in its `mpp` column (the slide named as in --labels; other
   columns ignored, so the --labels CSV may carry it). An empty cell leaves the slide to --mpp or
   its metadata; a value that is no positive number, or a CSV without the columns, is one line."""
-  if not os.path.isfile(path):
-    raise UserError(f"--mpp-csv {path}: no such file; give a CSV with columns slide,mpp")
-  read = files.read_csv(path, "--mpp-csv ")
-  if not read.rows or not {"slide", "mpp"} <= set(read.header):
-    raise UserError(f"--mpp-csv {path}: expected a CSV with a header row naming the columns slide "
-                    f"and mpp (microns per pixel at level 0), and one row per slide (its header: "
-                    f"{','.join(read.header) or 'none'}){files.separator_hint(read.header)}")
+  read = _read_slide_csv(path, "--mpp-csv", "mpp", "mpp (microns per pixel at level 0)")
   keys = _slide_keys(slides)
   out, unmatched = {}, []
   for line, row in read.records():

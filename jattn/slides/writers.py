@@ -80,6 +80,17 @@ def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float]
                 grid, heat: np.ndarray, positive_name: str, title: str) -> None:
   """heatmap.png: the thumbnail, each tile's P(positive) over it (a cell of one grid step centred
   on the tile's centre), the tissue mask's outline and a colour bar."""
+  fig, ax, extent = _over_thumbnail(thumbnail, per_pixel, grid)
+  image = ax.imshow(np.ma.masked_invalid(heat), cmap="RdYlBu_r", vmin=0, vmax=1, alpha=0.55,
+                    extent=extent, interpolation="nearest")
+  _outline(ax, thumbnail, mask, title)
+  fig.colorbar(image, ax=ax, shrink=0.8, label=f"P({positive_name})")
+  fig.savefig(path, format="png", dpi=100)
+
+
+def _over_thumbnail(thumbnail: np.ndarray, per_pixel: tuple[float, float], grid):
+  """(figure, axes, extent): the thumbnail drawn, and the extent in its pixels of a [rows, cols]
+  map of the grid (a cell of one grid step centred on its tile's centre)."""
   h, w = thumbnail.shape[:2]
   fig = Figure(figsize=(8, 8 * h / w + 0.8), layout="constrained")
   ax = fig.subplots()
@@ -89,8 +100,12 @@ def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float]
   top = (grid.tile[1] - grid.step[1]) / 2 / sy
   extent = (left - 0.5, left + grid.cols * grid.step[0] / sx - 0.5,
             top + grid.rows * grid.step[1] / sy - 0.5, top - 0.5)
-  image = ax.imshow(np.ma.masked_invalid(heat), cmap="RdYlBu_r", vmin=0, vmax=1, alpha=0.55,
-                    extent=extent, interpolation="nearest")
+  return fig, ax, extent
+
+
+def _outline(ax, thumbnail: np.ndarray, mask: np.ndarray, title: str) -> None:
+  """The tissue mask's outline, the thumbnail's limits, no ticks, the title."""
+  h, w = thumbnail.shape[:2]
   if mask.any() and not mask.all():
     ax.contour(mask.astype(np.float32), levels=[0.5], colors="black", linewidths=0.6)
   ax.set_xlim(-0.5, w - 0.5)
@@ -98,8 +113,6 @@ def heatmap_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, float]
   ax.set_xticks([])
   ax.set_yticks([])
   ax.set_title(title, fontsize=9)
-  fig.colorbar(image, ax=ax, shrink=0.8, label=f"P({positive_name})")
-  fig.savefig(path, format="png", dpi=100)
 
 
 def class_colors(n: int) -> list[tuple[int, int, int]]:
@@ -136,25 +149,11 @@ def class_map_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, floa
   tissue mask's outline and a legend of every class with its tile count. The PNG's text chunk
   `legend` holds the legend as JSON ({class: [R, G, B]})."""
   colors = class_colors(len(names))
-  h, w = thumbnail.shape[:2]
-  fig = Figure(figsize=(8, 8 * h / w + 0.8), layout="constrained")
-  ax = fig.subplots()
-  ax.imshow(thumbnail)
-  sx, sy = per_pixel
-  left = (grid.tile[0] - grid.step[0]) / 2 / sx
-  top = (grid.tile[1] - grid.step[1]) / 2 / sy
-  extent = (left - 0.5, left + grid.cols * grid.step[0] / sx - 0.5,
-            top + grid.rows * grid.step[1] / sy - 0.5, top - 0.5)
+  fig, ax, extent = _over_thumbnail(thumbnail, per_pixel, grid)
   cmap = ListedColormap([np.asarray(c) / 255 for c in colors])
   ax.imshow(np.ma.masked_less(classes, 0), cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5,
             alpha=0.6, extent=extent, interpolation="nearest")
-  if mask.any() and not mask.all():
-    ax.contour(mask.astype(np.float32), levels=[0.5], colors="black", linewidths=0.6)
-  ax.set_xlim(-0.5, w - 0.5)
-  ax.set_ylim(h - 0.5, -0.5)
-  ax.set_xticks([])
-  ax.set_yticks([])
-  ax.set_title(title, fontsize=9)
+  _outline(ax, thumbnail, mask, title)
   counts = np.bincount(classes[classes >= 0].astype(np.int64), minlength=len(names))
   handles = [Patch(facecolor=np.asarray(c) / 255, edgecolor="black", linewidth=0.5,
                    label=f"{name} ({n})") for name, c, n in zip(names, colors, counts, strict=True)]
