@@ -5,14 +5,19 @@
       [--min-tissue 0.5] [--stride 1] \\
       [--tissue saturation|od] [--tta none|dihedral] [--top-k 8] [--batch-size 32] \\
       [--threads N] [--labels slides.csv [--score mean] [--threshold 0.5] \\
-      [--bootstrap-resamples 1000] [--bootstrap-seed 0]] [--overwrite] [--benchmark]
+      [--bootstrap-resamples 1000] [--bootstrap-seed 0]] \\
+      [--regions FILE.geojson|slides.csv [--min-region-fraction 0.5]] [--annotations] \\
+      [--overwrite] [--benchmark]
 
 Each slide's results go into DIR/<slide name>/ (tiles.csv, heatmap.png, heatmap.npy,
 tiles.geojson, slide.json, top_tiles/; a run without a positive label adds class_map.npy, and its
 heatmaps are class maps); DIR/cohort.csv lists every slide, and with --labels
 DIR/cohort_figures.json holds slide-level AUC, sensitivity and specificity with bootstrap
-intervals. A finished slide is skipped when the command runs again. --benchmark times one slide's
-tiles instead (reading, inference, both) and writes nothing. The library: `jattn.slides`.
+intervals. --regions predicts only the tiles inside a slide's annotated regions (QuPath's
+GeoJSON) and adds regions.csv, a row per region; --annotations adds annotations.geojson, the
+predicted classes' merged regions as QuPath annotations. A finished slide is skipped when the
+command runs again. --benchmark times one slide's tiles instead (reading, inference, both) and
+writes nothing. The library: `jattn.slides`.
 """
 
 from __future__ import annotations
@@ -79,6 +84,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="bootstrap resamples of slides for 95%% intervals (default 1000; "
                            "0: none)")
   parser.add_argument("--bootstrap-seed", type=int, default=0)
+  parser.add_argument("--regions", help="QuPath GeoJSON of the slide's annotated regions (or a "
+                      "CSV slide,annotations for several slides): predict only the tiles inside "
+                      "them and score each region (regions.csv)")
+  parser.add_argument("--min-region-fraction", type=float, default=0.5,
+                      help="with --regions: fraction of a tile that must lie inside a region "
+                           "(default 0.5)")
+  parser.add_argument("--annotations", action="store_true",
+                      help="also write annotations.geojson: each predicted class's tiles merged "
+                           "into QuPath annotations")
   parser.add_argument("--overwrite", action="store_true",
                       help="predict slides again whose results in --out were made otherwise")
   parser.add_argument("--benchmark", action="store_true",
@@ -92,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         stratum=args.stratum, mpp=args.mpp, tile_um=args.tile_um,
         min_tissue=args.min_tissue, stride=args.stride, tissue=args.tissue, tta=args.tta,
         top_k=args.top_k, batch_size=args.batch_size, threads=args.threads,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, regions=args.regions,
+        min_region_fraction=args.min_region_fraction, annotations=args.annotations)
     if args.benchmark:
       run = pipeline.load_run(args.workdir, options)
       path = reader.slide_paths(args.slides)[0]

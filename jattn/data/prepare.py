@@ -242,14 +242,17 @@ def _read_cache(folder: str, fingerprint: str) -> Cache | None:
 def build_cache(
     source: Sequence, prepared_dir: str, image_size: int, *, fingerprint: str,
     record_of: Callable[[dict], dict], where: str, threads: int = 2,
+    decode: Callable[[dict], np.ndarray] | None = None,
 ) -> Cache:
   """Decodes every image once into `cache/<S>/images.npy` (memory-mapped), unless already there.
 
   `source` is a random-access data source of examples with encoded `image` bytes (a TFDS data
   source read with `SkipDecoding`); `record_of(example)` gives the fields the source keeps of each
   image in `records.json` (at least `file_names`, its unique name); `where` names the data set in
-  messages. Call under the prepared dir's lock. The records table is written first and the image
-  array is renamed into place last, so a present `images.npy` means a complete cache.
+  messages; `decode(example)`, when given, gives the uint8 [S, S, 3] image of an example without
+  encoded bytes (a slide's tile, read on the same threads). Call under the prepared dir's lock.
+  The records table is written first and the image array is renamed into place last, so a
+  present `images.npy` means a complete cache.
   """
   if image_size < 1:
     raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -269,8 +272,10 @@ def build_cache(
     with open(tmp, "r+b") as f:  # reserve the space now: a full disk is then an OSError here,
       os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))  # not a SIGBUS while decoding
 
-    def decode(example):
+    def decoded(example):
       record = record_of(example)
+      if decode is not None:
+        return record, decode(example)
       return record, decode_resize(example["image"], image_size,
                                    f"{record['file_names']} (in {where})")
 
@@ -280,7 +285,7 @@ def build_cache(
     ):
       for start in range(0, n, CHUNK):
         examples = source.__getitems__(list(range(start, min(n, start + CHUNK))))
-        for i, (record, image) in enumerate(pool.map(decode, examples)):
+        for i, (record, image) in enumerate(pool.map(decoded, examples)):
           out[start + i] = image
           for key, value in record.items():
             table.setdefault(key, []).append(value)

@@ -1,5 +1,6 @@
 """The data sources jattn can train and evaluate on, by `config.data.name`: `breakhis` (the
-paper's), `folder` (a folder per class, or a manifest) and `tfds:NAME` (a prepared TFDS data set).
+paper's), `folder` (a folder per class, or a manifest), `slides` (regions annotated on whole
+slides in QuPath) and `tfds:NAME` (a prepared TFDS data set).
 
 A config's data settings are `config.data`: the fields every source reads (`dir`, `prepared_dir`,
 `folds`, `folds_seed`, `num_folds`, `skip_corrupt`) and one group per source holding the fields
@@ -23,7 +24,8 @@ provides:
   describe_file(path) -> dict | None   {group, strata} from a file's name, for predict
   published                       figures a paper reported on it (tables), or absent
   FIELD_PIXELS                    (width, height) of its images as published: with a stratum's
-                                  MPP, the field a slide tile covers (jattn.slides), or absent
+                                  MPP, the field a slide tile covers (jattn.slides), or absent;
+  field_pixels(config)            (optional) the same where the config decides it (slides)
 
 `load_all` is the fold-free mode that external validation (`jattn validate-external`,
 `jattn.inference.external`) scores a finished run with: the data set prepared as `load_fold`
@@ -44,7 +46,8 @@ import ml_collections
 
 from jattn.core.errors import UserError
 
-SOURCES = {"breakhis": "jattn.data.breakhis.source", "folder": "jattn.data.folder"}
+SOURCES = {"breakhis": "jattn.data.breakhis.source", "folder": "jattn.data.folder",
+           "slides": "jattn.data.slide_regions"}
 # Families of sources named `<prefix>NAME`: `tfds:colorectal_histology` is the TFDS source.
 PREFIXED = {"tfds:": "jattn.data.tfds_source"}
 

@@ -120,6 +120,34 @@ def read_mpps(path: str, slides: list[tuple[str, str]]) -> dict[str, tuple[float
   return out
 
 
+def read_regions_of(path: str, slides: list[tuple[str, str]]) -> dict[str, str]:
+  """{output name: its annotations' GeoJSON} of the (path, output name) `slides` for --regions:
+  a GeoJSON file is the one slide's (several slides are refused), a CSV with the columns slide
+  and annotations (the slide-regions source's CSV; paths relative to its folder) names each
+  slide's; a slide it does not name is one line."""
+  if not path.lower().endswith(".csv"):
+    if len(slides) != 1:
+      raise UserError(f"--regions {path}: a GeoJSON file is the regions of one slide, and "
+                      f"{len(slides)} slides are given; give one slide, or a CSV of "
+                      f"slide,annotations rows")
+    return {slides[0][1]: path}
+  read = _read_slide_csv(path, "--regions", "annotations", "annotations (a GeoJSON per slide)")
+  keys = _slide_keys(slides)
+  root = os.path.dirname(os.path.abspath(path))
+  out = {}
+  for _, row in read.records():
+    slide = row["slide"].strip()
+    name = keys.get(slide) or keys.get(os.path.normpath(slide)) or keys.get(
+        os.path.normpath(os.path.join(root, slide)))
+    if name is not None:
+      out[name] = os.path.join(root, os.path.expanduser(row["annotations"].strip()))
+  missing = [name for _, name in slides if name not in out]
+  if missing:
+    raise UserError(f"--regions {path} names no annotations of slide {missing[0]}: add a row "
+                    f"for it, or leave it out of this command")
+  return out
+
+
 def figures(labels: np.ndarray, scores: np.ndarray, threshold: float, resamples: int,
             seed: int) -> dict:
   """Slide-level metrics.BINARY_METRICS of 0/1 labels and scores, a slide called positive at
@@ -180,7 +208,9 @@ def run_cohort(workdir: str, paths: list[str], out: str,
   run = pipeline.load_run(workdir, options)
   names = inspect.distinct_names(paths)
   mpps = read_mpps(mpp_csv, list(zip(paths, names, strict=True))) if mpp_csv else {}
-  plans = [pipeline.plan_slide(run, p, n, options, mpps.get(n))
+  regions = (read_regions_of(options.regions, list(zip(paths, names, strict=True)))
+             if options.regions else {})
+  plans = [pipeline.plan_slide(run, p, n, options, mpps.get(n), regions.get(n))
            for p, n in zip(paths, names, strict=True)]
   b = run.outputs.binary
   if labels and b is None:

@@ -28,7 +28,7 @@ import jattn
 from jattn import models
 from jattn.core import files
 from jattn.core.errors import UserError
-from jattn.data import sources
+from jattn.data import annotations, sources
 from jattn.evaluation import results
 from jattn.inference import attention_maps as inspect
 from jattn.inference import runs
@@ -61,11 +61,19 @@ class Options:
   threads: int = DEFAULT_THREADS
   overwrite: bool = False
   progress: bool = True
+  # Annotated regions (a QuPath GeoJSON, or a CSV slide,annotations for several slides): only
+  # the tiles at least `min_region_fraction` inside one are predicted, and scored per region.
+  regions: str | None = None
+  min_region_fraction: float = 0.5
+  annotations: bool = False  # also annotations.geojson: the predicted labels' merged regions
 
   def check(self) -> None:
     if not 0 <= self.min_tissue <= 1:
       raise UserError(f"--min-tissue {self.min_tissue}: give a fraction of the tile between 0 and "
                       f"1 (default 0.5)")
+    if not 0 < self.min_region_fraction <= 1:
+      raise UserError(f"--min-region-fraction {self.min_region_fraction}: give the fraction of a "
+                      f"tile that must lie inside a region, above 0 and at most 1 (default 0.5)")
     if not 0 < self.stride <= 1:
       raise UserError(f"--stride {self.stride}: give the step between tiles as a fraction of the "
                       f"tile, above 0 and at most 1 (1: side by side, 0.5: half overlapping)")
@@ -86,7 +94,9 @@ class Options:
     return {"stratum": self.stratum, "mpp": self.mpp,
             "tile_um": list(self.tile_um) if self.tile_um else None,
             "min_tissue": self.min_tissue, "stride": self.stride, "tissue": self.tissue,
-            "tta": self.tta, "top_k": self.top_k}
+            "tta": self.tta, "top_k": self.top_k,
+            **({"min_region_fraction": self.min_region_fraction} if self.regions else {}),
+            **({"annotations": True} if self.annotations else {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +120,8 @@ class Field:
 
 
 def training_field(workdir: str, config, figures: dict, options: Options) -> Field:
-  """The field of one training image: the source's image size (`FIELD_PIXELS`) at the MPP that
+  """The field of one training image: the source's image size (`FIELD_PIXELS`, or its
+  `field_pixels(config)`: the slide-regions source's `config.image_size`) at the MPP that
   results.json records for the chosen stratum (`strata.<axis>.mpp`), or `--tile-um`."""
   with_mpp = {axis: s for axis, s in (figures.get("strata") or {}).items() if s.get("mpp")}
   value = options.stratum
@@ -141,7 +152,8 @@ def training_field(workdir: str, config, figures: dict, options: Options) -> Fie
     raise UserError(f"--stratum {value}: {workdir}'s results record no strata with a scale "
                     f"(microns per pixel); leave it out and give the field with --tile-um W,H")
   source = sources.of(config)
-  field_px = getattr(source, "FIELD_PIXELS", None)
+  field_px = (source.field_pixels(config) if hasattr(source, "field_pixels") else
+              getattr(source, "FIELD_PIXELS", None))
   what = f"the {value + ' ' if value else ''}field of {workdir}"
   if options.tile_um is not None:
     field_um = tuple(float(v) for v in options.tile_um)
@@ -224,13 +236,16 @@ class Plan:
   name: str  # of its output folder
   scale: reader.Scale
   dimensions: tuple[int, int]
+  regions: str | None = None  # its annotated regions' GeoJSON (--regions): only they are predicted
+  regions_sha256: str | None = None
 
 
 def plan_slide(run: Run, path: str, name: str, options: Options,
-               slide_mpp: tuple[float, str] | None = None) -> Plan:
+               slide_mpp: tuple[float, str] | None = None, regions: str | None = None) -> Plan:
   """Opens the slide and fixes the scale; not a slide, no MPP and a field finer than level 0 are
   one-line UserErrors. `slide_mpp` (MPP, where it comes from: a --mpp-csv row) is this slide's
-  level-0 MPP, which wins over --mpp and the metadata."""
+  level-0 MPP, which wins over --mpp and the metadata. `regions` is the GeoJSON of its annotated
+  regions (read and checked against the slide here: a bad feature is one line)."""
   slide = reader.open_slide(path)
   try:
     if slide_mpp is not None:
@@ -239,6 +254,10 @@ def plan_slide(run: Run, path: str, name: str, options: Options,
       mpp = reader.slide_mpp(slide, path, options.mpp)
     scale = reader.choose_scale(slide, path, mpp, run.field.field_um, run.field.needed_mpp,
                                 run.config.image_size, run.field.what)
+    if regions is not None:
+      annotations.read_regions(regions, tuple(slide.dimensions))
+      return Plan(path, name, scale, tuple(slide.dimensions), os.path.abspath(regions),
+                  annotations.file_digest(regions))
     return Plan(path, name, scale, tuple(slide.dimensions))
   finally:
     slide.close()
@@ -256,12 +275,13 @@ def finished(out: str, plan: Plan, run: Run, options: Options) -> dict | None:
                     f"use another --out")
   record = files.read_json(path, f"remove {target} to predict the slide again")
   want = {"run": run.workdir, "slide": os.path.abspath(plan.path), **options.settings(),
-          "slide_mpp": [plan.scale.mpp.x, plan.scale.mpp.y]}
+          "slide_mpp": [plan.scale.mpp.x, plan.scale.mpp.y], "regions_sha256": plan.regions_sha256}
   settings = dict(record.get("settings", {}))
   if "magnification" in settings:  # slide.json written before the option's generic name
     settings["stratum"] = settings.pop("magnification")
   have = {"run": record.get("run", {}).get("workdir"), "slide": record.get("slide"), **settings,
-          "slide_mpp": record.get("scale", {}).get("slide_mpp")}
+          "slide_mpp": record.get("scale", {}).get("slide_mpp"),
+          "regions_sha256": (record.get("regions") or {}).get("sha256")}
   changed = [f"{k} {have.get(k)!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
   if changed and not options.overwrite:
     raise UserError(f"{target} holds results of another setting ({'; '.join(changed)}); pass "
@@ -278,7 +298,8 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
   print(f"{plan.path}: level {scale.level} (x{scale.downsample:g}), tiles of "
         f"{scale.tile_px[0]}x{scale.tile_px[1]} level-0 px read as {scale.read_px[0]}x"
         f"{scale.read_px[1]} and resized to {scale.input_px}x{scale.input_px}; {len(candidates)} "
-        f"of {grid.rows * grid.cols} tiles over tissue", flush=True)
+        f"of {grid.rows * grid.cols} tiles "
+        f"{'inside its regions' if plan.regions else 'over tissue'}", flush=True)
 
   read = tiler.Stats()
   tile_reader = reader.TileReader(plan.path, scale)
@@ -303,7 +324,8 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
   probs = (np.concatenate(probs) if probs else
            np.zeros((0, len(run.outputs.classes)), np.float32))
   tiles = tiler.Tiles(*(a[keep] for a in (candidates.rows, candidates.cols, candidates.xs,
-                                          candidates.ys, candidates.fractions)))
+                                          candidates.ys, candidates.fractions)),
+                      regions=None if candidates.regions is None else candidates.regions[keep])
   b = run.outputs.binary
   # What the top tiles are ranked by: P(positive), or without a positive label the probability
   # of the tile's predicted class.
@@ -346,7 +368,9 @@ def predict_slide(run: Run, plan: Plan, out: str, options: Options) -> dict:
 
 def locate(plan: Plan, options: Options):
   """(grid, thumbnail, its level-0 px per pixel, tissue mask, tissue tiles, the thumbnail's
-  unreadable regions) of a planned slide."""
+  unreadable regions) of a planned slide. With annotated regions (`plan.regions`) the tiles are
+  those at least `--min-region-fraction` inside a region, each with its region
+  (`jattn.data.annotations.region_tiles`, the slide-regions source's rule), tissue or not."""
   grid = tiler.Grid.of(plan.dimensions, plan.scale.tile_px, options.stride)
   longest = max(plan.dimensions)
   downsample = max(1.0, longest / THUMBNAIL_MAX_SIDE,
@@ -357,6 +381,12 @@ def locate(plan: Plan, options: Options):
           f"taken as background (listed in slide.json), first at x={unreadable[0]['x']}, "
           f"y={unreadable[0]['y']}: {unreadable[0]['error']}", file=sys.stderr, flush=True)
   mask = tissue.tissue_mask(thumb, options.tissue)
+  if plan.regions is not None:
+    inside = annotations.region_tiles(annotations.read_regions(plan.regions, plan.dimensions),
+                                      grid, options.min_region_fraction)
+    return (grid, thumb, per_pixel, mask,
+            tiler.Tiles(inside.rows, inside.cols, inside.xs, inside.ys, inside.fractions,
+                        inside.regions), unreadable)
   return (grid, thumb, per_pixel, mask,
           tiler.tissue_tiles(grid, mask.mask, per_pixel, options.min_tissue), unreadable)
 
@@ -448,6 +478,9 @@ def _record(run, plan, options, grid, mask, thumb, candidates, tiles, probs, p_p
                  "fraction_of_thumbnail": mask.fraction, "min_tissue": options.min_tissue,
                  "thumbnail_px": [int(thumb.shape[1]), int(thumb.shape[0])]},
       "run": run.to_json(), "settings": options.settings(), "timing": timing,
+      **({"regions": {"file": plan.regions, "sha256": plan.regions_sha256,
+                      "min_region_fraction": options.min_region_fraction}}
+         if plan.regions else {}),
       "versions": {"jattn": jattn.__version__, "jax": jax.__version__,
                    "openslide": openslide.__library_version__,
                    "openslide-python": openslide.__version__,
@@ -479,6 +512,13 @@ def _write(run, plan, out, options, record, grid, mask, thumb, per_pixel, tiles,
       writers.heatmap_png(os.path.join(tmp, "heatmap.png"), thumb, per_pixel, mask.mask, grid,
                           heat, b.positive_name, f"{title}  ({run.config.name})")
     writers.geojson(os.path.join(tmp, "tiles.geojson"), tiles, probs, run.outputs, plan.scale)
+    if options.annotations:
+      writers.annotations_geojson(os.path.join(tmp, "annotations.geojson"), tiles, probs,
+                                  run.outputs, grid)
+    if plan.regions is not None:
+      writers.regions_csv(os.path.join(tmp, "regions.csv"),
+                          annotations.read_regions(plan.regions, plan.dimensions), tiles, probs,
+                          run.outputs)
     record["top_tiles"] = _top_tiles(run, plan, os.path.join(tmp, "top_tiles"), tiles, p_pos,
                                      options.top_k, probs)
     writers.json_file(os.path.join(tmp, "slide.json"), record)

@@ -18,28 +18,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import openslide
 
+from jattn.data.wsi import Grid
 from jattn.slides import tissue
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-  """Tile positions: cell (row, col) is the tile with level-0 top-left (col * step_x,
-  row * step_y) and size `tile` (w, h)."""
-
-  tile: tuple[int, int]
-  step: tuple[int, int]
-  cols: int
-  rows: int
-
-  @classmethod
-  def of(cls, dimensions: tuple[int, int], tile: tuple[int, int], stride: float) -> Grid:
-    step = (max(1, round(tile[0] * stride)), max(1, round(tile[1] * stride)))
-    cols, rows = ((d - t) // s + 1 if d >= t else 0
-                  for d, t, s in zip(dimensions, tile, step, strict=True))
-    return cls(tuple(tile), step, cols, rows)
-
-  def to_json(self) -> dict:
-    return {"rows": self.rows, "cols": self.cols, "step_level0_px": list(self.step)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +30,8 @@ class Tiles:
   cols: np.ndarray
   xs: np.ndarray  # level-0 top-left corners
   ys: np.ndarray
-  fractions: np.ndarray  # float64 [n], of the tile the tissue mask covers
+  fractions: np.ndarray  # float64 [n], of the tile the tissue mask covers (or its region)
+  regions: np.ndarray | None = None  # int64 [n]: each tile's annotated region (--regions)
 
   def __len__(self) -> int:
     return len(self.xs)

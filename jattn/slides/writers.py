@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from jattn.core import files
+from jattn.data import annotations
 from jattn.data.fold import Outputs
 
 # QuPath's colours (RGB) of a tile's classification: the positive label red, the others below.
@@ -163,6 +164,71 @@ def class_map_png(path: str, thumbnail: np.ndarray, per_pixel: tuple[float, floa
   fig.savefig(path, format="png", dpi=100, metadata={"legend": json.dumps(legend)})
 
 
+def label_colors(outputs: Outputs) -> dict[str, list[int]]:
+  """{predicted label: QuPath RGB colour}: the class map's colours, or for a run with a positive
+  label that one red and the others from OTHER_COLORS."""
+  if outputs.binary is None:  # the class map's colours
+    return {c: list(rgb) for c, rgb in zip(outputs.classes, class_colors(len(outputs.classes)),
+                                           strict=True)}
+  names = outputs.binary.names
+  colors, others = {}, iter(OTHER_COLORS * (len(names) // len(OTHER_COLORS) + 1))
+  for name in names:
+    positive = name == outputs.binary.positive_name
+    colors[name] = list(POSITIVE_COLOR if positive else next(others))
+  return colors
+
+
+def cells(tiles, grid) -> np.ndarray:
+  """float64 [n, 4]: each tile's cell (x0, y0, x1, y1), one grid step centred on the tile's centre
+  (the tile itself at stride 1): the cells of a grid tile each point of the slide once."""
+  (tw, th), (sx, sy) = grid.tile, grid.step
+  cx = np.asarray(tiles.xs, np.float64) + tw / 2
+  cy = np.asarray(tiles.ys, np.float64) + th / 2
+  return np.stack([cx - sx / 2, cy - sy / 2, cx + sx / 2, cy + sy / 2], 1)
+
+
+def annotations_geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, grid) -> None:
+  """annotations.geojson: one QuPath annotation per predicted label, the union of its tiles' cells
+  (`cells`; shapely's `union_all`) in level-0 pixels, classified by the label with its colour
+  (as tiles.geojson) and measured by its tile count. QuPath imports it with File > Import objects;
+  the slide-regions source reads it back as labelled regions."""
+  labels = np.asarray(predictions(outputs, probs), dtype=object)
+  colors = label_colors(outputs)
+  boxes = cells(tiles, grid)
+  merged = annotations.merged_regions({name: boxes[labels == name] for name in colors})
+  features = [annotations.annotation_feature(shape, name, colors[name],
+                                             {"tiles": int(np.sum(labels == name))})
+              for name, shape in merged.items()]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"type": "FeatureCollection", "features": features}, f)
+    f.write("\n")
+
+
+def regions_csv(path: str, regions, tiles, probs: np.ndarray, outputs: Outputs) -> None:
+  """regions.csv: one row per annotated region (`jattn slide --regions`): its key (QuPath's id,
+  else its position in the file), name and label, the class of highest mean probability over its
+  tiles, those means and its tile count (a region without tiles has empty scores)."""
+  columns = probability_columns(outputs)
+  values = probability_values(outputs, probs)
+  names = list(outputs.binary.names) if outputs.binary is not None else list(outputs.classes)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(["region", "name", "label", "predicted", *[f"mean_{c}" for c in columns],
+                     "tiles"])
+    for k, region in enumerate(regions):
+      mine = np.flatnonzero(np.asarray(tiles.regions) == k)
+      if not len(mine):
+        writer.writerow([region.key, region.name, region.label, "", *[""] * len(columns), 0])
+        continue
+      means = values[mine].mean(0)
+      class_means = probs[mine].mean(0)
+      b = outputs.binary
+      predicted = (names[b.of[int(np.argmax(class_means))]] if b is not None else
+                   names[int(np.argmax(class_means))])
+      writer.writerow([region.key, region.name, region.label, predicted,
+                       *(f"{v:.6f}" for v in means), len(mine)])
+
+
 def geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> None:
   """tiles.geojson: a FeatureCollection with one polygon per tile in level-0 pixel coordinates,
   which QuPath imports as detections (`objectType`), classified by the predicted coarse label
@@ -171,15 +237,7 @@ def geojson(path: str, tiles, probs: np.ndarray, outputs: Outputs, scale) -> Non
   columns = probability_columns(outputs)
   values = probability_values(outputs, probs)
   labels = predictions(outputs, probs)
-  if outputs.binary is None:  # the class map's colours
-    colors = {c: list(rgb) for c, rgb in zip(outputs.classes, class_colors(len(outputs.classes)),
-                                             strict=True)}
-  else:
-    names = outputs.binary.names
-    colors, others = {}, iter(OTHER_COLORS * (len(names) // len(OTHER_COLORS) + 1))
-    for name in names:
-      positive = name == outputs.binary.positive_name
-      colors[name] = list(POSITIVE_COLOR if positive else next(others))
+  colors = label_colors(outputs)
   w, h = scale.tile_px
   with open(path, "w", encoding="utf-8") as f:
     f.write('{"type": "FeatureCollection", "features": [')

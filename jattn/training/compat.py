@@ -23,15 +23,19 @@ from jattn.core.errors import UserError
 from jattn.data import sources
 
 # Where each data field of the configs written before `config.data` lives now. `{own}` is the
-# group of the labelled source the config names: 'tfds' for tfds:NAME, else 'folder'.
+# group of the labelled source the config names: 'tfds' for tfds:NAME, 'slides' for the
+# slide-regions source, else 'folder'; `{listed}` the group whose CSV a `manifest` is ('slides' for
+# the slide-regions source, else 'folder').
 FLAT_DATA_FIELDS = {
     "dataset": "data.name", "data_dir": "data.dir", "prepared_dir": "data.prepared_dir",
     "folds": "data.folds", "folds_seed": "data.folds_seed", "num_folds": "data.num_folds",
     "skip_corrupt": "data.skip_corrupt", "download": "data.breakhis.download",
     "magnifications": "data.breakhis.magnifications", "task": "data.breakhis.task",
-    "synthetic": "data.breakhis.synthetic", "manifest": "data.folder.manifest",
+    "synthetic": "data.breakhis.synthetic", "manifest": "data.{listed}.manifest",
     "classes": "data.{own}.classes", "group": "data.{own}.group", "strata": "data.{own}.strata",
     "mpp": "data.{own}.mpp", "positive_class": "data.{own}.positive_class",
+    # Named so in the issue that asked for the slide-regions source.
+    "min_region_fraction": "data.slides.min_region_fraction",
 }
 
 LATER_FIELDS = {
@@ -43,6 +47,8 @@ LATER_FIELDS = {
     # The folder and TFDS sources' fields and stain normalisation.
     **{f"data.folder.{k}": v for k, v in sources.get("folder").DEFAULTS.items()},
     **{f"data.tfds.{k}": v for k, v in sources.get("tfds:").DEFAULTS.items()},
+    # The slide-regions source's fields.
+    **{f"data.slides.{k}": v for k, v in sources.get("slides").DEFAULTS.items()},
     "data.num_folds": 5, "stain_norm": "none",
     # The ResNets' placement and batch norm's running variance as PyTorch keeps it.
     "model.bn_unbiased_running_var": False, "model.c_attn_stages": [0, 1],
@@ -62,7 +68,9 @@ BOOKKEEPING_FIELDS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpo
 
 
 def _own(name) -> str:
-  return "tfds" if str(name).startswith("tfds:") else "folder"
+  if str(name).startswith("tfds:"):
+    return "tfds"
+  return "slides" if name == "slides" else "folder"
 
 
 def nested_key(key: str, name) -> str:
@@ -72,7 +80,9 @@ def nested_key(key: str, name) -> str:
   head, dot, rest = key.partition(".")
   if head not in FLAT_DATA_FIELDS:
     return key
-  return FLAT_DATA_FIELDS[head].format(own=_own(name)) + dot + rest
+  own = _own(name)
+  return (FLAT_DATA_FIELDS[head].format(own=own, listed="slides" if own == "slides" else "folder")
+          + dot + rest)
 
 
 def _source_named(pairs: Sequence[tuple[str, object]], default) -> object:
@@ -148,7 +158,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not moved:
       raise
     raise UserError(f"{e} (the data fields moved under config.data: config.{moved[0]} is now "
-                    f"config.{nested_key(moved[0], 'breakhis').replace('{own}', 'folder')}; see "
+                    f"config.{nested_key(moved[0], 'breakhis')}; see "
                     f"configs/default.py)") from None
   return config_lib.apply_overrides(config, nest_overrides(overrides, config))
 
