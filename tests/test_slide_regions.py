@@ -318,9 +318,21 @@ def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
   assert labels == predicted and len(labels) >= 20
   assert set(labels.values()) == {"Stroma", "Tumor"}  # both classes predicted and read back
 
-  # Scored per region: each region's tiles by hand with shapely, their mean probabilities.
+  # A GeoJSON is one slide's regions: with two slides, one line before anything is predicted.
+  with pytest.raises(SystemExit) as e:
+    cli.main(["slide", "--workdir", workdir, heldout, str(synthetic / "slide_1.tif"), "--out",
+              str(tmp_path / "two"), "--regions", str(synthetic / "heldout.geojson")])
+  assert e.value.code == 2 and not os.path.exists(tmp_path / "two" / "heldout")
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"jattn slide: error: --regions {synthetic / 'heldout.geojson'}: a GeoJSON file is the "
+      f"regions of one slide, and 2 slides are given; give one slide, or a CSV of "
+      f"slide,annotations rows")
+  # Scored per region (the regions named by a CSV, as the source's): each region's tiles by hand
+  # with shapely, their mean probabilities.
+  (tmp_path / "regions.csv").write_text(f"slide,annotations\n{heldout},"
+                                        f"{synthetic / 'heldout.geojson'}\n")
   cli.main(["slide", "--workdir", workdir, heldout, "--out", str(tmp_path / "regions"),
-            "--regions", str(synthetic / "heldout.geojson"), "--min-region-fraction", "0.5",
+            "--regions", str(tmp_path / "regions.csv"), "--min-region-fraction", "0.5",
             "--top-k", "1"])
   tiles = _rows(tmp_path / "regions" / "heldout" / "tiles.csv")
   features = json.loads((synthetic / "heldout.geojson").read_text())["features"]

@@ -9,8 +9,11 @@ prepare.py (the decoded-image cache and normalisation stats every source shares)
 (batches), augment.py (on-device flips, rotations, stain colours), stain.py (Macenko stain
 normalisation), preview.py (augment-preview);
 breakhis/ (BreakHis: naming, scan, download, folds, TFDS builder, synthesizer, describe, export);
-folder.py (a folder per class, or a manifest), tfds_source.py (a prepared TFDS data set) and
-labelled.py (what those two share: the table of images, folds, the FoldData).
+folder.py (a folder per class, or a manifest), tfds_source.py (a prepared TFDS data set),
+slide_regions.py (regions annotated on whole slides in QuPath) and labelled.py (what those share:
+the table of images, folds, the FoldData); wsi.py (a whole slide's scale and tiles, which the slide
+command reads with too), annotations.py (QuPath's GeoJSON regions, shapely's geometry),
+synthetic_slides.py (the annotated slides of the slides demo).
 The names below are imported on first use, so that `jattn data` does not load grain,
 JAX and TFDS.
 """

@@ -178,6 +178,9 @@ def read_table(config) -> Read:
       raise UserError(f"{path} line {line}: {name} is listed again (first on line "
                       f"{first[slide_path]}); list each slide once")
     first[slide_path] = line
+    if not os.path.isfile(slide_path):
+      raise UserError(f"{path} line {line}: slide {slide_path} does not exist (paths are relative "
+                      f"to the CSV's folder {root}, or absolute)")
     ann_path = ann_name if os.path.isabs(ann_name) else os.path.join(root, ann_name)
     if not os.path.isfile(ann_path):
       raise UserError(f"{path} line {line}: annotations {ann_path} does not exist (paths are "

@@ -9,8 +9,9 @@ the tile size), its tissue found on the thumbnail (`tissue`), its tissue tiles s
 the run's eval step (`tiler`, `pipeline`), and its results written into OUT/<slide name>/
 (`writers`): tiles.csv, heatmap.png, heatmap.npy, tiles.geojson (QuPath detections), slide.json
 and top_tiles/*.png (class_map.npy too, and class maps for heatmaps, for a run without a
-positive label); a cohort adds OUT/cohort.csv and, against labels, cohort_figures.json
-(`cohort`). docs/slides.md describes every file and option.
+positive label; annotations.geojson with --annotations, regions.csv with --regions: QuPath's
+annotations back and forth, docs/annotated-slides.md); a cohort adds OUT/cohort.csv and,
+against labels, cohort_figures.json (`cohort`). docs/slides.md describes every file and option.
 """
 
 from jattn.slides.cohort import run_cohort

@@ -34,7 +34,7 @@ FLAT_DATA_FIELDS = {
     "synthetic": "data.breakhis.synthetic", "manifest": "data.{listed}.manifest",
     "classes": "data.{own}.classes", "group": "data.{own}.group", "strata": "data.{own}.strata",
     "mpp": "data.{own}.mpp", "positive_class": "data.{own}.positive_class",
-    # Named so in the issue that asked for the slide-regions source.
+    # The slide-regions source's tile fraction, as it was first named.
     "min_region_fraction": "data.slides.min_region_fraction",
 }
 
