@@ -32,7 +32,7 @@ MPP = 0.5  # level-0 microns per pixel (20x)
 SIZE = (1536, 1024)  # level-0 (width, height)
 LEVELS = 2  # level k is level 0 / 2^k
 GLASS = 240
-CLASSES = {"Tumor": (200, 0, 0), "Stroma": (150, 200, 150)}  # QuPath's default colours
+REGION_COLORS = {"Tumor": (200, 0, 0), "Stroma": (150, 200, 150)}  # QuPath's default colours
 HELDOUT = "heldout"
 
 
@@ -84,7 +84,7 @@ def feature(rng, rings, label: str) -> dict:
   return {"type": "Feature", "id": str(uuid.UUID(int=int(rng.integers(0, 2**62)) << 64 | 1)),
           "geometry": {"type": "Polygon", "coordinates": closed},
           "properties": {"objectType": "annotation",
-                         "classification": {"name": label, "color": list(CLASSES[label])}}}
+                         "classification": {"name": label, "color": list(REGION_COLORS[label])}}}
 
 
 def write_pyramid(path: str, image: np.ndarray, mpp: float, levels: int = LEVELS) -> None:
