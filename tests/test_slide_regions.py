@@ -140,6 +140,13 @@ def test_real_slide_tiles_are_the_grid_tiles_inside_the_regions_and_none_in_the_
     if label == "Tumor":
       assert box.intersection(tumour).area / tile**2 >= FRACTION
   assert read.table.names[0] == f"{os.path.normpath(REAL_SLIDE)}/x{read.xs[0]}_y{read.ys[0]}"
+  assert set(read.table.groups) == {"p1"} and read.table.group_unit == "patient"
+  # Without a patient column each slide is its own group.
+  (tmp := real[1] / "no_patient.csv").write_text(f"slide,annotations\n{REAL_SLIDE},"
+                                                 f"regions.geojson\n")
+  alone = slide_regions.read_table(source_config(tmp, real[1] / "p3", **{"data.slides.group": ""}))
+  assert set(alone.table.groups) == {os.path.normpath(REAL_SLIDE)}
+  assert alone.table.group_unit == "slide"
 
 
 def test_real_slide_tiles_are_openslides_regions_resized_as_the_slide_command_does(real):
@@ -254,6 +261,10 @@ def test_a_changed_annotations_file_or_slide_is_refused_not_used_stale(synthetic
   config = source_config(folder / "slides.csv", tmp_path / "prepared", **{"data.num_folds": 2})
   first = data.load_fold(config)
   assert data.load_fold(config).num_images == first.num_images  # unchanged: the cache is used
+  patient = {r["slide"]: r["patient"] for r in _rows(folder / "slides.csv")}  # the CSV's own
+  sides = [{patient[first.file_names[i].split("/")[0]] for i in side}
+           for side in (first.train_indices, first.test_indices)]
+  assert sides[0] and sides[1] and not sides[0] & sides[1]  # patient-disjoint folds
   geojson = json.loads((folder / "slide_2.geojson").read_text())
   geojson["features"][0]["geometry"]["coordinates"][0][0][0] += 1.0
   write_json(folder / "slide_2.geojson", geojson)
@@ -352,3 +363,16 @@ def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
     assert row["predicted"] == max(means, key=means.get)
   assert len(tiles) == sum(int(r["tiles"]) for r in rows)
   capsys.readouterr()
+
+
+def test_the_flat_names_of_earlier_configs_reach_the_slides_group():
+  """`--config.dataset=slides --config.manifest=... --config.min_region_fraction=...` as configs
+  before `config.data` named them; a folder source's manifest stays the folder's."""
+  config = compat.load_config(os.path.join(REPO, "configs", "demo.py"), [
+      "dataset=slides", "manifest=slides.csv", "min_region_fraction=0.8", "classes=a,b"])
+  assert (config.data.name, config.data.slides.manifest, config.data.slides.min_region_fraction,
+          config.data.slides.classes) == ("slides", "slides.csv", 0.8, "a,b")
+  assert config.data.folder.manifest == ""
+  folder = compat.load_config(os.path.join(REPO, "configs", "demo.py"),
+                              ["dataset=folder", "manifest=m.csv"])
+  assert (folder.data.folder.manifest, folder.data.slides.manifest) == ("m.csv", "")
