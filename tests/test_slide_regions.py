@@ -288,9 +288,9 @@ def _rows(path):
 @pytest.mark.slow
 def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
     synthetic, tmp_path, capsys):
-  """Annotated slides in, a tiny run, the held-out slide predicted over its tissue with
-  --annotations and scored per region with --regions; the predicted annotations, read back by
-  the same source, label every predicted tile with its prediction."""
+  """Annotated slides in, a tiny run, the held-out slide scored per annotated region (--regions,
+  by a CSV as the source's) with its predictions written as annotations (--annotations); those,
+  read back by the same source, label every predicted tile with its prediction."""
   from jattn import main
 
   workdir = str(tmp_path / "run")
@@ -306,29 +306,6 @@ def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
   main.main(["--config", DEMO_SLIDES, "--workdir", workdir,
              *[f"--config.{k}={v}" for k, v in overrides.items()]])
   heldout = str(synthetic / "heldout.tif")
-  out = tmp_path / "out"
-  cli.main(["slide", "--workdir", workdir, heldout, "--out", str(out), "--annotations",
-            "--top-k", "1"])
-  record = json.loads((out / "heldout" / "slide.json").read_text())
-  tile = round(32 * 1.0 / synthetic_slides.MPP)  # 64 level-0 px, read as 32 from level 1
-  assert record["scale"]["tile_level0_px"] == [tile, tile] and record["scale"]["level"] == 1
-  assert record["scale"]["field_px"] == [32, 32] and record["scale"]["read_px"] == [32, 32]
-  predicted = {(int(r["x"]), int(r["y"])): r["prediction"]
-               for r in _rows(out / "heldout" / "tiles.csv")}
-  written = json.loads((out / "heldout" / "annotations.geojson").read_text())
-  for f in written["features"]:
-    assert f["type"] == "Feature" and f["properties"]["objectType"] == "annotation"
-    assert set(f["properties"]["classification"]) == {"name", "color"}
-  # Read back: the predicted annotations as the labels of the same slide.
-  (tmp_path / "back.csv").write_text(
-      f"slide,annotations,patient\n{heldout},{out / 'heldout' / 'annotations.geojson'},p9\n")
-  back = slide_regions.read_table(source_config(tmp_path / "back.csv", tmp_path / "p2",
-                                                image_size=32, **{"data.slides.tile_mpp": 1.0}))
-  labels = {(int(x), int(y)): back.table.classes[k]
-            for x, y, k in zip(back.xs, back.ys, back.table.labels, strict=True)}
-  assert labels == predicted and len(labels) >= 20
-  assert set(labels.values()) == {"Stroma", "Tumor"}  # both classes predicted and read back
-
   # A GeoJSON is one slide's regions: with two slides, one line before anything is predicted.
   with pytest.raises(SystemExit) as e:
     cli.main(["slide", "--workdir", workdir, heldout, str(synthetic / "slide_1.tif"), "--out",
@@ -338,22 +315,34 @@ def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
       f"jattn slide: error: --regions {synthetic / 'heldout.geojson'}: a GeoJSON file is the "
       f"regions of one slide, and 2 slides are given; give one slide, or a CSV of "
       f"slide,annotations rows")
-  # Scored per region (the regions named by a CSV, as the source's): each region's tiles by hand
-  # with shapely, their mean probabilities.
+
   (tmp_path / "regions.csv").write_text(f"slide,annotations\n{heldout},"
                                         f"{synthetic / 'heldout.geojson'}\n")
-  cli.main(["slide", "--workdir", workdir, heldout, "--out", str(tmp_path / "regions"),
+  out = tmp_path / "out" / "heldout"
+  cli.main(["slide", "--workdir", workdir, heldout, "--out", str(tmp_path / "out"),
             "--regions", str(tmp_path / "regions.csv"), "--min-region-fraction", "0.5",
-            "--top-k", "1"])
-  tiles = _rows(tmp_path / "regions" / "heldout" / "tiles.csv")
+            "--annotations", "--top-k", "1"])
+  record = json.loads((out / "slide.json").read_text())
+  tile = round(32 * 1.0 / synthetic_slides.MPP)  # 64 level-0 px, read as 32 from level 1
+  assert record["scale"]["tile_level0_px"] == [tile, tile] and record["scale"]["level"] == 1
+  assert record["scale"]["field_px"] == [32, 32] and record["scale"]["read_px"] == [32, 32]
+
+  # Scored per region: the grid tiles half inside a region by shapely (the two do not overlap),
+  # each region's mean probabilities over its own.
+  tiles = _rows(out / "tiles.csv")
   features = json.loads((synthetic / "heldout.geojson").read_text())["features"]
-  rows = _rows(tmp_path / "regions" / "heldout" / "regions.csv")
+  shapes = [geometry.shape(f["geometry"]) for f in features]
+  assert shapes[0].intersection(shapes[1]).area == 0
+  with openslide.OpenSlide(heldout) as handle:
+    w, h = handle.dimensions
+  inside = [[(x, y) for y in range(0, h - tile + 1, tile) for x in range(0, w - tile + 1, tile)
+             if shapely.box(x, y, x + tile, y + tile).intersection(shape).area >= 0.5 * tile**2]
+            for shape in shapes]
+  assert {(int(t["x"]), int(t["y"])) for t in tiles} == set(inside[0]) | set(inside[1])
+  rows = _rows(out / "regions.csv")
   assert [r["region"] for r in rows] == [f["id"] for f in features]
-  for row, feature in zip(rows, features, strict=True):
-    shape = geometry.shape(feature["geometry"])
-    mine = [t for t in tiles if shapely.box(int(t["x"]), int(t["y"]), int(t["x"]) + tile,
-                                            int(t["y"]) + tile).intersection(shape).area
-            >= 0.5 * tile**2]
+  for row, feature, cells in zip(rows, features, inside, strict=True):
+    mine = [t for t in tiles if (int(t["x"]), int(t["y"])) in cells]
     assert row["label"] == feature["properties"]["classification"]["name"]
     assert int(row["tiles"]) == len(mine) > 0
     for c in ("Stroma", "Tumor"):
@@ -361,7 +350,21 @@ def test_round_trip_annotations_in_a_run_annotations_out_read_back_as_labels(
           np.mean([float(t[f"prob_{c}"]) for t in mine]), abs=2e-6)
     means = {c: float(row[f"mean_prob_{c}"]) for c in ("Stroma", "Tumor")}
     assert row["predicted"] == max(means, key=means.get)
-  assert len(tiles) == sum(int(r["tiles"]) for r in rows)
+
+  # Predictions out as QuPath annotations, read back by the source as the same slide's labels.
+  written = json.loads((out / "annotations.geojson").read_text())
+  for f in written["features"]:
+    assert f["type"] == "Feature" and f["properties"]["objectType"] == "annotation"
+    assert set(f["properties"]["classification"]) == {"name", "color"}
+  (tmp_path / "back.csv").write_text(
+      f"slide,annotations,patient\n{heldout},{out / 'annotations.geojson'},p9\n")
+  back = slide_regions.read_table(source_config(tmp_path / "back.csv", tmp_path / "p2",
+                                                image_size=32, **{"data.slides.tile_mpp": 1.0}))
+  labels = {(int(x), int(y)): back.table.classes[k]
+            for x, y, k in zip(back.xs, back.ys, back.table.labels, strict=True)}
+  predicted = {(int(t["x"]), int(t["y"])): t["prediction"] for t in tiles}
+  assert labels == predicted and len(labels) >= 20
+  assert set(labels.values()) == {"Stroma", "Tumor"}  # both classes predicted and read back
   capsys.readouterr()
 
 
