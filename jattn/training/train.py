@@ -51,6 +51,7 @@ from jattn.training import (
   log_windows,
   optim,
   parallel,
+  probe,
   test_evaluation,
   validate,
   workdirs,
@@ -118,6 +119,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for fold_workdir in fold_dirs.values():
         locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir",
                                                         remove_unused=True))
+    if probe.cached(config):  # a frozen backbone under a linear head: features computed once
+      return probe.train_and_evaluate(config, plan, fold_dirs, overwrite)
     return _train_and_evaluate(config, plan, fold_dirs, overwrite)
 
 
