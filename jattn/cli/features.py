@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
                       f"a run's recorded config")
     if args.batch_size < 1:
       raise UserError(f"--batch-size {args.batch_size}: give a positive number")
+    if args.slides and args.config is not None and args.tile_um is None:
+      raise UserError("--config has no training scale: give the field a tile covers with "
+                      "--tile-um W,H (um), or a trained run's --workdir")
     backbone = (features.from_run(args.workdir) if args.workdir
                 else features.from_config(args.config, overrides))
     if args.slides:
