@@ -45,6 +45,7 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 from jattn import data, models
+from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import sources, stain
 from jattn.evaluation import evaluate, results
@@ -62,6 +63,7 @@ from jattn.training import state as state_lib
 from jattn.training.fold_run import FoldRun
 
 SOLVERS = ("jax", "logistic")
+PROBE_FILE = "probe.json"  # in a work dir: what the probe fitted (results.json's `probe`)
 
 
 def augmentation_off(config: ml_collections.ConfigDict) -> bool:
@@ -84,6 +86,8 @@ def why_not_cached(config: ml_collections.ConfigDict) -> str | None:
     return "config.model.train_last_blocks trains blocks before the pooled features"
   if config.get("parallel_folds", 1) != 1:
     return "config.parallel_folds > 1"
+  if jax.process_count() > 1:
+    return "the run spans several processes"
   heads = models.head_params(mc)
   backbone = models.of(mc)
   size = min(config.image_size, models.INIT_SIZE)
@@ -285,13 +289,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict[
     fold.layout_history = layouts.record(fold)
   try:
     restored = checkpoints.restore_latest(fold.manager, state)
-    probe_record = None
-    if restored is not None:  # fitted before a kill during the evaluation: evaluate it
+    record_path = os.path.join(workdir, PROBE_FILE)
+    if restored is not None and os.path.exists(record_path):  # killed during the evaluation
       state = restored
+      probe_record = files.read_json(record_path, "delete the run's checkpoints to fit it again")
       print(f"{workdir}: the head fitted before (step {int(state.step)}) is evaluated")
     else:
       state, probe_record = _fit(fold_config, fold, state)
-      checkpoints.save(fold.manager, fold.total_steps, state)
+      if restored is None:
+        checkpoints.save(fold.manager, fold.total_steps, state)
+      else:  # a checkpoint without its record: the fit is deterministic, keep the checkpoint's
+        state = restored
+      if is_main:
+        results.write_json(record_path, probe_record)
     fold.step = int(state.step)
   finally:
     checkpoints.wait(fold.manager)
@@ -301,8 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, plan, fold_dirs: dict[
   fold.results["train"] = {"epochs": config.num_epochs, "steps": fold.step,
                            "steps_per_epoch": fold.steps_per_epoch,
                            "wall_time_this_session_s": round(time.time() - started, 1)}
-  fold.results["probe"] = probe_record or {"solver": config.probe.solver,
-                                           "note": "fitted in an earlier session"}
+  fold.results["probe"] = probe_record
   fold.results["layout"] = layouts.summary(fold.layout, fold.layout_history)
   if is_main:
     test_evaluation.write(fold, rows)
