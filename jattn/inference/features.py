@@ -96,6 +96,14 @@ def variables_sha256(variables) -> str:
   return h.hexdigest()
 
 
+def file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
 def from_run(workdir: str) -> Backbone:
   """The backbone of a trained run (its latest checkpoint)."""
   config, state = runs.restore(workdir)
@@ -116,15 +124,21 @@ def from_config(spec: str, overrides: list[str] = ()) -> Backbone:
       config, jax.random.split(jax.random.key(config.seed))[0])
   state = state_lib.make_state(config, model, variables, IMAGENET_MEAN, IMAGENET_STD, 1)
   pretrained = config.get("pretrained", "")
-  digest = ""
+  weights_file = config.model.get("weights", "")  # a ViT preset's published weights file
+  digest, loaded = "", []
   if pretrained:
+    loaded.append(f"{os.path.abspath(pretrained)} (config.pretrained, scope "
+                  f"{config.pretrained_scope})")
     info = os.path.join(os.path.abspath(pretrained), weights_lib.INFO_FILE)
     if os.path.exists(info):
       record = files.read_json(info, "it describes the converted weights: convert them again")
       digest = str(record.get("sha256", "")) if isinstance(record, dict) else ""
-  source = (f"{os.path.abspath(pretrained)} (config.pretrained, scope "
-            f"{config.pretrained_scope}), the rest initialised from seed {config.seed}"
-            if pretrained else f"initialised from seed {config.seed} (config.pretrained empty)")
+  if weights_file:
+    path = os.path.abspath(os.path.expanduser(weights_file))
+    loaded.append(f"{path} (config.model.weights)")
+    digest = file_sha256(path)
+  source = (f"{' and '.join(loaded)}, the rest initialised from seed {config.seed}" if loaded
+            else f"initialised from seed {config.seed} (no weights: config.pretrained empty)")
   return Backbone(config, state, "config", source, digest)
 
 
