@@ -78,6 +78,21 @@ def get_config():
   # biased one), as PyTorch's; False: the biased one, as Flax's (runs written before this field).
   config.model.bn_unbiased_running_var = True
 
+  # Freeze the backbone: only the parameters its ImageNet (or foundation-model) weights do not
+  # provide are trained (the head, attention modules). With augmentation off, no attention
+  # module and nothing trainable before the pooled features, each image's features are computed
+  # once and the head trains on them (jattn.training.probe, docs/features.md).
+  config.model.freeze = False
+  # The linear probe of such a run: 'jax' (the head trained with this recipe: Adam, weight decay,
+  # epochs) or 'logistic' (scikit-learn's LogisticRegression, C chosen from c_values on a
+  # validation split of the training groups: the run's validation_fraction, else the fraction
+  # below; never the test split).
+  config.probe = ml_collections.ConfigDict()
+  config.probe.solver = "jax"
+  config.probe.c_values = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+  config.probe.validation_fraction = 0.2
+  config.probe.max_iter = 1000
+
   # ImageNet weights for the backbone convs, converted by `python -m jattn.models.weights`
   # ('' trains from scratch, with a warning). The classifier and attention start from scratch.
   config.pretrained = "pretrained/vgg19"

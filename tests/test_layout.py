@@ -76,7 +76,7 @@ def test_the_command_is_installed_and_lists_every_subcommand():
   listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.strip()]
   assert listed == list(cli.COMMANDS) == [
       "train", "sweep", "tables", "predict", "inspect", "validate-external", "slide", "stain",
-      "convert", "data", "benchmark", "models"]
+      "convert", "data", "benchmark", "models", "features"]
   # The design card's command keeps working, as the same command.
   main_help = subprocess.run([sys.executable, "-m", "jattn.main", "--help"], cwd=REPO,
                              capture_output=True, text=True, check=True,

@@ -25,6 +25,7 @@ COMMANDS = {
     "data": ("data", "BreakHis: download, synthesize, describe, export, preview augmentation"),
     "benchmark": ("benchmark", "how fast the steps run here, beside PyTorch; profile, roofline"),
     "models": ("models", "parameters per module and forward FLOPs of a config's model"),
+    "features": ("features", "a backbone's features of a data set or slides' tiles, as HDF5"),
 }
 
 

@@ -16,6 +16,8 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
   TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
   state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
   check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)
+  feature_dim(model_config) -> int  D of `model.apply(..., return_features=True)`'s [B, D]: what
+  head_params(model_config)         the final linear layer takes; that layer's parameter paths
 """
 
 from __future__ import annotations
@@ -131,6 +133,17 @@ def attention_sites(model_config: ml_collections.ConfigDict) -> list[tuple[str, 
 def without_attention(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same backbone with no attention module (the baseline of the attention overhead)."""
   return of(model_config).without_attention(model_config)
+
+
+def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+  """D of the features [B, D] that `model.apply(..., return_features=True)` returns: what the
+  backbone's final linear layer takes."""
+  return of(model_config).feature_dim(model_config)
+
+
+def head_params(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """The parameter-path prefixes (without the collection) of the final linear layer."""
+  return of(model_config).head_params(model_config)
 
 
 INIT_SIZE = 64  # the input side the variables are initialised at (`init_variables`)

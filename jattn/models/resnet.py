@@ -173,7 +173,10 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_features: bool = False) -> jax.Array:
+    """Logits [B, num_classes] (float32); with `return_features`, the globally pooled features
+    [B, D] that the head `fc` takes (D = the last stage's channels; `feature_dim`)."""
     def attend(x, stage):
       name = site_name(stage)
       if stage in self.s_attn_stages:
@@ -197,11 +200,15 @@ class ResNet(nn.Module):
         x = attend(x, spec.stage)
     x = jnp.mean(x, axis=(1, 2))  # AdaptiveAvgPool2d((1, 1))
     bound = 1 / np.sqrt(x.shape[-1])  # torch.nn.Linear's default initialisation
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                 bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-                     key, shape, dtype, -bound, bound), name="fc")(x)
-    return x.astype(jnp.float32)
+    fc = nn.Dense(self.num_classes, dtype=self.dtype,
+                  kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                  bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                      key, shape, dtype, -bound, bound), name="fc")
+    if return_features:
+      if self.is_initializing():  # the head's parameters exist whatever is returned
+        fc(x)
+      return x.astype(jnp.float32)
+    return fc(x).astype(jnp.float32)
 
 
 def site_name(stage: int) -> str:
@@ -279,6 +286,17 @@ def without_attention(model_config: ml_collections.ConfigDict) -> ml_collections
 def ignored_fields(model_config) -> tuple[str, ...]:
   """Model fields that change nothing a ResNet computes: VGG's head and batch-norm switch."""
   return ("batch_norm", "classifier_width", "pool_size", "dropout_rate")
+
+
+def feature_dim(model_config: ml_collections.ConfigDict) -> int:
+  """The width of the pooled features `ResNet(..., return_features=True)` returns."""
+  block = ARCHS[model_config.name][0]
+  return stage_channels(block, stage_planes(model_config.width))[-1]
+
+
+def head_params(model_config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+  """The parameter-path prefixes of the final linear layer, which takes the features."""
+  return (("fc",),)
 
 
 def is_pretrained(path: Sequence[str]) -> bool:

@@ -95,7 +95,9 @@ class Block(nn.Module):
 
 
 class Classifier(nn.Module):
-  """torchvision's VGG head: Linear-ReLU-Dropout, Linear-ReLU-Dropout, Linear."""
+  """torchvision's VGG head: Linear-ReLU-Dropout, Linear-ReLU-Dropout, Linear. With
+  `return_features` it returns what the last Linear (`head`) takes: the second Dropout's output,
+  [B, width]."""
 
   num_classes: int
   width: int = 4096
@@ -103,13 +105,19 @@ class Classifier(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_features: bool = False) -> jax.Array:
     dense = functools.partial(nn.Dense, kernel_init=linear_init, dtype=self.dtype)
     x = nn.relu(dense(self.width, name="fc1")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.relu(dense(self.width, name="fc2")(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return dense(self.num_classes, name="head")(x)
+    head = dense(self.num_classes, name="head")
+    if return_features:
+      if self.is_initializing():  # the head's parameters exist whatever is returned
+        head(x)
+      return x
+    return head(x)
 
 
 class VGG(nn.Module):
@@ -132,7 +140,10 @@ class VGG(nn.Module):
   bn_torch_running_var: bool = False  # batch norm keeps PyTorch's unbiased running variance
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False,
+               return_features: bool = False) -> jax.Array:
+    """Logits [B, num_classes] (float32); with `return_features`, the features [B, D] that the
+    classifier's last layer `classifier/head` takes (D = classifier_width; `feature_dim`)."""
     x = x.astype(self.dtype)
     for b, widths in enumerate(self.blocks, start=1):
       s_attn = (SpatialAttention(self.s_attn_reduction, self.dtype, self.s_attn_impl, parent=None)
@@ -145,7 +156,7 @@ class VGG(nn.Module):
     x = adaptive_avg_pool(x, self.pool_size)
     x = x.reshape(x.shape[0], -1)  # (h, w, c) order; the converter permutes torch's (c, h, w)
     x = Classifier(self.num_classes, self.classifier_width, self.dropout_rate, self.dtype,
-                   name="classifier")(x, train)
+                   name="classifier")(x, train, return_features)
     return x.astype(jnp.float32)
 
 
@@ -215,6 +226,16 @@ def without_attention(model_config):
 def ignored_fields(model_config) -> tuple[str, ...]:
   """Model fields that change nothing this VGG computes (old runs resume when they differ)."""
   return () if model_config.get("batch_norm") else ("bn_unbiased_running_var",)
+
+
+def feature_dim(model_config) -> int:
+  """The width of the features `VGG(..., return_features=True)` returns: the classifier's."""
+  return int(model_config.classifier_width)
+
+
+def head_params(model_config) -> tuple[tuple[str, ...], ...]:
+  """The parameter-path prefixes of the final linear layer, which takes the features."""
+  return (("classifier", "head"),)
 
 
 def is_pretrained(path: tuple[str, ...]) -> bool:

@@ -57,6 +57,10 @@ LATER_FIELDS = {
     "steps_per_dispatch": 1,
     # Calibration: its bins, and the validation split of temperature scaling.
     "validation_fraction": 0.0, "calibration.bins": 15,
+    # A frozen backbone, and the linear probe on its cached features.
+    "model.freeze": False, "probe.solver": "jax",
+    "probe.c_values": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], "probe.validation_fraction": 0.2,
+    "probe.max_iter": 1000,
 }
 # Later fields whose default is not what runs before them computed: a run written before one of
 # them resumes as it was trained (`recorded_values`), not refused as another config.

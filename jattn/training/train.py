@@ -51,6 +51,7 @@ from jattn.training import (
   log_windows,
   optim,
   parallel,
+  probe,
   test_evaluation,
   validate,
   workdirs,
@@ -118,6 +119,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for fold_workdir in fold_dirs.values():
         locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir",
                                                         remove_unused=True))
+    why_not = probe.why_not_cached(config)
+    if why_not is None:  # a frozen backbone under a linear head: features computed once
+      return probe.train_and_evaluate(config, plan, fold_dirs, overwrite)
+    if config.model.get("freeze", False) and jax.process_index() == 0:
+      print(f"config.model.freeze: training the unfrozen parameters step by step, not on cached "
+            f"features ({why_not})", flush=True)
     return _train_and_evaluate(config, plan, fold_dirs, overwrite)
 
 
