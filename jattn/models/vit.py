@@ -1,5 +1,5 @@
-"""Vision transformers as timm builds them, in one Flax module, with the pathology foundation models'
-presets, their weights from a local file, and C-Attn and S-Attn on the patch-token grid.
+"""Vision transformers as timm builds them, in one Flax module, with the presets of the pathology
+foundation models, their weights from a local file, and C-Attn and S-Attn on the patch-token grid.
 
 The ViT (timm's `VisionTransformer` with the options these models use): a convolutional patch
 embedding (a p x p conv of stride p), a class token, `reg_tokens` register tokens, learned absolute
