@@ -274,23 +274,34 @@ def test_attention_sits_on_the_patch_grid_and_reaches_the_class_token():
 @pytest.mark.slow
 def test_a_small_vit_fine_tuned_from_a_weights_file_through_jattn_train(
     synthetic_tree, prepared_dir, tmp_path):
-  """configs/demo.py:vit_s14_ours (ViT-S/14 reg4 at 4 blocks of 96 channels, 56x56) with weights
-  from a .safetensors file, one epoch, through the command line: results.json records the
-  preset, its licence and the file's sha256 (hashlib's, here), and the row's own label."""
+  """configs/demo.py:vit_s14_ours (ViT-S/14 reg4, 2 blocks of 96 channels, 56x56, C-Attn and S-Attn
+  after block 1) with weights from a .safetensors file, its last block, attention and head
+  fine-tuned (freeze, train_last_blocks=1), one epoch, through the command line. The restored
+  checkpoint (its partitioned optimiser state included) holds the file's block 1 unchanged and a
+  trained block 2; results.json records the preset, its licence and the file's sha256 (hashlib's,
+  here); the tables label the row by its backbone and mode."""
   from jattn import main
   from jattn.data.breakhis import published
+  from jattn.inference import runs
   from tests.runs import tiny_overrides
 
   _, sd = timm_small("dinov2_vits14_reg4", num_classes=0)
-  sd = {k: v for k, v in sd.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 2}
   weights = str(tmp_path / "vit.safetensors")
   save_file(sd, weights)
   workdir = str(tmp_path / "run")
   overrides = tiny_overrides(synthetic_tree[0], prepared_dir, num_epochs=1, image_size=56,
-                             **{"model.vit.depth": 2, "model.weights": weights,
-                                "bootstrap_resamples": 0})
+                             **{"model.vit.depth": 2, "model.vit.num_heads": 2,
+                                "model.weights": weights, "model.freeze": True,
+                                "model.train_last_blocks": 1, "bootstrap_resamples": 0})
   main.main(["--config", "configs/demo.py:vit_s14_ours", "--workdir", workdir,
              *[f"--config.{o}" for o in overrides]])
+  _, state = runs.restore(workdir)
+  p = state.params
+  np.testing.assert_array_equal(p["blocks_0"]["attn"]["qkv"]["kernel"],
+                                sd["blocks.0.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(p["pos_embed"], sd["pos_embed"])
+  assert not np.array_equal(p["blocks_1"]["attn"]["qkv"]["kernel"],
+                            sd["blocks.1.attn.qkv.weight"].T)
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   with open(weights, "rb") as f:
@@ -299,4 +310,5 @@ def test_a_small_vit_fine_tuned_from_a_weights_file_through_jattn_train(
   assert results["backbone"]["preset"] == "dinov2_vits14_reg4"
   assert results["backbone"]["licence"] == "Apache-2.0"
   assert published.setting(results).startswith("dinov2_vits14_reg4")
+  assert "frozen but the last 1 blocks" in published.setting(results)
   assert "from scratch" not in published.setting(results)
