@@ -245,6 +245,13 @@ def test_training_mode_and_placement_errors():
     models.check(_config(vit_c_attn_blocks=(3,)).model)
   with pytest.raises(UserError, match="4x4 patch grid .* smaller than C-Attn's 7x7"):
     models.check(_config(vit_c_attn_blocks=(1,), c_attn_kernel=7).model, 56)
+  from jattn.training import validate
+  with pytest.raises(UserError, match="not config.pretrained: set --config.pretrained=''"):
+    config = _config()
+    config.pretrained = "pretrained/vgg19"
+    validate.validate_config(config)
+  with pytest.raises(UserError, match="no such file.*timm/vit_small_patch14_reg4_dinov2.*public"):
+    validate.validate_config(_config(weights="nowhere.safetensors"))
   vgg = default.get_config().model
   vgg.weights = "w.safetensors"
   with pytest.raises(UserError, match="vgg19 takes ImageNet weights from config.pretrained"):
