@@ -58,6 +58,7 @@ from safetensors.numpy import load_file as load_safetensors
 
 from jattn import models
 from jattn.core.errors import UserError
+from jattn.models import cpu_paths
 from jattn.models import weights as torch_weights
 from jattn.models.attention import ChannelAttention, SpatialAttention
 
@@ -234,8 +235,13 @@ class Attention(nn.Module):
     dh = d // h
     cudnn = (jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16)
              and dh % 8 == 0 and dh <= 128)
+    if cpu_paths.active() and x.dtype != jnp.float32:
+      # XLA's CPU dot (jattn's flags) has no 16-bit kernel with the float32 logits the attention
+      # takes: widened first (exact products, as attention.float32_einsum)
+      q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
     # out[b, n, h] = sum_m softmax_m(q[b, n, h] . k[b, m, h] / sqrt(K)) v[b, m, h]
     out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if cudnn else "xla")
+    out = out.astype(x.dtype)
     return nn.Dense(d, dtype=self.dtype, kernel_init=_trunc, name="proj")(out.reshape(b, n, d))
 
 
