@@ -113,6 +113,26 @@ def test_features_and_logits_equal_timms_at_native_and_another_size(name):
     _close(ours_logits, logits.numpy())
 
 
+def test_avg_pooling_is_timms_mean_of_the_normed_patch_tokens():
+  """vit.pool='avg': timm's global_pool='avg' with the final norm on every token (fc_norm=False),
+  the layout of a model trained with a class token and pooled by the mean."""
+  arch, kwargs = CARDS["uni"]
+  torch.manual_seed(0)
+  m = timm.create_model(arch, pretrained=False, num_classes=3, global_pool="avg", fc_norm=False,
+                        **{**kwargs, **SMALL}).eval()
+  sd = {k: torch.randn_like(v) * 0.3 for k, v in m.state_dict().items()}
+  m.load_state_dict(sd)
+  sd = {k: v.numpy() for k, v in sd.items()}
+  mc = model_config("uni", **SMALL)
+  mc.vit.pool = "avg"
+  variables = vit.convert({k: v for k, v in sd.items() if not k.startswith("head.")}, mc)
+  variables["params"]["head"] = {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]}
+  x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    theirs = m(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  _close(jax.jit(models.build_model(mc).apply)(variables, x), theirs)
+
+
 def test_position_embeddings_resample_as_timms_function():
   """Down (37 -> 16, DINOv2 at 224) and up (14 -> 20): timm's resample_abs_pos_embed itself."""
   from timm.layers import resample_abs_pos_embed
