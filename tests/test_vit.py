@@ -109,6 +109,7 @@ def test_features_and_logits_equal_timms_at_native_and_another_size(name):
         feats = m.forward_head(tokens, pre_logits=True)
         logits = m.forward_head(tokens)
     ours_feats, ours_logits = both(variables, x)
+    assert ours_feats.shape == (2, models.feature_dim(mc))  # Virchow2's: 2 x 96
     _close(ours_feats, feats.numpy())
     _close(ours_logits, logits.numpy())
 
@@ -291,6 +292,9 @@ def test_attention_sits_on_the_patch_grid_and_reaches_the_class_token():
   assert inter["intermediates"]["blocks_0_s_attn"]["e_prime"][0].shape == (1, 16, 16)
   assert inter["intermediates"]["blocks_0_c_attn"]["d_prime"][0].shape == (1, 96, 96)
   assert [s[0] for s in vit.attention_sites(mc)] == ["blocks_0_s_attn", "blocks_0_c_attn"]
+  assert models.feature_dim(mc) == with_attn.shape[-1] == 96
+  assert vit.head_params(mc) == (("head",),) and variables["params"]["head"]["kernel"].shape == (
+      96, 3)
   # Zeroed, both modules are the identity (S_V = M_V = 0: F + 0, eqs. 6 and 12).
   zero = {k: (jax.tree_util.tree_map(jnp.zeros_like, v) if k.endswith("_attn") else v)
           for k, v in variables["params"].items()}

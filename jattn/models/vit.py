@@ -328,10 +328,12 @@ class ViT(nn.Module):
     pooled = {"token": lambda: x[:, 0], "avg": lambda: jnp.mean(x[:, prefix:], 1),
               "token+avg": lambda: jnp.concatenate([x[:, 0], jnp.mean(x[:, prefix:], 1)], -1)
               }[self.pool]()
+    head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_trunc, name="head")
     if return_features:
+      if self.is_initializing():  # the head's parameters exist whatever is returned
+        head(pooled)
       return pooled.astype(jnp.float32)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=_trunc, name="head")(pooled)
-    return logits.astype(jnp.float32)
+    return head(pooled).astype(jnp.float32)
 
 
 # --- What the model registry (jattn.models) asks of a backbone ---
@@ -446,8 +448,9 @@ def feature_dim(model_config) -> int:
   return a.embed_dim * (2 if a.pool == "token+avg" else 1)
 
 
-def head_params(model_config) -> tuple[str, ...]:
-  return ("head",)
+def head_params(model_config) -> tuple[tuple[str, ...], ...]:
+  """The parameter-path prefixes of the final linear layer, which takes the pooled features."""
+  return (("head",),)
 
 
 def parameter_groups(params: Mapping[str, Any]) -> list[tuple[str, Any]]:
