@@ -16,6 +16,12 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
   TORCHVISION: {arch: file}, torchvision_arch(model_config), torchvision_model_config(arch,
   state_dict), torch_key_map(model_config, source), rearrange(tensor, kind, name, model_config),
   check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)
+
+The ViT presets (vit.py: 'dinov2_vits14_reg4', 'uni', 'virchow2', ...) own the same, less the
+torchvision conversion (TORCHVISION is empty), plus what their published weights need:
+load_weights(model_config) and check_weights_file (config.model.weights), weights_record (the
+`backbone` block of results.json), block_index(path) and num_blocks (train_last_blocks),
+feature_dim and head_params (the pooled features and the final linear layer).
 """
 
 from __future__ import annotations
