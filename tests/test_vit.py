@@ -159,34 +159,31 @@ def test_full_size_parameter_counts_equal_timms(name):
   assert sum(int(np.prod(s)) for s in ours.values()) == sum(p.numel() for p in m.parameters())
 
 
-def test_hugging_face_dinov2_layout_fills_the_fused_qkv():
+def test_hugging_face_dinov2_gives_transformers_features():
   """Phikon-v2 is published as a Hugging Face Dinov2Model: query, key and value as three linears
-  (here cut from timm's fused qkv as HF's own conversion does, q then k then v); the converted
-  model gives timm's logits."""
-  m, sd = timm_small("phikon_v2")
-  hf = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": np.zeros((1, 96)),
-        "embeddings.position_embeddings": sd["pos_embed"],
-        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-        "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
-  for i in range(2):
-    t, o = f"blocks.{i}", f"encoder.layer.{i}"
-    for j, part in enumerate(("query", "key", "value")):
-      for s in ("weight", "bias"):
-        hf[f"{o}.attention.attention.{part}.{s}"] = np.split(sd[f"{t}.attn.qkv.{s}"], 3)[j]
-    for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("attn.proj", "attention.output.dense"),
-                 ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-      for s in ("weight", "bias"):
-        hf[f"{o}.{b}.{s}"] = sd[f"{t}.{a}.{s}"]
-    hf[f"{o}.layer_scale1.lambda1"] = sd[f"{t}.ls1.gamma"]
-    hf[f"{o}.layer_scale2.lambda1"] = sd[f"{t}.ls2.gamma"]
+  (filled into the fused qkv), LayerScale's lambda1, `layernorm`. Transformers' own Dinov2Model
+  at SMALL size with random weights: the same class-token features (its last_hidden_state[:, 0])
+  from its state dict (transformers 5 names; the files on the hub have transformers 4's, which
+  jattn reads too)."""
+  from transformers import Dinov2Config, Dinov2Model
+
+  cfg = Dinov2Config(hidden_size=96, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
+                     image_size=224, layerscale_value=1e-5, mlp_ratio=4, use_swiglu_ffn=False,
+                     layer_norm_eps=1e-6, hidden_act="gelu")
+  torch.manual_seed(0)
+  m = Dinov2Model(cfg).eval()
+  sd = {k: torch.randn_like(v) * 0.3 for k, v in m.state_dict().items()}
+  m.load_state_dict(sd)
   mc = model_config("phikon_v2", **SMALL)
-  variables = vit.convert(hf, mc)
-  variables["params"]["head"] = {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]}
+  variables = vit.convert({k: v.numpy() for k, v in sd.items()}, mc)
+  variables["params"]["head"] = {"kernel": np.zeros((96, 3), np.float32),
+                                 "bias": np.zeros(3, np.float32)}
   x = np.random.default_rng(1).standard_normal((2, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():
-    theirs = m(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-  _close(jax.jit(models.build_model(mc).apply)(variables, x), theirs)
+    theirs = m(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state[:, 0]
+  model = models.build_model(mc)
+  _close(jax.jit(lambda v, x: model.apply(v, x, return_features=True))(variables, x),
+         theirs.numpy())
 
 
 def test_weights_file_errors_are_one_line_naming_the_key_or_shape(tmp_path):

@@ -549,6 +549,19 @@ _UNUSED = {"timm": ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"
            "hf_dinov2": ("embeddings.mask_token",)}
 
 
+# transformers 5's Dinov2 attention keys -> those of the files published with transformers 4
+_HF5_NAMES = {".attention.q_proj.": ".attention.attention.query.",
+              ".attention.k_proj.": ".attention.attention.key.",
+              ".attention.v_proj.": ".attention.attention.value.",
+              ".attention.o_proj.": ".attention.output.dense."}
+
+
+def _hf4_name(key: str) -> str:
+  for new, old in _HF5_NAMES.items():
+    key = key.replace(new, old)
+  return key
+
+
 def _rearrange(t: np.ndarray, kind: str) -> np.ndarray:
   if kind == "conv":
     return t.transpose(2, 3, 1, 0)
@@ -577,6 +590,8 @@ def convert(state_dict: Mapping[str, Any], model_config, source: str = "the stat
     layout = "hf_dinov2"  # a Hugging Face Dinov2Model of the same shapes
   elif layout == "hf_dinov2" and "cls_token" in sd:
     layout = "timm"
+  if layout == "hf_dinov2":  # transformers >= 5 names the attention's linears otherwise
+    sd = {_hf4_name(k): v for k, v in sd.items()}
   shapes = backbone_shapes(model_config)
   flat: dict[tuple[str, ...], np.ndarray] = {}
   parts: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
