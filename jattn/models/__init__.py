@@ -19,7 +19,7 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
 
 The ViT presets (vit.py: 'dinov2_vits14_reg4', 'uni', 'virchow2', ...) own the same, less the
 torchvision conversion (TORCHVISION is empty), plus what their published weights need:
-load_weights(model_config) and check_weights_file (config.model.weights), weights_record (the
+load_weights(model_config) (config.model.weights), weights_record (the
 `backbone` block of results.json), block_index(path) and num_blocks (train_last_blocks),
 feature_dim and head_params (the pooled features and the final linear layer).
 """

@@ -649,14 +649,6 @@ def read_state_dict(path: str, model_config) -> dict[str, Any]:
   raise UserError(f"config.model.weights={path!r}: use a .safetensors, .bin or .pth state dict")
 
 
-def check_weights_file(model_config) -> None:
-  """A config.model.weights that is no file is one line saying where the preset's are published
-  (checked before a run reads or writes anything)."""
-  path = model_config.weights
-  if not os.path.isfile(path):
-    read_state_dict(path, model_config)
-
-
 def sha256(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:

@@ -103,5 +103,3 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   backbone = models.of(config.model)
   if config.pretrained and not backbone.TORCHVISION:  # a ViT: its weights are model.weights
     backbone.torchvision_arch(config.model)
-  if config.model.get("weights", ""):  # a file that is not there: where it is published
-    backbone.check_weights_file(config.model)
