@@ -134,6 +134,20 @@ def test_avg_pooling_is_timms_mean_of_the_normed_patch_tokens():
   _close(jax.jit(models.build_model(mc).apply)(variables, x), theirs)
 
 
+def test_bfloat16_computes_and_returns_float32_logits_near_float32s():
+  """bfloat16 on this CPU (the attention's operands widened: no 16-bit dot with float32 logits
+  here), with both modules, against the float32 model of the same variables."""
+  mc = model_config("virchow2", **SMALL, vit_c_attn_blocks=(-2,), vit_s_attn_blocks=(-2,))
+  x = np.random.default_rng(0).standard_normal((2, 56, 56, 3)).astype(np.float32)
+  full = models.build_model(mc)
+  variables = models.init_variables(full, jax.random.key(0), 56)
+  mc.dtype = "bfloat16"
+  half = jax.jit(models.build_model(mc).apply)(variables, x)
+  assert half.dtype == jnp.float32
+  ref = np.asarray(jax.jit(full.apply)(variables, x))
+  np.testing.assert_allclose(half, ref, atol=0.05 * np.abs(ref).max())
+
+
 def test_position_embeddings_resample_as_timms_function():
   """Down (37 -> 16, DINOv2 at 224) and up (14 -> 20): timm's resample_abs_pos_embed itself."""
   from timm.layers import resample_abs_pos_embed
