@@ -350,5 +350,5 @@ def test_a_small_vit_fine_tuned_from_a_weights_file_through_jattn_train(
   assert results["backbone"]["preset"] == "dinov2_vits14_reg4"
   assert results["backbone"]["licence"] == "Apache-2.0"
   assert published.setting(results).startswith("dinov2_vits14_reg4")
-  assert "frozen but the last 1 blocks" in published.setting(results)
+  assert "frozen but the last block" in published.setting(results)
   assert "from scratch" not in published.setting(results)

@@ -62,7 +62,8 @@ def setting(results: dict) -> str:
   differs = ["from scratch"] if scratch else []
   if model.get("freeze"):  # a frozen backbone (its head and attention modules trained)
     k = model.get("train_last_blocks", 0)
-    differs.append(f"frozen but the last {k} blocks" if k else "frozen")
+    differs.append((f"frozen but the last {k} blocks" if k > 1 else "frozen but the last block")
+                   if k else "frozen")
   value = {"model.name": model.get("name"), "image_size": config.get("image_size"),
            "num_epochs": config.get("num_epochs"), "model.width": model.get("width"),
            "model.classifier_width": model.get("classifier_width")}
