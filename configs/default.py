@@ -65,7 +65,24 @@ def get_config():
   # resolution, as the paper's on VGG: 56x56 maps for C-Attn, 28 to 7 for S-Attn, at 224).
   config.model.c_attn_stages = (0, 1)
   config.model.s_attn_stages = (2, 3, 4)
+  # ViT presets only (jattn/models/vit.py: 'dinov2_vits14_reg4', 'uni', 'virchow2', ...; see
+  # docs/foundation-models.md): blocks followed by C-Attn / S-Attn on the patch-token grid, 1..depth
+  # or negative from the end (-2: before the last block, which carries them to the class token).
+  config.model.vit_c_attn_blocks = (-2,)
+  config.model.vit_s_attn_blocks = (-2,)
+  config.model.vit = ml_collections.ConfigDict()
+  config.model.vit.depth = 0  # 0: the preset's; smaller ViTs for tests and demos
+  config.model.vit.embed_dim = 0  # 0: the preset's
+  config.model.vit.num_heads = 0  # 0: the preset's
+  config.model.vit.pool = ""  # '': the preset's; 'token', 'avg' or 'token+avg' (Virchow's)
+  # The preset's published weights: a local timm or Hugging Face state dict (.safetensors, .bin,
+  # .pth); '' starts the ViT from scratch. jattn never downloads them (most are gated).
+  config.model.weights = ""
   # Every backbone:
+  # True: the backbone's pretrained parameters are not trained (the head and attention modules
+  # are); with train_last_blocks=k (ViT presets), its last k blocks are trained too.
+  config.model.freeze = False
+  config.model.train_last_blocks = 0
   config.model.c_attn_kernel = 4  # kernel of the convs giving M_Q, M_K, eq. (1); code: 7
   config.model.c_attn_stride = 4  # their stride; code: 4
   config.model.c_attn_padding = 0  # their padding; code: 3
@@ -78,11 +95,9 @@ def get_config():
   # biased one), as PyTorch's; False: the biased one, as Flax's (runs written before this field).
   config.model.bn_unbiased_running_var = True
 
-  # Freeze the backbone: only the parameters its ImageNet (or foundation-model) weights do not
-  # provide are trained (the head, attention modules). With augmentation off, no attention
-  # module and nothing trainable before the pooled features, each image's features are computed
-  # once and the head trains on them (jattn.training.probe, docs/features.md).
-  config.model.freeze = False
+  # A frozen backbone (config.model.freeze above) with augmentation off, no attention module and
+  # nothing trainable before the pooled features computes each image's features once and trains
+  # the head on them (jattn.training.probe, docs/features.md).
   # The linear probe of such a run: 'jax' (the head trained with this recipe: Adam, weight decay,
   # epochs) or 'logistic' (scikit-learn's LogisticRegression, C chosen from c_values on a
   # validation split of the training groups: the run's validation_fraction, else the fraction

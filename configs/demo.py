@@ -15,8 +15,10 @@ and the same four rows on a narrow ResNet-50 (planes 8-8-16-32, batch norm kept 
 
   jattn train --config configs/demo.py:resnet50_ours   # also :resnet50, :resnet50_c, ...
 
-and on a narrow ResNet-18 (the ResNet-50 rows with `model.name` resnet18: basic blocks, planes
-8-8-16-32), named demo_resnet18*:
+and on a small ViT-S/14 (DINOv2's layout with 4 registers at 4 blocks of 96 channels, 56x56: a
+4x4 patch grid), `jattn train --config configs/demo.py:vit_s14_ours` (also :vit_s14, :vit_s14_c,
+:vit_s14_s), and on a narrow ResNet-18 (the ResNet-50 rows with `model.name` resnet18: basic
+blocks, planes 8-8-16-32), named demo_resnet18*:
 
   jattn train --config configs/demo.py:resnet18_ours   # also :resnet18, :resnet18_c, ...
 
@@ -31,10 +33,11 @@ from jattn.data.breakhis import synthetic
 ROWS = ("vgg19", "vgg19_c", "vgg19_s", "ours")  # the paper's ablation, as configs/<row>.py
 RESNET50_ROWS = ("resnet50", "resnet50_c", "resnet50_s", "resnet50_ours")  # the same on ResNet-50
 RESNET18_ROWS = tuple(r.replace("resnet50", "resnet18") for r in RESNET50_ROWS)  # and ResNet-18
+VIT_ROWS = ("vit_s14", "vit_s14_c", "vit_s14_s", "vit_s14_ours")  # and a small ViT-S/14
 
 
 def get_config(row="ours"):
-  every = ROWS + RESNET50_ROWS + RESNET18_ROWS
+  every = ROWS + RESNET50_ROWS + RESNET18_ROWS + VIT_ROWS
   if row not in every:
     raise ValueError(f"no row {row!r}; use one of "
                      f"{', '.join(f'configs/demo.py:{r}' for r in every)}")
@@ -58,6 +61,12 @@ def get_config(row="ours"):
     config.model.pool_size = 2
     config.model.batch_norm = True  # trains from scratch in a few epochs
   config.pretrained = ""  # no ImageNet weights in the demo
+  if row in VIT_ROWS:  # ViT-S/14's layout at 4 blocks of 96 channels, 3 heads, from scratch
+    config.model.weights = ""
+    config.model.vit.depth = 4
+    config.model.vit.embed_dim = 96
+    config.model.vit.num_heads = 3
+    config.image_size = 56  # a 4 x 4 patch grid
 
   config.num_epochs = 6
   config.batch_size = 16

@@ -11,9 +11,11 @@
 #                            autocast
 #   4. dispatch.json         1 and 8 steps per dispatch (lax.scan)
 #   5. runs_per_device.json  the aggregate rate of 1, 2 and 4 benchmark processes on the GPU
-#   6. epoch.json            one epoch of configs/ours.py on a synthetic BreakHis-size tree through
+#   6. vit.json              ViT-S/14 (configs/vit_s14.py) and ViT-L/16 (configs/uni.py) beside
+#                            timm's PyTorch eager, in bfloat16 autocast
+#   7. epoch.json            one epoch of configs/ours.py on a synthetic BreakHis-size tree through
 #                            jattn train (8 steps per dispatch), only if 150 s are left
-# then summary.txt, printed last. At most 8 files go into OUT; the trace, the synthetic data and
+# then summary.txt, printed last. At most 9 files go into OUT; the trace, the synthetic data and
 # the caches go into WORK (default: a new folder under /tmp).
 #
 #   PYTHONPATH=$PWD bash experiments/gpu_check.sh OUT [WORK]          # from the repository root
@@ -42,6 +44,8 @@ if [[ "${SIZE:-full}" == small ]]; then
   MODEL=(--config.model.width=0.0625 --config.model.classifier_width=16
          --config.model.pool_size=1)
   BENCH=(--image-size 32 --steps 1 --windows 2 --warmup 1)
+  VIT=(--image-size 112 --config.model.vit.depth=2 --config.model.vit.embed_dim=96
+       --config.model.vit.num_heads=2)  # 112: whole patches of 14 and of 16, as timm needs
   # Nominal peaks for the roofline's arithmetic (the CPU has no entry in roofline.DEVICES); 16
   # traced steps, so that the start of the trace is a small part of its window.
   ROOF=(--peak-tflops 1 --peak-gbps 50) PROFILE_STEPS=16
@@ -52,6 +56,7 @@ if [[ "${SIZE:-full}" == small ]]; then
 else
   MODEL=()
   BENCH=(--image-size 224 --steps 10 --windows 5 --warmup 3)
+  VIT=()
   ROOF=() PROFILE_STEPS=10
   DTYPE=bfloat16 RUNS=1,2,4 COMPILE_BACKEND=inductor EPOCH_NEEDS_S=150
   # Images are resized to 224 once and cached, so a smaller PNG only shortens the generation.
@@ -100,6 +105,8 @@ stage peers 120 "${BENCH_CMD[@]}" --torch --torch-mode eager,channels_last,compi
 stage dispatch 75 "${BENCH_CMD[@]}" --steps-per-dispatch 1,8 --out "$OUT/dispatch.json"
 stage runs_per_device 75 "${BENCH_CMD[@]}" --runs-per-device "$RUNS" \
   --out "$OUT/runs_per_device.json"
+stage vit 75 "$PY" -m jattn benchmark --configs configs/vit_s14.py,configs/uni.py --dtype "$DTYPE" \
+  "${BENCH[@]}" "${VIT[@]}" --torch --out "$OUT/vit.json"
 
 if (( $(left) >= EPOCH_NEEDS_S )); then
   DATA="$WORK/breakhis"
@@ -159,7 +166,7 @@ files.atomic_write_text(os.path.join(out, "stages.json"),
 print("stages: " + ", ".join(f"{s['stage']} {s['status']} ({s['seconds']} s)" for s in stages)
       + f"; {total} s in all")
 eval_rate = None
-for name in ("profile", "roofline", "peers", "dispatch", "runs_per_device"):
+for name in ("profile", "roofline", "peers", "dispatch", "runs_per_device", "vit"):
   path = os.path.join(out, f"{name}.json")
   if os.path.exists(path):
     with open(path) as f:

@@ -84,8 +84,9 @@ def test_gpu_check_script_runs_at_a_tiny_size(tmp_path):
   to the traced step, which is within 10% of the wall clock per step, and the network's convs,
   their gradients, the attention products and Adam's update are found), the roofline at the
   nominal peaks, jattn beside each PyTorch mode (no compilation in a timed window), 1 and 8
-  steps per dispatch, 1 and 2 benchmark processes at once, one epoch through jattn.main with 8
-  steps per dispatch (recorded in its layout), then the summary, last."""
+  steps per dispatch, 1 and 2 benchmark processes at once, ViT-S/14 and ViT-L/16 beside timm, one
+  epoch through jattn.main with 8 steps per dispatch (recorded in its layout), then the summary,
+  last."""
   out = tmp_path / "out"
   env = {**os.environ, "SIZE": "small", "PYTHONPATH": REPO, "PYTHON": sys.executable}
   proc = subprocess.run(["bash", os.path.join(REPO, "experiments", "gpu_check.sh"), str(out),
@@ -95,7 +96,7 @@ def test_gpu_check_script_runs_at_a_tiny_size(tmp_path):
   stages = _json(out / "stages.json")["stages"]
   assert [(s["stage"], s["status"]) for s in stages] == [
       (name, "ok") for name in ("profile", "roofline", "peers", "dispatch", "runs_per_device",
-                                "synthesize", "epoch")]
+                                "vit", "synthesize", "epoch")]
   (row,) = _json(out / "profile.json")["rows"]
   p = row["profile"]
   assert sum(p["kinds"].values()) == pytest.approx(p["step_s"], rel=1e-9)
@@ -119,6 +120,10 @@ def test_gpu_check_script_runs_at_a_tiny_size(tmp_path):
   assert [(r["processes"], len(r["train_images_per_s"])) for r in rows] == [(1, 1), (2, 2)]
   assert rows[1]["aggregate_train_images_per_s"] == pytest.approx(
       sum(rows[1]["train_images_per_s"]), abs=0.01)
+  rows = _json(out / "vit.json")["rows"]  # ViT-S/14 and ViT-L/16 beside timm's eager
+  assert [r["config"] for r in rows] == ["vit_s14", "uni"]
+  assert all(r["torch_eager_train_images_per_s"] > 0 and r["train_ratio_vs_torch_eager"] > 0
+             for r in rows)
   epoch = _json(out / "epoch.json")
   assert epoch["layout"]["steps_per_dispatch"] == 8 and epoch["median_images_per_s"] > 0
   last = proc.stdout.strip().splitlines()[-1]

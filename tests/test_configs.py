@@ -148,7 +148,9 @@ def test_bad_config_argument():
                           f"configs/demo.py:resnet50_c, configs/demo.py:resnet50_s, "
                           f"configs/demo.py:resnet50_ours, configs/demo.py:resnet18, "
                           f"configs/demo.py:resnet18_c, configs/demo.py:resnet18_s, "
-                          f"configs/demo.py:resnet18_ours")
+                          f"configs/demo.py:resnet18_ours, configs/demo.py:vit_s14, "
+                          f"configs/demo.py:vit_s14_c, configs/demo.py:vit_s14_s, "
+                          f"configs/demo.py:vit_s14_ours")
 
 
 def test_data_fields_named_as_before_config_data_load_where_they_live_now(tmp_path):

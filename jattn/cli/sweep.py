@@ -5,6 +5,7 @@
   jattn sweep --set num_epochs=130 --set data_dir=/data/breakhis
   jattn sweep --demo                 # the four rows on the demo data, folds 1-2
   jattn sweep --rows resnet50        # the four rows on ResNet-50 (also --demo)
+  jattn sweep --rows vit_s14         # the four rows on DINOv2 ViT-S/14 (also --demo)
   jattn sweep --launcher slurm --partition gpu --gpus-per-run 1 --time 24:00:00
 """
 
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--demo", action="store_true",
                       help="the four rows on the built-in demo data, folds 1 and 2")
   parser.add_argument("--rows", choices=sorted(sweep.ROWS), default="paper",
-                      help="the four rows of the paper on its VGG19 (default) or on ResNet-50")
+                      help="the four rows of the paper on its VGG19 (default), on ResNet-50 or on "
+                           "DINOv2 ViT-S/14")
   parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                       help="local GPUs (default), or a SLURM job array through submitit")
   parser.add_argument("--partition", help="slurm: the partition to submit to")

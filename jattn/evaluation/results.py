@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 import jattn
+from jattn import models
 from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.data import sources
@@ -57,6 +58,7 @@ def build(config: ml_collections.ConfigDict, fold_data: FoldData, figures: dict,
                "num_test_images": len(d.test_indices),
                "skipped_files": list(d.skipped)},
       "config": json.loads(config.to_json()),
+      **({"backbone": record} if (record := models.weights_record(config.model)) else {}),
       "versions": {"jattn": jattn.__version__, "jax": jax.__version__,
                    "devices": [str(x) for x in jax.devices()]},
   }

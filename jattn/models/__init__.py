@@ -18,6 +18,12 @@ A backbone module (vgg.py: 'vgg19'; resnet.py: 'resnet18', 'resnet50') owns what
   check_state_dict(state_dict, model_config)   the conversion of PyTorch checkpoints (convert.py)
   feature_dim(model_config) -> int  D of `model.apply(..., return_features=True)`'s [B, D]: what
   head_params(model_config)         the final linear layer takes; that layer's parameter paths
+
+The ViT presets (vit.py: 'dinov2_vits14_reg4', 'uni', 'virchow2', ...) own the same, less the
+torchvision conversion (TORCHVISION is empty), plus what their published weights need:
+load_weights(model_config) (config.model.weights), weights_record (the
+`backbone` block of results.json), block_index(path) and num_blocks (train_last_blocks),
+feature_dim and head_params (the pooled features and the final linear layer).
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from flax import traverse_util
 from jattn.core.errors import UserError
 
 BACKBONES = {"vgg19": "jattn.models.vgg", "resnet18": "jattn.models.resnet",
-             "resnet50": "jattn.models.resnet"}
+             "resnet50": "jattn.models.resnet",
+             # The ViT presets (jattn/models/vit.py, PRESETS): pathology foundation models.
+             **{name: "jattn.models.vit" for name in (
+                 "dinov2_vits14_reg4", "dinov2_vitb14_reg4", "uni", "uni2_h", "virchow2",
+                 "h_optimus_0", "gigapath", "phikon_v2")}}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPES = ("auto", *_DTYPES)  # config.model.dtype
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all
@@ -89,7 +99,50 @@ def check(model_config: ml_collections.ConfigDict, image_size: int | None = None
     raise UserError("config.model.width and config.model.num_classes must be positive")
   backbone = of(mc)
   _check_foreign_placement(mc, backbone)
+  _check_training_mode(mc, backbone)
   backbone.check(mc, image_size)
+
+
+def _check_training_mode(mc: ml_collections.ConfigDict, backbone: ModuleType) -> None:
+  """config.model.freeze and train_last_blocks (the last k blocks trained with a frozen backbone,
+  for a backbone made of blocks), and config.model.weights (a backbone that reads such a file)."""
+  k = mc.get("train_last_blocks", 0)
+  if not isinstance(mc.get("freeze", False), bool):
+    raise UserError(f"config.model.freeze={mc.freeze!r}: use True or False")
+  if k and not mc.get("freeze", False):
+    raise UserError(f"config.model.train_last_blocks={k} trains the last blocks of a frozen "
+                    f"backbone: set --config.model.freeze=True too (without it every parameter "
+                    f"is trained)")
+  if k and not hasattr(backbone, "block_index"):
+    raise UserError(f"config.model.train_last_blocks={k}: {name_of(mc)} is not made of "
+                    f"numbered blocks; use it with a ViT preset, or 0")
+  if mc.get("weights", "") and not hasattr(backbone, "load_weights"):
+    raise UserError(f"config.model.weights={mc.weights!r}: {name_of(mc)} takes ImageNet weights "
+                    f"from config.pretrained (jattn convert); config.model.weights is for the "
+                    f"ViT presets")
+
+
+def trainable(model_config: ml_collections.ConfigDict, path: tuple[str, ...]) -> bool:
+  """Whether training updates the parameter at `path` (without the collection): all of them,
+  unless config.model.freeze; then the backbone's pretrained parameters (`is_pretrained`) are
+  frozen but for those of its last config.model.train_last_blocks blocks."""
+  if not model_config.get("freeze", False):
+    return True
+  backbone = of(model_config)
+  if not backbone.is_pretrained(path):
+    return True
+  k = model_config.get("train_last_blocks", 0)
+  if not k:
+    return False
+  block = backbone.block_index(path)
+  return block is not None and block >= backbone.num_blocks(model_config) - k
+
+
+def weights_record(model_config: ml_collections.ConfigDict) -> dict | None:
+  """What results.json records of a backbone's published weights (its preset, licence, file and
+  sha256: `backbone` there), or None for a backbone without (VGG, ResNets: config.pretrained)."""
+  record = getattr(of(model_config), "weights_record", None)
+  return record(model_config) if record else None
 
 
 def _check_foreign_placement(mc: ml_collections.ConfigDict, backbone: ModuleType) -> None:

@@ -63,7 +63,9 @@ INFO_FILE = "info.json"
 
 def archs() -> dict[str, str]:
   """{torchvision architecture: the backbone (config.model.name) that converts it}."""
-  return {arch: name for name in models.BACKBONES for arch in models.get(name).TORCHVISION}
+  # getattr: a backbone without torchvision weights (the ViTs) may still be importing this module
+  return {arch: name for name in models.BACKBONES
+          for arch in getattr(models.get(name), "TORCHVISION", {})}
 
 
 def _backbone(arch: str):

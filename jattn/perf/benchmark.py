@@ -205,7 +205,7 @@ class TorchCase:
     self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     mc = config.model
-    self.model = torch_reference.for_config(mc).to(self.device)
+    self.model = torch_reference.for_config(mc, image_size).to(self.device)
     self.memory_format = (torch.contiguous_format if mode == "eager" else torch.channels_last)
     self.model = self.model.to(memory_format=self.memory_format)
     self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate,

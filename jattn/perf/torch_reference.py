@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from jattn import models
 from jattn.core.errors import UserError
-from jattn.models import resnet, vgg
+from jattn.models import resnet, vgg, vit
 
 try:
   import torch
@@ -237,11 +237,38 @@ def resnet_from_config(model_config, planes) -> TorchResNet:
                      mc.c_attn_padding, mc.s_attn_reduction)
 
 
-def for_config(model_config) -> nn.Module:
-  """The transcription of jattn's model for `config.model` (any backbone), torchvision's layout."""
+def timm_vit(model_config, image_size: int = 224) -> nn.Module:
+  """timm's own VisionTransformer of a ViT preset (jattn.models.vit) at the config's shapes, for
+  `image_size` inputs (its position embeddings resampled per call, as ours, `dynamic_img_size`):
+  the peer of a ViT without attention modules ('token+avg' pooling is timm's 'token' here: the
+  same blocks, one mean fewer)."""
+  try:
+    import timm
+  except ImportError:
+    raise UserError('the PyTorch peer of a ViT is timm\'s: pip install -e ".[test]"') from None
+  mc = model_config
+  if vit.attention_sites(mc):
+    raise UserError(f"config.model.name={mc.name!r} with attention modules has no timm peer; "
+                    f"benchmark it without (e.g. configs/vit_s14.py)")
+  a = vit.arch(mc)
+  p = a.preset
+  extra = ({"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
+           if p.mlp == "swiglu" else {})
+  return timm.create_model(
+      p.timm_arch, pretrained=False, num_classes=mc.num_classes, img_size=p.native_size,
+      patch_size=p.patch_size, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
+      mlp_ratio=p.mlp_ratio, reg_tokens=p.reg_tokens, no_embed_class=p.no_embed_class,
+      init_values=1e-5 if p.layer_scale else None, global_pool="token", dynamic_img_size=True,
+      **extra)
+
+
+def for_config(model_config, image_size: int = 224) -> nn.Module:
+  """The transcription of jattn's model for `config.model` (any backbone), torchvision's layout
+  (timm's own model for a ViT)."""
   mc = model_config
   transcriptions = {vgg: lambda: from_config(mc, vgg.block_widths(mc.width)),
-                    resnet: lambda: resnet_from_config(mc, resnet.stage_planes(mc.width))}
+                    resnet: lambda: resnet_from_config(mc, resnet.stage_planes(mc.width)),
+                    vit: lambda: timm_vit(mc, image_size)}
   backbone = models.of(mc)
   if backbone not in transcriptions:
     raise UserError(f"config.model.name={models.name_of(mc)!r} has no PyTorch transcription in "

@@ -7,6 +7,7 @@ paired differences (jattn.evaluation.compare).
   jattn sweep --set num_epochs=130 --set data_dir=/data/breakhis
   jattn sweep --demo                 # the four rows on the demo data, folds 1-2
   jattn sweep --rows resnet50        # the four rows on ResNet-50 (also --demo)
+  jattn sweep --rows vit_s14         # the four rows on DINOv2 ViT-S/14 (also --demo)
 
 Each run is `jattn train --config SPEC --workdir OUT/<name>/fold<k> --config.fold=k`
 plus the `--set` overrides, its output appended to its work dir's log.txt. `--seeds 0,1,2` trains
@@ -56,7 +57,11 @@ RESNET50_ROWS = ["configs/resnet50.py", "configs/resnet50_c.py", "configs/resnet
                  "configs/resnet50_ours.py"]
 DEMO_RESNET50_ROWS = ["configs/demo.py:resnet50", "configs/demo.py:resnet50_c",
                       "configs/demo.py:resnet50_s", "configs/demo.py:resnet50_ours"]
-ROWS = {"paper": (PAPER_ROWS, DEMO_ROWS), "resnet50": (RESNET50_ROWS, DEMO_RESNET50_ROWS)}  # --rows
+VIT_S14_ROWS = [f"configs/{r}.py" for r in ("vit_s14", "vit_s14_c", "vit_s14_s", "vit_s14_ours")]
+DEMO_VIT_S14_ROWS = [f"configs/demo.py:{r}" for r in ("vit_s14", "vit_s14_c", "vit_s14_s",
+                                                      "vit_s14_ours")]
+ROWS = {"paper": (PAPER_ROWS, DEMO_ROWS), "resnet50": (RESNET50_ROWS, DEMO_RESNET50_ROWS),
+        "vit_s14": (VIT_S14_ROWS, DEMO_VIT_S14_ROWS)}  # --rows
 
 
 def plan(configs: list[str], folds: list[int], overrides: list[str],

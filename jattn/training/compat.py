@@ -58,9 +58,13 @@ LATER_FIELDS = {
     # Calibration: its bins, and the validation split of temperature scaling.
     "validation_fraction": 0.0, "calibration.bins": 15,
     # A frozen backbone, and the linear probe on its cached features.
-    "model.freeze": False, "probe.solver": "jax",
+    "probe.solver": "jax",
     "probe.c_values": [0.001, 0.01, 0.1, 1.0, 10.0, 100.0], "probe.validation_fraction": 0.2,
     "probe.max_iter": 1000,
+    # The ViT presets, their weights file and the training modes (freeze, the last k blocks).
+    "model.vit_c_attn_blocks": [-2], "model.vit_s_attn_blocks": [-2], "model.vit.depth": 0,
+    "model.vit.embed_dim": 0, "model.vit.num_heads": 0, "model.vit.pool": "",
+    "model.weights": "", "model.freeze": False, "model.train_last_blocks": 0,
 }
 # Later fields whose default is not what runs before them computed: a run written before one of
 # them resumes as it was trained (`recorded_values`), not refused as another config.

@@ -9,6 +9,7 @@ train state), so that folds of different sizes are stepped in one program.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +47,22 @@ def scale_by_step_decay(config: ml_collections.ConfigDict, steps_per_epoch: int 
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
-                   steps_per_epoch: int | None = None) -> optax.GradientTransformationExtraArgs:
+                   steps_per_epoch: int | None = None, *,
+                   trainable: Any = None) -> optax.GradientTransformationExtraArgs:
   """torch.optim.Adam(lr, weight_decay): L2 term added to the gradient, then Adam, then -lr.
 
   Without `steps_per_epoch`, `update` must be given it (`tx.update(..., steps_per_epoch=n)`), as
-  `TrainState.apply_gradients` does.
+  `TrainState.apply_gradients` does. `trainable`, a tree of 'train' / 'frozen' labels like the
+  parameters' (a frozen backbone, `jattn.training.state.trainable_labels`), gives the frozen ones
+  zero updates and no optimiser state (`optax.partition` with `optax.set_to_zero`).
   """
+  tx = _adam(config, steps_per_epoch)
+  if trainable is None:
+    return tx
+  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, trainable)
+
+
+def _adam(config, steps_per_epoch):
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay),
       optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import traverse_util
 from flax.training import train_state
 
 from jattn import models
@@ -97,11 +98,15 @@ def initial_variables(config: ml_collections.ConfigDict, rng: jax.Array):
     variables = models.merge_pretrained(config.model, variables,
                                         convert.load_weights(config.pretrained, config.model),
                                         config.pretrained_scope, config.pretrained)
+  if config.model.get("weights", ""):  # a ViT preset's published weights (jattn.models.vit)
+    variables = models.merge_pretrained(config.model, variables,
+                                        models.of(config.model).load_weights(config.model),
+                                        "backbone", f"config.model.weights={config.model.weights}")
   return model, variables
 
 
 def warn_if_from_scratch(config: ml_collections.ConfigDict) -> None:
-  if not config.pretrained:
+  if not config.pretrained and not config.model.get("weights", ""):
     errors.warn("config.pretrained is empty: training from scratch, not fine-tuning ImageNet "
                 "weights as the paper does")
 
@@ -116,13 +121,24 @@ def make_state(config, model, variables, image_mean, image_std, steps_per_epoch,
     raise ValueError("a stain reference for a config with stain_norm='none'")
   ref = (stain_reference or stain.placeholder_reference()) if wants else {}
   return TrainState.create(
-      apply_fn=model.apply, params=variables["params"], tx=optim.make_optimizer(config),
+      apply_fn=model.apply, params=variables["params"],
+      tx=optim.make_optimizer(config, trainable=trainable_labels(config, variables["params"])),
       batch_stats=variables.get("batch_stats", {}),
       image_mean=jnp.asarray(image_mean, jnp.float32),
       image_std=jnp.asarray(image_std, jnp.float32),
       steps_per_epoch=jnp.asarray(steps_per_epoch, jnp.int32),
       stain_matrix=jnp.asarray(ref["stain_matrix"], jnp.float32) if ref else None,
       stain_max=jnp.asarray(ref["max_concentrations"], jnp.float32) if ref else None)
+
+
+def trainable_labels(config: ml_collections.ConfigDict, params) -> Any:
+  """The parameters' labels for the optimiser ('train' or 'frozen', `models.trainable`), or None
+  when everything is trained (config.model.freeze False: the optimiser of every run before it)."""
+  if not config.model.get("freeze", False):
+    return None
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {k: "train" if models.trainable(config.model, k) else "frozen" for k in flat})
 
 
 def abstract_state(config: ml_collections.ConfigDict) -> TrainState:

@@ -100,3 +100,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
          f"--config.checkpoint_every_steps={config.checkpoint_every_steps!r}: must be 0 (at epoch "
          f"ends only) or a positive number of steps")
   models.check(config.model, config.image_size)
+  backbone = models.of(config.model)
+  if config.pretrained and not backbone.TORCHVISION:  # a ViT: its weights are model.weights
+    backbone.torchvision_arch(config.model)

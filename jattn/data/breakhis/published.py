@@ -58,7 +58,12 @@ def setting(results: dict) -> str:
   selected = strata.get("selected", list(naming.MAGNIFICATIONS))
   parts = ([task] if task != "binary" else []) + (
       [",".join(selected)] if list(selected) != list(naming.MAGNIFICATIONS) else [])
-  differs = ["from scratch"] if config.get("pretrained", "given") == "" else []
+  scratch = config.get("pretrained", "given") == "" and not model.get("weights")
+  differs = ["from scratch"] if scratch else []
+  if model.get("freeze"):  # a frozen backbone (its head and attention modules trained)
+    k = model.get("train_last_blocks", 0)
+    differs.append((f"frozen but the last {k} blocks" if k > 1 else "frozen but the last block")
+                   if k else "frozen")
   value = {"model.name": model.get("name"), "image_size": config.get("image_size"),
            "num_epochs": config.get("num_epochs"), "model.width": model.get("width"),
            "model.classifier_width": model.get("classifier_width")}
