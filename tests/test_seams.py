@@ -105,8 +105,9 @@ MAY_IMPORT_BREAKHIS = {"jattn/data/sources.py", "jattn/cli/data.py", "jattn/data
 # The generic word for a BreakHis magnification is a stratum: the slide command keeps the word only
 # in its option's BreakHis alias, slides read it from slide.json files written before the option's
 # generic name, old configs name the field of before, and the BreakHis data command names it in
-# its help.
+# its help; feature files carry TRIDENT's attribute names for a slide's objective power.
 MAY_SAY_MAGNIFICATION = {"jattn/cli/slide.py": "--magnification",
+                         "jattn/slides/features.py": "_magnification",
                          "jattn/slides/pipeline.py": "magnification",
                          "jattn/training/compat.py": "magnifications",
                          "jattn/cli/data.py": "per magnification"}

@@ -86,7 +86,7 @@ def write_slides(backbone: features_lib.Backbone, paths: list[str], out: str,
   return written
 
 
-def _magnification(path: str, mpp: float) -> float:
+def _objective_power(path: str, mpp: float) -> float:
   """The level-0 objective power: the slide's metadata, else 10 / MPP (TRIDENT's rule)."""
   slide = openslide.OpenSlide(path)
   try:
@@ -126,7 +126,7 @@ def write_slide(backbone, scale: Scaled, plan: pipeline.Plan, path: str,
     warn(f"{plan.path}: {len(stats.failures)} unreadable region(s) left out, first at "
          f"x={int(candidates.xs[stats.failures[0][0]])}, "
          f"y={int(candidates.ys[stats.failures[0][0]])}: {stats.failures[0][1]}")
-  level0_mag = _magnification(plan.path, max(s.mpp.x, s.mpp.y))
+  level0_power = _objective_power(plan.path, max(s.mpp.x, s.mpp.y))
   patch_size = max(1, round(s.field_um[0] / s.needed_mpp))  # at the target scale (TRIDENT)
   field = scale.field
   attrs = {**settings, "kind": "slide", "name": plan.name, "num_tiles": len(keep),
@@ -140,8 +140,8 @@ def write_slide(backbone, scale: Scaled, plan: pipeline.Plan, path: str,
       # TRIDENT's: patch_size at the target scale, patch_size_level0 in level-0 pixels
       "patch_size": patch_size, "patch_size_level0": int(s.tile_px[0]),
       "patch_size_level0_wh": np.asarray(s.tile_px, np.int64),
-      "level0_magnification": level0_mag,
-      "target_magnification": level0_mag * patch_size / s.tile_px[0],
+      "level0_magnification": level0_power,
+      "target_magnification": level0_power * patch_size / s.tile_px[0],
       "overlap": int(s.tile_px[0] - grid.step[0]), "name": plan.name,
       "level0_width": int(plan.dimensions[0]), "level0_height": int(plan.dimensions[1]),
       # CLAM's: the pyramid level read and its downsample
