@@ -3,7 +3,11 @@ tiny trained run on it."""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,8 +15,12 @@ import tempfile
 import pytest
 
 # Compiled XLA programs are cached on disk for the session and for the subprocesses tests start:
-# the same tiny model is compiled once, not once per test and process.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jattn-xla-cache-"))
+# the same tiny model is compiled once, not once per test and process. The workers of one
+# pytest-xdist run share it (PYTEST_XDIST_TESTRUNUID names the run).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"jattn-xla-cache-{os.environ['PYTEST_XDIST_TESTRUNUID']}")
+    if "PYTEST_XDIST_TESTRUNUID" in os.environ else tempfile.mkdtemp(prefix="jattn-xla-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from configs import default
@@ -58,18 +66,44 @@ def small_tree(folder, **options) -> str:
   return str(folder)
 
 
+def shared(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """A session fixture's folder, built by `build(folder)` once per test run: under pytest-xdist
+  the first worker to ask builds it under a lock and the others wait for it and read it (the
+  fixtures below are read-only for tests); without xdist, a new folder of this session."""
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    out = tmp_path_factory.mktemp(name)
+    build(out)
+    return out
+  root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+  out, done = root / name, root / f"{name}.done"
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not done.exists():
+      shutil.rmtree(out, ignore_errors=True)  # a worker that failed to build it left this
+      out.mkdir()
+      build(out)
+      done.touch()
+  return out
+
+
 @pytest.fixture(scope="session")
 def synthetic_tree(tmp_path_factory):
   """(data_dir, summary) of an 82-patient tree: 1 image per patient and magnification, 64x42 px,
   with junk files, odd sizes, a Folds.csv and an mkfold tree. Tests must not change it."""
-  out = tmp_path_factory.mktemp("breakhis")
-  summary = synthesize(str(out), images_per_patient=1, width=64, height=42, seed=0)
-  return str(out), summary
+  def build(out):
+    summary = synthesize(str(out), images_per_patient=1, width=64, height=42, seed=0)
+    with open(out / "summary.json", "w") as f:
+      json.dump(summary, f)
+
+  out = shared(tmp_path_factory, "breakhis", build)
+  with open(out / "summary.json") as f:
+    return str(out), json.load(f)
 
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("prepared"))
+  """The prepared cache of the session's runs (its builds take a lock of their own)."""
+  return str(shared(tmp_path_factory, "prepared", lambda out: None))
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +123,11 @@ def trained_run(synthetic_tree, prepared_dir, tmp_path_factory):
   from jattn import main
   from tests.runs import DEMO, tiny_overrides
 
-  workdir = str(tmp_path_factory.mktemp("run"))
-  args = ["--config", DEMO, "--workdir", workdir]
-  main.main(args + [f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir)])
-  return workdir
+  def build(workdir):
+    args = ["--config", DEMO, "--workdir", str(workdir)]
+    main.main(args + [f"--config.{o}" for o in tiny_overrides(synthetic_tree[0], prepared_dir)])
+
+  return str(shared(tmp_path_factory, "run", build))
 
 
 # Runs in a process that sees 4 CPU devices (the flag must be set before jax starts): the same
@@ -124,10 +159,11 @@ def four_devices(synthetic_tree, prepared_dir, tmp_path_factory):
   in a process with 4 CPU devices. Tests must not change it."""
   from tests.runs import REPO
 
-  out = tmp_path_factory.mktemp("devices")
-  run = subprocess.run(
-      [sys.executable, "-c", _DEVICES_SCRIPT, synthetic_tree[0], prepared_dir, str(out)],
-      cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-  assert run.returncode == 0, run.stderr[-3000:]
-  return out
+  def build(out):
+    run = subprocess.run(
+        [sys.executable, "-c", _DEVICES_SCRIPT, synthetic_tree[0], prepared_dir, str(out)],
+        cwd=REPO, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert run.returncode == 0, run.stderr[-3000:]
+
+  return shared(tmp_path_factory, "devices", build)

@@ -78,7 +78,7 @@ def _close(ours, theirs):
 
 
 # Between them, every option the presets use (GigaPath's and H-optimus-0's combine these).
-FAMILIES = ["dinov2_vits14_reg4", "uni", "uni2_h", "virchow2"]
+FAMILIES = ["dinov2_vits14_reg4", "uni", "uni2_h", "virchow2", "h_optimus_0", "gigapath"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -352,3 +352,45 @@ def test_a_small_vit_fine_tuned_from_a_weights_file_through_jattn_train(
   assert published.setting(results).startswith("dinov2_vits14_reg4")
   assert "frozen but the last block" in published.setting(results)
   assert "from scratch" not in published.setting(results)
+
+
+@pytest.mark.slow
+def test_a_vit_probe_and_a_fine_tuned_vit_on_a_folder_source_are_tabulated_and_compared(
+    tmp_path):
+  """On a folder source (a folder per class and a manifest grouping images by patient), the demo's
+  small ViT-S/14 without attention modules twice through `jattn train`: frozen with augmentation
+  off (the linear probe on features computed once, scikit-learn's solver) and fine-tuned end to
+  end; `jattn tables` lists both rows and compares them fold by fold."""
+  from jattn import cli, main
+  from jattn.data.breakhis import export
+  from tests.conftest import small_tree
+  from tests.runs import tiny_overrides
+
+  tree = small_tree(tmp_path / "tree", junk=False, folds_csv=False, mkfold=False)
+  folder = tmp_path / "folder"
+  export.to_folder(tree, str(folder))
+  overrides = [f"--config.{o}" for o in tiny_overrides(
+      str(folder), str(tmp_path / "prepared"), num_epochs=1, image_size=28,
+      **{"data.name": "folder", "data.folder.manifest": str(folder / "manifest.csv"),
+         "data.folder.group": "patient", "data.folder.strata": "magnification",
+         "data.folder.positive_class": "malignant", "data.num_folds": 2,
+         "model.vit.depth": 1, "model.vit.num_heads": 2, "bootstrap_resamples": 0,
+         "augment.flip": "none", "augment.rotation": "none"})]
+  sweep = tmp_path / "sweep"
+  rows = {"vit_probe": ["--config.model.freeze=True", "--config.probe.solver=logistic"],
+          "vit_finetuned": []}
+  for row, extra in rows.items():
+    main.main(["--config", "configs/demo.py:vit_s14", "--workdir", str(sweep / row / "fold1"),
+               *overrides, *extra])
+  results = {}
+  for row in rows:
+    with open(sweep / row / "fold1" / "results.json") as f:
+      results[row] = json.load(f)
+  assert results["vit_probe"]["probe"]["solver"] == "logistic"
+  assert "probe" not in results["vit_finetuned"]
+  for r in results.values():
+    assert r["backbone"]["preset"] == "dinov2_vits14_reg4" and r["data"]["num_test_images"] > 0
+  cli.main(["tables", str(sweep), "--compare", "vit_probe:vit_finetuned"])
+  tables = (sweep / "tables.md").read_text()
+  assert "vit_probe" in tables and "vit_finetuned" in tables
+  assert "vit_probe − vit_finetuned" in (sweep / "compare.md").read_text()
