@@ -23,3 +23,15 @@ def _workdir_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(add_help=False)
   parser.add_argument("--workdir")
   return parser
+
+
+def field_um(text: str) -> tuple[float, float]:
+  """`--tile-um W,H` (or one number for a square): the field a tile covers, in um."""
+  try:
+    values = [float(v) for v in text.split(",")]
+  except ValueError:
+    values = []
+  if len(values) not in (1, 2):
+    raise argparse.ArgumentTypeError(f"{text!r}: give the field's width and height in um, W,H "
+                                     f"(or one number for a square)")
+  return (values[0], values[-1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jattn.cli import common
 from jattn.core import config_lib
 from jattn.core.errors import UserError, exit_on_user_error
 from jattn.inference import features
@@ -26,17 +27,6 @@ from jattn.slides import features as slide_features
 from jattn.slides import pipeline, tissue
 
 PROG = "jattn features"
-
-
-def _field(text: str) -> tuple[float, float]:
-  try:
-    values = [float(v) for v in text.split(",")]
-  except ValueError:
-    values = []
-  if len(values) not in (1, 2):
-    raise argparse.ArgumentTypeError(f"{text!r}: give the field's width and height in um, W,H "
-                                     f"(or one number for a square)")
-  return (values[0], values[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--stratum", help="the run's stratum whose scale tiles are read at")
   parser.add_argument("--mpp", type=float, help="the slides' level-0 microns per pixel, over "
                       "their metadata")
-  parser.add_argument("--tile-um", type=_field,
+  parser.add_argument("--tile-um", type=common.field_um,
                       help="the field a tile covers, W,H in um (needed with --config)")
   parser.add_argument("--min-tissue", type=float, default=0.5)
   parser.add_argument("--stride", type=float, default=1.0)

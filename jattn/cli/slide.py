@@ -34,17 +34,6 @@ from jattn.training import state as state_lib
 PROG = "jattn slide"
 
 
-def _field(text: str) -> tuple[float, float]:
-  try:
-    values = [float(v) for v in text.split(",")]
-  except ValueError:
-    values = []
-  if len(values) not in (1, 2):
-    raise argparse.ArgumentTypeError(f"{text!r}: give the field's width and height in um, "
-                                     f"W,H (or one number for a square)")
-  return (values[0], values[-1])
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog=PROG,
                                    description=__doc__.split("\n")[0])
@@ -60,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                       "over --mpp and its metadata (other columns ignored: the --labels CSV may "
                       "carry an mpp column; an empty cell leaves the slide to --mpp or its "
                       "metadata)")
-  parser.add_argument("--tile-um", type=_field, help="the field a tile covers, W,H in um "
+  parser.add_argument("--tile-um", type=common.field_um, help="the field a tile covers, W,H in um "
                       "(default: a training image's)")
   parser.add_argument("--min-tissue", type=float, default=0.5,
                       help="fraction of a tile that must be tissue to predict it (default 0.5)")

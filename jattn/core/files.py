@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -188,6 +189,15 @@ def separator_hint(header) -> str:
       return (f" (its header looks separated by {name}: save it comma-separated, as a "
               f"spreadsheet's 'CSV UTF-8 (comma delimited)')")
   return ""
+
+
+def sha256(path: str) -> str:
+  """The sha256 of a file's bytes, read a megabyte at a time (weights files, annotations)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def temp_name(path: str) -> str:

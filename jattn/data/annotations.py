@@ -22,7 +22,6 @@ geometry is shapely's (GEOS).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 
@@ -225,6 +224,5 @@ def write_annotations(path: str, features: Sequence[dict]) -> None:
 
 def file_digest(path: str) -> str:
   """sha256 of the file's bytes (what a changed annotations file is told by)."""
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return files.sha256(path)
 

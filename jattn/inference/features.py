@@ -96,12 +96,6 @@ def variables_sha256(variables) -> str:
   return h.hexdigest()
 
 
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def from_run(workdir: str) -> Backbone:
@@ -136,7 +130,7 @@ def from_config(spec: str, overrides: list[str] = ()) -> Backbone:
   if weights_file:
     path = os.path.abspath(os.path.expanduser(weights_file))
     loaded.append(f"{path} (config.model.weights)")
-    digest = file_sha256(path)
+    digest = files.sha256(path)
   source = (f"{' and '.join(loaded)}, the rest initialised from seed {config.seed}" if loaded
             else f"initialised from seed {config.seed} (no weights: config.pretrained empty)")
   return Backbone(config, state, "config", source, digest)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,6 +56,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file as load_safetensors
 
 from jattn import models
+from jattn.core import files
 from jattn.core.errors import UserError
 from jattn.models import cpu_paths
 from jattn.models import weights as torch_weights
@@ -649,12 +649,6 @@ def read_state_dict(path: str, model_config) -> dict[str, Any]:
   raise UserError(f"config.model.weights={path!r}: use a .safetensors, .bin or .pth state dict")
 
 
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def load_weights(model_config) -> dict[str, Any]:
@@ -671,6 +665,6 @@ def weights_record(model_config) -> dict[str, Any]:
   path = model_config.get("weights", "")
   return {"preset": model_config.name, "timm_arch": p.timm_arch, "licence": p.licence,
           "published": p.published, "weights": os.path.abspath(path) if path else None,
-          "weights_sha256": sha256(path) if path and os.path.isfile(path) else None,
+          "weights_sha256": files.sha256(path) if path and os.path.isfile(path) else None,
           "freeze": bool(model_config.get("freeze", False)),
           "train_last_blocks": int(model_config.get("train_last_blocks", 0))}

@@ -35,7 +35,6 @@ Command line (writes weights that a config's ``pretrained`` field points at)::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -207,12 +206,6 @@ def load_weights(path: str, model_config: ml_collections.ConfigDict | None = Non
     return ckptr.restore(target)
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 # torchvision's ImageNet checkpoints; the digits after '-' start the file's SHA-256.
@@ -246,7 +239,7 @@ def download_torchvision(arch: str, out: str | None = None, *, base_url: str | N
   if fetched:
     digest = download.fetch(url, pth, sha256_prefix=prefix, hint=hint, desc=name)
   else:
-    digest = _sha256(pth)
+    digest = files.sha256(pth)
     if not digest.startswith(prefix):
       raise UserError(f"{pth}: its SHA-256 starts {digest[:8]}, not {prefix} as its name says; "
                       f"delete it and run again")
@@ -283,6 +276,6 @@ def convert(source: str, pth: str, out: str, *, arch: str | None = None,
   n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(variables.get("params", {}))))
   save_weights(variables, out, {
       "source": source, "arch": arch, "config": config, "pth": os.path.abspath(pth),
-      "sha256": _sha256(pth), "num_params": n, "model": model_config.to_dict(),
+      "sha256": files.sha256(pth), "num_params": n, "model": model_config.to_dict(),
   })
   return n
