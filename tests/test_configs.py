@@ -26,6 +26,8 @@ def test_every_config_loads_validates_and_shows_its_command(path):
   # a folder config's classes are its data's, absent here
   if config.data.name == "folder" and not config.data.folder.classes:
     config.data.folder.classes = ",".join(f"class{i}" for i in range(config.model.num_classes))
+  if config.data.name == "bags":  # so is a bags config's
+    config.data.bags.classes = ",".join(f"class{i}" for i in range(config.model.num_classes))
   validate.validate_config(config)
   with open(path) as f:
     source = f.read()

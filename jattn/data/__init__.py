@@ -10,7 +10,8 @@ prepare.py (the decoded-image cache and normalisation stats every source shares)
 normalisation), preview.py (augment-preview);
 breakhis/ (BreakHis: naming, scan, download, folds, TFDS builder, synthesizer, describe, export);
 folder.py (a folder per class, or a manifest), tfds_source.py (a prepared TFDS data set),
-slide_regions.py (regions annotated on whole slides in QuPath) and labelled.py (what those share:
+slide_regions.py (regions annotated on whole slides in QuPath), bags.py (slides as bags of
+tile features in HDF5, for multiple-instance learning) and labelled.py (what those share:
 the table of images, folds, the FoldData); wsi.py (a whole slide's scale and tiles, which the slide
 command reads with too), annotations.py (QuPath's GeoJSON regions, shapely's geometry),
 synthetic_slides.py (the annotated slides of the slides demo).

@@ -1,6 +1,7 @@
 """The data sources jattn can train and evaluate on, by `config.data.name`: `breakhis` (the
 paper's), `folder` (a folder per class, or a manifest), `slides` (regions annotated on whole
-slides in QuPath) and `tfds:NAME` (a prepared TFDS data set).
+slides in QuPath), `bags` (slides as bags of tile features, for multiple-instance learning) and
+`tfds:NAME` (a prepared TFDS data set).
 
 A config's data settings are `config.data`: the fields every source reads (`dir`, `prepared_dir`,
 `folds`, `folds_seed`, `num_folds`, `skip_corrupt`) and one group per source holding the fields
@@ -47,7 +48,7 @@ import ml_collections
 from jattn.core.errors import UserError
 
 SOURCES = {"breakhis": "jattn.data.breakhis.source", "folder": "jattn.data.folder",
-           "slides": "jattn.data.slide_regions"}
+           "slides": "jattn.data.slide_regions", "bags": "jattn.data.bags"}
 # Families of sources named `<prefix>NAME`: `tfds:colorectal_histology` is the TFDS source.
 PREFIXED = {"tfds:": "jattn.data.tfds_source"}
 

@@ -24,6 +24,10 @@ torchvision conversion (TORCHVISION is empty), plus what their published weights
 load_weights(model_config) (config.model.weights), weights_record (the
 `backbone` block of results.json), block_index(path) and num_blocks (train_last_blocks),
 feature_dim and head_params (the pooled features and the final linear layer).
+
+The MIL modules (mil.py: 'abmil', 'clam_sb', 'transmil') take bags of tile features [B, N, D]
+with a mask [B, N] instead of images: `mil.init_variables` initialises them, and they own the
+same hooks (no attention placement, no pretrained parameters, no torchvision conversion).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ BACKBONES = {"vgg19": "jattn.models.vgg", "resnet18": "jattn.models.resnet",
              # The ViT presets (jattn/models/vit.py, PRESETS): pathology foundation models.
              **{name: "jattn.models.vit" for name in (
                  "dinov2_vits14_reg4", "dinov2_vitb14_reg4", "uni", "uni2_h", "virchow2",
-                 "h_optimus_0", "gigapath", "phikon_v2")}}
+                 "h_optimus_0", "gigapath", "phikon_v2")},
+             # Multiple-instance learning over a slide's tile features (jattn/models/mil.py).
+             **{name: "jattn.models.mil" for name in ("abmil", "clam_sb", "transmil")}}
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DTYPES = ("auto", *_DTYPES)  # config.model.dtype
 PRETRAINED_SCOPES = ("backbone", "all")  # what config.pretrained provides: the paper's, or all

@@ -43,12 +43,14 @@ from jattn.core.errors import UserError
 from jattn.data import augment as augment_lib
 from jattn.data import sources, stain
 from jattn.evaluation import evaluate, results
+from jattn.models import mil
 from jattn.training import (
   checkpoints,
   dispatch,
   holdout,
   layouts,
   log_windows,
+  mil_train,
   optim,
   parallel,
   probe,
@@ -119,6 +121,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       for fold_workdir in fold_dirs.values():
         locks.enter_context(files.locked_or_refuse(fold_workdir, "--workdir",
                                                         remove_unused=True))
+    if models.of(config.model) is mil:  # bags of tile features: the MIL loop
+      return mil_train.train_and_evaluate(config, fold_dirs, overwrite)
     why_not = probe.why_not_cached(config)
     if why_not is None:  # a frozen backbone under a linear head: features computed once
       return probe.train_and_evaluate(config, plan, fold_dirs, overwrite)
