@@ -60,6 +60,7 @@ def config_for(folder, prepared, **fields):
   config.data.num_folds = 3
   config.model.name = "abmil"
   config.pretrained = ""
+  config.tie_rule = ""
   for k, v in fields.items():
     node = config
     *parents, last = k.split(".")

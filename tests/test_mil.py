@@ -147,7 +147,7 @@ def test_abmil_equals_the_gated_attention_equations_and_ignores_padding(bags, sc
   variables = _init(model)
   p = _np(variables["params"])
   x, mask, places = _padded_batch(bags, 13, np.random.default_rng(2), scattered)
-  out = model.apply(variables, x, mask)
+  out = jax.jit(model.apply)(variables, x, mask)
   for b, bag in enumerate(bags):
     _, a, logits = np_gated(p, bag)
     np.testing.assert_allclose(np.asarray(out["attention"][b, places[b]]), a, rtol=1e-5,
@@ -166,7 +166,7 @@ def test_clam_sb_equals_its_equations_and_its_clustering_loss(bags, subtyping):
   p = _np(variables["params"])
   x, mask, places = _padded_batch(bags, 12, np.random.default_rng(4), scattered=True)
   labels = jnp.asarray([2, 0, 1])
-  out = model.apply(variables, x, mask)
+  out = jax.jit(model.apply)(variables, x, mask)
   loss = mil.clam_instance_loss(out, mask, labels, k=3, subtyping=subtyping)
   for b, bag in enumerate(bags):
     h, a, logits = np_gated(p, bag)
@@ -184,7 +184,7 @@ def test_transmil_equals_its_equations_with_exact_attention_and_ignores_padding(
   # 13 and 17 instances give token grids of 4 x 4 and 5 x 5 around the bags' own 3x3, 2x2, 4x4
   for length, scattered in ((13, True), (17, False)):
     x, mask, places = _padded_batch(bags, length, np.random.default_rng(length), scattered)
-    out = model.apply(variables, x, mask)
+    out = jax.jit(model.apply)(variables, x, mask)
     for b, bag in enumerate(bags):
       attention, logits = np_transmil(p, bag, heads=2)
       np.testing.assert_allclose(np.asarray(out["logits"][b]), logits, rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ D = 8
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-  """24 slides of 16 patients; a tumour slide has a quarter of its tiles shifted by +2 on four
+  """24 slides of 16 patients; a tumour slide has a quarter of its tiles shifted by +1.5 on four
   features (the planted region), a normal slide none."""
   folder = tmp_path_factory.mktemp("bags")
   rng = np.random.default_rng(0)
@@ -35,7 +35,7 @@ def cohort(tmp_path_factory):
     inside = np.zeros(n, bool)
     if tumour:
       inside[rng.choice(n, n // 4, replace=False)] = True
-      feats[inside, :4] += 2.0
+      feats[inside, :4] += 1.5
     planted[slide] = inside
     write_clam_h5(folder / f"{slide}.h5", feats)
     rows.append([slide, "tumour" if tumour else "normal", patient])
@@ -44,7 +44,7 @@ def cohort(tmp_path_factory):
   return folder, planted
 
 
-def _args(folder, workdir, epochs=6):
+def _args(folder, workdir, epochs=10):
   return ["--config", os.path.join(REPO, "configs", "mil_abmil.py"), "--workdir", str(workdir),
           f"--config.data.bags.manifest={folder / 'slides.csv'}",
           f"--config.data.prepared_dir={folder.parent / 'prepared'}",
@@ -72,7 +72,8 @@ def test_abmil_learns_the_planted_cohort_attends_to_the_planted_tiles_and_resume
   scores = [float(row["prob_tumour"]) for row in rows]
   auc = r["clinical"]["image"]["all"]["roc_auc"]
   assert auc["value"] == pytest.approx(roc_auc_score(labels, scores))
-  assert auc["value"] >= 0.9 and auc["ci95"][0] < auc["value"]
+  print(f"test slide AUC {auc['value']:.3f}, 95% CI {auc['ci95']}")
+  assert auc["value"] >= 0.8 and 0.5 < auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
   assert r["group_unit"] == "patient"
   assert set(r["mil"]["buckets_this_session"]) <= {16, 32}  # bags sampled to 24 tiles
   assert "group_accuracy" in r  # patient-level votes
