@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from jattn import main
+from jattn.cli import tables
 from jattn.training import mil_train
 from tests.runs import REPO
 from tests.test_bags import write_clam_h5
@@ -110,3 +111,29 @@ def test_abmil_learns_the_planted_cohort_attends_to_the_planted_tiles_and_resume
   monkeypatch.setattr(mil_train, "sample_tiles", real)
   main.main(_args(folder, killed))
   assert _predictions(killed) == rows
+
+
+@pytest.mark.slow
+def test_tables_and_a_paired_comparison_read_mil_runs(cohort, tmp_path):
+  """ABMIL and CLAM-SB over both folds, tabulated and compared as any sweep's rows."""
+  folder, _ = cohort
+  sweep = tmp_path / "sweep"
+  accuracy = {}
+  for config, name in (("mil_abmil.py", "mil_abmil"), ("mil_clam.py", "mil_clam_sb")):
+    for fold in (1, 2):
+      args = _args(folder, sweep / name / f"fold{fold}", epochs=2)
+      args[1] = os.path.join(REPO, "configs", config)
+      main.main([*args, f"--config.fold={fold}", "--config.model.mil.instance_k=4"])
+      with open(sweep / name / f"fold{fold}" / "results.json") as f:
+        accuracy[name, fold] = json.load(f)["image_accuracy"]["slides"]
+  tables.main([str(sweep), "--compare", "mil_abmil:mil_clam_sb"])
+  with open(sweep / "tables.csv") as f:
+    rows = list(csv.DictReader(f))
+  for name in ("mil_abmil", "mil_clam_sb"):
+    (row,) = [r for r in rows if r["table"] == "image_accuracy" and r["name"] == name]
+    assert float(row["mean"]) == pytest.approx(
+        100 * np.mean([accuracy[name, 1], accuracy[name, 2]]))
+    assert row["n_folds"] == "2"
+  with open(sweep / "compare.csv") as f:
+    compared = list(csv.DictReader(f))
+  assert compared and all({"mil_abmil", "mil_clam_sb"} <= set(r.values()) for r in compared)
