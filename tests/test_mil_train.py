@@ -15,6 +15,8 @@ from sklearn.metrics import roc_auc_score
 
 from jattn import main
 from jattn.cli import tables
+from jattn.core.errors import UserError
+from jattn.inference import runs
 from jattn.training import mil_train
 from tests.runs import REPO
 from tests.test_bags import write_clam_h5
@@ -111,6 +113,9 @@ def test_abmil_learns_the_planted_cohort_attends_to_the_planted_tiles_and_resume
   monkeypatch.setattr(mil_train, "sample_tiles", real)
   main.main(_args(folder, killed))
   assert _predictions(killed) == rows
+  # the image commands refuse a MIL run in one line
+  with pytest.raises(UserError, match=r"is a MIL run \(config.model.name=abmil\): it scores "):
+    runs.restore(str(workdir))
 
 
 @pytest.mark.slow

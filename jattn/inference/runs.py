@@ -26,6 +26,7 @@ from jattn.core.errors import UserError
 from jattn.data import sources
 from jattn.data.fold import Outputs
 from jattn.evaluation import calibration
+from jattn.models import mil
 from jattn.training import checkpoints, compat, parallel, test_evaluation
 from jattn.training import state as state_lib
 
@@ -50,6 +51,10 @@ def restore(workdir: str) -> tuple[ml_collections.ConfigDict, state_lib.TrainSta
   """A run's config and its latest checkpointed state; warns (one line on stderr) when the run has
   not finished, i.e. has no results.json."""
   config = load_config(workdir)
+  if mil.is_mil(config.model):
+    raise UserError(f"{workdir} is a MIL run (config.model.name={config.model.name}): it scores "
+                    f"slides from their tile features, not images; its test slides' attention "
+                    f"per tile is {os.path.join(workdir, 'attention.h5')} (docs/mil.md)")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   with checkpoints.manager(workdir, create=False) as mngr:
     state = checkpoints.restore_latest(mngr, state_lib.abstract_state(config))
