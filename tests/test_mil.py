@@ -181,10 +181,12 @@ def test_transmil_equals_its_equations_with_exact_attention_and_ignores_padding(
   model = mil.TransMIL(K, H, heads=2)
   variables = _init(model, seed=5)
   p = _np(variables["params"])
-  # 13 and 17 instances give token grids of 4 x 4 and 5 x 5 around the bags' own 3x3, 2x2, 4x4
-  for length, scattered in ((13, True), (17, False)):
+  # 13 and 17 instances give token grids of 4 x 4 and 5 x 5 around the bags' own 3x3, 2x2, 4x4;
+  # the second attends its 26 tokens 5 queries at a time (the parameters are the same)
+  for length, scattered, chunk in ((13, True, 512), (17, False, 5)):
     x, mask, places = _padded_batch(bags, length, np.random.default_rng(length), scattered)
-    out = jax.jit(model.apply)(variables, x, mask)
+    chunked = mil.TransMIL(K, H, heads=2, query_chunk=chunk)
+    out = jax.jit(chunked.apply)(variables, x, mask)
     for b, bag in enumerate(bags):
       attention, logits = np_transmil(p, bag, heads=2)
       np.testing.assert_allclose(np.asarray(out["logits"][b]), logits, rtol=1e-4, atol=1e-5)

@@ -36,8 +36,9 @@ The modules (docs/mil.md has their equations):
   masked, not the paper's Nystrom approximation: Nystrom's landmarks are means of segments of
   the padded sequence, so its output depends on the padding and on the bag's length modulo the
   landmark count, where exact attention is the function Nystrom approximates and padding leaves
-  it unchanged. Its cost is O(L^2) per head in time and memory (L = s^2 + 1 tokens), which is why
-  training samples large bags (config.mil.max_instances); docs/mil.md says how far it goes.
+  it unchanged. Its time is O(L^2) per head (L = s^2 + 1 tokens), its memory O(chunk x L): the
+  queries are attended 512 at a time. Training samples large bags
+  (config.data.bags.train_max_tiles); docs/mil.md says how far it goes.
   Its `attention` output is the class token's attention in the last layer (mean over heads),
   summed over each instance's copies.
 
@@ -182,10 +183,14 @@ def grid_side(n: jax.Array) -> jax.Array:
 
 
 class MultiHeadSelfAttention(nn.Module):
-  """Exact softmax multi-head self-attention over masked tokens; also returns the weights."""
+  """Exact softmax multi-head self-attention over masked tokens. Queries are taken
+  `query_chunk` at a time (`lax.map`), so the scores held at once are heads x chunk x L rather
+  than heads x L x L; each query's row is computed as it would be whole. Also returns the first
+  token's (the class token's) attention weights [B, heads, L]."""
 
   dim: int
   heads: int
+  query_chunk: int = 512
 
   @nn.compact
   def __call__(self, x, mask):
@@ -193,10 +198,23 @@ class MultiHeadSelfAttention(nn.Module):
     d = self.dim // self.heads
     qkv = nn.Dense(3 * self.dim, use_bias=False, name="qkv")(x)
     q, k, v = (t.reshape(b, length, self.heads, d) for t in jnp.split(qkv, 3, axis=-1))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * d ** -0.5
-    weights = _masked_softmax(scores, mask[:, None, None, :])
-    y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, self.dim)
-    return nn.Dense(self.dim, name="out")(y), weights
+    q = q * d ** -0.5
+    key_mask = mask[:, None, None, :]
+
+    def attend(qc):  # [b, c, heads, d] -> [b, c, heads, d]
+      w = _masked_softmax(jnp.einsum("bqhd,bkhd->bhqk", qc, k), key_mask)
+      return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+    c = self.query_chunk
+    if length <= c:
+      y = attend(q)
+    else:
+      chunks = -(-length // c)
+      padded = jnp.pad(q, ((0, 0), (0, chunks * c - length), (0, 0), (0, 0)))
+      parts = jax.lax.map(attend, padded.reshape(b, chunks, c, self.heads, d).swapaxes(0, 1))
+      y = parts.swapaxes(0, 1).reshape(b, chunks * c, self.heads, d)[:, :length]
+    first = _masked_softmax(jnp.einsum("bhd,bkhd->bhk", q[:, 0], k), mask[:, None, :])
+    return nn.Dense(self.dim, name="out")(y.reshape(b, length, self.dim)), first
 
 
 class PPEG(nn.Module):
@@ -236,6 +254,7 @@ class TransMIL(nn.Module):
   hidden: int = 512
   heads: int = 8
   dropout: float = 0.0
+  query_chunk: int = 512  # queries attended at a time (MultiHeadSelfAttention)
 
   @nn.compact
   def __call__(self, x, mask, train: bool = False) -> dict[str, jax.Array]:
@@ -257,18 +276,19 @@ class TransMIL(nn.Module):
     cls = self.param("cls_token", nn.initializers.normal(1.0), (1, 1, self.hidden))
     tokens = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.hidden)), seq], 1)
     tmask = jnp.concatenate([jnp.ones((b, 1), bool), valid], 1)
-    y, _ = MultiHeadSelfAttention(self.hidden, self.heads, name="layer1")(
+    y, _ = MultiHeadSelfAttention(self.hidden, self.heads, self.query_chunk, name="layer1")(
         nn.LayerNorm(LN_EPS, name="norm1")(tokens), tmask)
     tokens = tokens + y
     grid = PPEG(self.hidden, name="ppeg")(tokens[:, 1:], side)
     tokens = jnp.concatenate([tokens[:, :1], grid], 1)
-    y, weights = MultiHeadSelfAttention(self.hidden, self.heads, name="layer2")(
+    y, weights = MultiHeadSelfAttention(self.hidden, self.heads, self.query_chunk,
+                                        name="layer2")(
         nn.LayerNorm(LN_EPS, name="norm2")(tokens), tmask)
     tokens = tokens + y
     z = nn.LayerNorm(LN_EPS, name="norm")(tokens[:, 0])
     logits = nn.Dense(self.num_classes, name="classifier")(z)
     # the class token's attention to each token, summed over each instance's copies
-    to_tokens = weights[:, :, 0, 1:].mean(1) * valid  # [B, L]
+    to_tokens = weights[:, :, 1:].mean(1) * valid  # [B, L]
     sorted_att = jax.vmap(lambda w, s: jax.ops.segment_sum(w, s, n_max))(to_tokens, src)
     attention = jax.vmap(lambda a, p: jnp.zeros_like(a).at[p].set(a))(sorted_att, perm) * mask
     return {"logits": logits, "attention": attention, "embedding": z}
