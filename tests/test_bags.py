@@ -13,6 +13,7 @@ import pytest
 from configs import default
 from jattn.core.errors import UserError
 from jattn.data import bags as bags_source
+from jattn.inference import features
 from jattn.training import validate
 
 D = 5
@@ -143,3 +144,19 @@ def test_a_bad_slide_file_is_one_line_naming_it(tmp_path, problem, message):
     bags_source.check_data_dir(config)
   assert "\n" not in str(e.value)
   assert not (tmp_path / "p").exists()  # nothing written
+
+
+def test_files_written_by_jattn_features_writer_load_with_their_backbone(tmp_path):
+  """The writer of `jattn features --slides` (float16 features, the backbone attributes)."""
+  folder = tmp_path / "c"
+  written = cohort(folder)
+  for slide, feats in written.items():
+    features.write_h5(str(folder / f"{slide}.h5"), feats.astype(np.float16),
+                      {"backbone": "uni", "weights_sha256": "c" * 64, "feature_dim": D},
+                      {"coords": np.zeros((len(feats), 2), np.int64)},
+                      coords_attrs={"patch_size_level0": 224})
+  b = bags_source.load_bags(config_for(folder, tmp_path / "p"))
+  assert b.backbone == {"backbone": "uni", "weights_sha256": "c" * 64}
+  i = b.fold.file_names.index("S03")
+  np.testing.assert_array_equal(b.features(i), written["S03"].astype(np.float16))
+  assert b.features(i).dtype == np.float32
