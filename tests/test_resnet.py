@@ -576,7 +576,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_logits_and_statistics():
      r"\(the stem\) to 4$"),
     (["--config.model.name=resnet-18"],
      r"--config\.model\.name='resnet-18' is not a model: use one of vgg19, resnet18, resnet50, "
-     r"dinov2_vits14_reg4, .*, phikon_v2; did you mean 'resnet18'\?$"),
+     r"dinov2_vits14_reg4, .*, phikon_v2, abmil, clam_sb, transmil; did you mean 'resnet18'\?$"),
     (["--config.model.c_attn_blocks=(3,)"],  # VGG's placement would do nothing on a ResNet
      r"config\.model\.c_attn_blocks=\(3,\) places attention in a vgg19, but "
      r"config\.model\.name='resnet50' does not read it; place its attention with "

@@ -160,7 +160,7 @@ def test_no_module_outside_the_breakhis_source_names_its_magnifications_or_class
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("dataset", "breakhys", r"--config\.data\.name='breakhys' is not a data source: use one of "
-                            r"breakhis, folder, slides, tfds:NAME \(a prepared TFDS data set\); "
+                            r"breakhis, folder, slides, bags, tfds:NAME \(a prepared TFDS data set\); "
                             r"did you mean 'breakhis'\?"),
     ("model.name", "vgg16", r"--config\.model\.name='vgg16' is not a model: use one of vgg19"),
 ])
