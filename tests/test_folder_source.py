@@ -341,8 +341,8 @@ def test_a_class_with_fewer_groups_than_folds_is_a_warning(tmp_path, capsys):
 def test_an_unknown_dataset(tmp_path, capsys):
   err = _refused(tmp_path, capsys, r"--config\.data\.name='folders' is not a data source: use one "
                                    r"of "
-                 r"breakhis, folder, slides, bags, tfds:NAME \(a prepared TFDS data set\); did you mean "
-                 r"'folder'\?", dataset="folders")
+                 r"breakhis, folder, slides, bags, tfds:NAME \(a prepared TFDS data set\); "
+                 r"did you mean 'folder'\?", dataset="folders")
   assert "Traceback" not in err
 
 

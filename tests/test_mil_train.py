@@ -113,6 +113,10 @@ def test_abmil_learns_the_planted_cohort_attends_to_the_planted_tiles_and_resume
   monkeypatch.setattr(mil_train, "sample_tiles", real)
   main.main(_args(folder, killed))
   assert _predictions(killed) == rows
+  # what acts on images is refused, in one line
+  with pytest.raises(SystemExit):
+    main.main([*_args(folder, tmp_path / "other"), "--config.validation_fraction=0.2"])
+  assert not (tmp_path / "other").exists()
   # the image commands refuse a MIL run in one line
   with pytest.raises(UserError, match=r"is a MIL run \(config.model.name=abmil\): it scores "):
     runs.restore(str(workdir))

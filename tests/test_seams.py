@@ -160,8 +160,8 @@ def test_no_module_outside_the_breakhis_source_names_its_magnifications_or_class
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("dataset", "breakhys", r"--config\.data\.name='breakhys' is not a data source: use one of "
-                            r"breakhis, folder, slides, bags, tfds:NAME \(a prepared TFDS data set\); "
-                            r"did you mean 'breakhis'\?"),
+                            r"breakhis, folder, slides, bags, tfds:NAME \(a prepared TFDS data "
+                            r"set\); did you mean 'breakhis'\?"),
     ("model.name", "vgg16", r"--config\.model\.name='vgg16' is not a model: use one of vgg19"),
 ])
 def test_an_unknown_source_or_model_is_one_line(tmp_path, capsys, field, value, message):

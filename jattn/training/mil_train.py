@@ -93,6 +93,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, fold_dirs: dict[int, s
   if config.data.name != bags_source.NAME:
     raise UserError(f"--config.model.name={config.model.name}: a MIL module trains on bags of "
                     f"tile features; set --config.data.name=bags (docs/mil.md)")
+  for field, off, what in (("validation_fraction", 0.0, "temperature scaling"),
+                           ("tta", "none", "test-time augmentation"),
+                           ("stain_norm", "none", "stain normalisation")):
+    if config.get(field, off) != off:
+      raise UserError(f"--config.{field}={config.get(field)!r}: {what} is not done on a MIL run "
+                      f"(it acts on images; a bag is tile features); use {off!r}")
   if len(fold_dirs) != 1:
     raise UserError("--config.parallel_folds: a MIL run trains one fold at a time; use 1")
   config = workdirs.as_recorded(config, fold_dirs)
