@@ -177,6 +177,7 @@ def test_clam_sb_equals_its_equations_and_its_clustering_loss(bags, subtyping):
     np.testing.assert_allclose(float(loss[b]), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_transmil_equals_its_equations_with_exact_attention_and_ignores_padding(bags):
   model = mil.TransMIL(K, H, heads=2)
   variables = _init(model, seed=5)

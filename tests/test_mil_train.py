@@ -63,6 +63,7 @@ def _predictions(workdir):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_abmil_learns_the_planted_cohort_attends_to_the_planted_tiles_and_resumes(
     cohort, tmp_path, monkeypatch):
   folder, planted = cohort
