@@ -110,6 +110,7 @@ class ABMIL(nn.Module):
   hidden: int = 512
   attention_dim: int = 256
   dropout: float = 0.0
+  instance_classifiers: bool = False  # CLAM-SB's one binary classifier per class (below)
 
   @nn.compact
   def __call__(self, x, mask, train: bool = False) -> dict[str, jax.Array]:
@@ -119,24 +120,18 @@ class ABMIL(nn.Module):
     scores, a = GatedAttention(self.attention_dim, self.dropout, name="attention")(h, mask, train)
     z = jnp.einsum("bn,bnh->bh", a, h)
     logits = nn.Dense(self.num_classes, name="classifier")(z)
-    return {"logits": logits, "attention": a, "scores": scores, "embedding": z}
+    out = {"logits": logits, "attention": a, "scores": scores, "embedding": z}
+    if self.instance_classifiers:
+      out["instance_logits"] = jnp.stack(
+          [nn.Dense(2, name=f"instance_{c}")(h) for c in range(self.num_classes)], 1)
+    return out
 
 
 class CLAMSB(ABMIL):
   """CLAM's single-branch model (Lu et al. 2021): ABMIL's pooling plus one binary instance
   classifier per class (`clam_instance_loss`)."""
 
-  @nn.compact
-  def __call__(self, x, mask, train: bool = False) -> dict[str, jax.Array]:
-    mask = mask.astype(bool)
-    h = nn.relu(nn.Dense(self.hidden, name="fc")(x))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    scores, a = GatedAttention(self.attention_dim, self.dropout, name="attention")(h, mask, train)
-    z = jnp.einsum("bn,bnh->bh", a, h)
-    logits = nn.Dense(self.num_classes, name="classifier")(z)
-    inst = jnp.stack([nn.Dense(2, name=f"instance_{c}")(h) for c in range(self.num_classes)], 1)
-    return {"logits": logits, "attention": a, "scores": scores, "embedding": z,
-            "instance_logits": inst}
+  instance_classifiers: bool = True
 
 
 def clam_instance_loss(out: Mapping[str, jax.Array], mask: jax.Array, labels: jax.Array, k: int,
