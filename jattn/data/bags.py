@@ -60,14 +60,11 @@ def _settings(config):
 
 
 def manifest_path(config) -> str:
-  spec = os.path.expanduser(_settings(config).manifest)
-  if not spec:
+  path = labelled.manifest_path(_settings(config).manifest, config.data.dir)
+  if not path:
     raise UserError("--config.data.bags.manifest: give the CSV of slide,label[,patient] rows "
                     "(docs/mil.md)")
-  if os.path.isabs(spec) or os.path.exists(spec):
-    return os.path.abspath(spec)
-  inside = os.path.join(os.path.abspath(os.path.expanduser(config.data.dir)), spec)
-  return os.path.abspath(inside if os.path.exists(inside) else spec)
+  return path
 
 
 def root(config) -> str:

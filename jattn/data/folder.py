@@ -58,13 +58,7 @@ def _data_dir(config) -> str:
 
 def _manifest(config) -> str:
   """The manifest's absolute path ('' without one): as given, else relative to data_dir."""
-  spec = os.path.expanduser(config.data.folder.manifest)
-  if not spec:
-    return ""
-  if os.path.isabs(spec) or os.path.exists(spec):
-    return os.path.abspath(spec)
-  inside = os.path.join(_data_dir(config), spec)
-  return os.path.abspath(inside if os.path.exists(inside) else spec)
+  return labelled.manifest_path(config.data.folder.manifest, config.data.dir)
 
 
 def _root(config) -> str:

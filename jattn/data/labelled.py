@@ -39,6 +39,18 @@ SPLITS = ("train", "test")
 DATASET_AXIS = "dataset"
 
 
+def manifest_path(spec: str, data_dir: str) -> str:
+  """A manifest CSV's absolute path ('' for none): as given (absolute, or found from the working
+  folder), else relative to data_dir."""
+  spec = os.path.expanduser(spec)
+  if not spec:
+    return ""
+  if os.path.isabs(spec) or os.path.exists(spec):
+    return os.path.abspath(spec)
+  inside = os.path.join(os.path.abspath(os.path.expanduser(data_dir)), spec)
+  return os.path.abspath(inside if os.path.exists(inside) else spec)
+
+
 def names_of(value) -> tuple[str, ...]:
   """A config field that lists names: a comma-separated string or a sequence of strings."""
   if value is None:

@@ -63,14 +63,11 @@ def _settings(config):
 
 
 def _manifest(config) -> str:
-  spec = os.path.expanduser(_settings(config).manifest)
-  if not spec:
+  path = labelled.manifest_path(_settings(config).manifest, config.data.dir)
+  if not path:
     raise UserError("--config.data.slides.manifest: give the CSV of slide,annotations rows that "
                     "lists the annotated slides")
-  if os.path.isabs(spec) or os.path.exists(spec):
-    return os.path.abspath(spec)
-  inside = os.path.join(os.path.abspath(os.path.expanduser(config.data.dir)), spec)
-  return os.path.abspath(inside if os.path.exists(inside) else spec)
+  return path
 
 
 def _root(config) -> str:

@@ -513,32 +513,25 @@ def key_map(model_config, layout: str = "timm") -> list[tuple[str, tuple[str, ..
 
   for i in range(a.depth):
     blk = f"blocks_{i}"
-    if hf:
-      t = f"encoder.layer.{i}"
-      ln(f"{t}.norm1", (blk, "norm1"))
+    t = f"encoder.layer.{i}" if hf else f"blocks.{i}"
+    ln(f"{t}.norm1", (blk, "norm1"))
+    if hf:  # query, key and value apart, joined into the fused qkv
       for j, part in enumerate(("query", "key", "value")):
         entries.append((f"{t}.attention.attention.{part}.weight", (blk, "attn", "qkv", "kernel"),
                         f"qkv_part:{j}"))
         entries.append((f"{t}.attention.attention.{part}.bias", (blk, "attn", "qkv", "bias"),
                         f"qkv_part:{j}"))
       lin(f"{t}.attention.output.dense", (blk, "attn", "proj"))
-      if a.preset.layer_scale:
-        entries.append((f"{t}.layer_scale1.lambda1", (blk, "ls1", "gamma"), "vector"))
-        entries.append((f"{t}.layer_scale2.lambda1", (blk, "ls2", "gamma"), "vector"))
-      ln(f"{t}.norm2", (blk, "norm2"))
-      lin(f"{t}.mlp.fc1", (blk, "mlp", "fc1"))
-      lin(f"{t}.mlp.fc2", (blk, "mlp", "fc2"))
     else:
-      t = f"blocks.{i}"
-      ln(f"{t}.norm1", (blk, "norm1"))
       lin(f"{t}.attn.qkv", (blk, "attn", "qkv"))
       lin(f"{t}.attn.proj", (blk, "attn", "proj"))
-      if a.preset.layer_scale:
-        entries.append((f"{t}.ls1.gamma", (blk, "ls1", "gamma"), "vector"))
-        entries.append((f"{t}.ls2.gamma", (blk, "ls2", "gamma"), "vector"))
-      ln(f"{t}.norm2", (blk, "norm2"))
-      lin(f"{t}.mlp.fc1", (blk, "mlp", "fc1"))
-      lin(f"{t}.mlp.fc2", (blk, "mlp", "fc2"))
+    if a.preset.layer_scale:
+      for k in (1, 2):
+        key = f"{t}.layer_scale{k}.lambda1" if hf else f"{t}.ls{k}.gamma"
+        entries.append((key, (blk, f"ls{k}", "gamma"), "vector"))
+    ln(f"{t}.norm2", (blk, "norm2"))
+    lin(f"{t}.mlp.fc1", (blk, "mlp", "fc1"))
+    lin(f"{t}.mlp.fc2", (blk, "mlp", "fc2"))
   ln("layernorm" if hf else "norm", ("norm",))
   return entries
 

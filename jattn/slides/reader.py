@@ -1,16 +1,6 @@
 """Whole-slide images through OpenSlide: the slide files of a folder, the thumbnail, and (from
-`jattn.data.wsi`, their one home) the scale at which a run's tiles are read from them.
-
-A tile covers the physical field of a training image: for a source that publishes its images'
-size (`FIELD_PIXELS`) and microns per pixel per stratum (`Strata.mpp`, results.json
-`strata.<axis>.mpp`), W x H pixels at the stratum's MPP, e.g. 700 x 460 px at 0.49 um/px. The
-slide's own MPP comes from its metadata (`openslide.mpp-x/y`, which OpenSlide also derives from
-TIFF resolution tags) or `--mpp`; never guessed. Each tile is read from the coarsest pyramid level
-whose pixels are still at least as fine as the training images' (within `TOLERANCE`), then resized
-to the run's input with the training pipeline's own resize (`prepare.resize_rgb`). A field that
-needs pixels clearly finer than level 0 is refused: upsampling would invent the detail the model
-was trained on.
-"""
+`jattn.data.wsi`, their one home, whose docstring states the rules) the scale at which a run's
+tiles are read from them."""
 
 from __future__ import annotations
 
